@@ -1,0 +1,39 @@
+"""The consortia ClientApp (Flower Message API): check the request, train, report.
+
+The work is in named collaborators: the Site (policy, data, state), the LocalTrainer
+and the PrivacyLedger.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from consortia.client.site import Site
+from consortia.client.trainer import LocalTrainer
+from consortia.messages import ARRAYS, TrainInstructions, TrainReport
+
+
+def build_client_app(load_site: Callable[[Context], Site]) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = load_site(context)
+        server_round, ins = TrainInstructions.from_content(msg.content)
+        refusal = site.policy_refusal(ins.task, ins.dp_enabled)
+        if refusal is not None:
+            report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
+            return Message(report.to_content(), reply_to=msg)
+
+        model = site.task.build_model(ins.model_activation)
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
+                               site.open_ledger() if ins.dp_enabled else None, site.device)
+        report, weights = trainer.train(model, ins, server_round)
+        arrays = ArrayRecord(weights) if weights is not None else None
+        return Message(report.to_content(arrays), reply_to=msg)
+
+    return app

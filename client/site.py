@@ -1,0 +1,49 @@
+"""A site: who this client is, the task and data it serves, where its state lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from consortia.privacy.dp import PrivacyLedger
+from consortia.tasks import Task
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The site's own privacy terms: they bind whatever the server asks."""
+
+    epsilon_budget: float
+    delta: float
+    accountant: str = "rdp"
+    require_dp: bool = True
+
+
+@dataclass
+class Site:
+    client_id: str
+    task: Task
+    dataset: Dataset
+    state_dir: Path
+    privacy: SitePrivacy | None
+    device: torch.device
+
+    def open_ledger(self) -> PrivacyLedger | None:
+        if self.privacy is None:
+            return None
+        return PrivacyLedger.open(self.state_dir, accountant=self.privacy.accountant,
+                                  delta=self.privacy.delta,
+                                  epsilon_budget=self.privacy.epsilon_budget)
+
+    def policy_refusal(self, task: str, dp_enabled: bool) -> str | None:
+        """Why this site will not run the request, or None when it will."""
+        if task != self.task.name:
+            return f"task {task!r} is not the task this site serves ({self.task.name!r})"
+        if self.privacy is not None and self.privacy.require_dp and not dp_enabled:
+            return "this site trains only with differential privacy and the request has it off"
+        if dp_enabled and self.privacy is None:
+            return "the request asks for DP but this site has no privacy terms (budget, delta)"
+        return None

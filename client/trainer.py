@@ -1,0 +1,111 @@
+"""The local trainer: one round of (DP-)SGD on the client's own data.
+
+Read it top to bottom: load the global weights, size the noise, ask the ledger, train,
+record the spend, hand back the new weights. With DP on, Opacus does the per-sample
+clipping, the noise and the Poisson sampling; the ledger's accountant is the one Opacus
+steps, so ε is Opacus's own figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, Dataset
+
+from consortia.messages import TrainInstructions, TrainReport
+from consortia.privacy.dp import PrivacyLedger, noise_for_budget
+from consortia.tasks import Task
+
+
+def stable_seed(*parts: object) -> int:
+    # Python's hash() of a str changes with every process; a run must not.
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LocalTrainer:
+    client_id: str
+    task: Task
+    dataset: Dataset
+    ledger: PrivacyLedger | None  # None: this client trains without DP
+    device: torch.device
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        # Opacus's Poisson loader runs ceil(n / B) steps at rate 1 / ceil(n / B).
+        return math.ceil(len(self.dataset) / batch_size)
+
+    def noise_multiplier(self, ins: TrainInstructions) -> float:
+        """σ as instructed, or the smallest σ that fits the client's planned participation."""
+        if ins.noise_multiplier is not None:
+            return ins.noise_multiplier
+        per_epoch = self.steps_per_epoch(ins.batch_size)
+        return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, 1.0 / per_epoch,
+                                per_epoch * ins.local_epochs * ins.planned_rounds,
+                                self.ledger.accountant_kind)
+
+    def train(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int
+              ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:
+        torch.manual_seed(stable_seed(ins.seed, server_round, self.client_id))
+        model.to(self.device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum)
+        loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)
+
+        engine = None
+        if ins.dp_enabled:
+            if self.ledger is None:
+                raise ValueError("DP requested but this client has no privacy ledger")
+            sigma = self.noise_multiplier(ins)
+            engine = PrivacyEngine(accountant=self.ledger.accountant_kind)
+            engine.accountant = self.ledger.accountant()  # continue from the ledger's history
+            dp_model, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=ins.max_grad_norm, poisson_sampling=True)
+            decision = self.ledger.check_round(sigma, loader.sample_rate,
+                                               len(loader) * ins.local_epochs)
+            if not decision.allowed:
+                self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
+                return self._report("refused-budget", dp=True, reason=decision.reason,
+                                    sigma=sigma, rate=loader.sample_rate), None
+        else:
+            dp_model = model
+
+        loss_sum, batches = 0.0, 0
+        for _ in range(ins.local_epochs):
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.task.train_step(dp_model, batch, self.device)
+                loss.backward()
+                optimizer.step()
+                loss_sum, batches = loss_sum + loss.item(), batches + 1
+
+        if engine is not None:
+            # Written atomically before the reply (and so the update) leaves this client.
+            self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
+        report = self._report("trained", dp=engine is not None,
+                              sigma=sigma if engine else None,
+                              rate=loader.sample_rate if engine else None,
+                              num_examples=len(self.dataset),
+                              train_loss=loss_sum / max(batches, 1))
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return report, weights
+
+    def _report(self, status: str, *, dp: bool, reason: str = "", sigma: float | None = None,
+                rate: float | None = None, num_examples: int = 0,
+                train_loss: float | None = None) -> TrainReport:
+        ledger = self.ledger if dp else None
+        return TrainReport(
+            client_id=self.client_id, status=status, reason=reason, num_examples=num_examples,
+            train_loss=train_loss, dp_enabled=dp,
+            accountant=ledger.accountant_kind if ledger else "",
+            delta=ledger.delta if ledger else None,
+            epsilon=ledger.epsilon if ledger else None,
+            epsilon_budget=ledger.epsilon_budget if ledger else None,
+            noise_multiplier=sigma, sample_rate=rate, steps=ledger.steps if ledger else 0)

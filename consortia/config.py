@@ -1,0 +1,179 @@
+"""The run configuration: one pydantic schema, loaded from TOML, overridable with --set.
+
+Every field is validated when the run starts (unknown key, wrong type, out of range,
+cross-field rules such as ``clients_per_round <= clients``), so a bad config fails at
+start, not at round 7.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad key and what is accepted."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `privacy.epsilon_budjet` must not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
+    min_samples: int = Field(
+        10, ge=1, description="Dirichlet partitions are redrawn until each client has this many"
+    )
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = True
+    epsilon_budget: float = Field(3.0, gt=0, description="per-client epsilon budget")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="sigma; leave unset to derive it so the planned participation fits the budget",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class StrategyConfig(_Section):
+    name: Literal["fedavg"] = "fedavg"
+
+
+class ModelConfig(_Section):
+    activation: Literal["tanh", "relu"] = "tanh"
+
+
+class SimConfig(_Section):
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    max_actors: int | None = Field(None, ge=1, description="Ray actors; default: CPUs / per-client CPUs")
+    reply_timeout_s: float = Field(3600.0, gt=0)
+
+
+class RunConfig(_Section):
+    task: str = "digits-mlp"
+    rounds: int = Field(3, ge=1)
+    clients: int = Field(4, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+    seed: int = Field(0, ge=0)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    data_dir: str | None = Field(None, description="where the task's dataset files are")
+    partition: PartitionConfig = PartitionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    model: ModelConfig = ModelConfig()
+    sim: SimConfig = SimConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from consortia.tasks import TASKS  # late import: tasks import torch
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; accepted: {', '.join(sorted(TASKS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RunConfig:
+        if self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) must be at most "
+                f"clients ({self.clients})"
+            )
+        return self
+
+    @property
+    def planned_rounds_per_client(self) -> int:
+        """Rounds a client expects to join: rounds * K / N, rounded up.
+
+        A client sized for this participation that is sampled more often than expected
+        reaches its budget and refuses, which is the budget doing its job.
+        """
+        return -(-self.rounds * self.clients_per_round // self.clients)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Parse `key=value` (dotted key for sections); the value is read as a TOML value.
+
+    `rounds=5` gives 5, `privacy.enabled=false` gives False, `task=digits-mlp` falls
+    back to the bare string.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from TOML (or defaults when path is None) and apply --set overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        source = str(path)
+    apply_overrides(data, overrides or [])
+    return validate_config(data, source)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as the same nested keys the TOML uses (None values dropped)."""
+    return cfg.model_dump(mode="json", exclude_none=True)

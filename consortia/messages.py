@@ -1,0 +1,101 @@
+"""The message schema between the ServerApp and the ClientApp, defined once for both.
+
+A train request carries the global weights (ArrayRecord "arrays") and the round's
+instructions (ConfigRecord "config"). A train reply carries the client's report
+(ConfigRecord "report"), and, when it trained, its new weights (ArrayRecord "arrays")
+and the MetricRecord "metrics" that Flower's strategies weight by "num-examples".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+REPORT = "report"
+NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
+SERVER_ROUND = "server-round"  # injected by Flower's strategies into every train config
+
+TrainStatus = Literal["trained", "refused-budget", "refused-policy"]
+
+
+class MessageSchemaError(ValueError):
+    pass
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_config_record(self) -> ConfigRecord:
+        return ConfigRecord({k: v for k, v in self.model_dump().items() if v is not None})
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord | None, what: str):
+        if record is None:
+            raise MessageSchemaError(f"{what}: missing ConfigRecord")
+        try:
+            return cls.model_validate(dict(record))
+        except ValidationError as err:
+            raise MessageSchemaError(f"{what}: {err}") from None
+
+
+class TrainInstructions(_Record):
+    """What the server asks of a client for one round (ConfigRecord "config")."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # Flower adds "server-round"
+
+    run_id: str
+    task: str
+    model_activation: str
+    local_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    seed: int
+    dp_enabled: bool
+    max_grad_norm: float = Field(gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)  # None: the client derives it
+    planned_rounds: int = Field(ge=1)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
+        record = content.config_records.get(CONFIG)
+        instructions = cls.from_config_record(record, "train instructions")
+        server_round = int(record.get(SERVER_ROUND, 0))
+        return server_round, instructions
+
+
+class TrainReport(_Record):
+    """What a client says about its round (ConfigRecord "report"), trained or refused."""
+
+    client_id: str
+    status: TrainStatus
+    reason: str = ""
+    num_examples: int = Field(0, ge=0)
+    train_loss: float | None = None
+    dp_enabled: bool = False
+    accountant: str = ""
+    delta: float | None = None
+    epsilon: float | None = None  # cumulative, after this round
+    epsilon_budget: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None  # the rate Opacus actually used
+    steps: int = Field(0, ge=0)  # cumulative DP-SGD steps in the client's ledger
+
+    def to_content(self, arrays=None) -> RecordDict:
+        content = RecordDict({REPORT: self.to_config_record()})
+        if arrays is not None:
+            content[ARRAYS] = arrays
+            metrics = {NUM_EXAMPLES: self.num_examples}
+            if self.train_loss is not None:
+                metrics["train_loss"] = self.train_loss
+            content[METRICS] = MetricRecord(metrics)
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainReport:
+        return cls.from_config_record(content.config_records.get(REPORT), "train report")

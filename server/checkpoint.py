@@ -1,0 +1,78 @@
+"""Checkpoints: safetensors weights plus a JSON manifest, one pair per round.
+
+The manifest records the round, the SHA-256 of the weights file, the parent
+checkpoint's hash (a chain back to the initial model) and the round's metrics. Both
+files are written atomically, weights first, so a manifest only ever names complete
+weights; `latest()` also re-hashes the weights before trusting them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from consortia.privacy.storage import atomic_write_bytes, atomic_write_json
+
+FORMAT = "consortia-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    sha256: str
+    parent_sha256: str | None
+    weights_path: Path
+    manifest: dict[str, Any]
+
+    def load_weights(self) -> dict[str, np.ndarray]:
+        return load_safetensors(self.weights_path.read_bytes())
+
+
+class CheckpointStore:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def _paths(self, server_round: int) -> tuple[Path, Path]:
+        stem = self.directory / f"round-{server_round:05d}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+    def save(self, server_round: int, weights: dict[str, np.ndarray],
+             metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Checkpoint:
+        parent = self.latest()
+        data = save_safetensors({k: np.ascontiguousarray(v) for k, v in weights.items()})
+        digest = hashlib.sha256(data).hexdigest()
+        weights_path, manifest_path = self._paths(server_round)
+        atomic_write_bytes(weights_path, data)
+        manifest = {
+            "format": FORMAT, "round": server_round, "sha256": digest,
+            "parent_sha256": parent.sha256 if parent else None,
+            "weights": weights_path.name, "created_at": time.time(),
+            "metrics": metrics, **(extra or {}),
+        }
+        atomic_write_json(manifest_path, manifest)
+        return Checkpoint(server_round, digest, manifest["parent_sha256"], weights_path, manifest)
+
+    def all(self) -> list[Checkpoint]:
+        found = []
+        for manifest_path in sorted(self.directory.glob("round-*.json")):
+            manifest = json.loads(manifest_path.read_text())
+            weights_path = self.directory / manifest["weights"]
+            found.append(Checkpoint(manifest["round"], manifest["sha256"],
+                                    manifest["parent_sha256"], weights_path, manifest))
+        return sorted(found, key=lambda c: c.round)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint whose weights match their recorded hash."""
+        for ckpt in reversed(self.all()):
+            if ckpt.weights_path.is_file() and \
+                    hashlib.sha256(ckpt.weights_path.read_bytes()).hexdigest() == ckpt.sha256:
+                return ckpt
+        return None

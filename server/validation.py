@@ -1,0 +1,86 @@
+"""Inspect each train reply before the strategy sees it.
+
+A reply that is an error, is refused, or carries a malformed update (unknown or missing
+tensors, wrong shapes or dtypes, NaN or infinity, a bad example count) is kept out of
+the aggregate with a logged reason; the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from consortia.messages import ARRAYS, METRICS, NUM_EXAMPLES, MessageSchemaError, TrainReport
+
+log = logging.getLogger("consortia.server")
+
+OUTCOMES = ("trained", "refused-budget", "refused-policy", "rejected", "failed")
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    node_id: int
+    status: str  # one of OUTCOMES
+    reason: str = ""
+    report: TrainReport | None = None
+    message: Message | None = None  # kept only for replies that go into the aggregate
+
+    @property
+    def client_id(self) -> str:
+        return self.report.client_id if self.report else f"node-{self.node_id}"
+
+
+def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | None:
+    """Why an update cannot be aggregated with `reference`'s layout, or None if it can."""
+    if arrays is None:
+        return "no ArrayRecord 'arrays' in a reply that says it trained"
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        unknown = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"tensor names differ from the global model (missing {missing}, unknown {unknown})"
+    for name, ref in reference.items():
+        try:
+            value = arrays[name].numpy()
+        except Exception as err:  # a corrupt buffer must not end the round
+            return f"tensor {name!r} cannot be decoded: {err}"
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if value.dtype != ref.numpy().dtype:
+            return f"tensor {name!r} has dtype {value.dtype}, expected {ref.numpy().dtype}"
+        if not np.isfinite(value).all():
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None
+
+
+def inspect_train_reply(reply: Message, reference: ArrayRecord) -> ReplyOutcome:
+    node_id = reply.metadata.src_node_id
+    if reply.has_error():
+        outcome = ReplyOutcome(node_id, "failed", f"client error: {reply.error.reason}")
+        log.warning("round reply from node %s failed: %s", node_id, outcome.reason)
+        return outcome
+    try:
+        report = TrainReport.from_content(reply.content)
+    except MessageSchemaError as err:
+        outcome = ReplyOutcome(node_id, "rejected", f"malformed report: {err}")
+        log.warning("rejected reply from node %s: %s", node_id, outcome.reason)
+        return outcome
+    if report.status != "trained":
+        return ReplyOutcome(node_id, report.status, report.reason, report)
+
+    problem = update_problem(reply.content.array_records.get(ARRAYS), reference)
+    metrics = reply.content.metric_records.get(METRICS)
+    if problem is None and (metrics is None or len(reply.content.array_records) != 1
+                            or len(reply.content.metric_records) != 1):
+        problem = "a trained reply needs exactly one ArrayRecord and one MetricRecord"
+    if problem is None:
+        count = metrics.get(NUM_EXAMPLES)
+        if not isinstance(count, int) or count <= 0 or count != report.num_examples:
+            problem = f"bad {NUM_EXAMPLES} {count!r}: a positive int equal to the report's"
+    if problem is not None:
+        log.warning("rejected update from client %s (node %s): %s",
+                    report.client_id, node_id, problem)
+        return ReplyOutcome(node_id, "rejected", problem, report)
+    return ReplyOutcome(node_id, "trained", "", report, reply)

@@ -1,0 +1,59 @@
+"""Virtual sites for a simulation: client i holds partition i of the task's training set.
+
+A virtual client costs only its partition's indices and its ledger file between rounds:
+the Site is rebuilt on each call from cached data, and the model and optimizer live only
+for the duration of one train call.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from torch.utils.data import Subset
+
+from consortia.client.site import Site, SitePrivacy
+from consortia.client.trainer import default_device
+from consortia.config import RunConfig
+from consortia.simulations.partition import partition
+from consortia.tasks import get_task
+
+
+@lru_cache(maxsize=4)
+def partitions(task: str, data_dir: str | None, clients: int, kind: str, alpha: float,
+               seed: int, min_samples: int) -> tuple[np.ndarray, ...]:
+    labels = get_task(task).load_data(data_dir).train_labels
+    return tuple(partition(labels, clients, kind, alpha, seed, min_samples))
+
+
+def partitions_for(cfg: RunConfig) -> tuple[np.ndarray, ...]:
+    p = cfg.partition
+    return partitions(cfg.task, cfg.data_dir, cfg.clients, p.kind, p.alpha, cfg.seed,
+                      p.min_samples)
+
+
+class SimulationSites:
+    """Picklable (it travels to Ray actors): builds the Site for a virtual node's context."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path):
+        self.cfg = cfg
+        self.state_root = Path(out_dir) / "clients"
+
+    def __call__(self, context: Context) -> Site:
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
+        partition_id = int(context.node_config["partition-id"])
+        task = get_task(cfg.task)
+        indices = partitions_for(cfg)[partition_id]
+        privacy = None
+        if cfg.privacy.enabled:
+            privacy = SitePrivacy(epsilon_budget=cfg.privacy.epsilon_budget,
+                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        return Site(
+            client_id=str(partition_id), task=task,
+            dataset=Subset(task.load_data(cfg.data_dir).train, indices.tolist()),
+            state_dir=self.state_root / str(partition_id), privacy=privacy,
+            device=default_device())
