@@ -6,7 +6,7 @@ and the PrivacyLedger.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -16,8 +16,9 @@ from consortia.client.trainer import LocalTrainer
 from consortia.messages import ARRAYS, TrainInstructions, TrainReport
 
 
-def build_client_app(load_site: Callable[[Context], Site]) -> ClientApp:
-    app = ClientApp()
+def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
+    """The ClientApp for sites built by `load_site`; `mods` are Flower client mods."""
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

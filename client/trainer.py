@@ -57,45 +57,50 @@ class LocalTrainer:
         model.to(self.device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum)
         loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)
+        if not ins.dp_enabled:
+            loss = self._sgd(model, optimizer, loader, ins.local_epochs)
+            report = self._report("trained", dp=False, num_examples=len(self.dataset),
+                                  train_loss=loss)
+            return report, self._weights(model)
 
-        engine = None
-        if ins.dp_enabled:
-            if self.ledger is None:
-                raise ValueError("DP requested but this client has no privacy ledger")
-            sigma = self.noise_multiplier(ins)
-            engine = PrivacyEngine(accountant=self.ledger.accountant_kind)
-            engine.accountant = self.ledger.accountant()  # continue from the ledger's history
-            dp_model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                max_grad_norm=ins.max_grad_norm, poisson_sampling=True)
+        if self.ledger is None:
+            raise ValueError("DP requested but this client has no privacy ledger")
+        sigma = self.noise_multiplier(ins)
+        engine = PrivacyEngine(accountant=self.ledger.accountant_kind)
+        engine.accountant = self.ledger.accountant()  # continue from the ledger's history
+        dp_model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=ins.max_grad_norm, poisson_sampling=True)
+        try:
             decision = self.ledger.check_round(sigma, loader.sample_rate,
                                                len(loader) * ins.local_epochs)
             if not decision.allowed:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
                                     sigma=sigma, rate=loader.sample_rate), None
-        else:
-            dp_model = model
+            loss = self._sgd(dp_model, optimizer, loader, ins.local_epochs)
+        finally:
+            dp_model._close()  # remove Opacus's hooks: the module may be trained again
+        # Written atomically before the reply (and so the update) leaves this client.
+        self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
+        report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
+                              num_examples=len(self.dataset), train_loss=loss)
+        return report, self._weights(model)
 
+    def _sgd(self, model, optimizer, loader, epochs: int) -> float:
         loss_sum, batches = 0.0, 0
-        for _ in range(ins.local_epochs):
+        for _ in range(epochs):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.task.train_step(dp_model, batch, self.device)
+                loss = self.task.train_step(model, batch, self.device)
                 loss.backward()
                 optimizer.step()
                 loss_sum, batches = loss_sum + loss.item(), batches + 1
+        return loss_sum / max(batches, 1)
 
-        if engine is not None:
-            # Written atomically before the reply (and so the update) leaves this client.
-            self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
-        report = self._report("trained", dp=engine is not None,
-                              sigma=sigma if engine else None,
-                              rate=loader.sample_rate if engine else None,
-                              num_examples=len(self.dataset),
-                              train_loss=loss_sum / max(batches, 1))
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return report, weights
+    @staticmethod
+    def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def _report(self, status: str, *, dp: bool, reason: str = "", sigma: float | None = None,
                 rate: float | None = None, num_examples: int = 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -40,7 +39,7 @@ def version() -> None:
 
 
 @sim_app.command("config")
-def sim_config(config: Optional[Path] = typer.Argument(None), overrides: Optional[list[str]] = SetOption) -> None:
+def sim_config(config: Path | None = typer.Argument(None), overrides: list[str] | None = SetOption) -> None:
     """Validate a config and print it resolved (defaults filled in) as JSON."""
     typer.echo(json.dumps(config_to_dict(_load(config, overrides)), indent=2))
 
@@ -49,8 +48,9 @@ def sim_config(config: Optional[Path] = typer.Argument(None), overrides: Optiona
 def sim_run(
     config: Path = typer.Argument(..., help="experiment TOML"),
     out: Path = typer.Option(..., "--out", help="results directory"),
-    overrides: Optional[list[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest checkpoint"),
+    overrides: list[str] | None = SetOption,
+    resume: bool = typer.Option(False, "--resume",
+                                help="continue the run in --out from its latest checkpoint"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's own log"),
 ) -> None:
     """Run a federation of virtual clients; write metrics.jsonl, summary.json and checkpoints to --out."""

@@ -39,6 +39,7 @@ class Checkpoint:
 class CheckpointStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self._last: Checkpoint | None = None
 
     def _paths(self, server_round: int) -> tuple[Path, Path]:
         stem = self.directory / f"round-{server_round:05d}"
@@ -46,7 +47,7 @@ class CheckpointStore:
 
     def save(self, server_round: int, weights: dict[str, np.ndarray],
              metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Checkpoint:
-        parent = self.latest()
+        parent = self._last or self.latest()
         data = save_safetensors({k: np.ascontiguousarray(v) for k, v in weights.items()})
         digest = hashlib.sha256(data).hexdigest()
         weights_path, manifest_path = self._paths(server_round)
@@ -58,7 +59,9 @@ class CheckpointStore:
             "metrics": metrics, **(extra or {}),
         }
         atomic_write_json(manifest_path, manifest)
-        return Checkpoint(server_round, digest, manifest["parent_sha256"], weights_path, manifest)
+        self._last = Checkpoint(server_round, digest, manifest["parent_sha256"], weights_path,
+                                manifest)
+        return self._last
 
     def all(self) -> list[Checkpoint]:
         found = []

@@ -56,8 +56,13 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
-                   on_round: RoundCallback | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run the federation described by `cfg`; return its summary (also in out_dir)."""
+                   on_round: RoundCallback | None = None, verbose: bool = False,
+                   client_mods: list | None = None) -> dict[str, Any]:
+    """Run the federation described by `cfg`; return its summary (also in out_dir).
+
+    `client_mods` are Flower client mods wrapped around every virtual client (fault
+    injection uses them); `on_round` gets each round's metrics row as it is recorded.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation
@@ -74,7 +79,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     flwr.simulation.run_simulation(
         server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
                                     on_round=on_round),
-        client_app=build_client_app(SimulationSites(cfg, out_dir)),
+        client_app=build_client_app(SimulationSites(cfg, out_dir), mods=client_mods),
         num_supernodes=cfg.clients,
         backend_config=backend_config(cfg),
     )

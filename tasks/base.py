@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ class Task:
     build_model: Callable[..., nn.Module]
     load_data: Callable[[str | None], TaskData]
 
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, ...],
+                   device: torch.device) -> torch.Tensor:
         """Loss on one batch; the trainer calls backward and the optimizer step."""
         x, y = (t.to(device, non_blocking=True) for t in batch)
         return nn.functional.cross_entropy(model(x), y)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from opacus.accountants import IAccountant, create_accountant
@@ -39,6 +40,7 @@ def epsilon_for(kind: str, history: list[tuple[float, float, int]], delta: float
     return epsilon_of(accountant, delta)
 
 
+@lru_cache(maxsize=256)  # a pure function; each call runs ~15 accountant evaluations
 def noise_for_budget(
     epsilon_budget: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
 ) -> float:

@@ -86,7 +86,10 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        return epsilon_of(self.accountant(), self.delta)
+        key = tuple(self.history)
+        if getattr(self, "_epsilon_key", None) != key:  # an RDP evaluation costs ~0.1 s
+            self._epsilon_key, self._epsilon = key, epsilon_of(self.accountant(), self.delta)
+        return self._epsilon
 
     @property
     def steps(self) -> int:

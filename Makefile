@@ -1,0 +1,47 @@
+# Quick start on a fresh machine:  make demo   |   make test
+VENV        ?= .venv
+PYTHON      ?= python3
+# The build machines carry a local CPU build of torch 2.13.0; elsewhere set TORCH_SPEC
+# (e.g. TORCH_SPEC=torch for your platform's default, CUDA included).
+TORCH_SPEC  ?= torch==2.13.0
+FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.consortia-installed
+DEMO_OUT    ?= results/demo
+PYTEST_ARGS ?=
+
+.PHONY: install data demo test lint clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (see docs/quickstart.md).
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing from $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'," \
+		     "or set data_dir in the config (or CONSORTIA_FASHION_MNIST_DIR) to your copy."; exit 1; \
+	fi
+
+demo: install data
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/consortia sim run simulations/experiments/fmnist-dp.toml --out $(DEMO_OUT) --set rounds=5
+	@echo "Results are in $(DEMO_OUT)/: metrics.jsonl (per round), summary.json (per client ε), checkpoints/"
+
+# pytest exits 5 when it collects no tests: that is not a failure of the set-up.
+test: install data
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info results .pytest_cache

@@ -1,0 +1,343 @@
+"""The server side of the protocol: one method per stage.
+
+Stage 0, once per run: :meth:`ServerSecAggSession.collect_advertisements`
+Stage 1, every round:  :meth:`begin_round` gives the :class:`RoundSetup` to send with the
+                       train request; :meth:`collect_masked_inputs` takes the replies and
+                       gives one :class:`UnmaskRequest` per survivor
+Stage 2, every round:  :meth:`finish_round` takes the unmask replies and gives the sum
+
+A message that fails validation counts as that client dropping out (its reason is kept
+in :attr:`rejected`); too few survivors raises :class:`SecAggAbort`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import shamir
+from .errors import SecAggAbort, SecAggProtocolError
+from .graph import default_num_neighbours, default_threshold, is_connected
+from .masks import add_mask
+from .messages import (
+    ROUND_SEED_LEN,
+    AdvertiseKeys,
+    MaskedInput,
+    ParticipantKeys,
+    RoundSetup,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .round_plan import RoundPlan, pairwise_sign
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The outcome of a round: the uint32 sum of the contributors' encoded updates.
+
+    Decode it with ``quantize.decode_sum(total, ..., num_summed=len(contributors))``.
+    """
+
+    round_num: int
+    total: np.ndarray = field(repr=False)
+    contributors: tuple[int, ...]  # U1: whose masked input is in the sum
+    dropped: tuple[int, ...]  # participants not in the sum
+    unmask_responders: tuple[int, ...]  # U2: who helped to unmask
+    rejected: dict[int, str]  # node -> why its message was refused this round
+
+
+class ServerSecAggSession:
+    """The server's secure-aggregation state for one run (honest-but-curious server)."""
+
+    def __init__(self, *, run_id: int) -> None:
+        self.run_id = run_id
+        self.registered: dict[int, ParticipantKeys] = {}
+        self.rejected: dict[int, str] = {}
+        self._plan: RoundPlan | None = None
+        self._stage = "idle"
+        self._total: np.ndarray | None = None
+        self._survivors: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"ServerSecAggSession(run_id={self.run_id}, registered={len(self.registered)}, "
+            f"stage={self._stage!r})"
+        )
+
+    # Stage 0 ------------------------------------------------------------------------------
+
+    def collect_advertisements(self, adverts: Mapping[int, AdvertiseKeys | bytes]) -> list[int]:
+        """Register each client's public keys; keys are ``src`` node ids from the transport.
+
+        Returns the node ids accepted now; refused ones are in :attr:`rejected`.
+        """
+        self.rejected = {}
+        accepted = []
+        for src, advert in adverts.items():
+            try:
+                msg = (
+                    advert
+                    if isinstance(advert, AdvertiseKeys)
+                    else AdvertiseKeys.from_bytes(advert)
+                )
+                if msg.keys.node_id != src:
+                    raise SecAggProtocolError(
+                        f"AdvertiseKeys names node {msg.keys.node_id} but came from {src}",
+                        node_id=src,
+                    )
+                if msg.run_id != self.run_id:
+                    raise SecAggProtocolError(f"AdvertiseKeys for run {msg.run_id}", node_id=src)
+            except SecAggProtocolError as exc:
+                self.rejected[src] = exc.reason
+                continue
+            self.registered[src] = msg.keys
+            accepted.append(src)
+        return sorted(accepted)
+
+    # Stage 1 ------------------------------------------------------------------------------
+
+    def begin_round(
+        self,
+        round_num: int,
+        participants: Sequence[int],
+        *,
+        vector_length: int,
+        num_neighbours: int | None = None,
+        threshold: int | None = None,
+    ) -> RoundSetup:
+        """The setup to send to every participant with its train request."""
+        unknown = sorted(set(participants) - set(self.registered))
+        if unknown:
+            raise ValueError(f"participants {unknown} have not advertised keys in this run")
+        ids = sorted(set(participants))
+        if len(ids) < 2:
+            raise SecAggAbort(f"round {round_num}: {len(ids)} participants, at least 2 needed")
+        k = num_neighbours if num_neighbours is not None else default_num_neighbours(len(ids))
+        t = threshold if threshold is not None else default_threshold(k)
+        setup = RoundSetup(
+            run_id=self.run_id,
+            round_num=round_num,
+            round_seed=os.urandom(ROUND_SEED_LEN),
+            num_neighbours=k,
+            threshold=t,
+            vector_length=vector_length,
+            participants=tuple(self.registered[i] for i in ids),
+        )
+        try:
+            self._plan = RoundPlan.from_setup(setup)
+        except SecAggProtocolError as exc:
+            raise ValueError(exc.reason) from exc
+        self._stage = "masking"
+        self.rejected = {}
+        self._total = None
+        self._survivors = ()
+        return setup
+
+    def collect_masked_inputs(
+        self, replies: Mapping[int, MaskedInput | bytes]
+    ) -> dict[int, UnmaskRequest]:
+        """Sum the valid masked inputs; returns the unmask request for each survivor.
+
+        ``replies`` maps the transport-level sender to its reply; absent participants
+        and invalid replies are dropouts.
+        """
+        plan = self._require("masking")
+        setup = plan.setup
+        accepted: dict[int, dict[int, bytes]] = {}  # sender -> its sealed shares
+        total: np.ndarray | None = None
+        for src, reply in replies.items():
+            try:
+                msg = self._check_masked_input(plan, src, reply)
+            except SecAggProtocolError as exc:
+                self.rejected[src] = exc.reason
+                continue
+            accepted[src] = msg.encrypted_shares  # the vector is summed, not kept
+            if total is None:
+                total = msg.masked.copy()
+            else:
+                # uint32 addition wraps modulo 2**32: the masks live in that group.
+                np.add(total, msg.masked, out=total)
+
+        survivors = tuple(sorted(accepted))
+        self._check_enough(plan, survivors, "masked inputs")
+        self._total = total
+        self._survivors = survivors
+        self._stage = "unmasking"
+        requests = {}
+        for h in survivors:
+            shares = {j: accepted[j][h] for j in survivors if h in plan.holders(j)}
+            requests[h] = UnmaskRequest(
+                setup.run_id, setup.round_num, setup.round_seed, survivors, shares
+            )
+        return requests
+
+    def _check_masked_input(
+        self, plan: RoundPlan, src: int, reply: MaskedInput | bytes
+    ) -> MaskedInput:
+        setup = plan.setup
+        msg = reply if isinstance(reply, MaskedInput) else MaskedInput.from_bytes(reply)
+        if msg.node_id != src:
+            raise SecAggProtocolError(f"MaskedInput names node {msg.node_id}", node_id=src)
+        if src not in plan.graph:
+            raise SecAggProtocolError("MaskedInput from a node not in this round", node_id=src)
+        if (msg.run_id, msg.round_num, msg.round_seed) != (
+            setup.run_id,
+            setup.round_num,
+            setup.round_seed,
+        ):
+            raise SecAggProtocolError(
+                f"MaskedInput for run {msg.run_id} round {msg.round_num} (or another round "
+                f"seed), expected run {setup.run_id} round {setup.round_num}",
+                node_id=src,
+            )
+        if msg.masked.dtype != np.uint32 or msg.masked.shape != (setup.vector_length,):
+            raise SecAggProtocolError(
+                f"masked vector has shape {msg.masked.shape} and dtype {msg.masked.dtype}, "
+                f"expected ({setup.vector_length},) uint32",
+                node_id=src,
+            )
+        holders = plan.holders(src)
+        if sorted(msg.encrypted_shares) != list(holders):
+            raise SecAggProtocolError(
+                f"shares addressed to {sorted(msg.encrypted_shares)}, expected its holders "
+                f"{list(holders)}",
+                node_id=src,
+            )
+        expected = plan.sealed_len(src)
+        for h, sealed in msg.encrypted_shares.items():
+            if len(sealed) != expected:
+                raise SecAggProtocolError(
+                    f"share ciphertext for {h} has {len(sealed)} bytes, expected {expected}",
+                    node_id=src,
+                )
+        return msg
+
+    # Stage 2 ------------------------------------------------------------------------------
+
+    def finish_round(self, responses: Mapping[int, UnmaskResponse | bytes]) -> AggregateResult:
+        """Reconstruct the masks to remove, remove them, and return the sum."""
+        plan = self._require("unmasking")
+        survivors = self._survivors
+        survivor_set = set(survivors)
+        dropped = tuple(sorted(set(plan.graph) - survivor_set))
+        dropped_set = set(dropped)
+
+        self_mask_shares: dict[int, dict[int, bytes]] = {j: {} for j in survivors}
+        pair_shares: dict[tuple[int, int], dict[int, bytes]] = {
+            (j, d): {} for j in survivors for d in plan.graph[j] if d in dropped_set
+        }
+        responders = []
+        for src, response in responses.items():
+            try:
+                msg = self._check_unmask_response(plan, src, response, survivor_set, pair_shares)
+            except SecAggProtocolError as exc:
+                self.rejected[src] = exc.reason
+                continue
+            point = plan.share_point[src]
+            for owner, share in msg.self_mask_shares.items():
+                self_mask_shares[owner][point] = share
+            for pair, share in msg.pairwise_shares.items():
+                pair_shares[pair][point] = share
+            responders.append(src)
+
+        total = self._total
+        assert total is not None  # set by collect_masked_inputs
+        self._total = None
+        self._stage = "idle"  # success or abort, this round is over
+        t = plan.threshold
+        try:
+            for owner, shares in self_mask_shares.items():
+                self._check_share_count(owner, "self-mask seed", shares, plan)
+                seed = shamir.combine(shares, threshold=t)
+                add_mask(total, plan.self_mask_key(seed, owner), sign=-1)
+            for (owner, gone), shares in pair_shares.items():
+                self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
+                seed = shamir.combine(shares, threshold=t)
+                # owner's input carries sign * mask that the absent peer never cancelled.
+                add_mask(total, seed, sign=-pairwise_sign(owner, gone))
+        except SecAggProtocolError as exc:
+            raise SecAggAbort(f"round {plan.setup.round_num}: {exc}") from exc
+        return AggregateResult(
+            round_num=plan.setup.round_num,
+            total=total,
+            contributors=survivors,
+            dropped=dropped,
+            unmask_responders=tuple(sorted(responders)),
+            rejected=dict(self.rejected),
+        )
+
+    def _check_unmask_response(
+        self,
+        plan: RoundPlan,
+        src: int,
+        response: UnmaskResponse | bytes,
+        survivors: set[int],
+        needed_pairs: Mapping[tuple[int, int], object],
+    ) -> UnmaskResponse:
+        setup = plan.setup
+        msg = (
+            response
+            if isinstance(response, UnmaskResponse)
+            else UnmaskResponse.from_bytes(response)
+        )
+        if msg.node_id != src:
+            raise SecAggProtocolError(f"UnmaskResponse names node {msg.node_id}", node_id=src)
+        if src not in survivors:
+            raise SecAggProtocolError(
+                "UnmaskResponse from a node that is not a survivor", node_id=src
+            )
+        if (msg.run_id, msg.round_num, msg.round_seed) != (
+            setup.run_id,
+            setup.round_num,
+            setup.round_seed,
+        ):
+            raise SecAggProtocolError(
+                f"UnmaskResponse for run {msg.run_id} round {msg.round_num}, expected "
+                f"run {setup.run_id} round {setup.round_num}",
+                node_id=src,
+            )
+        for owner in msg.self_mask_shares:
+            if owner not in survivors or src not in plan.holders(owner):
+                raise SecAggProtocolError(f"unexpected self-mask share of {owner}", node_id=src)
+        for owner, gone in msg.pairwise_shares:
+            if (owner, gone) not in needed_pairs or src not in plan.holders(owner):
+                raise SecAggProtocolError(
+                    f"unexpected pairwise share for ({owner}, {gone})", node_id=src
+                )
+        return msg
+
+    # Helpers ------------------------------------------------------------------------------
+
+    def _require(self, stage: str) -> RoundPlan:
+        if self._stage != stage or self._plan is None:
+            raise RuntimeError(f"secagg server is at stage {self._stage!r}, not {stage!r}")
+        return self._plan
+
+    def _check_enough(self, plan: RoundPlan, survivors: tuple[int, ...], what: str) -> None:
+        t = plan.threshold
+        if len(survivors) < t:
+            self._stage = "idle"
+            raise SecAggAbort(
+                f"round {plan.setup.round_num}: {len(survivors)} valid {what}, fewer than the "
+                f"threshold t={t} (of {len(plan.graph)} participants)"
+            )
+        if not is_connected(survivors, plan.graph):
+            self._stage = "idle"
+            raise SecAggAbort(
+                f"round {plan.setup.round_num}: the {len(survivors)} survivors' neighbour graph "
+                "is split; unmasking would reveal partial sums"
+            )
+
+    @staticmethod
+    def _check_share_count(
+        owner: int, what: str, shares: Mapping[int, bytes], plan: RoundPlan
+    ) -> None:
+        if len(shares) < plan.threshold:
+            raise SecAggAbort(
+                f"round {plan.setup.round_num}: {len(shares)} of the {len(plan.holders(owner))} "
+                f"holders returned shares of client {owner}'s {what}, threshold "
+                f"t={plan.threshold}"
+            )

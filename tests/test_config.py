@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from consortia.config import ConfigError, config_to_dict, load_config, parse_override
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_example_config_validates():
+    names = sorted(p.name for p in EXPERIMENTS.glob("*.toml"))
+    assert {"digits-dp-smoke.toml", "fmnist-dp.toml", "fmnist-dp-noniid.toml",
+            "fmnist-nodp.toml"} <= set(names)
+    for path in EXPERIMENTS.glob("*.toml"):
+        load_config(path)
+
+
+def test_fmnist_dp_example_keeps_each_client_within_epsilon_3():
+    cfg = load_config(EXPERIMENTS / "fmnist-dp.toml")
+    assert cfg.clients == 10 and cfg.partition.kind == "iid"
+    assert cfg.privacy.enabled and cfg.privacy.epsilon_budget <= 3 and cfg.privacy.delta == 1e-5
+    assert load_config(EXPERIMENTS / "fmnist-dp-noniid.toml").partition.alpha == 0.5
+    assert not load_config(EXPERIMENTS / "fmnist-nodp.toml").privacy.enabled
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, 'task = "digits-mlp"\nroundz = 3\n[privacy]\nepsilon_budjet = 2\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "roundz: unknown key" in str(err.value)
+    assert "privacy.epsilon_budjet: unknown key" in str(err.value)
+
+
+def test_wrong_type_and_out_of_range_name_the_value(tmp_path):
+    path = write(tmp_path, 'rounds = "many"\nlr = -1\n[privacy]\ndelta = 2.0\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "rounds" in text and "'many'" in text
+    assert "lr" in text and "greater than 0" in text
+    assert "privacy.delta" in text and "less than 1" in text
+
+
+def test_clients_per_round_cannot_exceed_clients():
+    with pytest.raises(ConfigError, match=r"clients_per_round \(5\) must be at most clients \(4\)"):
+        load_config(None, ["clients=4", "clients_per_round=5"])
+
+
+def test_unknown_task_and_partition_kind_list_what_is_accepted():
+    with pytest.raises(ConfigError, match="accepted: digits-mlp, fashion-mnist-cnn"):
+        load_config(None, ["task=cifar"])
+    with pytest.raises(ConfigError, match="'iid' or 'dirichlet'"):
+        load_config(None, ["partition.kind=shards"])
+
+
+def test_overrides_are_toml_values_with_dotted_sections(tmp_path):
+    path = write(tmp_path, 'rounds = 3\n[privacy]\nenabled = true\n')
+    cfg = load_config(path, ["rounds=7", "privacy.enabled=false", "partition.kind=dirichlet",
+                             "partition.alpha=0.1", "privacy.noise_multiplier=1.5",
+                             "strategy.name=fedavg", "task=digits-mlp"])
+    assert cfg.rounds == 7 and cfg.privacy.enabled is False
+    assert cfg.partition.kind == "dirichlet" and cfg.partition.alpha == 0.1
+    assert cfg.privacy.noise_multiplier == 1.5
+    assert config_to_dict(cfg)["partition"] == {"kind": "dirichlet", "alpha": 0.1,
+                                                "min_samples": 10}
+
+
+def test_malformed_override_and_missing_file_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("rounds")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "rounds = = 3"))
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(write(tmp_path, "rounds = 3"), ["rounds.x=1"])
+
+
+def test_planned_participation_rounds_up():
+    cfg = load_config(None, ["rounds=10", "clients=10", "clients_per_round=3"])
+    assert cfg.planned_rounds_per_client == 3

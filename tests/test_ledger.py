@@ -1,0 +1,144 @@
+import json
+import math
+import stat
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from consortia.client.trainer import LocalTrainer
+from consortia.messages import TrainInstructions
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, noise_for_budget
+from consortia.tasks import get_task
+
+DELTA = 1e-5
+
+
+def open_ledger(tmp_path, budget=3.0, accountant="rdp"):
+    return PrivacyLedger.open(tmp_path, accountant=accountant, delta=DELTA, epsilon_budget=budget)
+
+
+def independent_rdp_epsilon(sigma, q, steps, delta=DELTA):
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return eps
+
+
+def spend(ledger, sigma, q, steps, rnd=1):
+    accountant = ledger.accountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return ledger.record_spend(accountant, run_id="r", server_round=rnd)
+
+
+def test_spend_persists_across_a_restart_and_keeps_accumulating(tmp_path):
+    ledger = open_ledger(tmp_path)
+    first = spend(ledger, 1.5, 0.01, 100)
+    reopened = open_ledger(tmp_path)  # a new process reads the same file
+    assert reopened.epsilon == pytest.approx(first)
+    assert reopened.steps == 100
+    second = spend(reopened, 1.5, 0.01, 100, rnd=2)
+    assert second > first
+    assert second == pytest.approx(independent_rdp_epsilon(1.5, 0.01, 200), rel=1e-9)
+    assert open_ledger(tmp_path).history == [(1.5, 0.01, 200)]
+
+
+def test_ledger_file_is_private_to_the_client(tmp_path):
+    spend(open_ledger(tmp_path), 1.0, 0.1, 5)
+    mode = stat.S_IMODE((tmp_path / "privacy_ledger.json").stat().st_mode)
+    assert mode == 0o600
+
+
+def test_ledger_refuses_to_mix_deltas_or_accountants(tmp_path):
+    spend(open_ledger(tmp_path), 1.0, 0.1, 5)
+    with pytest.raises(LedgerMismatchError, match="delta"):
+        PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-6, epsilon_budget=3)
+    with pytest.raises(LedgerMismatchError, match="accountant"):
+        PrivacyLedger.open(tmp_path, accountant="prv", delta=DELTA, epsilon_budget=3)
+
+
+def test_check_round_projects_without_spending(tmp_path):
+    ledger = open_ledger(tmp_path, budget=1.0)
+    decision = ledger.check_round(1.0, 0.1, 50)
+    assert not decision.allowed and decision.epsilon_after > 1.0 and decision.epsilon_now == 0
+    assert "exceeds the budget" in decision.reason
+    assert ledger.steps == 0 and ledger.epsilon == 0.0
+
+
+def test_noise_for_budget_fits_the_plan():
+    sigma = noise_for_budget(3.0, DELTA, 1 / 24, 24 * 15, "rdp")
+    acc = RDPAccountant()
+    acc.history = [(sigma, 1 / 24, 24 * 15)]
+    eps = acc.get_epsilon(DELTA)
+    assert 2.98 <= eps <= 3.0
+    with pytest.raises(ValueError, match="no noise multiplier fits"):
+        noise_for_budget(1e-6, DELTA, 1.0, 10, "rdp")
+
+
+# --- the trainer and the ledger together -------------------------------------------
+
+def instructions(**overrides):
+    values = dict(run_id="run", task="digits-mlp", model_activation="tanh", local_epochs=1,
+                  batch_size=64, lr=0.1, momentum=0.0, seed=0, dp_enabled=True,
+                  max_grad_norm=1.0, noise_multiplier=None, planned_rounds=3)
+    values.update(overrides)
+    return TrainInstructions(**values)
+
+
+def trainer(tmp_path, budget=3.0, n=600):
+    task = get_task("digits-mlp")
+    data = torch.utils.data.Subset(task.load_data(None).train, range(n))
+    return LocalTrainer("7", task, data, open_ledger(tmp_path, budget), torch.device("cpu"))
+
+
+def test_trained_round_records_opacus_steps_and_epsilon(tmp_path):
+    t = trainer(tmp_path)
+    model = t.task.build_model("tanh")
+    report, weights = t.train(model, instructions(), server_round=1)
+    assert report.status == "trained" and weights is not None
+    steps_per_epoch = math.ceil(600 / 64)
+    assert report.steps == steps_per_epoch
+    assert report.sample_rate == pytest.approx(1 / steps_per_epoch)
+    # σ was derived so that the planned 3 rounds fit the budget exactly once spent.
+    planned = RDPAccountant()
+    planned.history = [(report.noise_multiplier, report.sample_rate, 3 * steps_per_epoch)]
+    assert 2.95 <= planned.get_epsilon(DELTA) <= 3.0
+    assert report.epsilon == pytest.approx(
+        independent_rdp_epsilon(report.noise_multiplier, report.sample_rate, report.steps))
+    stored = json.loads((tmp_path / "privacy_ledger.json").read_text())
+    assert stored["events"][-1]["decision"] == "trained"
+
+
+def test_client_refuses_at_the_budget_and_records_no_spend(tmp_path):
+    t = trainer(tmp_path)
+    model = t.task.build_model("tanh")
+    statuses = [t.train(model, instructions(), server_round=r)[0].status for r in range(1, 6)]
+    # Three planned rounds fit; the fourth would pass ε = 3 and is refused.
+    assert statuses == ["trained"] * 3 + ["refused-budget"] * 2
+    ledger = open_ledger(tmp_path)
+    assert ledger.epsilon <= 3.0
+    assert ledger.steps == 3 * math.ceil(600 / 64)
+    decisions = [e["decision"] for e in ledger.events]
+    assert decisions == ["trained"] * 3 + ["refused-budget"] * 2
+    assert all(e["steps"] == 0 for e in ledger.events if e["decision"] == "refused-budget")
+
+
+def test_refusal_returns_no_weights_and_trains_nothing(tmp_path):
+    t = trainer(tmp_path, budget=0.01)
+    model = t.task.build_model("tanh")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report, weights = t.train(model, instructions(noise_multiplier=0.5), server_round=1)
+    assert report.status == "refused-budget" and weights is None
+    assert "exceeds the budget" in report.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert open_ledger(tmp_path).steps == 0
+
+
+def test_non_private_training_spends_nothing(tmp_path):
+    task = get_task("digits-mlp")
+    t = LocalTrainer("1", task, task.load_data(None).train, None, torch.device("cpu"))
+    report, weights = t.train(task.build_model("tanh"), instructions(dp_enabled=False), 1)
+    assert report.status == "trained" and report.epsilon is None and not report.dp_enabled
+    assert not (tmp_path / "privacy_ledger.json").exists()

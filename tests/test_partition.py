@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consortia.simulations.partition import dirichlet_partition, iid_partition, partition
+
+
+def assert_exact_cover(parts, n):
+    merged = np.concatenate(parts)
+    assert len(merged) == n
+    assert np.array_equal(np.sort(merged), np.arange(n))
+
+
+@given(n=st.integers(10, 2000), clients=st.integers(1, 10), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=50, deadline=None)
+def test_iid_puts_every_sample_in_exactly_one_client(n, clients, seed):
+    parts = iid_partition(n, clients, seed)
+    assert len(parts) == clients
+    assert_exact_cover(parts, n)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@given(clients=st.integers(2, 8), alpha=st.floats(0.05, 10), seed=st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_dirichlet_is_an_exact_cover_with_minimum_sizes(clients, alpha, seed):
+    labels = np.random.default_rng(1).integers(0, 10, size=3000)
+    parts = dirichlet_partition(labels, clients, alpha, seed, min_samples=20)
+    assert_exact_cover(parts, len(labels))
+    assert min(len(p) for p in parts) >= 20
+
+
+def test_partitions_are_deterministic_for_a_seed_and_differ_across_seeds():
+    labels = np.random.default_rng(0).integers(0, 10, size=5000)
+    for kind in ("iid", "dirichlet"):
+        a = partition(labels, 5, kind, 0.5, seed=3)
+        b = partition(labels, 5, kind, 0.5, seed=3)
+        c = partition(labels, 5, kind, 0.5, seed=4)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_small_alpha_skews_labels_and_large_alpha_does_not():
+    labels = np.repeat(np.arange(10), 600)
+
+    def mean_classes_covering_90pct(alpha):
+        parts = dirichlet_partition(labels, 10, alpha, seed=0)
+        counts = []
+        for p in parts:
+            freq = np.sort(np.bincount(labels[p], minlength=10))[::-1]
+            counts.append(int(np.searchsorted(np.cumsum(freq) / freq.sum(), 0.9) + 1))
+        return np.mean(counts)
+
+    assert mean_classes_covering_90pct(0.1) < 4
+    assert mean_classes_covering_90pct(100.0) >= 8
+
+
+def test_impossible_partitions_fail_with_reasons():
+    with pytest.raises(ValueError, match="cannot split 3 samples among 5 clients"):
+        iid_partition(3, 5, 0)
+    with pytest.raises(ValueError, match="min_samples"):
+        dirichlet_partition(np.zeros(50, dtype=int), 10, 0.5, 0, min_samples=10)
+    with pytest.raises(ValueError, match="accepted: iid, dirichlet"):
+        partition(np.zeros(50, dtype=int), 2, "shards", 0.5, 0)

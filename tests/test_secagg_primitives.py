@@ -1,0 +1,178 @@
+"""Secure-aggregation primitives: masks, Shamir, AEAD, HKDF labels, X25519, graph."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import sympy
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consortia.privacy.secagg import aead, labels, shamir
+from consortia.privacy.secagg.errors import SecAggProtocolError
+from consortia.privacy.secagg.graph import (
+    default_num_neighbours,
+    default_threshold,
+    is_connected,
+    neighbour_graph,
+)
+from consortia.privacy.secagg.kdf import hkdf_sha256
+from consortia.privacy.secagg.key_agreement import X25519KeyPair
+from consortia.privacy.secagg.masks import add_mask, expand_mask
+
+
+def _fold32(key: bytes) -> int:
+    words = np.frombuffer(key, dtype="<u4")
+    return int(np.bitwise_xor.reduce(words))
+
+
+def test_keys_that_agree_on_their_32_bit_fold_give_different_masks():
+    key_a = bytearray(os.urandom(32))
+    key_b = bytearray(key_a)
+    # Flipping the same bit in two words leaves the XOR-fold unchanged.
+    key_b[0] ^= 0x01
+    key_b[4] ^= 0x01
+    assert key_a != key_b and _fold32(bytes(key_a)) == _fold32(bytes(key_b))
+
+    mask_a = expand_mask(bytes(key_a), 4096)
+    mask_b = expand_mask(bytes(key_b), 4096)
+    assert np.mean(mask_a != mask_b) > 0.99
+
+
+def test_mask_is_the_aes256_ctr_keystream_across_chunk_boundaries():
+    key = os.urandom(32)
+    length = 70_001  # > one 256 KiB chunk, and not a multiple of the AES block
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * length))
+    assert np.array_equal(expand_mask(key, length), np.frombuffer(stream, dtype="<u4"))
+
+
+def test_adding_then_subtracting_a_mask_restores_the_vector_modulo_2_32():
+    vector = np.random.default_rng(1).integers(0, 2**32, size=100_003, dtype=np.uint32)
+    acc = vector.copy()
+    key = os.urandom(32)
+    add_mask(acc, key, sign=1)
+    assert not np.array_equal(acc, vector)
+    add_mask(acc, key, sign=-1)
+    assert np.array_equal(acc, vector)
+
+
+def test_mask_rejects_short_keys_and_wrong_dtypes():
+    with pytest.raises(ValueError, match="32"):
+        expand_mask(os.urandom(16), 10)
+    with pytest.raises(ValueError, match="uint32"):
+        add_mask(np.zeros(4, dtype=np.int64), os.urandom(32), sign=1)
+
+
+def test_shamir_prime_is_the_smallest_prime_above_2_256():
+    assert shamir.PRIME > 2**256
+    assert sympy.isprime(shamir.PRIME)
+    assert sympy.nextprime(2**256) == shamir.PRIME
+    assert shamir.PRIME < 2 ** (8 * shamir.SHARE_LEN)  # every field element fits a share
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    holders=st.integers(min_value=2, max_value=9),
+    data=st.data(),
+)
+def test_any_threshold_shares_recover_the_secret(secret, holders, data):
+    threshold = data.draw(st.integers(min_value=1, max_value=holders))
+    xs = data.draw(
+        st.lists(st.integers(1, 10_000), min_size=holders, max_size=holders, unique=True)
+    )
+    shares = shamir.split(secret, threshold=threshold, xs=xs)
+    assert all(len(s) == shamir.SHARE_LEN for s in shares.values())
+    subset = data.draw(st.permutations(xs))[:threshold]
+    assert shamir.combine({x: shares[x] for x in subset}, threshold=threshold) == secret
+
+
+def test_fewer_than_threshold_shares_do_not_recover_the_secret():
+    secret = os.urandom(32)
+    shares = shamir.split(secret, threshold=3, xs=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match="3 needed"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=3)
+    # Interpolating 2 shares as if t were 2 gives some other value (or out of range).
+    try:
+        guess = shamir.combine({1: shares[1], 2: shares[2]}, threshold=2)
+    except SecAggProtocolError:
+        guess = None
+    assert guess != secret
+
+
+def test_sealed_shares_fail_authentication_when_altered_or_misdirected():
+    key = os.urandom(32)
+    ad = b"run 1 round 2 from 3 to 4"
+    sealed = aead.seal(key, b"share bytes", ad)
+    assert aead.open_sealed(key, sealed, ad) == b"share bytes"
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(SecAggProtocolError, match="authentication"):
+        aead.open_sealed(key, bytes(tampered), ad)
+    with pytest.raises(SecAggProtocolError, match="authentication"):
+        aead.open_sealed(key, sealed, b"run 1 round 3 from 3 to 4")
+    with pytest.raises(SecAggProtocolError, match="bytes"):
+        aead.open_sealed(key, sealed[:10], ad)
+
+
+def test_domain_separation_labels_are_distinct_and_bind_their_context():
+    all_labels = [
+        labels.LABEL_PAIRWISE_MASK,
+        labels.LABEL_SELF_MASK,
+        labels.LABEL_SHARE_ENCRYPTION,
+        labels.LABEL_NEIGHBOUR_GRAPH,
+        labels.LABEL_SHARE_AD,
+    ]
+    assert len(set(all_labels)) == len(all_labels)
+    assert all(b"\x00" not in label for label in all_labels)
+    assert all(label.startswith(b"consortia/secagg/v1/") for label in all_labels)
+
+    ikm = os.urandom(32)
+    seed = os.urandom(32)
+    base = {"run_id": 1, "round_num": 2, "round_seed": seed, "nodes": (3, 4)}
+    variants = [
+        base,
+        {**base, "run_id": 9},
+        {**base, "round_num": 3},
+        {**base, "round_seed": os.urandom(32)},
+        {**base, "nodes": (4, 3)},
+    ]
+    keys = {
+        hkdf_sha256(ikm, label=labels.LABEL_PAIRWISE_MASK, context=labels.context(**v))
+        for v in variants
+    }
+    keys.add(hkdf_sha256(ikm, label=labels.LABEL_SELF_MASK, context=labels.context(**base)))
+    assert len(keys) == len(variants) + 1
+
+
+def test_x25519_agreement_is_symmetric_and_its_repr_hides_the_private_key():
+    a, b = X25519KeyPair.generate(), X25519KeyPair.generate()
+    assert a.agree(b.public_bytes) == b.agree(a.public_bytes)
+    assert a.private_bytes().hex() not in repr(a)
+    assert "hidden" in repr(a)
+    with pytest.raises(SecAggProtocolError, match="32"):
+        a.agree(b"short", peer_id=5)
+    with pytest.raises(SecAggProtocolError, match="invalid"):
+        a.agree(bytes(32), peer_id=5)  # the all-zero point has low order
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 10, 30, 101])
+def test_neighbour_graph_is_shared_symmetric_regular_and_connected(n):
+    nodes = list(range(1000, 1000 + n))
+    k = default_num_neighbours(n)
+    seed = os.urandom(32)
+    graph = neighbour_graph(nodes, num_neighbours=k, seed=seed)
+    assert graph == neighbour_graph(list(reversed(nodes)), num_neighbours=k, seed=seed)
+    for v, neighbours in graph.items():
+        assert v not in neighbours
+        assert all(v in graph[u] for u in neighbours)
+        assert len(neighbours) in (k, k - 1)
+    assert is_connected(nodes, graph)
+    assert 2 <= default_threshold(k) <= k + 1
+    if n >= 30:
+        assert k <= 2 * np.log2(n)  # grows with log n, not n
+        other = neighbour_graph(nodes, num_neighbours=k, seed=os.urandom(32))
+        assert other != graph

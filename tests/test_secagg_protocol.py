@@ -1,0 +1,414 @@
+"""The SecAgg+ protocol end to end: sums, dropouts, aborts, refusals, forged messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from consortia.privacy.secagg import (
+    AdvertiseKeys,
+    ClientSecAggSession,
+    MaskedInput,
+    RoundSetup,
+    SecAggAbort,
+    SecAggProtocolError,
+    ServerSecAggSession,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_sum,
+    encode,
+    max_bits,
+    quantization_error_bound,
+)
+from consortia.privacy.secagg.bench import bench_masks
+from consortia.privacy.secagg.quantize import clip_l2
+from consortia.privacy.secagg.round_plan import RoundPlan
+
+RUN_ID = 42
+CLIP = 1.0
+
+
+class Federation:
+    """n in-process clients and a server; messages cross as bytes, as on the wire."""
+
+    def __init__(self, n: int, *, first_id: int = 1000) -> None:
+        self.clients = {
+            node: ClientSecAggSession(node_id=node, run_id=RUN_ID)
+            for node in range(first_id, first_id + n)
+        }
+        self.server = ServerSecAggSession(run_id=RUN_ID)
+        adverts = {node: c.advertise_keys().to_bytes() for node, c in self.clients.items()}
+        assert self.server.collect_advertisements(adverts) == sorted(self.clients)
+        self.bits = max_bits(n)
+
+    def setup(self, round_num: int, size: int, **kwargs: int) -> RoundSetup:
+        setup = self.server.begin_round(round_num, list(self.clients), vector_length=size, **kwargs)
+        return RoundSetup.from_bytes(setup.to_bytes())
+
+    def mask(
+        self, setup: RoundSetup, updates: dict[int, np.ndarray], skip: set[int] = frozenset()
+    ) -> dict[int, bytes]:
+        n = len(self.clients)
+        return {
+            node: self.clients[node]
+            .share_keys_and_mask_input(
+                setup, encode(updates[node], clip=CLIP, bits=self.bits, num_clients=n)
+            )
+            .to_bytes()
+            for node in self.clients
+            if node not in skip
+        }
+
+    def unmask(
+        self, requests: dict[int, UnmaskRequest], skip: set[int] = frozenset()
+    ) -> dict[int, bytes]:
+        return {
+            node: self.clients[node].unmask(UnmaskRequest.from_bytes(r.to_bytes())).to_bytes()
+            for node, r in requests.items()
+            if node not in skip
+        }
+
+    def run_round(
+        self,
+        round_num: int,
+        size: int,
+        *,
+        drop_before_masking: set[int] = frozenset(),
+        drop_before_unmasking: set[int] = frozenset(),
+        **kwargs: int,
+    ):
+        rng = np.random.default_rng(round_num)
+        updates = {node: rng.normal(0.0, 0.2, size=size) for node in self.clients}
+        setup = self.setup(round_num, size, **kwargs)
+        requests = self.server.collect_masked_inputs(self.mask(setup, updates, drop_before_masking))
+        result = self.server.finish_round(self.unmask(requests, drop_before_unmasking))
+        decoded = decode_sum(
+            result.total, clip=CLIP, bits=self.bits, num_summed=len(result.contributors)
+        )
+        expected = np.sum([clip_l2(updates[n], CLIP) for n in result.contributors], axis=0)
+        bound = quantization_error_bound(
+            clip=CLIP, bits=self.bits, num_summed=len(result.contributors)
+        )
+        return result, decoded, expected, bound
+
+    def ids(self) -> list[int]:
+        return sorted(self.clients)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "t", "size"),
+    [
+        (2, None, None, 5),
+        (3, 2, 3, 17),
+        (5, 2, 2, 1000),
+        (10, None, None, 3000),
+        (16, 6, 4, 100),
+        (31, None, None, 2000),
+    ],
+)
+def test_unmasked_sum_equals_the_plaintext_sum_within_the_quantization_bound(n, k, t, size):
+    fed = Federation(n)
+    kwargs = {key: v for key, v in (("num_neighbours", k), ("threshold", t)) if v is not None}
+    result, decoded, expected, bound = fed.run_round(1, size, **kwargs)
+    assert result.contributors == tuple(fed.ids()) and result.dropped == ()
+    assert np.max(np.abs(decoded - expected)) < bound
+
+
+def test_several_rounds_reuse_the_long_term_keys_and_each_round_sums_correctly():
+    fed = Federation(6)
+    for round_num in (1, 2, 5):
+        _, decoded, expected, bound = fed.run_round(round_num, 50)
+        assert np.max(np.abs(decoded - expected)) < bound
+
+
+def test_dropouts_before_masking_and_before_unmasking_down_to_the_threshold():
+    # Complete graph (k = n - 1): every client's shares are held by all 6 clients, t = 4.
+    fed = Federation(6)
+    a, b = fed.ids()[1], fed.ids()[4]
+    result, decoded, expected, bound = fed.run_round(
+        1, 300, num_neighbours=5, threshold=4, drop_before_masking={a}, drop_before_unmasking={b}
+    )
+    assert result.dropped == (a,)
+    assert b in result.contributors and len(result.unmask_responders) == 4
+    assert np.max(np.abs(decoded - expected)) < bound
+
+
+def test_dropouts_on_a_sparse_graph_recover_the_dropped_clients_pairwise_masks():
+    fed = Federation(20)
+    ids = fed.ids()
+    # k = 4 gives a 4-connected graph: two losses keep it connected and leave each client
+    # at least 3 of its 5 share holders (t = 3).
+    result, decoded, expected, bound = fed.run_round(
+        1,
+        500,
+        num_neighbours=4,
+        threshold=3,
+        drop_before_masking={ids[3]},
+        drop_before_unmasking={ids[11]},
+    )
+    assert result.dropped == (ids[3],) and len(result.contributors) == 19
+    assert np.max(np.abs(decoded - expected)) < bound
+
+
+def test_too_few_unmask_responses_beyond_the_threshold_abort():
+    fed = Federation(6)
+    ids = fed.ids()
+    with pytest.raises(SecAggAbort, match="threshold t=4"):
+        fed.run_round(
+            1,
+            10,
+            num_neighbours=5,
+            threshold=4,
+            drop_before_masking={ids[0]},
+            drop_before_unmasking={ids[1], ids[2]},
+        )
+
+
+def test_too_few_masked_inputs_abort_before_any_unmasking():
+    fed = Federation(6)
+    ids = fed.ids()
+    with pytest.raises(SecAggAbort, match="3 valid masked inputs, fewer than the threshold t=4"):
+        fed.run_round(1, 10, num_neighbours=5, threshold=4, drop_before_masking=set(ids[:3]))
+
+
+def test_a_split_survivor_graph_aborts_because_it_would_reveal_partial_sums():
+    fed = Federation(10)
+    setup = fed.setup(1, 10, num_neighbours=2, threshold=2)  # a ring
+    ring = RoundPlan.from_setup(setup).graph
+    # Removing two non-adjacent nodes cuts a ring into two arcs.
+    first = fed.ids()[0]
+    far = next(v for v in fed.ids() if v != first and v not in ring[first])
+    replies = fed.mask(setup, {n: np.zeros(10) for n in fed.ids()}, skip={first, far})
+    with pytest.raises(SecAggAbort, match="split"):
+        fed.server.collect_masked_inputs(replies)
+
+
+def test_each_masked_vector_alone_is_uniform_bytes():
+    fed = Federation(5)
+    size = 20_000
+    setup = fed.setup(1, size)
+    updates = {n: np.zeros(size) for n in fed.ids()}  # constant input: all structure is mask
+    for data in fed.mask(setup, updates).values():
+        masked = MaskedInput.from_bytes(data).masked
+        counts = np.bincount(masked.view(np.uint8), minlength=256)
+        assert chisquare(counts).pvalue > 1e-5
+        top_bytes = np.bincount((masked >> 24).astype(np.uint8), minlength=256)
+        assert chisquare(top_bytes).pvalue > 1e-5
+
+
+def test_an_unmask_response_never_reveals_both_secrets_of_one_client():
+    fed = Federation(12)
+    ids = fed.ids()
+    setup = fed.setup(1, 20, num_neighbours=4, threshold=3)
+    updates = {n: np.zeros(20) for n in ids}
+    requests = fed.server.collect_masked_inputs(fed.mask(setup, updates, skip={ids[2]}))
+    for data in fed.unmask(requests).values():
+        response = UnmaskResponse.from_bytes(data)
+        self_mask_owners = set(response.self_mask_shares)
+        pair_dropped = {d for _, d in response.pairwise_shares}
+        assert ids[2] not in self_mask_owners
+        assert pair_dropped <= {ids[2]}
+        assert not self_mask_owners & pair_dropped
+
+
+def test_client_state_survives_serialisation_between_masking_and_unmasking():
+    fed = Federation(4)
+    setup = fed.setup(1, 8)
+    replies = fed.mask(setup, {n: np.zeros(8) for n in fed.ids()})
+    requests = fed.server.collect_masked_inputs(replies)
+    for node in fed.ids():
+        state = fed.clients[node].to_state_bytes()
+        fed.clients[node] = ClientSecAggSession.from_state_bytes(state)
+    result = fed.server.finish_round(fed.unmask(requests))
+    assert result.contributors == tuple(fed.ids())
+
+
+def test_repr_of_sessions_and_messages_hides_key_material():
+    fed = Federation(3)
+    client = fed.clients[fed.ids()[0]]
+    private = client._encryption_keys.private_bytes().hex()
+    assert private not in repr(client) and "hidden" in repr(client)
+    assert private not in repr(fed.server)
+
+
+# Malformed, replayed and forged messages --------------------------------------------
+
+
+@pytest.fixture
+def masked_round():
+    fed = Federation(5)
+    setup = fed.setup(3, 16, num_neighbours=4, threshold=3)
+    replies = fed.mask(setup, {n: np.zeros(16) for n in fed.ids()})
+    return fed, setup, replies
+
+
+def test_server_drops_a_masked_input_with_the_wrong_vector_length(masked_round):
+    fed, _, replies = masked_round
+    bad = fed.ids()[0]
+    msg = MaskedInput.from_bytes(replies[bad])
+    replies[bad] = dataclasses.replace(msg, masked=msg.masked[:-1]).to_bytes()
+    requests = fed.server.collect_masked_inputs(replies)
+    assert bad not in requests and "shape" in fed.server.rejected[bad]
+    result = fed.server.finish_round(fed.unmask(requests))
+    assert bad in result.dropped and bad in result.rejected
+
+
+def test_server_drops_messages_from_unknown_nodes_or_for_the_wrong_round(masked_round):
+    fed, _, replies = masked_round
+    a, b = fed.ids()[:2]
+    replies[99] = replies[a]  # arrives from a node that is not in the round
+    msg = MaskedInput.from_bytes(replies[b])
+    replies[b] = dataclasses.replace(msg, round_num=2).to_bytes()
+    requests = fed.server.collect_masked_inputs(replies)
+    assert "names node" in fed.server.rejected[99]
+    assert "round 2" in fed.server.rejected[b]
+    assert set(requests) == set(fed.ids()) - {b}
+
+
+def test_server_drops_truncated_bytes_and_trailing_garbage(masked_round):
+    fed, _, replies = masked_round
+    a, b = fed.ids()[:2]
+    replies[a] = replies[a][:-3]
+    replies[b] = replies[b] + b"\x00"
+    fed.server.collect_masked_inputs(replies)
+    assert "bytes" in fed.server.rejected[a]
+    assert "bytes" in fed.server.rejected[b]
+
+
+def test_client_refuses_an_unmask_request_for_another_round(masked_round):
+    fed, _, replies = masked_round
+    requests = fed.server.collect_masked_inputs(replies)
+    node = fed.ids()[0]
+    wrong = dataclasses.replace(requests[node], round_num=4)
+    with pytest.raises(SecAggProtocolError, match="round 4"):
+        fed.clients[node].unmask(wrong)
+
+
+def test_client_refuses_unknown_survivors_and_forged_or_tampered_shares(masked_round):
+    fed, _, replies = masked_round
+    requests = fed.server.collect_masked_inputs(replies)
+    node = fed.ids()[0]
+    client = fed.clients[node]
+    request = requests[node]
+
+    unknown = dataclasses.replace(request, survivors=(*request.survivors, 777))
+    with pytest.raises(SecAggProtocolError, match="non-participants"):
+        client.unmask(unknown)
+
+    sender = next(iter(request.encrypted_shares))
+    tampered = bytearray(request.encrypted_shares[sender])
+    tampered[20] ^= 0x80
+    shares = {**request.encrypted_shares, sender: bytes(tampered)}
+    with pytest.raises(SecAggProtocolError, match="authentication"):
+        client.unmask(dataclasses.replace(request, encrypted_shares=shares))
+
+    # Shares a survivor addressed to someone else do not authenticate for this client.
+    other = fed.ids()[1]
+    stolen = {s: c for s, c in requests[other].encrypted_shares.items() if s != other}
+    with pytest.raises(SecAggProtocolError, match="authentication"):
+        client.unmask(dataclasses.replace(request, encrypted_shares=stolen))
+
+
+def test_client_refuses_to_reveal_self_mask_shares_of_a_dropped_client(masked_round):
+    fed, _, replies = masked_round
+    ids = fed.ids()
+    gone = ids[4]
+    requests = fed.server.collect_masked_inputs(replies)
+    node = ids[0]
+    request = requests[node]
+    # The server pretends `gone` dropped but still forwards its shares: refused.
+    survivors = tuple(s for s in request.survivors if s != gone)
+    with pytest.raises(SecAggProtocolError, match="not a survivor"):
+        fed.clients[node].unmask(dataclasses.replace(request, survivors=survivors))
+
+
+def test_client_answers_one_unmask_request_per_round(masked_round):
+    fed, _, replies = masked_round
+    requests = fed.server.collect_masked_inputs(replies)
+    node = fed.ids()[0]
+    fed.clients[node].unmask(requests[node])
+    with pytest.raises(SecAggProtocolError, match="already answered"):
+        fed.clients[node].unmask(requests[node])
+
+
+def test_client_refuses_a_replayed_setup_but_accepts_a_retry_with_a_fresh_seed(masked_round):
+    fed, setup, _ = masked_round
+    client = fed.clients[fed.ids()[0]]
+    zeros = np.zeros(16, dtype=np.uint32)
+    with pytest.raises(SecAggProtocolError, match="replayed"):
+        client.share_keys_and_mask_input(setup, zeros)
+    older = dataclasses.replace(setup, round_num=2, round_seed=os.urandom(32))
+    with pytest.raises(SecAggProtocolError, match="replayed"):
+        client.share_keys_and_mask_input(older, zeros)
+    retry = dataclasses.replace(setup, round_seed=os.urandom(32))
+    assert client.share_keys_and_mask_input(retry, zeros).round_num == 3
+
+
+def test_client_refuses_setups_for_other_runs_or_with_keys_that_are_not_its_own():
+    fed = Federation(3)
+    setup = fed.setup(1, 4)
+    node = fed.ids()[0]
+    client = fed.clients[node]
+    zeros = np.zeros(4, dtype=np.uint32)
+    with pytest.raises(SecAggProtocolError, match="run 7"):
+        client.share_keys_and_mask_input(dataclasses.replace(setup, run_id=7), zeros)
+    swapped = tuple(
+        dataclasses.replace(p, masking_public_key=os.urandom(32)) if p.node_id == node else p
+        for p in setup.participants
+    )
+    with pytest.raises(SecAggProtocolError, match="not its own"):
+        client.share_keys_and_mask_input(dataclasses.replace(setup, participants=swapped), zeros)
+    with pytest.raises(ValueError, match="expects 4"):
+        client.share_keys_and_mask_input(setup, np.zeros(5, dtype=np.uint32))
+
+
+def test_server_refuses_forged_advertisements_and_unregistered_participants():
+    server = ServerSecAggSession(run_id=RUN_ID)
+    honest = ClientSecAggSession(node_id=1, run_id=RUN_ID)
+    other_run = ClientSecAggSession(node_id=2, run_id=RUN_ID + 1)
+    accepted = server.collect_advertisements(
+        {
+            1: honest.advertise_keys().to_bytes(),
+            2: other_run.advertise_keys(),
+            3: honest.advertise_keys(),  # node 3 replays node 1's keys
+            4: b"garbage",
+        }
+    )
+    assert accepted == [1]
+    assert set(server.rejected) == {2, 3, 4}
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        server.begin_round(1, [1, 2], vector_length=3)
+
+
+def test_server_drops_unmask_responses_that_claim_shares_they_should_not_have(masked_round):
+    fed, _, replies = masked_round
+    ids = fed.ids()
+    requests = fed.server.collect_masked_inputs(replies)
+    responses = fed.unmask(requests)
+    liar = ids[0]
+    msg = UnmaskResponse.from_bytes(responses[liar])
+    forged = dict(msg.pairwise_shares)
+    forged[(ids[1], ids[2])] = bytes(33)  # nobody dropped: no pairwise share is wanted
+    responses[liar] = dataclasses.replace(msg, pairwise_shares=forged).to_bytes()
+    result = fed.server.finish_round(responses)
+    assert "unexpected pairwise share" in result.rejected[liar]
+    assert liar in result.contributors and liar not in result.unmask_responders
+
+
+def test_messages_reject_the_wrong_type_tag():
+    advert = ClientSecAggSession(node_id=1, run_id=RUN_ID).advertise_keys().to_bytes()
+    with pytest.raises(SecAggProtocolError, match="wrong message type"):
+        RoundSetup.from_bytes(advert)
+    with pytest.raises(SecAggProtocolError, match="not a consortia"):
+        AdvertiseKeys.from_bytes(b"XXXX" + advert[4:])
+
+
+def test_bench_masks_reports_speed_and_a_correct_round():
+    report = bench_masks(20_000, 4, dropouts=1, repeats=1)
+    assert report["mask_expand_gbps"] > 0 and report["mask_add_gbps"] > 0
+    assert report["round_compute_s"] > 0
+    assert report["max_abs_error"] < report["error_bound"]

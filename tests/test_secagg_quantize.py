@@ -1,0 +1,103 @@
+"""Update encoding for secure aggregation: clipping, stochastic rounding, no wrap-around."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consortia.privacy.secagg.quantize import (
+    check_no_wrap,
+    clip_l2,
+    decode_sum,
+    encode,
+    max_bits,
+    quantization_error_bound,
+    step_size,
+)
+
+
+@pytest.mark.parametrize(("n", "bits"), [(1, 32), (2, 31), (10, 28), (30, 27), (100, 25)])
+def test_max_bits_is_the_largest_width_whose_sum_cannot_wrap(n, bits):
+    assert max_bits(n) == bits
+    assert n * (2**bits - 1) <= 2**32 - 1 < n * (2 ** (bits + 1) - 1)
+
+
+def test_a_width_that_could_wrap_is_refused_naming_bits_n_and_clip():
+    with pytest.raises(ValueError, match=r"bits=29 with n=10 clients \(clip=0.5\)"):
+        check_no_wrap(clip=0.5, bits=29, num_clients=10)
+    with pytest.raises(ValueError, match="bits=29"):
+        encode(np.zeros(3), clip=0.5, bits=29, num_clients=10)
+    with pytest.raises(ValueError, match="clip"):
+        encode(np.zeros(3), clip=0.0, bits=8, num_clients=10)
+
+
+def test_worst_case_inputs_at_the_largest_width_sum_without_wrapping():
+    n, clip = 30, 2.0
+    bits = max_bits(n)
+    update = np.array([clip, -clip / 1e9, 0.0])  # norm == clip: the top level is reachable
+    encodings = [encode(update, clip=clip, bits=bits, num_clients=n) for _ in range(n)]
+    total = np.zeros(3, dtype=np.uint32)
+    for e in encodings:
+        total += e
+    decoded = decode_sum(total, clip=clip, bits=bits, num_summed=n)
+    expected = n * clip_l2(update, clip)
+    assert np.all(
+        np.abs(decoded - expected) < quantization_error_bound(clip=clip, bits=bits, num_summed=n)
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    size=st.integers(1, 50),
+    clip=st.floats(1e-3, 1e3),
+    bits_below_max=st.integers(0, 20),
+    scale=st.floats(1e-4, 1e4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_decoded_sum_is_within_n_steps_of_the_clipped_sum(
+    n, size, clip, bits_below_max, scale, seed
+):
+    bits = max(1, max_bits(n) - bits_below_max)
+    rng = np.random.default_rng(seed)
+    updates = [rng.normal(0.0, scale, size=size) for _ in range(n)]
+    total = np.zeros(size, dtype=np.uint32)
+    for u in updates:
+        total += encode(u, clip=clip, bits=bits, num_clients=n, rng=rng)
+    decoded = decode_sum(total, clip=clip, bits=bits, num_summed=n)
+    expected = np.sum([clip_l2(u, clip) for u in updates], axis=0)
+    bound = quantization_error_bound(clip=clip, bits=bits, num_summed=n)
+    assert bound == pytest.approx(n * 2 * clip / (2**bits - 1))
+    # float64 decoding adds rounding of relative size 1e-16 on values up to n * clip.
+    assert np.max(np.abs(decoded - expected)) <= bound + 1e-12 * n * clip
+
+
+def test_stochastic_rounding_is_unbiased():
+    clip, bits, value = 1.0, 4, 0.123456  # coarse grid: step 0.133, value between levels
+    rng = np.random.default_rng(7)
+    codes = [
+        encode(np.array([value]), clip=clip, bits=bits, num_clients=1, rng=rng)[0]
+        for _ in range(2000)
+    ]
+    decoded = np.array(codes) * step_size(clip, bits) - clip
+    assert set(np.round(decoded, 6)) == {0.066667, 0.2}  # the two neighbouring levels
+    # Each draw is within one step of the value, so 5 sigma of the mean is about 0.007.
+    assert abs(decoded.mean() - value) < 0.01
+
+
+def test_weights_scale_each_clipped_update_and_nans_are_refused():
+    clip, bits, n = 1.0, max_bits(2), 2
+    a, b = np.array([0.3, -0.2]), np.array([-0.1, 0.4])
+    total = encode(a, clip=clip, bits=bits, num_clients=n, weight=0.25) + encode(
+        b, clip=clip, bits=bits, num_clients=n, weight=1.0
+    )
+    decoded = decode_sum(total, clip=clip, bits=bits, num_summed=n)
+    assert np.allclose(
+        decoded, 0.25 * a + b, atol=quantization_error_bound(clip=clip, bits=bits, num_summed=n)
+    )
+    with pytest.raises(ValueError, match="weight"):
+        encode(a, clip=clip, bits=bits, num_clients=n, weight=1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        encode(np.array([np.nan]), clip=clip, bits=bits, num_clients=n)
