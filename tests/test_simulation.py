@@ -135,3 +135,18 @@ def test_malformed_updates_are_rejected_and_budgets_enforced(tmp_path):
     for client in summary["clients"]:
         assert client["refused_rounds"] == [3]
         assert client["epsilon"] <= budget
+
+
+def test_cli_sim_run_writes_results_and_says_where(tmp_path):
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(app, ["sim", "run", str(SMOKE), "--out", str(out),
+                                      "--set", "rounds=1", "--set", "privacy.enabled=false"])
+    assert result.exit_code == 0, result.output
+    assert f"results: {out.resolve()}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["delta"] is None
+    assert all(c["epsilon"] is None for c in summary["clients"])

@@ -1,0 +1,34 @@
+import json
+
+from typer.testing import CliRunner
+
+from consortia.cli import app
+from consortia.tasks.fashion_mnist import DatasetMissingError, resolve_dir
+
+runner = CliRunner()
+
+
+def test_config_command_prints_the_resolved_config():
+    result = runner.invoke(app, ["sim", "config", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--set", "rounds=9", "--set", "privacy.delta=1e-6"])
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.stdout)
+    assert resolved["rounds"] == 9 and resolved["privacy"]["delta"] == 1e-6
+    assert resolved["strategy"]["name"] == "fedavg"
+
+
+def test_bad_config_exits_2_naming_the_key():
+    result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--out", "/tmp/never", "--set", "clients_per_round=99"])
+    assert result.exit_code == 2
+    assert "clients_per_round (99) must be at most clients (4)" in result.output
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    try:
+        resolve_dir(str(tmp_path))
+    except DatasetMissingError as err:
+        assert "apt-get install dataset-fashion-mnist" in str(err)
+        assert "data_dir" in str(err) and str(tmp_path) in str(err)
+    else:
+        raise AssertionError("an empty folder must not pass for Fashion-MNIST")
