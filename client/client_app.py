@@ -1,7 +1,7 @@
 """The consortia ClientApp (Flower Message API): check the request, train, report.
 
-The work is in named collaborators: the Site (policy, data, state), the LocalTrainer
-and the PrivacyLedger.
+The work is in named collaborators: the Site (policy, data, state), the LocalTrainer,
+the PrivacyLedger, and SecAggClient when the server runs secure aggregation.
 """
 
 from __future__ import annotations
@@ -11,9 +11,18 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
 from consortia.client.trainer import LocalTrainer
-from consortia.messages import ARRAYS, TrainInstructions, TrainReport
+from consortia.messages import (
+    ARRAYS,
+    CONFIG,
+    MASKED,
+    SECAGG,
+    SecAggInstructions,
+    TrainInstructions,
+    TrainReport,
+)
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -24,6 +33,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     def train(msg: Message, context: Context) -> Message:
         site = load_site(context)
         server_round, ins = TrainInstructions.from_content(msg.content)
+        secagg = SecAggInstructions.from_content(msg.content)
         refusal = site.policy_refusal(ins.task, ins.dp_enabled)
         if refusal is not None:
             report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
@@ -34,7 +44,29 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         trainer = LocalTrainer(site.client_id, site.task, site.dataset,
                                site.open_ledger() if ins.dp_enabled else None, site.device)
         report, weights = trainer.train(model, ins, server_round)
-        arrays = ArrayRecord(weights) if weights is not None else None
-        return Message(report.to_content(arrays), reply_to=msg)
+        if weights is None:
+            return Message(report.to_content(), reply_to=msg)
+        if secagg is None:
+            return Message(report.to_content(ArrayRecord(weights)), reply_to=msg)
+        # Under secure aggregation only the masked update leaves this client.
+        vector, header = SecAggClient(context).mask_update(
+            secagg, msg.content[ARRAYS], weights, report.num_examples, ins.seed)
+        content = report.to_content()
+        content[MASKED], content[SECAGG] = vector, header
+        return Message(content, reply_to=msg)
+
+    @app.train("secagg_advertise")
+    def advertise(msg: Message, context: Context) -> Message:
+        run_id = str(msg.content[CONFIG]["run_id"])
+        content = SecAggClient(context).advertise(run_id, len(load_site(context).dataset))
+        return Message(content, reply_to=msg)
+
+    @app.train("secagg_unmask")
+    def unmask(msg: Message, context: Context) -> Message:
+        request = msg.content[SECAGG]["unmask_request"]
+        return Message(SecAggClient(context).unmask(request), reply_to=msg)
 
     return app
+
+
+

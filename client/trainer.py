@@ -83,8 +83,11 @@ class LocalTrainer:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
         self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
+        # The training loss is computed on the private records without noise: under DP it
+        # stays on the client (only the DP-protected update and the accounting leave).
+        del loss
         report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
-                              num_examples=len(self.dataset), train_loss=loss)
+                              num_examples=len(self.dataset))
         return report, self._weights(model)
 
     def _sgd(self, model, optimizer, loader, epochs: int) -> float:

@@ -44,6 +44,21 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+class SecAggConfig(_Section):
+    """Secure aggregation (SecAgg+, `privacy/secagg/`): the server sees only the sum."""
+
+    enabled: bool = False
+    threshold: float | None = Field(
+        None, gt=0,
+        description="Shamir threshold per client: a count of its k+1 share holders (>= 2), or a "
+                    "fraction in (0, 1) of them; default a strict majority")
+    neighbours: int | None = Field(None, ge=2, description="k; default the even number >= log2(n)")
+    clip: float = Field(10.0, gt=0, description="L2 bound on each client's weighted update")
+    bits: int | None = Field(
+        None, ge=2, le=31,
+        description="quantization bits per value; default the most that cannot wrap for n clients")
+
+
 class StrategyConfig(_Section):
     name: Literal["fedavg"] = "fedavg"
 
@@ -72,6 +87,7 @@ class RunConfig(_Section):
     data_dir: str | None = Field(None, description="where the task's dataset files are")
     partition: PartitionConfig = PartitionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
     sim: SimConfig = SimConfig()
@@ -92,7 +108,33 @@ class RunConfig(_Section):
                 f"clients_per_round ({self.clients_per_round}) must be at most "
                 f"clients ({self.clients})"
             )
+        if self.secagg.enabled:
+            self._check_secagg()
         return self
+
+    def _check_secagg(self) -> None:
+        from consortia.privacy.secagg import max_bits
+        from consortia.strategies import NEEDS_INDIVIDUAL_UPDATES
+
+        if self.strategy.name in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"secagg.enabled = true cannot be combined with strategy.name = "
+                f"{self.strategy.name!r}: that rule needs each client's update, and secure "
+                "aggregation reveals only their sum")
+        n = self.clients_per_round
+        if n < 3:
+            raise ValueError(f"secure aggregation needs clients_per_round >= 3, got {n}")
+        if self.secagg.bits is not None and self.secagg.bits > max_bits(n):
+            raise ValueError(
+                f"secagg.bits = {self.secagg.bits} lets the sum of {n} clients wrap modulo "
+                f"2**32; accepted: at most {max_bits(n)} for clients_per_round = {n}")
+        k = self.secagg.neighbours
+        if k is not None and k > n - 1:
+            raise ValueError(f"secagg.neighbours = {k} exceeds clients_per_round - 1 = {n - 1}")
+        t = self.secagg.threshold
+        if t is not None and t >= 1 and t != int(t):
+            raise ValueError(f"secagg.threshold = {t}: a count must be a whole number "
+                             "(or give a fraction below 1)")
 
     @property
     def planned_rounds_per_client(self) -> int:

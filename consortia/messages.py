@@ -99,3 +99,36 @@ class TrainReport(_Record):
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReport:
         return cls.from_config_record(content.config_records.get(REPORT), "train report")
+
+
+# --- secure aggregation ---------------------------------------------------------------
+# Message types: the advertisement (once per run) and the unmasking (once per round) are
+# custom train actions; the masked update rides on the ordinary train reply.
+SECAGG_ADVERTISE = "train.secagg_advertise"
+SECAGG_UNMASK = "train.secagg_unmask"
+SECAGG = "secagg"  # ConfigRecord: protocol message bytes and encoding parameters
+MASKED = "masked"  # ArrayRecord: the masked uint32 update vector
+
+
+class SecAggInstructions(_Record):
+    """Rides with a train request (ConfigRecord "secagg") when secure aggregation is on."""
+
+    setup: bytes  # privacy.secagg.RoundSetup
+    clip: float = Field(gt=0)
+    bits: int = Field(ge=2, le=31)
+    weight_scale: int = Field(ge=1)  # client weight = num_examples / weight_scale, in (0, 1]
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> SecAggInstructions | None:
+        record = content.config_records.get(SECAGG)
+        return None if record is None else cls.from_config_record(record, "secagg instructions")
+
+
+def secagg_run_id(run_id: str) -> int:
+    """The protocol's 64-bit run id, from the run's hex id (both sides compute it alike)."""
+    return int(run_id, 16) & (2**64 - 1)
+
+
+def update_vector_order(names) -> list[str]:
+    """The order in which both sides flatten tensors into one update vector."""
+    return sorted(names)

@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortia.config import RunConfig, config_to_dict
-from consortia.messages import TrainInstructions
+from consortia.messages import ARRAYS, METRICS, NUM_EXAMPLES, TrainInstructions
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.results import RunRecorder
+from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
 from consortia.tasks import Task
 
@@ -62,6 +63,8 @@ class RoundWorkflow:
         self.recorder = RunRecorder(self.out_dir)
         self.test_set = self.task.load_data(self.cfg.data_dir).test
         self.device = server_device()
+        self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s)
+                       if self.cfg.secagg.enabled else None)
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -111,23 +114,22 @@ class RoundWorkflow:
         # same config and seed sample the same way.
         random.seed(f"{self.cfg.seed}/{server_round}")
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.sim.reply_timeout_s))
-        outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
-        answered = {o.node_id for o in outcomes}
-        outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
-                     for m in messages if m.metadata.dst_node_id not in answered]
+        if self.secure is not None:
+            outcomes, aggregate, round_metrics = self.secure_round(grid, server_round, messages,
+                                                                   arrays)
+        else:
+            outcomes, aggregate, round_metrics = self.plain_round(grid, messages, arrays)
 
-        accepted = [o.message for o in outcomes if o.status == "trained"]
         train_metrics = None
-        if accepted:
-            aggregated, train_metrics = self.strategy.aggregate_train(server_round, accepted)
+        if aggregate:
+            aggregated, train_metrics = self.strategy.aggregate_train(server_round, aggregate)
             if aggregated is not None:
                 arrays = aggregated
         else:
             log.warning("round %d: no update to aggregate; the global model stays as it was",
                         server_round)
 
-        metrics = self.evaluate(arrays)
+        metrics = {**self.evaluate(arrays), **round_metrics}
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics)
@@ -136,3 +138,25 @@ class RoundWorkflow:
         if self.on_round is not None:
             self.on_round(row)
         return arrays
+
+    def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
+                    ) -> tuple[list[ReplyOutcome], list[Message], dict[str, Any]]:
+        """Updates in the clear: each is inspected, the valid ones go to the strategy."""
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.sim.reply_timeout_s))
+        outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
+        answered = {o.node_id for o in outcomes}
+        outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
+                     for m in messages if m.metadata.dst_node_id not in answered]
+        return outcomes, [o.message for o in outcomes if o.status == "trained"], {}
+
+    def secure_round(self, grid: Grid, server_round: int, messages: list[Message],
+                     arrays: ArrayRecord) -> tuple[list[ReplyOutcome], list[Message], dict[str, Any]]:
+        """Only the masked sum is seen; the strategy gets it as one aggregate reply."""
+        result = self.secure.run_round(grid, server_round, messages, arrays)
+        if result.arrays is None:
+            return result.outcomes, [], result.metrics
+        aggregate = Message(content=RecordDict({
+            ARRAYS: result.arrays,
+            METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples})}),
+            dst_node_id=0, message_type="train")
+        return result.outcomes, [aggregate], result.metrics

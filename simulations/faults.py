@@ -40,3 +40,49 @@ class MalformedUpdates:
             arrays["injected.weight"] = np.zeros(1, dtype=np.float32)
         reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return reply
+
+
+SECAGG_FAULTS = ("drop-train", "drop-unmask", "truncate-masked", "tamper-shares")
+
+
+class SecAggFaults:
+    """A client mod for secure-aggregation rounds (partition id -> fault).
+
+    `drop-train` fails before the masked update leaves (a dropout at masking),
+    `drop-unmask` fails the unmask request (a dropout after its input is in the sum),
+    `truncate-masked` sends a masked vector one value short, `tamper-shares` flips a bit
+    in the encrypted shares (authentication must fail for the recipients).
+    """
+
+    def __init__(self, kinds: dict[int, str]):
+        for partition_id, kind in kinds.items():
+            if kind not in SECAGG_FAULTS:
+                raise ValueError(f"client {partition_id}: unknown fault {kind!r}; "
+                                 f"accepted: {', '.join(SECAGG_FAULTS)}")
+        self.kinds = dict(kinds)
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        from consortia.messages import MASKED, SECAGG, SECAGG_UNMASK
+
+        kind = self.kinds.get(int(context.node_config["partition-id"]))
+        is_unmask = msg.metadata.message_type == SECAGG_UNMASK
+        if kind == "drop-unmask" and is_unmask:
+            raise ConnectionError("injected dropout before unmasking")
+        if kind == "drop-train" and msg.metadata.message_type == "train":
+            raise ConnectionError("injected dropout before the masked update")
+        reply = call_next(msg, context)
+        if reply.has_error() or MASKED not in reply.content.array_records:
+            return reply
+        if kind == "truncate-masked":
+            vector = reply.content[MASKED]["vector"].numpy()[:-1].copy()
+            reply.content[MASKED] = ArrayRecord({"vector": Array(vector)})
+        elif kind == "tamper-shares":
+            from consortia.privacy.secagg import MaskedInput
+
+            header = bytes(reply.content[SECAGG]["masked_input"])
+            parsed = MaskedInput.from_bytes(header, vector=reply.content[MASKED]["vector"].numpy())
+            tampered = {h: bytes([c[0] ^ 1]) + c[1:] for h, c in parsed.encrypted_shares.items()}
+            forged = MaskedInput(parsed.run_id, parsed.round_num, parsed.round_seed,
+                                 parsed.node_id, tampered, parsed.masked)
+            reply.content[SECAGG]["masked_input"] = forged.to_bytes(include_vector=False)
+        return reply

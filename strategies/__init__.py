@@ -11,6 +11,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from consortia.config import RunConfig
 from consortia.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 
+# Rules that look at each client's update; secure aggregation gives only the sum.
+NEEDS_INDIVIDUAL_UPDATES = frozenset({"krum", "multikrum", "median", "trimmed-mean", "bulyan"})
+
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """The configured strategy, sampling `clients_per_round` of `clients` for training.

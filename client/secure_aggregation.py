@@ -1,0 +1,70 @@
+"""The client's side of secure aggregation, on a Flower node.
+
+The protocol lives in `privacy/secagg/`; this glue keeps the client's session (its
+long-term private keys included) in the node's own `context.state`, which never leaves
+the client, turns the trained weights into a clipped, weighted, quantized update
+(new − old) and masks it. The server receives the masked vector only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+from consortia.client.trainer import stable_seed
+from consortia.messages import SECAGG, SecAggInstructions, secagg_run_id, update_vector_order
+from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
+
+STATE_KEY = "consortia.secagg"
+
+
+class SecAggClient:
+    def __init__(self, context: Context):
+        self.context = context
+
+    def _load(self, run_id: int) -> ClientSecAggSession:
+        record = self.context.state.config_records.get(STATE_KEY)
+        if record is not None:
+            session = ClientSecAggSession.from_state_bytes(record["session"])
+            if session.run_id == run_id and session.node_id == self.context.node_id:
+                return session
+        # A new run (or a first contact): fresh long-term keys for this run.
+        return ClientSecAggSession(node_id=self.context.node_id, run_id=run_id)
+
+    def _save(self, session: ClientSecAggSession) -> None:
+        self.context.state[STATE_KEY] = ConfigRecord({"session": session.to_state_bytes()})
+
+    def advertise(self, run_id: str, num_examples: int) -> RecordDict:
+        session = self._load(secagg_run_id(run_id))
+        self._save(session)
+        return RecordDict({SECAGG: ConfigRecord({"advertise": session.advertise_keys().to_bytes(),
+                                                 "num_examples": num_examples})})
+
+    def mask_update(self, ins: SecAggInstructions, old: ArrayRecord,
+                    new: dict[str, torch.Tensor], num_examples: int, seed: int
+                    ) -> tuple[ArrayRecord, ConfigRecord]:
+        setup = RoundSetup.from_bytes(ins.setup)
+        session = self._load(setup.run_id)
+        names = update_vector_order(old.keys())
+        update = np.concatenate([
+            (new[name].numpy().astype(np.float64) - old[name].numpy().astype(np.float64)).ravel()
+            for name in names])
+        weight = min(1.0, num_examples / ins.weight_scale)
+        rng = np.random.default_rng(stable_seed(seed, setup.round_num, self.context.node_id))
+        encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
+                         weight=weight, rng=rng)
+        masked = session.share_keys_and_mask_input(setup, encoded)
+        self._save(session)
+        return (ArrayRecord({"vector": Array(masked.masked)}),
+                ConfigRecord({"masked_input": masked.to_bytes(include_vector=False)}))
+
+    def unmask(self, request_bytes: bytes) -> RecordDict:
+        request = UnmaskRequest.from_bytes(request_bytes)
+        session = self._load(request.run_id)
+        response = session.unmask(request)
+        self._save(session)
+        return RecordDict({SECAGG: ConfigRecord({"unmask": response.to_bytes()})})
+
+
+__all__ = ["SecAggClient"]

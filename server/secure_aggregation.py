@@ -1,0 +1,226 @@
+"""The server's side of secure aggregation on Flower's Message API.
+
+Flower's own SecAgg+ runs only on the legacy strategy path and derives masks from a
+32-bit seed (ANCHORS.md, flwr#7522), so the protocol is ours (`privacy/secagg/`) and this
+module drives it over the Grid: keys once per run, then per round the train exchange
+(which carries the round setup out and the masked updates back) and one unmask exchange.
+The result is the weighted average update of the surviving clients, which the workflow
+hands to the strategy as a single aggregate, so any rule that needs only the weighted
+sum (FedAvg and the server optimizers) works unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from consortia.config import RunConfig
+from consortia.messages import (
+    CONFIG,
+    MASKED,
+    SECAGG,
+    SECAGG_ADVERTISE,
+    SECAGG_UNMASK,
+    MessageSchemaError,
+    SecAggInstructions,
+    TrainReport,
+    secagg_run_id,
+    update_vector_order,
+)
+from consortia.privacy.secagg import (
+    MaskedInput,
+    SecAggAbort,
+    SecAggError,
+    ServerSecAggSession,
+    decode_sum,
+    default_num_neighbours,
+    default_threshold,
+    max_bits,
+    quantization_error_bound,
+)
+from consortia.server.validation import ReplyOutcome
+
+log = logging.getLogger("consortia.server")
+
+
+@dataclass
+class SecureRoundResult:
+    outcomes: list[ReplyOutcome]
+    arrays: ArrayRecord | None  # the new global model, None when the round was abandoned
+    num_examples: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, int]:
+    """(k neighbours, t threshold, bits) for a round with `participants` clients."""
+    sa = cfg.secagg
+    k = sa.neighbours if sa.neighbours is not None else default_num_neighbours(participants)
+    k = min(k, participants - 1)
+    if sa.threshold is None:
+        t = default_threshold(k)
+    elif sa.threshold < 1:
+        t = max(2, int(np.ceil(sa.threshold * (k + 1))))
+    else:
+        t = int(sa.threshold)
+    bits = sa.bits if sa.bits is not None else max_bits(participants)
+    return k, min(t, k + 1), bits
+
+
+class SecureAggregator:
+    def __init__(self, cfg: RunConfig, run_id: str, timeout: float):
+        self.cfg = cfg
+        self.run_id = run_id
+        self.timeout = timeout
+        self.session = ServerSecAggSession(run_id=secagg_run_id(run_id))
+        self.examples: dict[int, int] = {}  # node -> dataset size it advertised
+
+    # -- stage 0: keys, once per node and run --------------------------------------------
+    def register(self, grid: Grid, node_ids: list[int]) -> dict[int, str]:
+        """Ask nodes without keys to advertise theirs; returns node -> why it failed."""
+        new = [n for n in node_ids if n not in self.session.registered]
+        if not new:
+            return {}
+        content = RecordDict({CONFIG: ConfigRecord({"run_id": self.run_id})})
+        requests = [Message(content=content, dst_node_id=n, message_type=SECAGG_ADVERTISE)
+                    for n in new]
+        adverts, sizes, failed = {}, {}, {}
+        for reply in grid.send_and_receive(requests, timeout=self.timeout):
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                failed[src] = f"key advertisement failed: {reply.error.reason}"
+                continue
+            try:
+                record = reply.content[SECAGG]
+                adverts[src], sizes[src] = bytes(record["advertise"]), int(record["num_examples"])
+            except (KeyError, TypeError, ValueError) as err:
+                failed[src] = f"malformed key advertisement: {err!r}"
+        accepted = self.session.collect_advertisements(adverts)
+        failed.update({n: f"key advertisement refused: {why}"
+                       for n, why in self.session.rejected.items()})
+        for n in accepted:
+            self.examples[n] = max(1, sizes[n])
+        for n in new:
+            if n not in accepted and n not in failed:
+                failed[n] = "no key advertisement before the timeout"
+        for n, why in failed.items():
+            log.warning("secure aggregation: node %s: %s", n, why)
+        return failed
+
+    # -- one secure round --------------------------------------------------------------
+    def run_round(self, grid: Grid, server_round: int, messages: list[Message],
+                  arrays: ArrayRecord) -> SecureRoundResult:
+        sampled = [m.metadata.dst_node_id for m in messages]
+        failed = self.register(grid, sampled)
+        outcomes = [ReplyOutcome(n, "failed", why) for n, why in failed.items()]
+        messages = [m for m in messages if m.metadata.dst_node_id in self.session.registered]
+        participants = [m.metadata.dst_node_id for m in messages]
+        if len(participants) < 3:
+            return self._abandon(outcomes, f"{len(participants)} clients with keys; 3 needed")
+
+        names = update_vector_order(arrays.keys())
+        length = sum(arrays[name].numpy().size for name in names)
+        k, t, bits = protocol_parameters(self.cfg, len(participants))
+        setup = self.session.begin_round(server_round, participants, vector_length=length,
+                                         num_neighbours=k, threshold=t)
+        scale = max(self.examples[n] for n in participants)
+        instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
+                                          bits=bits, weight_scale=scale).to_config_record()
+        for m in messages:  # strategies share one RecordDict among messages: copy per node
+            content = RecordDict(dict(m.content.items()))
+            content[SECAGG] = instructions
+            m.content = content
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+
+        masked, by_node = {}, {}
+        for reply in replies:
+            outcome, masked_input = self._inspect(reply)
+            by_node[outcome.node_id] = outcome
+            if masked_input is not None:
+                masked[outcome.node_id] = masked_input
+        for n in participants:
+            by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
+
+        try:
+            requests = self.session.collect_masked_inputs(masked)
+            self._mark_rejected(by_node)
+            unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
+                              dst_node_id=n, message_type=SECAGG_UNMASK)
+                      for n, r in requests.items()]
+            responses = {}
+            for reply in grid.send_and_receive(unmask, timeout=self.timeout):
+                src = reply.metadata.src_node_id
+                if reply.has_error():
+                    log.warning("secure aggregation: node %s failed to unmask: %s",
+                                src, reply.error.reason)
+                    continue
+                try:
+                    responses[src] = bytes(reply.content[SECAGG]["unmask"])
+                except (KeyError, TypeError) as err:
+                    log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
+            result = self.session.finish_round(responses)
+        except SecAggAbort as abort:
+            self._mark_rejected(by_node)
+            return self._abandon(outcomes + list(by_node.values()), str(abort),
+                                 dropped=len(participants) - len(masked))
+
+        contributors = set(result.contributors)
+        for n, outcome in by_node.items():
+            if outcome.status == "trained" and n not in contributors:
+                by_node[n] = ReplyOutcome(n, "failed", "not in the secure sum", outcome.report)
+        weights = {n: self.examples[n] / scale for n in contributors}
+        total = decode_sum(result.total, clip=self.cfg.secagg.clip, bits=bits,
+                           num_summed=len(contributors))
+        average = total / sum(weights.values())
+        new, offset = {}, 0
+        for name in names:
+            old = arrays[name].numpy()
+            new[name] = Array((old + average[offset:offset + old.size].reshape(old.shape))
+                              .astype(old.dtype))
+            offset += old.size
+        bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
+                                         num_summed=len(contributors)) / sum(weights.values())
+        metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
+                   "secagg_participants": len(participants), "secagg_neighbours": k,
+                   "secagg_threshold": t, "secagg_bits": bits,
+                   "secagg_error_bound": bound}
+        log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
+                 len(contributors), len(result.dropped))
+        return SecureRoundResult(outcomes + list(by_node.values()), ArrayRecord(new),
+                                 sum(self.examples[n] for n in contributors), metrics)
+
+    def _inspect(self, reply: Message) -> tuple[ReplyOutcome, MaskedInput | None]:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            return ReplyOutcome(node, "failed", f"client error: {reply.error.reason}"), None
+        try:
+            report = TrainReport.from_content(reply.content)
+        except MessageSchemaError as err:
+            return ReplyOutcome(node, "rejected", f"malformed report: {err}"), None
+        if report.status != "trained":
+            return ReplyOutcome(node, report.status, report.reason, report), None
+        try:
+            vector = reply.content.array_records[MASKED]["vector"].numpy()
+            header = bytes(reply.content.config_records[SECAGG]["masked_input"])
+            masked = MaskedInput.from_bytes(header, vector=vector)
+        except (KeyError, TypeError, ValueError, SecAggError) as err:
+            reason = f"malformed masked input: {getattr(err, 'reason', None) or err!r}"
+            log.warning("secure aggregation: rejected node %s: %s", node, reason)
+            return ReplyOutcome(node, "rejected", reason, report), None
+        return ReplyOutcome(node, "trained", "", report), masked
+
+    def _mark_rejected(self, by_node: dict[int, ReplyOutcome]) -> None:
+        for n, why in self.session.rejected.items():
+            if n in by_node and by_node[n].status == "trained":
+                log.warning("secure aggregation: rejected node %s: %s", n, why)
+                by_node[n] = ReplyOutcome(n, "rejected", why, by_node[n].report)
+
+    @staticmethod
+    def _abandon(outcomes: list[ReplyOutcome], reason: str, dropped: int = 0) -> SecureRoundResult:
+        log.warning("secure aggregation round abandoned: %s; the global model stays as it was",
+                    reason)
+        return SecureRoundResult(outcomes, None, 0, {
+            "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": dropped})

@@ -1,0 +1,77 @@
+"""Secure aggregation inside a real Flower simulation: accuracy, dropouts, forgeries."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consortia.config import ConfigError, load_config
+from consortia.server.checkpoint import CheckpointStore
+from consortia.server.results import read_jsonl
+from consortia.simulations.faults import SecAggFaults
+from consortia.simulations.runner import run_simulation
+
+pytestmark = pytest.mark.slow
+SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+
+
+def final_weights(out):
+    return CheckpointStore(out / "checkpoints").latest().load_weights()
+
+
+def test_secure_dp_federation_matches_the_plain_one(tmp_path):
+    plain = run_simulation(load_config(SMOKE), tmp_path / "plain")
+    secure = run_simulation(load_config(SMOKE, ["secagg.enabled=true"]), tmp_path / "secure")
+    rows = read_jsonl(tmp_path / "secure" / "metrics.jsonl")
+    assert [r["secagg_status"] for r in rows] == ["ok"] * 3
+    assert all(r["secagg_dropped"] == 0 and r["clients_trained"] == 4 for r in rows)
+    # Same seeds, same DP noise: the only difference is the quantization, within its bound.
+    assert secure["final_accuracy"] == pytest.approx(plain["final_accuracy"], abs=0.01)
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "secure")
+    bound = sum(r["secagg_error_bound"] for r in rows)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= bound + 1e-6
+    # The ledgers spent exactly as without secure aggregation.
+    assert [c["epsilon"] for c in secure["clients"]] == [c["epsilon"] for c in plain["clients"]]
+
+
+def test_dropouts_up_to_the_threshold_complete_and_forgeries_count_as_dropouts(tmp_path):
+    # 6 clients: k = 4 neighbours, t = 2 of 5 share holders, so any 3 faulty clients
+    # leave every client at least 2 holders.
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=2",
+                              "secagg.enabled=true", "secagg.threshold=2",
+                              "privacy.enabled=false"])
+    faults = SecAggFaults({0: "drop-train", 1: "drop-unmask", 2: "truncate-masked"})
+    run_simulation(cfg, tmp_path, client_mods=[faults])
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["secagg_status"] for r in rows] == ["ok", "ok"]
+    # Client 1 dropped after masking: its input is in the sum. 0 and 2 are not.
+    assert [r["secagg_dropped"] for r in rows] == [2, 2]
+    assert [r["clients_trained"] for r in rows] == [4, 4]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    by_client = {p["client_id"]: p for p in read_jsonl(tmp_path / "participation.jsonl")
+                 if p["round"] == 1}
+    statuses = sorted(p["status"] for p in by_client.values())
+    assert statuses == ["failed", "rejected", "trained", "trained", "trained", "trained"]
+    rejected = next(p for p in by_client.values() if p["status"] == "rejected")
+    assert "masked vector has shape (4809,)" in rejected["reason"]
+
+
+def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
+                              "secagg.enabled=true", "privacy.enabled=false"])
+    faults = SecAggFaults({i: "drop-train" for i in range(4)})
+    run_simulation(cfg, tmp_path, client_mods=[faults])
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["secagg_status"] == "aborted" and row["secagg_reason"]
+    assert row["clients_trained"] == 0
+    chain = CheckpointStore(tmp_path / "checkpoints").all()
+    w0, w1 = chain[0].load_weights(), chain[1].load_weights()
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+
+
+def test_secagg_with_a_rule_that_needs_individual_updates_fails_at_start():
+    with pytest.raises(ConfigError, match="secure aggregation needs clients_per_round >= 3"):
+        load_config(SMOKE, ["secagg.enabled=true", "clients_per_round=2"])
+    with pytest.raises(ConfigError, match="secagg.bits = 31"):
+        load_config(SMOKE, ["secagg.enabled=true", "secagg.bits=31"])
