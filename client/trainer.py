@@ -30,6 +30,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Proximal:
+    """FedProx's term (mu/2)·||w − w_global||², applied as its own gradient step.
+
+    Under DP, Opacus replaces each gradient with the noisy mean of clipped per-sample
+    gradients, so a term added to the loss would be silently dropped; the proximal
+    term does not touch the data, so it is applied after the private step instead, at
+    no privacy cost: w ← w − lr·mu·(w − w_global).
+    """
+
+    def __init__(self, model: torch.nn.Module, mu: float, lr: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params]
+        self.rate = lr * mu
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, p0 in zip(self.params, self.anchor, strict=True):
+            p.sub_(self.rate * (p - p0))
+
+
 @dataclass
 class LocalTrainer:
     client_id: str
@@ -57,8 +77,9 @@ class LocalTrainer:
         model.to(self.device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum)
         loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)
+        anchor = Proximal(model, ins.proximal_mu, ins.lr) if ins.proximal_mu > 0 else None
         if not ins.dp_enabled:
-            loss = self._sgd(model, optimizer, loader, ins.local_epochs)
+            loss = self._sgd(model, optimizer, loader, ins.local_epochs, anchor)
             report = self._report("trained", dp=False, num_examples=len(self.dataset),
                                   train_loss=loss)
             return report, self._weights(model)
@@ -78,7 +99,7 @@ class LocalTrainer:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
                                     sigma=sigma, rate=loader.sample_rate), None
-            loss = self._sgd(dp_model, optimizer, loader, ins.local_epochs)
+            loss = self._sgd(dp_model, optimizer, loader, ins.local_epochs, anchor)
         finally:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
@@ -90,7 +111,7 @@ class LocalTrainer:
                               num_examples=len(self.dataset))
         return report, self._weights(model)
 
-    def _sgd(self, model, optimizer, loader, epochs: int) -> float:
+    def _sgd(self, model, optimizer, loader, epochs: int, anchor: Proximal | None) -> float:
         loss_sum, batches = 0.0, 0
         for _ in range(epochs):
             for batch in loader:
@@ -98,6 +119,8 @@ class LocalTrainer:
                 loss = self.task.train_step(model, batch, self.device)
                 loss.backward()
                 optimizer.step()
+                if anchor is not None:
+                    anchor.step()
                 loss_sum, batches = loss_sum + loss.item(), batches + 1
         return loss_sum / max(batches, 1)
 

@@ -60,7 +60,22 @@ class SecAggConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: Literal["fedavg"] = "fedavg"
+    """The aggregation rule and its parameters (each applies only to the rules that take it)."""
+
+    name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "krum",
+                  "multikrum", "median", "trimmed-mean", "bulyan"] = "fedavg"
+    server_lr: float | None = Field(None, gt=0, description="fedavgm, fedadam, fedyogi, fedadagrad")
+    server_momentum: float | None = Field(None, ge=0, lt=1, description="fedavgm")
+    mu: float | None = Field(None, ge=0, description="fedprox: proximal term weight")
+    beta_1: float | None = Field(None, ge=0, lt=1, description="fedadam, fedyogi")
+    beta_2: float | None = Field(None, ge=0, lt=1, description="fedadam, fedyogi")
+    tau: float | None = Field(None, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity")
+    num_malicious: int | None = Field(None, ge=0, description="krum, multikrum, bulyan: f")
+    num_selected: int | None = Field(None, ge=1, description="multikrum")
+    beta: float | None = Field(None, ge=0, lt=0.5, description="trimmed-mean: fraction cut per side")
+
+    def parameters(self) -> dict[str, float | int]:
+        return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
 class ModelConfig(_Section):
@@ -108,6 +123,9 @@ class RunConfig(_Section):
                 f"clients_per_round ({self.clients_per_round}) must be at most "
                 f"clients ({self.clients})"
             )
+        from consortia.strategies import check_strategy
+
+        check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
         if self.secagg.enabled:
             self._check_secagg()
         return self
@@ -149,7 +167,10 @@ class RunConfig(_Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
+        if not key:  # a rule across several keys: its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
             continue

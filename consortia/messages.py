@@ -19,6 +19,7 @@ METRICS = "metrics"
 REPORT = "report"
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 SERVER_ROUND = "server-round"  # injected by Flower's strategies into every train config
+PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 
 TrainStatus = Literal["trained", "refused-budget", "refused-policy"]
 
@@ -60,13 +61,21 @@ class TrainInstructions(_Record):
     max_grad_norm: float = Field(gt=0)
     noise_multiplier: float | None = Field(None, ge=0)  # None: the client derives it
     planned_rounds: int = Field(ge=1)
+    proximal_mu: float = Field(0.0, ge=0)  # FedProx; Flower's strategy sends "proximal-mu"
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
         record = content.config_records.get(CONFIG)
-        instructions = cls.from_config_record(record, "train instructions")
-        server_round = int(record.get(SERVER_ROUND, 0))
-        return server_round, instructions
+        if record is None:
+            raise MessageSchemaError("train instructions: missing ConfigRecord")
+        data = dict(record)
+        if PROXIMAL_MU in data:
+            data["proximal_mu"] = data.pop(PROXIMAL_MU)
+        try:
+            instructions = cls.model_validate(data)
+        except ValidationError as err:
+            raise MessageSchemaError(f"train instructions: {err}") from None
+        return int(record.get(SERVER_ROUND, 0)), instructions
 
 
 class TrainReport(_Record):

@@ -1,21 +1,11 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from consortia.messages import TrainReport
 from consortia.server.validation import inspect_train_reply
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    # Flower stamps messages with the running task's identity, which a ServerApp has;
-    # unit tests that build messages by hand must provide one.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)),
                          "b": Array(np.zeros(3, np.float32))})
