@@ -44,6 +44,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         trainer = LocalTrainer(site.client_id, site.task, site.dataset,
                                site.open_ledger() if ins.dp_enabled else None, site.device)
         report, weights = trainer.train(model, ins, server_round)
+        if weights is not None and site.tamper_update is not None:
+            weights = site.tamper_update(msg.content[ARRAYS].to_torch_state_dict(), weights)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
         if secagg is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class Site:
     state_dir: Path
     privacy: SitePrivacy | None
     device: torch.device
+    # A transformation of the trained weights before they leave, given (global, trained).
+    # Simulations use it to play Byzantine clients; a real site leaves it unset.
+    tamper_update: Callable[[dict, dict], dict] | None = None
 
     def open_ledger(self) -> PrivacyLedger | None:
         if self.privacy is None:

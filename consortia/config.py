@@ -82,6 +82,17 @@ class ModelConfig(_Section):
     activation: Literal["tanh", "relu"] = "tanh"
 
 
+class FaultsConfig(_Section):
+    """Faults injected into simulations, chosen deterministically from the run's seed."""
+
+    byzantine_fraction: float = Field(0.0, ge=0, lt=1, description="share of clients that attack")
+    byzantine_kind: Literal["sign-flip", "scale", "gaussian"] = "sign-flip"
+    byzantine_scale: float = Field(
+        10.0, gt=0, description="scale: update x this; sign-flip: x -this; gaussian: noise std")
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client drops, per round")
+    straggler_s: float = Field(0.0, ge=0, description="each reply is delayed by up to this many seconds")
+
+
 class SimConfig(_Section):
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
@@ -105,6 +116,7 @@ class RunConfig(_Section):
     secagg: SecAggConfig = SecAggConfig()
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
+    faults: FaultsConfig = FaultsConfig()
     sim: SimConfig = SimConfig()
 
     @field_validator("task")

@@ -86,3 +86,69 @@ class SecAggFaults:
                                  parsed.node_id, tampered, parsed.masked)
             reply.content[SECAGG]["masked_input"] = forged.to_bytes(include_vector=False)
         return reply
+
+
+# --- faults from the run's config (`faults.*`) -----------------------------------------
+
+def byzantine_clients(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
+    """Which partitions attack: round(fraction · N) of them, fixed by the seed."""
+    count = round(fraction * num_clients)
+    rng = np.random.default_rng([seed, 0xB1])
+    return frozenset(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+class ByzantineUpdate:
+    """Replaces a client's update u = trained − global by an attack (picklable for Ray).
+
+    sign-flip: −scale·u; scale: scale·u; gaussian: N(0, scale²) noise in place of u.
+    """
+
+    def __init__(self, kind: str, scale: float, seed: int):
+        self.kind, self.scale, self.seed = kind, scale, seed
+
+    def __call__(self, global_weights: dict, trained: dict) -> dict:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed)
+        out = {}
+        for name, new in trained.items():
+            old = global_weights[name].to(new.dtype)
+            if self.kind == "sign-flip":
+                out[name] = old - self.scale * (new - old)
+            elif self.kind == "scale":
+                out[name] = old + self.scale * (new - old)
+            else:
+                noise = torch.randn(new.shape, generator=generator, dtype=new.dtype)
+                out[name] = old + self.scale * noise
+        return out
+
+
+class DropoutsAndStragglers:
+    """A client mod: a sampled client drops a train request with probability `dropout`
+    and delays its reply by up to `straggler_s` seconds; both fixed by (seed, round, client)."""
+
+    def __init__(self, dropout: float, straggler_s: float, seed: int):
+        self.dropout, self.straggler_s, self.seed = dropout, straggler_s, seed
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        import time
+
+        from consortia.messages import CONFIG, SERVER_ROUND
+
+        if msg.metadata.message_type == "train" and CONFIG in msg.content.config_records:
+            server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+            client = int(context.node_config["partition-id"])
+            rng = np.random.default_rng([self.seed, server_round, client, 0xD0])
+            if rng.random() < self.dropout:
+                raise ConnectionError(f"injected dropout of client {client} in round {server_round}")
+            if self.straggler_s > 0:
+                time.sleep(float(rng.uniform(0, self.straggler_s)))
+        return call_next(msg, context)
+
+
+def configured_mods(cfg) -> list:
+    """The client mods that `faults.*` asks for (none when all are off)."""
+    f = cfg.faults
+    if f.dropout > 0 or f.straggler_s > 0:
+        return [DropoutsAndStragglers(f.dropout, f.straggler_s, cfg.seed)]
+    return []

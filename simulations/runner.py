@@ -69,6 +69,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     from consortia.client import build_client_app
     from consortia.server.server_app import build_server_app
+    from consortia.simulations.faults import configured_mods
     from consortia.simulations.sites import SimulationSites, partitions_for
 
     out_dir = Path(out_dir)
@@ -79,7 +80,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     flwr.simulation.run_simulation(
         server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
                                     on_round=on_round),
-        client_app=build_client_app(SimulationSites(cfg, out_dir), mods=client_mods),
+        client_app=build_client_app(SimulationSites(cfg, out_dir),
+                                     mods=configured_mods(cfg) + list(client_mods or [])),
         num_supernodes=cfg.clients,
         backend_config=backend_config(cfg),
     )

@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 from consortia.client.site import Site, SitePrivacy
 from consortia.client.trainer import default_device
 from consortia.config import RunConfig
+from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
 from consortia.tasks import get_task
 
@@ -52,8 +53,12 @@ class SimulationSites:
         if cfg.privacy.enabled:
             privacy = SitePrivacy(epsilon_budget=cfg.privacy.epsilon_budget,
                                   delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        attack = None
+        if partition_id in byzantine_clients(cfg.clients, cfg.faults.byzantine_fraction, cfg.seed):
+            attack = ByzantineUpdate(cfg.faults.byzantine_kind, cfg.faults.byzantine_scale,
+                                     seed=cfg.seed + partition_id)
         return Site(
             client_id=str(partition_id), task=task,
             dataset=Subset(task.load_data(cfg.data_dir).train, indices.tolist()),
             state_dir=self.state_root / str(partition_id), privacy=privacy,
-            device=default_device())
+            device=default_device(), tamper_update=attack)
