@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
-from consortia.client.trainer import LocalTrainer
+from consortia.client.trainer import LocalTrainer, stable_seed
 from consortia.messages import (
     ARRAYS,
     CONFIG,
@@ -23,6 +24,23 @@ from consortia.messages import (
     TrainInstructions,
     TrainReport,
 )
+from consortia.privacy.dp.user_level import add_noise_share, clip_update
+
+
+def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, seed: int
+                   ) -> tuple[dict, bool, float]:
+    """User-level DP on the client: clip the whole update, add this client's noise share.
+
+    Returns the new weights, whether the update was within the clip, and the clipping
+    indicator with its share of the count noise (for adaptive clipping).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    delta = {k: (v.double() - global_weights[k].double()) for k, v in weights.items()}
+    clipped, within = clip_update(delta, ins.user_clip)
+    noised = add_noise_share(clipped, ins.user_noise_std, generator)
+    indicator = float(within) + ins.user_count_noise_std * float(torch.randn(1, generator=generator))
+    new = {k: (global_weights[k].double() + d).to(weights[k].dtype) for k, d in noised.items()}
+    return new, within, indicator
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -44,15 +62,24 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         trainer = LocalTrainer(site.client_id, site.task, site.dataset,
                                site.open_ledger() if ins.dp_enabled else None, site.device)
         report, weights = trainer.train(model, ins, server_round)
-        if weights is not None and site.tamper_update is not None:
-            weights = site.tamper_update(msg.content[ARRAYS].to_torch_state_dict(), weights)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
+        global_weights = msg.content[ARRAYS].to_torch_state_dict()
+        if site.tamper_update is not None:
+            weights = site.tamper_update(global_weights, weights)
+        indicator = None
+        if ins.user_clip is not None:
+            weights, within, indicator = protect_update(ins, global_weights, weights,
+                                                        stable_seed(ins.seed, server_round,
+                                                                    site.client_id, "user-dp"))
+            report = report.model_copy(update={"within_clip": within})
         if secagg is None:
             return Message(report.to_content(ArrayRecord(weights)), reply_to=msg)
-        # Under secure aggregation only the masked update leaves this client.
+        # Under secure aggregation only the masked update leaves this client (and the
+        # clipping indicator rides inside it, not in the clear report).
+        report = report.model_copy(update={"within_clip": None})
         vector, header = SecAggClient(context).mask_update(
-            secagg, msg.content[ARRAYS], weights, report.num_examples, ins.seed)
+            secagg, msg.content[ARRAYS], weights, report.num_examples, ins.seed, indicator)
         content = report.to_content()
         content[MASKED], content[SECAGG] = vector, header
         return Message(content, reply_to=msg)

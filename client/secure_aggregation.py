@@ -42,15 +42,17 @@ class SecAggClient:
                                                  "num_examples": num_examples})})
 
     def mask_update(self, ins: SecAggInstructions, old: ArrayRecord,
-                    new: dict[str, torch.Tensor], num_examples: int, seed: int
-                    ) -> tuple[ArrayRecord, ConfigRecord]:
+                    new: dict[str, torch.Tensor], num_examples: int, seed: int,
+                    indicator: float | None = None) -> tuple[ArrayRecord, ConfigRecord]:
         setup = RoundSetup.from_bytes(ins.setup)
         session = self._load(setup.run_id)
         names = update_vector_order(old.keys())
         update = np.concatenate([
             (new[name].numpy().astype(np.float64) - old[name].numpy().astype(np.float64)).ravel()
             for name in names])
-        weight = min(1.0, num_examples / ins.weight_scale)
+        if ins.unweighted:
+            update = np.append(update, 0.0 if indicator is None else indicator)
+        weight = 1.0 if ins.unweighted else min(1.0, num_examples / ins.weight_scale)
         rng = np.random.default_rng(stable_seed(seed, setup.round_num, self.context.node_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
                          weight=weight, rng=rng)

@@ -44,6 +44,20 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+class UserDPConfig(_Section):
+    """User-level DP (DP-FedAvg): each client's whole contribution is protected."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std / clip of the sum")
+    clip: float = Field(1.0, gt=0, description="L2 clip of each update (initial, if adaptive)")
+    target_quantile: float | None = Field(
+        None, gt=0, lt=1, description="adaptive clipping toward this quantile of update norms")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: geometric step")
+    count_noise: float | None = Field(
+        None, gt=0, description="adaptive clipping: std of the clipped-count noise (default K/20)")
+    noise_at: Literal["server", "clients"] = "server"
+
+
 class SecAggConfig(_Section):
     """Secure aggregation (SecAgg+, `privacy/secagg/`): the server sees only the sum."""
 
@@ -113,6 +127,7 @@ class RunConfig(_Section):
     data_dir: str | None = Field(None, description="where the task's dataset files are")
     partition: PartitionConfig = PartitionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    user_dp: UserDPConfig = UserDPConfig()
     secagg: SecAggConfig = SecAggConfig()
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
@@ -140,7 +155,27 @@ class RunConfig(_Section):
         check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
         if self.secagg.enabled:
             self._check_secagg()
+        if self.user_dp.enabled:
+            self._check_user_dp()
         return self
+
+    def _check_user_dp(self) -> None:
+        from consortia.privacy.dp.user_level import update_noise_multiplier
+        from consortia.strategies import NEEDS_INDIVIDUAL_UPDATES
+
+        u = self.user_dp
+        if self.strategy.name in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"user_dp.enabled = true cannot be combined with strategy.name = "
+                f"{self.strategy.name!r}: DP-FedAvg's guarantee is for the noised mean of "
+                "clipped updates; accepted: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad")
+        if u.noise_at == "clients" and not self.secagg.enabled:
+            raise ValueError(
+                'user_dp.noise_at = "clients" needs secagg.enabled = true: without secure '
+                "aggregation the server would see each update with only 1/K of the noise")
+        if u.target_quantile is not None:
+            count_noise = u.count_noise if u.count_noise is not None else self.clients_per_round / 20
+            update_noise_multiplier(u.noise_multiplier, count_noise)  # raises if too small
 
     def _check_secagg(self) -> None:
         from consortia.privacy.secagg import max_bits

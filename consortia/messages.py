@@ -62,6 +62,10 @@ class TrainInstructions(_Record):
     noise_multiplier: float | None = Field(None, ge=0)  # None: the client derives it
     planned_rounds: int = Field(ge=1)
     proximal_mu: float = Field(0.0, ge=0)  # FedProx; Flower's strategy sends "proximal-mu"
+    # User-level DP: clip the whole update to user_clip, add a noise share of this std.
+    user_clip: float | None = Field(None, gt=0)
+    user_noise_std: float = Field(0.0, ge=0)
+    user_count_noise_std: float = Field(0.0, ge=0)
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
@@ -94,6 +98,7 @@ class TrainReport(_Record):
     noise_multiplier: float | None = None
     sample_rate: float | None = None  # the rate Opacus actually used
     steps: int = Field(0, ge=0)  # cumulative DP-SGD steps in the client's ledger
+    within_clip: bool | None = None  # user-level DP: the update was within user_clip
 
     def to_content(self, arrays=None) -> RecordDict:
         content = RecordDict({REPORT: self.to_config_record()})
@@ -126,6 +131,8 @@ class SecAggInstructions(_Record):
     clip: float = Field(gt=0)
     bits: int = Field(ge=2, le=31)
     weight_scale: int = Field(ge=1)  # client weight = num_examples / weight_scale, in (0, 1]
+    unweighted: bool = False  # user-level DP: every client weighs 1, and the vector ends
+    # with the client's clipping indicator (its share of the clipped count)
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:

@@ -4,9 +4,9 @@ Flower's own SecAgg+ runs only on the legacy strategy path and derives masks fro
 32-bit seed (ANCHORS.md, flwr#7522), so the protocol is ours (`privacy/secagg/`) and this
 module drives it over the Grid: keys once per run, then per round the train exchange
 (which carries the round setup out and the masked updates back) and one unmask exchange.
-The result is the weighted average update of the surviving clients, which the workflow
-hands to the strategy as a single aggregate, so any rule that needs only the weighted
-sum (FedAvg and the server optimizers) works unchanged.
+The result is the weighted sum of the surviving clients' updates, which the workflow
+turns into one aggregate for the strategy, so any rule that needs only the weighted sum
+(FedAvg and the server optimizers) works unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from consortia.config import RunConfig
@@ -42,6 +42,7 @@ from consortia.privacy.secagg import (
     max_bits,
     quantization_error_bound,
 )
+from consortia.server.aggregates import UpdateSum
 from consortia.server.validation import ReplyOutcome
 
 log = logging.getLogger("consortia.server")
@@ -50,8 +51,7 @@ log = logging.getLogger("consortia.server")
 @dataclass
 class SecureRoundResult:
     outcomes: list[ReplyOutcome]
-    arrays: ArrayRecord | None  # the new global model, None when the round was abandoned
-    num_examples: int = 0
+    summed: UpdateSum | None  # None when the round was abandoned
     metrics: dict = field(default_factory=dict)
 
 
@@ -122,13 +122,15 @@ class SecureAggregator:
             return self._abandon(outcomes, f"{len(participants)} clients with keys; 3 needed")
 
         names = update_vector_order(arrays.keys())
-        length = sum(arrays[name].numpy().size for name in names)
+        unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
+        length = sum(arrays[name].numpy().size for name in names) + int(unweighted)
         k, t, bits = protocol_parameters(self.cfg, len(participants))
         setup = self.session.begin_round(server_round, participants, vector_length=length,
                                          num_neighbours=k, threshold=t)
         scale = max(self.examples[n] for n in participants)
         instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
-                                          bits=bits, weight_scale=scale).to_config_record()
+                                          bits=bits, weight_scale=scale,
+                                          unweighted=unweighted).to_config_record()
         for m in messages:  # strategies share one RecordDict among messages: copy per node
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
@@ -171,26 +173,28 @@ class SecureAggregator:
         for n, outcome in by_node.items():
             if outcome.status == "trained" and n not in contributors:
                 by_node[n] = ReplyOutcome(n, "failed", "not in the secure sum", outcome.report)
-        weights = {n: self.examples[n] / scale for n in contributors}
+        weights = {n: 1.0 if unweighted else self.examples[n] / scale for n in contributors}
         total = decode_sum(result.total, clip=self.cfg.secagg.clip, bits=bits,
                            num_summed=len(contributors))
-        average = total / sum(weights.values())
-        new, offset = {}, 0
+        summed, offset = {}, 0
         for name in names:
-            old = arrays[name].numpy()
-            new[name] = Array((old + average[offset:offset + old.size].reshape(old.shape))
-                              .astype(old.dtype))
-            offset += old.size
+            shape = arrays[name].numpy().shape
+            size = int(np.prod(shape))
+            summed[name] = total[offset:offset + size].reshape(shape)
+            offset += size
         bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
-                                         num_summed=len(contributors)) / sum(weights.values())
+                                         num_summed=len(contributors))
         metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
                    "secagg_participants": len(participants), "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
-                   "secagg_error_bound": bound}
+                   "secagg_error_bound": bound / sum(weights.values())}
         log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
                  len(contributors), len(result.dropped))
-        return SecureRoundResult(outcomes + list(by_node.values()), ArrayRecord(new),
-                                 sum(self.examples[n] for n in contributors), metrics)
+        update_sum = UpdateSum(
+            total=summed, weight=sum(weights.values()), contributors=len(contributors),
+            num_examples=sum(self.examples[n] for n in contributors),
+            indicator=float(total[offset]) if unweighted else 0.0)
+        return SecureRoundResult(outcomes + list(by_node.values()), update_sum, metrics)
 
     def _inspect(self, reply: Message) -> tuple[ReplyOutcome, MaskedInput | None]:
         node = reply.metadata.src_node_id
@@ -222,5 +226,5 @@ class SecureAggregator:
     def _abandon(outcomes: list[ReplyOutcome], reason: str, dropped: int = 0) -> SecureRoundResult:
         log.warning("secure aggregation round abandoned: %s; the global model stays as it was",
                     reason)
-        return SecureRoundResult(outcomes, None, 0, {
+        return SecureRoundResult(outcomes, None, {
             "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": dropped})

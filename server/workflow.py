@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortia.config import RunConfig, config_to_dict
-from consortia.messages import ARRAYS, METRICS, NUM_EXAMPLES, TrainInstructions
+from consortia.messages import ARRAYS, TrainInstructions
+from consortia.privacy.dp.user_level import UserLevelDP
+from consortia.server.aggregates import UpdateSum, aggregate_reply
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
@@ -41,6 +43,17 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def user_level_dp(cfg: RunConfig) -> UserLevelDP | None:
+    u = cfg.user_dp
+    if not u.enabled:
+        return None
+    return UserLevelDP(noise_multiplier=u.noise_multiplier, clip=u.clip,
+                       expected_clients=cfg.clients_per_round,
+                       sample_rate=cfg.clients_per_round / cfg.clients, noise_at=u.noise_at,
+                       target_quantile=u.target_quantile, clip_lr=u.clip_lr,
+                       count_noise=u.count_noise)
 
 
 def server_device() -> torch.device:
@@ -65,6 +78,8 @@ class RoundWorkflow:
         self.device = server_device()
         self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s)
                        if self.cfg.secagg.enabled else None)
+        self.user_dp = user_level_dp(self.cfg)
+        self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -74,7 +89,10 @@ class RoundWorkflow:
             momentum=cfg.momentum, seed=cfg.seed, dp_enabled=cfg.privacy.enabled,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=cfg.privacy.noise_multiplier,
-            planned_rounds=cfg.planned_rounds_per_client)
+            planned_rounds=cfg.planned_rounds_per_client,
+            user_clip=self.user_dp.clip if self.user_dp else None,
+            user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
+            user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0)
 
     def initial_model(self) -> ArrayRecord:
         torch.manual_seed(self.cfg.seed)
@@ -91,22 +109,36 @@ class RoundWorkflow:
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
             self.recorder.restore(latest.round)
+            if self.user_dp is not None:  # the user-level accountant and clip carry on
+                self.user_dp.load_state_dict(latest.manifest["user_dp"])
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
             return latest.round, numpy_to_arrays(latest.load_weights())
         arrays = self.initial_model()
-        self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays))
+        self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays), self.state())
         self.recorder.restore(0)
         return 0, arrays
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold besides the weights for a resume to be exact."""
+        return {"user_dp": self.user_dp.state_dict()} if self.user_dp else {}
+
     def run(self, grid: Grid, resume: bool = False) -> None:
         start_round, arrays = self.start_state(resume)
-        config = self.instructions().to_config_record()
         for server_round in range(start_round + 1, self.cfg.rounds + 1):
+            config = self.instructions().to_config_record()
             arrays = self.run_round(grid, server_round, arrays, config)
+        extra: dict[str, Any] = {"run_id": self.run_id}
+        if self.user_dp is not None:
+            extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
+            extra["user_dp"] = {"noise_multiplier": self.user_dp.noise_multiplier,
+                                "sample_rate": self.user_dp.sample_rate,
+                                "rounds": len(self.user_dp.history),
+                                "history": [list(h) for h in self.user_dp.history],
+                                "final_clip": self.user_dp.clip, "accountant": "rdp"}
         self.recorder.write_summary(
             task=self.cfg.task, rounds=self.cfg.rounds,
-            delta=self.cfg.privacy.delta if self.cfg.privacy.enabled else None,
-            config=config_to_dict(self.cfg), extra={"run_id": self.run_id})
+            delta=self.cfg.privacy.delta if (self.cfg.privacy.enabled or self.user_dp) else None,
+            config=config_to_dict(self.cfg), extra=extra)
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config) -> ArrayRecord:
         started = time.monotonic()
@@ -115,10 +147,30 @@ class RoundWorkflow:
         random.seed(f"{self.cfg.seed}/{server_round}")
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if self.secure is not None:
-            outcomes, aggregate, round_metrics = self.secure_round(grid, server_round, messages,
-                                                                   arrays)
+            result = self.secure.run_round(grid, server_round, messages, arrays)
+            outcomes, summed, round_metrics = result.outcomes, result.summed, result.metrics
+            accepted = []
         else:
-            outcomes, aggregate, round_metrics = self.plain_round(grid, messages, arrays)
+            outcomes, accepted = self.plain_round(grid, messages, arrays)
+            summed, round_metrics = None, {}
+            if self.user_dp is not None:
+                accepted = self.check_user_clip(outcomes, accepted, arrays)
+                summed = UpdateSum.of_replies(accepted, arrays, weighted=False) if accepted else None
+                if summed is not None:  # the server adds the count noise (noise_at = server)
+                    summed.indicator = float(sum(bool(o.report.within_clip) for o in outcomes
+                                                 if o.status == "trained"))
+
+        if self.user_dp is not None and summed is not None:
+            average, dp_metrics = self.user_dp.release(summed.total, summed.indicator,
+                                                       summed.contributors, self.rng)
+            round_metrics |= dp_metrics
+            round_metrics["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
+            aggregate = [aggregate_reply(arrays, average, summed.num_examples)]
+        elif summed is not None:
+            average = {name: t / summed.weight for name, t in summed.total.items()}
+            aggregate = [aggregate_reply(arrays, average, summed.num_examples)]
+        else:
+            aggregate = accepted  # individual replies: the rule sees each update
 
         train_metrics = None
         if aggregate:
@@ -132,7 +184,8 @@ class RoundWorkflow:
         metrics = {**self.evaluate(arrays), **round_metrics}
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
-        checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics)
+        checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,
+                                           self.state())
         row = self.recorder.record_round(server_round, metrics, outcomes,
                                          time.monotonic() - started, checkpoint.sha256)
         if self.on_round is not None:
@@ -140,23 +193,31 @@ class RoundWorkflow:
         return arrays
 
     def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
-                    ) -> tuple[list[ReplyOutcome], list[Message], dict[str, Any]]:
-        """Updates in the clear: each is inspected, the valid ones go to the strategy."""
+                    ) -> tuple[list[ReplyOutcome], list[Message]]:
+        """Updates in the clear: each is inspected, the valid ones go on."""
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.sim.reply_timeout_s))
         outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
         answered = {o.node_id for o in outcomes}
         outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
                      for m in messages if m.metadata.dst_node_id not in answered]
-        return outcomes, [o.message for o in outcomes if o.status == "trained"], {}
+        return outcomes, [o.message for o in outcomes if o.status == "trained"]
 
-    def secure_round(self, grid: Grid, server_round: int, messages: list[Message],
-                     arrays: ArrayRecord) -> tuple[list[ReplyOutcome], list[Message], dict[str, Any]]:
-        """Only the masked sum is seen; the strategy gets it as one aggregate reply."""
-        result = self.secure.run_round(grid, server_round, messages, arrays)
-        if result.arrays is None:
-            return result.outcomes, [], result.metrics
-        aggregate = Message(content=RecordDict({
-            ARRAYS: result.arrays,
-            METRICS: MetricRecord({NUM_EXAMPLES: result.num_examples})}),
-            dst_node_id=0, message_type="train")
-        return result.outcomes, [aggregate], result.metrics
+    def check_user_clip(self, outcomes: list[ReplyOutcome], accepted: list[Message],
+                        arrays: ArrayRecord) -> list[Message]:
+        """Under user-level DP an update beyond the clip would break the sensitivity bound:
+        reject it (a client that does not clip is faulty or malicious)."""
+        limit = self.user_dp.clip * (1 + 1e-4)
+        kept = []
+        for i, o in enumerate(outcomes):
+            if o.status != "trained":
+                continue
+            norm = float(np.sqrt(sum(
+                np.sum((a.numpy().astype(np.float64) - arrays[k].numpy().astype(np.float64)) ** 2)
+                for k, a in o.message.content[ARRAYS].items())))
+            if norm > limit:
+                reason = f"update norm {norm:.4g} exceeds user_dp clip {self.user_dp.clip:.4g}"
+                log.warning("rejected update from client %s: %s", o.client_id, reason)
+                outcomes[i] = ReplyOutcome(o.node_id, "rejected", reason, o.report)
+            else:
+                kept.append(o.message)
+        return kept

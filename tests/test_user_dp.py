@@ -1,0 +1,129 @@
+"""User-level DP (DP-FedAvg): accounting, adaptive clipping, the client-side noise split."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from opacus.accountants import RDPAccountant
+
+from consortia.config import ConfigError, load_config
+from consortia.privacy.dp.user_level import (
+    UserLevelDP,
+    add_noise_share,
+    clip_update,
+    update_noise_multiplier,
+)
+from consortia.server.results import read_jsonl
+from consortia.simulations.runner import run_simulation
+
+SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+
+
+def release_rounds(dp, rounds, norms_fn, rng):
+    for _ in range(rounds):
+        norms = norms_fn()
+        within = float(np.sum(norms <= dp.clip))
+        dp.release({"w": np.zeros(3)}, within, len(norms), rng)
+
+
+@pytest.mark.parametrize("q, sigma, rounds", [(0.1, 1.0, 50), (0.01, 0.8, 1000), (0.5, 2.0, 20)])
+def test_user_epsilon_matches_opacus_and_google_accountants(q, sigma, rounds):
+    dp = UserLevelDP(noise_multiplier=sigma, clip=1.0, expected_clients=10, sample_rate=q)
+    release_rounds(dp, rounds, lambda: np.ones(10) * 0.5, np.random.default_rng(0))
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, q, rounds)]
+    assert dp.epsilon(1e-5) == pytest.approx(opacus.get_epsilon(1e-5), rel=1e-9)
+    google = rdp.RdpAccountant()
+    google.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), rounds)
+    assert dp.epsilon(1e-5) == pytest.approx(google.get_epsilon(1e-5), rel=0.01)
+
+
+def test_adaptive_clipping_converges_to_the_target_quantile():
+    rng = np.random.default_rng(1)
+    dp = UserLevelDP(noise_multiplier=1.0, clip=0.05, expected_clients=100, sample_rate=0.1,
+                     target_quantile=0.3, clip_lr=0.2)
+    release_rounds(dp, 400, lambda: rng.lognormal(mean=0.0, sigma=0.5, size=100), rng)
+    true_quantile = math.exp(0.5 * -0.5244)  # lognormal(0, 0.5) at p = 0.3
+    assert dp.clip == pytest.approx(true_quantile, rel=0.1)
+
+
+def test_adaptive_clipping_charges_the_count_query():
+    z, sigma_b = 1.0, 2.5
+    assert update_noise_multiplier(z, sigma_b) == pytest.approx((1 - 1 / 25) ** -0.5)
+    with pytest.raises(ValueError, match="2·count_noise > noise_multiplier"):
+        update_noise_multiplier(1.0, 0.4)
+
+
+def test_client_noise_shares_sum_to_the_target_variance():
+    k, z, clip = 10, 1.3, 0.7
+    dp = UserLevelDP(noise_multiplier=z, clip=clip, expected_clients=k, sample_rate=0.1,
+                     noise_at="clients")
+    std = dp.client_noise_std()
+    generator = torch.Generator().manual_seed(0)
+    total = sum(add_noise_share({"w": torch.zeros(200_000, dtype=torch.float64)}, std,
+                                generator)["w"] for _ in range(k))
+    assert float(total.std()) == pytest.approx(z * clip, rel=0.01)
+    # With m < K survivors the realized multiplier is z·sqrt(m/K), and it is accounted so.
+    _, metrics = dp.release({"w": np.zeros(2)}, 0.0, contributors=6, rng=np.random.default_rng())
+    assert metrics["user_noise_multiplier"] == pytest.approx(z * math.sqrt(6 / 10))
+    assert dp.history[-1][0] == pytest.approx(z * math.sqrt(6 / 10))
+
+
+def test_server_noise_has_the_dp_fedavg_scale():
+    dp = UserLevelDP(noise_multiplier=2.0, clip=0.5, expected_clients=8, sample_rate=0.1)
+    avg, _ = dp.release({"w": np.zeros(100_000)}, 0.0, 8, np.random.default_rng(3))
+    assert float(np.std(avg["w"])) == pytest.approx(2.0 * 0.5 / 8, rel=0.02)
+
+
+def test_clip_update_bounds_the_whole_update():
+    delta = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
+    clipped, within = clip_update(delta, 1.0)
+    assert not within
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in clipped.values()))
+    assert norm == pytest.approx(1.0)
+    same, within = clip_update(delta, 10.0)
+    assert within and torch.equal(same["a"], delta["a"])
+
+
+def test_state_survives_a_restart():
+    dp = UserLevelDP(noise_multiplier=1.0, clip=1.0, expected_clients=4, sample_rate=0.5,
+                     target_quantile=0.5, count_noise=1.0)
+    release_rounds(dp, 5, lambda: np.ones(4) * 2.0, np.random.default_rng(0))
+    restored = UserLevelDP(noise_multiplier=1.0, clip=1.0, expected_clients=4, sample_rate=0.5,
+                           target_quantile=0.5, count_noise=1.0)
+    restored.load_state_dict(dp.state_dict())
+    assert restored.clip == dp.clip != 1.0
+    assert restored.epsilon(1e-5) == dp.epsilon(1e-5)
+
+
+def test_user_dp_config_errors():
+    with pytest.raises(ConfigError, match="user_dp.enabled = true cannot be combined"):
+        load_config(None, ["user_dp.enabled=true", "strategy.name=median"])
+    with pytest.raises(ConfigError, match='noise_at = "clients" needs secagg.enabled'):
+        load_config(None, ["user_dp.enabled=true", 'user_dp.noise_at="clients"'])
+    with pytest.raises(ConfigError, match="user_dp.target_quantile"):
+        load_config(None, ["user_dp.enabled=true", "user_dp.target_quantile=1.5"])
+
+
+@pytest.mark.slow
+def test_user_dp_split_among_clients_under_secure_aggregation(tmp_path):
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=3",
+                              "secagg.enabled=true", "user_dp.enabled=true",
+                              'user_dp.noise_at="clients"', "user_dp.noise_multiplier=0.5",
+                              "user_dp.clip=1.0", "user_dp.target_quantile=0.5",
+                              "user_dp.count_noise=1.0"])
+    summary = run_simulation(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(r["secagg_status"] == "ok" for r in rows)
+    eps = [r["user_epsilon"] for r in rows]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert summary["user_epsilon"] == pytest.approx(eps[-1])
+    # Both guarantees are reported: sample-level per client, user-level for the model.
+    assert all(c["epsilon"] is not None for c in summary["clients"])
+    assert len({r["user_clip"] for r in rows}) > 1  # the clip adapted
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in summary["user_dp"]["history"]]
+    assert summary["user_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
