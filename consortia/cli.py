@@ -92,5 +92,223 @@ def bench_dp(
     typer.echo(json.dumps(run(task=task, batch_size=batch_size, steps=steps, repeats=repeats)))
 
 
+@bench_app.command("secagg")
+def bench_secagg(
+    clients: int = typer.Option(30, "--clients", help="virtual clients, all in every round"),
+    params: int = typer.Option(1_000_000, "--params", help="float32 parameters in the model"),
+    rounds: int = typer.Option(3, "--rounds", help="rounds of each kind; medians are reported"),
+    cpus_per_client: float = typer.Option(0.5, "--cpus-per-client",
+                                          help="Ray CPUs per virtual client (actors = cores / this)"),
+) -> None:
+    """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
+    from consortia.simulations.bench_secagg import bench_secagg as run
+
+    typer.echo(json.dumps(run(clients=clients, params=params, rounds=rounds,
+                              cpus_per_client=cpus_per_client)))
+
+
+
+# --- operator console and run store (issue 7) ---------------------------------------------
+
+console_app = typer.Typer(help="The operator console: a web page and JSON API over a run store.",
+                          invoke_without_command=True)
+runs_app = typer.Typer(help="Runs in a run store (operators): list, show, stop.",
+                       no_args_is_help=True)
+app.add_typer(console_app, name="console")
+app.add_typer(runs_app, name="runs")
+
+StoreOption = typer.Option(
+    None, "--store", envvar="CONSORTIA_STORE",
+    help="run store: sqlite:///PATH or postgresql://... URL, a .db file, or a results directory")
+TokenFileOption = typer.Option(
+    None, "--token-file", envvar="CONSORTIA_CONSOLE_TOKEN_FILE",
+    help="where the console token's hash is kept (default ~/.config/consortia/console-token)")
+JsonOption = typer.Option(False, "--json", help="print JSON (for scripts)")
+
+
+def _open_store(store: str | None):
+    from sqlalchemy.engine import make_url
+
+    from consortia.server.store import RunStore, StoreError, resolve_store_url
+
+    if not store:
+        console.print("[red]error:[/red] no run store: pass --store URL (or a results directory) "
+                      "or set CONSORTIA_STORE")
+        raise typer.Exit(2)
+    try:
+        url = make_url(resolve_store_url(store))
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+                and not Path(url.database).is_file():
+            raise StoreError(f"no run store at {url.database} (from --store {store!r}); a "
+                             "simulation writes DIR/store.db: pass that file or DIR")
+        return RunStore(str(url))
+    except StoreError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+def _resolve_run(run_store, run: str) -> str:
+    from consortia.server.store import UnknownRun
+
+    try:
+        return run_store.resolve_run(run)
+    except UnknownRun as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
+def _when(t: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+@console_app.callback()
+def console_serve(
+    ctx: typer.Context,
+    store: str | None = StoreOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; 127.0.0.1 keeps it local"),
+    port: int = typer.Option(8080, "--port"),
+    token_file: Path | None = TokenFileOption,
+) -> None:
+    """Serve the console (page + JSON API) over a run store; every route needs the token."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from consortia.server.console import ConsoleToken, TokenError, serve
+
+    run_store = _open_store(store)
+    token = ConsoleToken(token_file)
+    try:
+        new = token.ensure()
+    except TokenError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    shown_host = f"[{host}]" if ":" in host else host
+    if new is not None:
+        console.print(f"console token made; only its hash is kept, in {token.path} (0600). "
+                      "It is shown once:")
+        typer.echo(f"http://{shown_host}:{port}/?token={new}")
+    else:
+        console.print(f"token from {token.path} (forgot it? `consortia console token` makes a new one)")
+        console.print(f"open http://{shown_host}:{port}/?token=YOUR_TOKEN")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/yellow] bound to {host}: reachable from other machines, "
+                      "over plain HTTP; put a TLS proxy in front")
+    console.print(f"console on http://{shown_host}:{port}, store {run_store.display_url}")
+    serve(run_store, token, host=host, port=port)
+
+
+@console_app.command("token")
+def console_token(token_file: Path | None = TokenFileOption) -> None:
+    """Make a new console token (the old one stops working at once) and print it once."""
+    from consortia.server.console import ConsoleToken
+
+    token = ConsoleToken(token_file)
+    new = token.rotate()
+    console.print(f"new console token; only its hash is kept, in {token.path} (0600). "
+                  "It is shown once:")
+    typer.echo(new)
+
+
+@runs_app.command("ls")
+def runs_ls(store: str | None = StoreOption, as_json: bool = JsonOption) -> None:
+    """List the runs in the store, newest first."""
+    from rich.table import Table
+
+    runs = _open_store(store).list_runs()
+    if as_json:
+        typer.echo(json.dumps(runs, indent=2))
+        return
+    table = Table("run", "task", "kind", "status", "rounds", "started", "updated", "stop requested")
+    for r in runs:
+        table.add_row(r["run_id"], r["task"], r["kind"], r["status"],
+                      f"{r['rounds_completed']}/{r['rounds_total']}", _when(r["created_at"]),
+                      _when(r["updated_at"]),
+                      f"{r['stop_requested_by']} {_when(r['stop_requested_at'])}"
+                      if r["stop_requested_at"] else "")
+    Console().print(table if runs else "no runs in this store")
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)"),
+              store: str | None = StoreOption, as_json: bool = JsonOption) -> None:
+    """One run: status, rounds, clients (ε against budget), checkpoints, recent audit log."""
+    from rich.table import Table
+
+    run_store = _open_store(store)
+    run_id = _resolve_run(run_store, run)
+    info = {"run": run_store.get_run(run_id), "rounds": run_store.rounds(run_id),
+            "clients": run_store.clients(run_id), "checkpoints": run_store.checkpoints(run_id),
+            "audit": run_store.audit_log(run_id, limit=20)}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    r, out = info["run"], Console()
+    out.print(f"[bold]run {r['run_id']}[/bold]  {r['task']}  {r['status']}  round "
+              f"{r['rounds_completed']}/{r['rounds_total']}  started {_when(r['created_at'])}"
+              + (f"  stop requested by {r['stop_requested_by']}" if r["stop_requested_at"] else ""))
+    rounds = Table("round", "accuracy", "loss", "trained", "refused", "rejected", "failed", "ε max",
+                   "secagg", "duration s", title="rounds")
+    for x in info["rounds"]:
+        rounds.add_row(str(x["round"]), _fmt(x["accuracy"]), _fmt(x["loss"]),
+                       str(x["clients_trained"]), str(x["clients_refused"]),
+                       str(x["clients_rejected"]), str(x["clients_failed"]),
+                       _fmt(x["epsilon_max"], 3), x["secagg_status"] or "-", _fmt(x["duration_s"], 1))
+    clients = Table("client", "status", "rounds joined", "last seen", "ε", "budget", "reason",
+                    title="clients")
+    for c in info["clients"]:
+        clients.add_row(c["client_id"], c["status"], str(c["rounds_joined"]),
+                        f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
+                        _fmt(c["epsilon_budget"], 2), c["reason"])
+    checkpoints = Table("round", "sha256", "parent", title="checkpoints")
+    for c in info["checkpoints"]:
+        checkpoints.add_row(str(c["round"]), c["sha256"][:16], (c["parent_sha256"] or "-")[:16])
+    audit = Table("time", "actor", "event", "detail", title="audit log (latest 20)")
+    for e in info["audit"]:
+        audit.add_row(_when(e["at"]), e["actor"], e["event"], e["detail"])
+    for table in (rounds, clients, checkpoints, audit):
+        out.print(table)
+
+
+@runs_app.command("stop")
+def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)"),
+              store: str | None = StoreOption, as_json: bool = JsonOption) -> None:
+    """Ask a running run to stop after its current round (its checkpoint stays intact)."""
+    import getpass
+
+    from consortia.server.store import RunNotRunning
+
+    run_store = _open_store(store)
+    run_id = _resolve_run(run_store, run)
+    try:
+        info = run_store.request_stop(run_id, actor=f"cli:{getpass.getuser()}")
+    except RunNotRunning as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        typer.echo(f"stop requested for run {run_id}: it stops after round "
+                   f"{info['rounds_completed'] + 1} (or the current one), checkpoint intact")
+
+
+@bench_app.command("console")
+def bench_console(
+    readers: int = typer.Option(20, "--readers", help="concurrent readers polling the run page's API"),
+    rounds: int = typer.Option(6, "--rounds", help="rounds of the digits simulation that writes"),
+    clients: int = typer.Option(4, "--clients"),
+) -> None:
+    """Run-page API latency (p50/p95) with concurrent readers while a simulation writes to SQLite."""
+    from consortia.simulations.bench_console import bench_console as run
+
+    typer.echo(json.dumps(run(readers=readers, rounds=rounds, clients=clients)))
+
+# --- end of operator console and run store ------------------------------------------------
+
+
 if __name__ == "__main__":
     app()

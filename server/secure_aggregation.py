@@ -166,6 +166,12 @@ class SecureAggregator:
             result = self.session.finish_round(responses)
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
+            # Their updates were masked and sent (and their DP spend recorded), but none
+            # reaches the model: the round is abandoned for everyone.
+            for n, outcome in by_node.items():
+                if outcome.status == "trained":
+                    by_node[n] = ReplyOutcome(n, "failed", f"round abandoned: {abort}",
+                                              outcome.report)
             return self._abandon(outcomes + list(by_node.values()), str(abort),
                                  dropped=len(participants) - len(masked))
 

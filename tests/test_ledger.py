@@ -142,3 +142,16 @@ def test_non_private_training_spends_nothing(tmp_path):
     report, weights = t.train(task.build_model("tanh"), instructions(dp_enabled=False), 1)
     assert report.status == "trained" and report.epsilon is None and not report.dp_enabled
     assert not (tmp_path / "privacy_ledger.json").exists()
+
+
+def test_prv_accountant_ledger_matches_opacus_prv(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    ledger = open_ledger(tmp_path, accountant="prv")
+    eps = spend(ledger, 1.2, 0.02, 200)
+    reference = PRVAccountant()
+    reference.history = [(1.2, 0.02, 200)]
+    assert eps == pytest.approx(reference.get_epsilon(DELTA), rel=1e-6)
+    assert open_ledger(tmp_path, accountant="prv").epsilon == pytest.approx(eps, rel=1e-6)
+    # PRV is tighter than RDP for the same history.
+    assert eps < independent_rdp_epsilon(1.2, 0.02, 200)

@@ -1,0 +1,421 @@
+"""`consortia bench secagg`: the cost of a secure round, ours against Flower's SecAgg+.
+
+One process, one Flower simulation (Ray backend), N virtual clients that do no training,
+and a benchmark ServerApp that runs three kinds of round in alternation, R times each:
+
+- ``plain``: Flower's Message API FedAvg (``flwr.serverapp.strategy``): configure_train,
+  one send_and_receive, aggregate_train. Clients reply at once with the arrays they got.
+- ``secagg``: consortia's ``SecureAggregator.run_round`` on the same FedAvg messages, its
+  weighted sum turned into one aggregate reply and passed to ``aggregate_train``, as
+  ``server/workflow.py`` does. Clients
+  answer as ``client/client_app.py`` does under secure aggregation (a TrainReport
+  "trained" and the update masked by ``SecAggClient.mask_update``), but their "new"
+  weights are the old ones plus a fixed small random delta instead of a training result.
+  The key advertisement (once per run) is timed apart, as ``secagg_setup_s``.
+- ``flower_secaggplus``: Flower's ``SecAggPlusWorkflow(num_shares=7,
+  reconstruction_threshold=4)`` on its legacy path (``LegacyContext`` with the legacy
+  FedAvg), one round per call, exactly the fit step ``DefaultWorkflow`` runs each round
+  (its evaluation steps are no-ops here: no evaluate_fn, fraction_evaluate = 0). Clients
+  run Flower's ``secaggplus_mod`` around a legacy NumPyClient whose fit returns the
+  parameters unchanged.
+
+All three kinds share one ClientApp: a mod hands a train message to ``secaggplus_mod``
+only when it carries Flower's SecAgg+ configs record (``secaggplus_mod`` itself passes
+through only non-train messages), and the train handler tells the legacy fit request
+(``fitins.*`` records), our secure request (ConfigRecord "secagg") and a plain one apart.
+
+Times are wall-clock seconds per round (``time.perf_counter``), medians over R rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from consortia.client.secure_aggregation import SecAggClient
+from consortia.messages import (
+    ARRAYS,
+    CONFIG,
+    MASKED,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG,
+    SECAGG_UNMASK,
+    SecAggInstructions,
+    TrainInstructions,
+    TrainReport,
+)
+from consortia.server.aggregates import aggregate_reply
+
+PARAM_NAME = "w"
+DELTA_SCALE = 1e-3  # the fake update: L2 norm about 1e-3 * sqrt(D), under the clip (10)
+DELTA_SEED = 1234
+FLOWER_NUM_SHARES = 7
+FLOWER_THRESHOLD = 4
+REPLY_TIMEOUT_S = 600.0
+# Sanity bound on |aggregate - expected| (weights ~ N(0, 0.1^2)): a round further off than
+# this did not aggregate what was sent. Flower's default quantization (whole parameters,
+# clip 8, 2**22 levels, weights folded in) is off by ~1e-3; ours by ~1e-7.
+GROSS_ERROR = 0.05
+# 4 Ray actors on 2 cores: a client spends much of its turn in Ray's (de)serialization
+# and message passing rather than arithmetic, so two actors per core keep both cores
+# busy while one actor waits; more actors would only add memory (each is a Python
+# process with torch loaded, a few hundred MB) and context switches.
+DEFAULT_CPUS_PER_CLIENT = 0.5
+
+_delta_cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+
+def _fixed_delta(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The same small random update every round, drawn once per client process."""
+    key = (name, shape)
+    if key not in _delta_cache:
+        rng = np.random.default_rng(DELTA_SEED)
+        _delta_cache[key] = (rng.standard_normal(shape) * DELTA_SCALE).astype(np.float32)
+    return _delta_cache[key]
+
+
+# --- the clients ---------------------------------------------------------------------
+class _EchoClient(NumPyClient):
+    """Flower's legacy client API: fit returns the parameters unchanged, 1 example."""
+
+    def fit(self, parameters, config):
+        return parameters, 1, {}
+
+
+def _legacy_fit(msg: Message, context: Context) -> Message:
+    # The innermost step of a legacy ClientApp(client_fn=...): fitins -> fit -> fitres.
+    from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
+
+    return handle_legacy_message_from_msgtype(lambda _ctx: _EchoClient().to_client(), msg, context)
+
+
+def _secaggplus_for_its_own_messages(msg: Message, context: Context, call_next) -> Message:
+    """Flower's secaggplus_mod, applied only to train messages of Flower's SecAgg+ protocol.
+
+    secaggplus_mod passes through only non-train messages; it would fail on a train
+    request without its configs record (ours and the plain ones).
+    """
+    if (msg.metadata.message_type == MessageType.TRAIN
+            and RECORD_KEY_CONFIGS in msg.content.config_records):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+client_app = ClientApp(mods=[_secaggplus_for_its_own_messages])
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    content = msg.content
+    if any(name.startswith("fitins.") for name in content.array_records):
+        return _legacy_fit(msg, context)  # Flower's SecAgg+, masked by secaggplus_mod
+    old = content[ARRAYS]
+    secagg = SecAggInstructions.from_content(content)
+    if secagg is None:  # plain FedAvg: the arrays back as they came
+        return Message(RecordDict({ARRAYS: old, METRICS: MetricRecord({NUM_EXAMPLES: 1})}),
+                       reply_to=msg)
+    # Ours, as client_app.py replies under secure aggregation, minus the training.
+    _, ins = TrainInstructions.from_content(content)
+    new = {}
+    for name, array in old.items():
+        values = array.numpy()
+        new[name] = torch.from_numpy(values + _fixed_delta(name, values.shape))
+    report = TrainReport(client_id=str(context.node_id), status="trained", num_examples=1)
+    vector, header = SecAggClient(context).mask_update(secagg, old, new, report.num_examples,
+                                                       ins.seed)
+    reply = report.to_content()
+    reply[MASKED], reply[SECAGG] = vector, header
+    return Message(reply, reply_to=msg)
+
+
+@client_app.train("secagg_advertise")
+def _advertise(msg: Message, context: Context) -> Message:
+    run_id = str(msg.content[CONFIG]["run_id"])
+    return Message(SecAggClient(context).advertise(run_id, 1), reply_to=msg)
+
+
+@client_app.train("secagg_unmask")
+def _unmask(msg: Message, context: Context) -> Message:
+    request = msg.content[SECAGG]["unmask_request"]
+    return Message(SecAggClient(context).unmask(request), reply_to=msg)
+
+
+# --- the server ----------------------------------------------------------------------
+class _TimedGrid:
+    """The Grid, with the seconds each send_and_receive took, by message type."""
+
+    def __init__(self, grid):
+        self._grid = grid
+        self.exchanges: list[tuple[str, float]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        started = time.perf_counter()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.exchanges.append((kind, time.perf_counter() - started))
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+class _Rounds:
+    """The three round kinds, set up once inside the ServerApp."""
+
+    def __init__(self, grid, context: Context, clients: int, params: int):
+        from flwr.common import ndarrays_to_parameters
+        from flwr.compat.common import recorddict_compat as compat
+        from flwr.server import LegacyContext, ServerConfig
+        from flwr.server.client_manager import SimpleClientManager
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
+        from flwr.server.strategy import FedAvg as LegacyFedAvg
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.serverapp.strategy import FedAvg
+
+        from consortia.config import load_config
+        from consortia.server.secure_aggregation import SecureAggregator
+
+        self.grid = _TimedGrid(grid)
+        self.clients = clients
+        # Per timed round of ours and plain: seconds in each exchange, and the rest.
+        self.phases: dict[str, list[float]] = {
+            "plain_exchange": [], "plain_other": [],
+            "secagg_train_exchange": [], "secagg_unmask_exchange": [], "secagg_other": [],
+            "flower_exchanges": [], "flower_other": []}
+        self.errors = {"secagg": 0.0, "flower_secaggplus": 0.0}  # max |aggregate - expected|
+        rng = np.random.default_rng(0)
+        self.weights = (rng.standard_normal(params) * 0.1).astype(np.float32)
+        self.arrays = ArrayRecord({PARAM_NAME: Array(self.weights)})
+
+        # (a) plain and (b) ours: the Message API FedAvg, every node every round.
+        self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=clients,
+                               min_available_nodes=clients, fraction_evaluate=0.0,
+                               min_evaluate_nodes=0, weighted_by_key=NUM_EXAMPLES)
+        self.cfg = load_config(None, ["secagg.enabled=true", f"clients={clients}",
+                                      f"clients_per_round={clients}", "privacy.enabled=false"])
+        self.run_id = uuid.uuid4().hex[:12]
+        self.secure = SecureAggregator(self.cfg, self.run_id, REPLY_TIMEOUT_S)
+        cfg = self.cfg
+        self.instructions = TrainInstructions(
+            run_id=self.run_id, task=cfg.task, model_activation=cfg.model.activation,
+            local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            momentum=cfg.momentum, seed=cfg.seed, dp_enabled=False,
+            max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=None,
+            planned_rounds=cfg.planned_rounds_per_client)
+
+        # (c) Flower's SecAgg+ on the legacy path.
+        node_ids = sorted(grid.get_node_ids())
+        while len(node_ids) < clients:  # the simulation registers nodes as it starts
+            time.sleep(0.1)
+            node_ids = sorted(grid.get_node_ids())
+        self.node_ids = node_ids
+        manager = SimpleClientManager()
+        for n in node_ids:
+            manager.register(GridClientProxy(node_id=n, grid=grid, run_id=grid.run.run_id))
+        initial = ndarrays_to_parameters([self.weights])
+        legacy_strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0,
+                                       min_fit_clients=clients, min_evaluate_clients=0,
+                                       min_available_clients=clients, initial_parameters=initial)
+        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=1),
+                                    strategy=legacy_strategy, client_manager=manager)
+        self.legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            initial, keep_input=True)
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord()
+        self._configs_key, self._params_key = MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        self.workflow = SecAggPlusWorkflow(num_shares=FLOWER_NUM_SHARES,
+                                           reconstruction_threshold=FLOWER_THRESHOLD,
+                                           timeout=REPLY_TIMEOUT_S)
+
+    def setup_secagg(self) -> float:
+        started = time.perf_counter()
+        failed = self.secure.register(self.grid, self.node_ids)
+        elapsed = time.perf_counter() - started
+        if failed:
+            raise RuntimeError(f"secure aggregation key advertisement failed: {failed}")
+        return elapsed
+
+    def plain(self, server_round: int) -> float:
+        self.grid.exchanges.clear()
+        started = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(),
+                                                      self.grid))
+        replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        aggregated, _ = self.strategy.aggregate_train(server_round, replies)
+        elapsed = time.perf_counter() - started
+        if aggregated is None or len(replies) != self.clients:
+            raise RuntimeError(f"plain round {server_round}: {len(replies)} replies, no aggregate")
+        if server_round > 0:
+            exchange = sum(t for _, t in self.grid.exchanges)
+            self.phases["plain_exchange"].append(exchange)
+            self.phases["plain_other"].append(elapsed - exchange)
+        return elapsed
+
+    def ours(self, server_round: int) -> float:
+        self.grid.exchanges.clear()
+        started = time.perf_counter()
+        messages = list(self.strategy.configure_train(
+            server_round, self.arrays, self.instructions.to_config_record(), self.grid))
+        result = self.secure.run_round(self.grid, server_round, messages, self.arrays)
+        summed = result.summed
+        if summed is None:
+            raise RuntimeError(f"secure round {server_round} abandoned: {result.metrics}")
+        # As server/workflow.py does: the weighted sum becomes one aggregate reply.
+        average = {name: total / summed.weight for name, total in summed.total.items()}
+        aggregate = aggregate_reply(self.arrays, average, summed.num_examples)
+        aggregated, _ = self.strategy.aggregate_train(server_round, [aggregate])
+        elapsed = time.perf_counter() - started
+        train = sum(t for kind, t in self.grid.exchanges if kind == MessageType.TRAIN)
+        unmask = sum(t for kind, t in self.grid.exchanges if kind == SECAGG_UNMASK)
+        self.phases["secagg_train_exchange"].append(train)
+        self.phases["secagg_unmask_exchange"].append(unmask)
+        self.phases["secagg_other"].append(elapsed - train - unmask)
+        # Untimed check: the secure average is the old weights plus the fixed delta.
+        error = float(np.abs(aggregated[PARAM_NAME].numpy()
+                             - (self.weights + _fixed_delta(PARAM_NAME, self.weights.shape))).max())
+        self.errors["secagg"] = max(self.errors["secagg"], error)
+        if error > GROSS_ERROR:
+            raise RuntimeError(f"secure round {server_round}: aggregate off by {error}")
+        return elapsed
+
+    def flower(self, server_round: int) -> float:
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+        from flwr.server.workflow.constant import Key
+
+        before = self.legacy.state.array_records[self._params_key]
+        self.legacy.state.config_records[self._configs_key][Key.CURRENT_ROUND] = server_round
+        self.grid.exchanges.clear()
+        started = time.perf_counter()
+        self.workflow(self.grid, self.legacy)
+        elapsed = time.perf_counter() - started
+        exchanges = sum(t for _, t in self.grid.exchanges)  # setup, share keys, collect, unmask
+        self.phases["flower_exchanges"].append(exchanges)
+        self.phases["flower_other"].append(elapsed - exchanges)
+        after = self.legacy.state.array_records[self._params_key]
+        if after is before:
+            raise RuntimeError(f"Flower SecAgg+ round {server_round} produced no aggregate")
+        # Untimed check: the clients echoed the weights, so the average is the weights.
+        (values,) = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, True))
+        error = float(np.abs(values - self.weights).max())
+        self.errors["flower_secaggplus"] = max(self.errors["flower_secaggplus"], error)
+        if error > GROSS_ERROR:
+            raise RuntimeError(f"Flower SecAgg+ round {server_round}: aggregate off by {error}")
+        return elapsed
+
+
+def _descendant_peak_rss_mb() -> float:
+    """Sum of the peak RSS (VmHWM) of this process's descendants (Ray's processes)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    total_kb = 0
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total_kb += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        except (OSError, ValueError):
+            continue
+    return total_kb / 1024
+
+
+def bench_secagg(clients: int, params: int, rounds: int = 3,
+                 cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT) -> dict[str, Any]:
+    """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+."""
+    if clients < 4 or params < 1 or rounds < 1:
+        raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
+                         f"params >= 1, rounds >= 1; got {clients}, {params}, {rounds}")
+    if not 0 < cpus_per_client:
+        raise ValueError(f"cpus_per_client must be positive, got {cpus_per_client}")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import flwr.simulation
+    from flwr.serverapp import ServerApp
+
+    times: dict[str, list[float]] = {"plain": [], "secagg": [], "flower_secaggplus": []}
+    extra: dict[str, Any] = {}
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context: Context) -> None:
+        try:
+            kinds = _Rounds(grid, context, clients, params)
+            # Ray starts its actors and loads the ClientApp on first use: an untimed
+            # plain round takes that cost, so it lands in no kind's figure.
+            extra["warmup_s"] = kinds.plain(0)
+            extra["secagg_setup_s"] = kinds.setup_secagg()
+            for r in range(1, rounds + 1):
+                times["plain"].append(kinds.plain(r))
+                times["secagg"].append(kinds.ours(r))
+                times["flower_secaggplus"].append(kinds.flower(r))
+            extra["max_abs_error"] = kinds.errors
+            extra["phases"] = kinds.phases
+            extra["ray_peak_rss_mb"] = _descendant_peak_rss_mb()
+        except BaseException as err:  # surfaced after the simulation ends
+            failure.append(err)
+            raise
+
+    cores = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cores, "include_dashboard": False,
+                             "logging_level": logging.ERROR, "log_to_driver": False}}
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)
+    started = time.perf_counter()
+    try:
+        flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
+                                       num_supernodes=clients, backend_config=backend)
+    finally:
+        flwr_logger.setLevel(level)
+    wall = time.perf_counter() - started
+    if failure:
+        raise RuntimeError(f"the benchmark ServerApp failed: {failure[0]!r}") from failure[0]
+    if any(len(v) != rounds for v in times.values()):
+        raise RuntimeError(f"the simulation ended early: {times}")
+
+    medians = {k: round(statistics.median(v), 4) for k, v in times.items()}
+    return {
+        "clients": clients, "params": params, "rounds": rounds,
+        "plain_s": medians["plain"], "secagg_s": medians["secagg"],
+        "flower_secaggplus_s": medians["flower_secaggplus"],
+        "secagg_over_plain": round(medians["secagg"] / medians["plain"], 3),
+        "flower_over_ours": round(medians["flower_secaggplus"] / medians["secagg"], 3),
+        "secagg_setup_s": round(extra["secagg_setup_s"], 4),
+        "warmup_s": round(extra["warmup_s"], 2),
+        "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "phases_s": {k: round(statistics.median(v), 4) for k, v in extra["phases"].items()},
+        "max_abs_error": {k: float(f"{v:.3g}") for k, v in extra["max_abs_error"].items()},
+        "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
+        "flower_separate_simulation": False,
+        "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "ray_peak_rss_mb": round(extra.get("ray_peak_rss_mb", 0.0), 1),
+    }

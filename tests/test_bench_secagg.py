@@ -1,0 +1,35 @@
+"""`consortia bench secagg`: plain, our secure and Flower's SecAgg+ rounds in one simulation."""
+
+import pytest
+
+from consortia.simulations.bench_secagg import bench_secagg
+
+pytestmark = pytest.mark.slow
+
+TIME_KEYS = ("plain_s", "secagg_s", "flower_secaggplus_s", "secagg_setup_s")
+
+
+def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them():
+    report = bench_secagg(clients=4, params=1000, rounds=1)
+
+    for key in ("clients", "params", "rounds", *TIME_KEYS, "secagg_over_plain",
+                "flower_over_ours", "peak_rss_mb"):
+        assert key in report, key
+    assert (report["clients"], report["params"], report["rounds"]) == (4, 1000, 1)
+    assert report["flower_separate_simulation"] is False
+    for key in TIME_KEYS:
+        assert isinstance(report[key], float) and report[key] > 0, (key, report[key])
+    for kind, times in report["rounds_s"].items():
+        assert len(times) == 1 and times[0] > 0, kind
+    assert report["secagg_over_plain"] == pytest.approx(
+        report["secagg_s"] / report["plain_s"], abs=0.001)
+    assert report["flower_over_ours"] == pytest.approx(
+        report["flower_secaggplus_s"] / report["secagg_s"], abs=0.001)
+    # Both secure rounds aggregated what the clients sent (ours to within its quantization).
+    assert report["max_abs_error"]["secagg"] < 1e-6
+    assert report["max_abs_error"]["flower_secaggplus"] < 0.05
+
+
+def test_bench_secagg_rejects_too_few_clients():
+    with pytest.raises(ValueError, match="clients >= 4"):
+        bench_secagg(clients=3, params=10)
