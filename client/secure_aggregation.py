@@ -48,15 +48,14 @@ class SecAggClient:
         session = self._load(setup.run_id)
         names = update_vector_order(old.keys())
         update = np.concatenate([
-            (new[name].numpy().astype(np.float64) - old[name].numpy().astype(np.float64)).ravel()
-            for name in names])
+            (new[name].numpy() - old[name].numpy()).ravel() for name in names])
         if ins.unweighted:
             update = np.append(update, 0.0 if indicator is None else indicator)
         weight = 1.0 if ins.unweighted else min(1.0, num_examples / ins.weight_scale)
         rng = np.random.default_rng(stable_seed(seed, setup.round_num, self.context.node_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
                          weight=weight, rng=rng)
-        masked = session.share_keys_and_mask_input(setup, encoded)
+        masked = session.share_keys_and_mask_input(setup, encoded, consume=True)
         self._save(session)
         return (ArrayRecord({"vector": Array(masked.masked)}),
                 ConfigRecord({"masked_input": masked.to_bytes(include_vector=False)}))

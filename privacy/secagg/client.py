@@ -87,7 +87,8 @@ class ClientSecAggSession:
 
     # Stage 1 (ShareKeys + MaskedInputCollection, merged) ---------------------------------
 
-    def share_keys_and_mask_input(self, setup: RoundSetup, encoded: np.ndarray) -> MaskedInput:
+    def share_keys_and_mask_input(self, setup: RoundSetup, encoded: np.ndarray, *,
+                                  consume: bool = False) -> MaskedInput:
         """Mask ``encoded`` (uint32, from :func:`quantize.encode`) and share the secrets.
 
         Draws a fresh self-mask seed b_i, derives one pairwise seed per neighbour, splits
@@ -123,7 +124,9 @@ class ClientSecAggSession:
             key = plan.share_key(self._encryption_keys, me, h, h)
             encrypted[h] = aead.seal(key, bundle, plan.share_associated_data(me, h))
 
-        masked = encoded.copy()
+        # consume=True masks the caller's buffer in place (it must not use it afterwards):
+        # one 4-bytes-per-parameter copy less per client and round.
+        masked = encoded if consume else encoded.copy()
         add_mask(masked, plan.self_mask_key(self_mask_seed, me), sign=1)
         for j in neighbours:
             add_mask(masked, pair_seeds[j], sign=pairwise_sign(me, j))

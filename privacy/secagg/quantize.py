@@ -97,12 +97,19 @@ def encode(
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     rng = rng if rng is not None else np.random.default_rng()
     step = step_size(clip, bits)
-    q = clip_l2(update, clip)  # a float64 copy: the steps below work in place on it
-    if weight != 1.0:
-        q *= weight
-    q += clip
-    q *= 1.0 / step
-    q += rng.random(q.shape)
+    x = np.asarray(update).ravel()
+    norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm):  # one pass instead of isfinite over the whole vector
+        raise ValueError("update contains NaN or infinite values")
+    factor = weight * (clip / norm if norm > clip else 1.0)
+    # One float64 buffer, every step in place: clipping, weighting and scaling fold into
+    # one multiply (this runs once per client per round over the whole model).
+    q = np.empty(x.shape, dtype=np.float64)
+    np.multiply(x, factor / step, out=q)
+    q += clip / step
+    u = np.empty_like(q)
+    rng.random(out=u)
+    q += u
     np.floor(q, out=q)
     # Float rounding at exactly +clip can reach 2**bits; clamp (changes nothing else).
     np.clip(q, 0, 2**bits - 1, out=q)
