@@ -18,7 +18,6 @@ from consortia.client.trainer import LocalTrainer, stable_seed
 from consortia.messages import (
     ARRAYS,
     CONFIG,
-    MASKED,
     SECAGG,
     SecAggInstructions,
     TrainInstructions,
@@ -78,10 +77,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         # Under secure aggregation only the masked update leaves this client (and the
         # clipping indicator rides inside it, not in the clear report).
         report = report.model_copy(update={"within_clip": None})
-        vector, header = SecAggClient(context).mask_update(
-            secagg, msg.content[ARRAYS], weights, report.num_examples, ins.seed, indicator)
-        content = report.to_content()
-        content[MASKED], content[SECAGG] = vector, header
+        content = SecAggClient(context).masked_content(report, secagg, msg.content[ARRAYS],
+                                                       weights, ins.seed, indicator)
         return Message(content, reply_to=msg)
 
     @app.train("secagg_advertise")

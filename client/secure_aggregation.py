@@ -13,7 +13,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from consortia.client.trainer import stable_seed
-from consortia.messages import SECAGG, SecAggInstructions, secagg_run_id, update_vector_order
+from consortia.messages import (
+    MASKED,
+    SECAGG,
+    SecAggInstructions,
+    TrainReport,
+    secagg_run_id,
+    update_vector_order,
+)
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
 
 STATE_KEY = "consortia.secagg"
@@ -59,6 +66,16 @@ class SecAggClient:
         self._save(session)
         return (ArrayRecord({"vector": Array(masked.masked)}),
                 ConfigRecord({"masked_input": masked.to_bytes(include_vector=False)}))
+
+    def masked_content(self, report: TrainReport, ins: SecAggInstructions, old: ArrayRecord,
+                       new: dict[str, torch.Tensor], seed: int, indicator: float | None = None
+                       ) -> RecordDict:
+        """The train reply's content under secure aggregation: the report in the clear,
+        the update only masked."""
+        vector, header = self.mask_update(ins, old, new, report.num_examples, seed, indicator)
+        content = report.to_content()
+        content[MASKED], content[SECAGG] = vector, header
+        return content
 
     def unmask(self, request_bytes: bytes) -> RecordDict:
         request = UnmaskRequest.from_bytes(request_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -74,6 +75,13 @@ def sim_run(
         except (ResultsDirError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # Flower's ServerApp thread would wait for replies from Ray actors that are
+            # gone; checkpoints and ledgers are written atomically, so leave at once.
+            progress.stop()
+            console.print(f"interrupted; continue with: consortia sim run {config} --out {out} "
+                          "--resume")
+            os._exit(130)
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
@@ -217,13 +225,14 @@ def console_token(token_file: Path | None = TokenFileOption) -> None:
 @runs_app.command("ls")
 def runs_ls(store: str | None = StoreOption, as_json: bool = JsonOption) -> None:
     """List the runs in the store, newest first."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     runs = _open_store(store).list_runs()
     if as_json:
         typer.echo(json.dumps(runs, indent=2))
         return
-    table = Table("run", "task", "kind", "status", "rounds", "started", "updated", "stop requested")
+    table = Table("task", "kind", "status", "rounds", "started", "updated", "stop requested")
+    table.columns.insert(0, Column("run", no_wrap=True, min_width=12))  # ids are to be copied
     for r in runs:
         table.add_row(r["run_id"], r["task"], r["kind"], r["status"],
                       f"{r['rounds_completed']}/{r['rounds_total']}", _when(r["created_at"]),
@@ -301,11 +310,12 @@ def bench_console(
     readers: int = typer.Option(20, "--readers", help="concurrent readers polling the run page's API"),
     rounds: int = typer.Option(6, "--rounds", help="rounds of the digits simulation that writes"),
     clients: int = typer.Option(4, "--clients"),
+    think_s: float = typer.Option(0.25, "--think-s", help="each reader's pause between page loads"),
 ) -> None:
     """Run-page API latency (p50/p95) with concurrent readers while a simulation writes to SQLite."""
     from consortia.simulations.bench_console import bench_console as run
 
-    typer.echo(json.dumps(run(readers=readers, rounds=rounds, clients=clients)))
+    typer.echo(json.dumps(run(readers=readers, rounds=rounds, clients=clients, think_s=think_s)))
 
 # --- end of operator console and run store ------------------------------------------------
 

@@ -50,7 +50,6 @@ from consortia.client.secure_aggregation import SecAggClient
 from consortia.messages import (
     ARRAYS,
     CONFIG,
-    MASKED,
     METRICS,
     NUM_EXAMPLES,
     SECAGG,
@@ -136,11 +135,8 @@ def _train(msg: Message, context: Context) -> Message:
         values = array.numpy()
         new[name] = torch.from_numpy(values + _fixed_delta(name, values.shape))
     report = TrainReport(client_id=str(context.node_id), status="trained", num_examples=1)
-    vector, header = SecAggClient(context).mask_update(secagg, old, new, report.num_examples,
-                                                       ins.seed)
-    reply = report.to_content()
-    reply[MASKED], reply[SECAGG] = vector, header
-    return Message(reply, reply_to=msg)
+    return Message(SecAggClient(context).masked_content(report, secagg, old, new, ins.seed),
+                   reply_to=msg)
 
 
 @client_app.train("secagg_advertise")

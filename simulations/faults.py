@@ -15,15 +15,19 @@ from consortia.messages import ARRAYS
 MALFORMATIONS = ("nan", "shape", "unknown-key")
 
 
+def checked_kinds(kinds: dict[int, str], accepted: tuple[str, ...], what: str) -> dict[int, str]:
+    for partition_id, kind in kinds.items():
+        if kind not in accepted:
+            raise ValueError(f"client {partition_id}: unknown {what} {kind!r}; "
+                             f"accepted: {', '.join(accepted)}")
+    return dict(kinds)
+
+
 class MalformedUpdates:
     """A client mod: clients listed in `kinds` (partition id -> malformation) corrupt replies."""
 
     def __init__(self, kinds: dict[int, str]):
-        for partition_id, kind in kinds.items():
-            if kind not in MALFORMATIONS:
-                raise ValueError(f"client {partition_id}: unknown malformation {kind!r}; "
-                                 f"accepted: {', '.join(MALFORMATIONS)}")
-        self.kinds = dict(kinds)
+        self.kinds = checked_kinds(kinds, MALFORMATIONS, "malformation")
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
@@ -55,11 +59,7 @@ class SecAggFaults:
     """
 
     def __init__(self, kinds: dict[int, str]):
-        for partition_id, kind in kinds.items():
-            if kind not in SECAGG_FAULTS:
-                raise ValueError(f"client {partition_id}: unknown fault {kind!r}; "
-                                 f"accepted: {', '.join(SECAGG_FAULTS)}")
-        self.kinds = dict(kinds)
+        self.kinds = checked_kinds(kinds, SECAGG_FAULTS, "fault")
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         from consortia.messages import MASKED, SECAGG, SECAGG_UNMASK

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from consortia.config import RunConfig, config_to_dict
+from consortia.config import RunConfig, config_to_dict, validate_config
 from consortia.privacy.storage import atomic_write_json
+from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
 RUN_FILE = "run.json"
@@ -29,8 +31,10 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
             raise ResultsDirError(
                 f"{out_dir} already holds run {stored['run_id']}; pass --resume to continue "
                 "it, or choose another --out")
-        if stored["config"] != config_to_dict(cfg):
-            old, new = stored["config"], config_to_dict(cfg)
+        # Read the stored config through today's schema, so keys added since (with their
+        # defaults) do not count as differences.
+        old, new = config_to_dict(validate_config(stored["config"], str(run_file))), config_to_dict(cfg)
+        if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ResultsDirError(
                 f"--resume with a config that differs from the stored run in: {', '.join(diff)}")
@@ -57,14 +61,18 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
-                   client_mods: list | None = None) -> dict[str, Any]:
+                   client_mods: list | None = None, store: RunStore | None = None
+                   ) -> dict[str, Any]:
     """Run the federation described by `cfg`; return its summary (also in out_dir).
 
     `client_mods` are Flower client mods wrapped around every virtual client (fault
     injection uses them); `on_round` gets each round's metrics row as it is recorded.
+    The run is recorded in `store` if given (the caller closes it), else in the store that
+    `cfg.store.url` names (default: store.db in out_dir).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray notice
     import flwr.simulation
 
     from consortia.client import build_client_app
@@ -72,20 +80,35 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     from consortia.simulations.faults import configured_mods
     from consortia.simulations.sites import SimulationSites, partitions_for
 
+    started = time.monotonic()
     out_dir = Path(out_dir)
     partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
+    # A store that cannot be opened fails here, before the results directory or Ray.
+    own_store = store is None
+    if store is None and cfg.store.url:
+        store = RunStore(cfg.store.url)
     run_id = prepare_out_dir(cfg, out_dir, resume)
+    store = store or RunStore(default_store_url(out_dir))
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    flwr.simulation.run_simulation(
-        server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
-                                    on_round=on_round),
-        client_app=build_client_app(SimulationSites(cfg, out_dir),
-                                     mods=configured_mods(cfg) + list(client_mods or [])),
-        num_supernodes=cfg.clients,
-        backend_config=backend_config(cfg),
-    )
+        # Flower warns that run_simulation is deprecated and that federated evaluation is
+        # off (we evaluate on the server): both expected; our own log keeps its warnings.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    try:
+        flwr.simulation.run_simulation(
+            server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
+                                        on_round=on_round, store=store),
+            client_app=build_client_app(SimulationSites(cfg, out_dir),
+                                         mods=configured_mods(cfg) + list(client_mods or [])),
+            num_supernodes=cfg.clients,
+            backend_config=backend_config(cfg),
+        )
+    finally:
+        if own_store:
+            store.close()
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    summary["wall_s"] = round(time.monotonic() - started, 2)  # this process, Ray's start included
+    atomic_write_json(summary_path, summary)
+    return summary

@@ -113,7 +113,12 @@ class UserLevelDP:
             noisy = update_sum
             realized = self.noise_multiplier * math.sqrt(min(contributors, k) / k)
         average = {n: s / k for n, s in noisy.items()}
-        self.history.append((realized, self.sample_rate, 1))
+        if self.history and self.history[-1][:2] == (realized, self.sample_rate):
+            # Same mechanism as last round: one entry with more steps, as Opacus keeps it
+            # (an RDP evaluation costs per entry).
+            self.history[-1] = (realized, self.sample_rate, self.history[-1][2] + 1)
+        else:
+            self.history.append((realized, self.sample_rate, 1))
 
         metrics: dict[str, Any] = {"user_clip": clip_used, "user_noise_multiplier": realized}
         if self.adaptive:
