@@ -130,3 +130,26 @@ def test_strategy_parameters_are_validated_at_start():
         with pytest.raises(ConfigError, match=f"strategy.name = '{rule}'.*secure aggregation"):
             load_config(None, ["clients=8", "clients_per_round=8", f"strategy.name={rule}",
                                "secagg.enabled=true"])
+
+
+@pytest.mark.parametrize("name, params", [
+    ("fedavg", []), ("fedavgm", ["strategy.server_momentum=0.9"]),
+    ("fedadam", ["strategy.server_lr=0.1"]), ("fedyogi", []), ("fedadagrad", []),
+    ("fedprox", ["strategy.mu=0.1"]),
+])
+def test_server_rules_give_the_same_model_from_the_secure_sum_as_from_each_update(name, params):
+    """Under secure aggregation the rule gets one reply carrying global + mean update."""
+    from consortia.server.aggregates import UpdateSum, aggregate_reply
+
+    current = ArrayRecord({"w": Array(np.asarray([0.5, -0.5], dtype=np.float32))})
+    values, weights = [[1.0, 2.0], [3.0, -1.0], [0.0, 0.5]], [10, 20, 30]
+    individual = strategy(name, 3, *params)
+    list(individual.configure_train(1, current, ConfigRecord(), FakeGrid(3)))
+    expected, _ = individual.aggregate_train(1, replies(values, weights))
+
+    summed = UpdateSum.of_replies(replies(values, weights), current, weighted=True)
+    mean = {k: t / summed.weight for k, t in summed.total.items()}
+    secure = strategy(name, 3, *params)
+    list(secure.configure_train(1, current, ConfigRecord(), FakeGrid(3)))
+    got, _ = secure.aggregate_train(1, [aggregate_reply(current, mean, summed.num_examples)])
+    assert np.allclose(got["w"].numpy(), expected["w"].numpy(), atol=1e-6)
