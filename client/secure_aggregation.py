@@ -50,7 +50,8 @@ class SecAggClient:
 
     def mask_update(self, ins: SecAggInstructions, old: ArrayRecord,
                     new: dict[str, torch.Tensor], num_examples: int, seed: int,
-                    indicator: float | None = None) -> tuple[ArrayRecord, ConfigRecord]:
+                    indicator: float | None = None, client_id: str = ""
+                    ) -> tuple[ArrayRecord, ConfigRecord]:
         setup = RoundSetup.from_bytes(ins.setup)
         session = self._load(setup.run_id)
         names = update_vector_order(old.keys())
@@ -59,7 +60,9 @@ class SecAggClient:
         if ins.unweighted:
             update = np.append(update, 0.0 if indicator is None else indicator)
         weight = 1.0 if ins.unweighted else min(1.0, num_examples / ins.weight_scale)
-        rng = np.random.default_rng(stable_seed(seed, setup.round_num, self.context.node_id))
+        # Stochastic rounding seeded by (run seed, round, client): the same config gives the
+        # same sum in every run (node ids change from run to run; the client's id does not).
+        rng = np.random.default_rng(stable_seed(seed, setup.round_num, client_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
                          weight=weight, rng=rng)
         masked = session.share_keys_and_mask_input(setup, encoded, consume=True)
@@ -72,7 +75,8 @@ class SecAggClient:
                        ) -> RecordDict:
         """The train reply's content under secure aggregation: the report in the clear,
         the update only masked."""
-        vector, header = self.mask_update(ins, old, new, report.num_examples, seed, indicator)
+        vector, header = self.mask_update(ins, old, new, report.num_examples, seed, indicator,
+                                          report.client_id)
         content = report.to_content()
         content[MASKED], content[SECAGG] = vector, header
         return content

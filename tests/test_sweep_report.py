@@ -1,0 +1,62 @@
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from consortia.config import ConfigError
+from consortia.simulations.report import write_comparison
+from consortia.simulations.sweep import cells, parse_grid, run_sweep
+
+SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+
+
+def test_grid_parsing_and_cells():
+    grid = parse_grid(["lr=0.1,0.2", "partition.kind=iid,dirichlet"])
+    assert cells(grid) == [
+        {"lr": "0.1", "partition.kind": "iid"}, {"lr": "0.1", "partition.kind": "dirichlet"},
+        {"lr": "0.2", "partition.kind": "iid"}, {"lr": "0.2", "partition.kind": "dirichlet"}]
+    with pytest.raises(ConfigError, match="key=v1,v2"):
+        parse_grid(["lr"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["lr=1", "lr=2"])
+
+
+def test_a_bad_cell_fails_before_any_cell_runs(tmp_path):
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        run_sweep(SMOKE, ["clients_per_round=2,9"], tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, monkeypatch):
+    seen = []
+    path = run_sweep(SMOKE, ["lr=0.05,0.3"], tmp_path, ["rounds=2", "privacy.enabled=false"],
+                     on_cell=lambda i, n, name, done: seen.append(done))
+    assert seen == [False, False]
+    rows = list(csv.DictReader(path.open()))
+    assert [r["lr"] for r in rows] == ["0.05", "0.3"]
+    assert all(0 < float(r["final_accuracy"]) <= 1 and float(r["duration_s"]) > 0 for r in rows)
+    assert rows[0]["epsilon_max"] == ""  # no DP in these cells
+
+    # Each run wrote a self-contained report with its plots and its client table.
+    for cell in ("lr=0.05", "lr=0.3"):
+        report = (tmp_path / cell / "report.html").read_text()
+        assert report.count("data:image/png;base64,") >= 2
+        assert "src='http" not in report and "<script" not in report  # opens offline
+        assert len(re.findall(r"<tr><td>\d+</td>", report)) >= 4  # 4 clients (and 2 rounds)
+
+    # A second sweep finds every cell done and runs nothing.
+    import consortia.simulations.runner as runner
+
+    monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("re-ran a cell"))
+    seen.clear()
+    run_sweep(SMOKE, ["lr=0.05,0.3"], tmp_path, ["rounds=2", "privacy.enabled=false"],
+              on_cell=lambda i, n, name, done: seen.append(done))
+    assert seen == [True, True]
+
+    page = write_comparison([tmp_path / "lr=0.05", tmp_path / "lr=0.3"], tmp_path / "cmp.html")
+    html = page.read_text()
+    assert "lr=0.05" in html and "lr=0.3" in html and "data:image/png;base64," in html
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        write_comparison([tmp_path], tmp_path / "x.html")
