@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.consortia-installed
 DEMO_OUT    ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint clean
+.PHONY: install data browser demo test lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,13 +31,24 @@ data:
 		     "or set data_dir in the config (or CONSORTIA_FASHION_MNIST_DIR) to your copy."; exit 1; \
 	fi
 
+# The console's browser test drives Debian's chromium through chromium-driver (no browser
+# download); without them, and not root, that test is skipped.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	else \
+		echo "chromium / chromium-driver missing: the console's browser test will be skipped" \
+		     "('sudo apt-get install chromium chromium-driver' to run it)"; \
+	fi
+
 demo: install data
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/consortia sim run simulations/experiments/fmnist-dp.toml --out $(DEMO_OUT) --set rounds=5
 	@echo "Results are in $(DEMO_OUT)/: metrics.jsonl (per round), summary.json (per client ε), checkpoints/"
 
 # pytest exits 5 when it collects no tests: that is not a failure of the set-up.
-test: install data
+test: install data browser
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
 
 lint: install

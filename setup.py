@@ -23,6 +23,7 @@ for room in ROOMS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"consortia.simulations": ["experiments/*.toml"]},
+    package_data={"consortia.simulations": ["experiments/*.toml"],
+                  "consortia.server.console": ["static/*"]},  # the console's page, vendored
     include_package_data=True,
 )

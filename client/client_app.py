@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from consortia.client.secure_aggregation import SecAggClient
@@ -80,6 +80,12 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         content = SecAggClient(context).masked_content(report, secagg, msg.content[ARRAYS],
                                                        weights, ins.seed, indicator)
         return Message(content, reply_to=msg)
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        client_id = load_site(context).client_id
+        return Message(RecordDict({"identity": ConfigRecord({"client_id": client_id})}),
+                       reply_to=msg)
 
     @app.train("secagg_advertise")
     def advertise(msg: Message, context: Context) -> Message:

@@ -87,6 +87,51 @@ def sim_run(
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
+@sim_app.command("sweep")
+def sim_sweep(
+    config: Path = typer.Argument(..., help="experiment TOML"),
+    grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeat for more keys)"),
+    out: Path = typer.Option(..., "--out", help="sweep directory: one run per cell, sweep.csv"),
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Run every combination of the --grid values (finished cells are skipped); write sweep.csv."""
+    from consortia.simulations.sweep import run_sweep
+
+    def on_cell(i: int, total: int, name: str, done: bool) -> None:
+        console.print(f"[{i + 1}/{total}] {name}" + (" (done, skipped)" if done else ""))
+
+    try:
+        path = run_sweep(config, grid, out, overrides, on_cell=on_cell)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    typer.echo(f"sweep: {path.resolve()}")
+
+
+@sim_app.command("compare")
+def sim_compare(
+    runs: list[Path] = typer.Argument(..., help="run directories"),
+    out: Path = typer.Option(..., "--out", help="HTML file to write"),
+) -> None:
+    """Overlay runs (accuracy, loss, largest client ε) in one self-contained HTML page."""
+    from consortia.simulations.report import write_comparison
+
+    try:
+        path = write_comparison(runs, out)
+    except FileNotFoundError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    typer.echo(f"comparison: {path.resolve()}")
+
+
+@sim_app.command("report")
+def sim_report(run: Path = typer.Argument(..., help="run directory")) -> None:
+    """(Re)write RUN/report.html from the run's files."""
+    from consortia.simulations.report import write_report
+
+    typer.echo(f"report: {write_report(run).resolve()}")
+
+
 @bench_app.command("dp")
 def bench_dp(
     task: str = typer.Option("fashion-mnist-cnn", help="task whose model to time"),

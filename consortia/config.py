@@ -112,6 +112,31 @@ class SimConfig(_Section):
     num_gpus_per_client: float = Field(0.0, ge=0)
     max_actors: int | None = Field(None, ge=1, description="Ray actors; default: CPUs / per-client CPUs")
     reply_timeout_s: float = Field(3600.0, gt=0)
+    ray_address: str | None = Field(
+        None, description="attach to this running Ray cluster (e.g. 127.0.0.1:6379) instead "
+                          "of starting one on this machine")
+
+
+class StoreConfig(_Section):
+    """The run store that `consortia console` and `consortia runs` read (server/store/)."""
+
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (sqlite:///PATH or postgresql://...) or a SQLite file path; "
+                    "unset: store.db inside the run's --out directory")
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from consortia.server.store import StoreError, resolve_store_url  # late: sqlalchemy
+
+        try:
+            resolve_store_url(value)
+        except StoreError as err:
+            raise ValueError(str(err)) from None
+        return value
 
 
 class RunConfig(_Section):
@@ -133,6 +158,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     faults: FaultsConfig = FaultsConfig()
     sim: SimConfig = SimConfig()
+    store: StoreConfig = StoreConfig()
 
     @field_validator("task")
     @classmethod

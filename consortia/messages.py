@@ -115,6 +115,10 @@ class TrainReport(_Record):
         return cls.from_config_record(content.config_records.get(REPORT), "train report")
 
 
+# Once per node and run, the server asks which client a node is (server/directory.py).
+IDENTIFY = "query.identify"
+
+
 # --- secure aggregation ---------------------------------------------------------------
 # Message types: the advertisement (once per run) and the unmasking (once per round) are
 # custom train actions; the masked update rides on the ordinary train reply.

@@ -13,10 +13,13 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consortia.privacy.storage import atomic_write_bytes, atomic_write_json
 from consortia.server.validation import ReplyOutcome
+
+if TYPE_CHECKING:
+    from consortia.server.store import RunStore
 
 METRICS_FILE = "metrics.jsonl"
 PARTICIPATION_FILE = "participation.jsonl"
@@ -35,12 +38,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class RunRecorder:
-    def __init__(self, out_dir: str | Path):
+    """Writes the results files; with a run store (`store`, `run_id`) mirrors each row into it."""
+
+    def __init__(self, out_dir: str | Path, store: RunStore | None = None,
+                 run_id: str | None = None):
+        if store is not None and run_id is None:
+            raise ValueError("RunRecorder: a store needs the run_id to record under")
         self.out_dir = Path(out_dir)
         self.metrics_path = self.out_dir / METRICS_FILE
         self.participation_path = self.out_dir / PARTICIPATION_FILE
         self.rows: list[dict[str, Any]] = []
         self.participation: list[dict[str, Any]] = []
+        self.store = store
+        self.run_id = run_id
 
     def restore(self, last_round: int) -> None:
         """Keep what was recorded up to `last_round` (the checkpoint being resumed)."""
@@ -49,6 +59,8 @@ class RunRecorder:
                               if p["round"] <= last_round]
         self._rewrite(self.metrics_path, self.rows)
         self._rewrite(self.participation_path, self.participation)
+        if self.store is not None:  # the store mirrors the files
+            self.store.replace_rounds(self.run_id, last_round, self.rows, self.participation)
 
     @staticmethod
     def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -115,6 +127,8 @@ class RunRecorder:
         }
         self.rows.append(row)
         self._append(self.metrics_path, [row])
+        if self.store is not None:  # the store mirrors the files
+            self.store.record_round(self.run_id, row, participation)
         return row
 
     def write_summary(self, *, task: str, rounds: int, delta: float | None,

@@ -8,19 +8,21 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from consortia.config import RunConfig
+from consortia.server.store import RunStore
 from consortia.server.workflow import RoundCallback, RoundWorkflow
 from consortia.strategies import build_strategy
 from consortia.tasks import get_task
 
 
 def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume: bool = False,
-                     on_round: RoundCallback | None = None) -> ServerApp:
+                     on_round: RoundCallback | None = None,
+                     store: RunStore | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         workflow = RoundWorkflow(cfg, get_task(cfg.task), build_strategy(cfg), Path(out_dir),
-                                 run_id, on_round)
+                                 run_id, on_round, store)
         workflow.run(grid, resume=resume)
 
     return app

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +27,15 @@ from consortia.messages import ARRAYS, TrainInstructions
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply
 from consortia.server.checkpoint import CheckpointStore
+from consortia.server.directory import NodeDirectory, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
 from consortia.tasks import Task
+
+if TYPE_CHECKING:
+    from consortia.server.checkpoint import Checkpoint
+    from consortia.server.store import RunStore
 
 log = logging.getLogger("consortia.server")
 
@@ -68,14 +73,19 @@ class RoundWorkflow:
     out_dir: Path
     run_id: str
     on_round: RoundCallback | None = None
+    # The run store (optional): rounds, checkpoints and the run's status are recorded in it,
+    # and a stop requested there ends the run after the current round.
+    store: RunStore | None = None
     checkpoints: CheckpointStore = field(init=False)
     recorder: RunRecorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints")
-        self.recorder = RunRecorder(self.out_dir)
+        self.recorder = RunRecorder(self.out_dir, self.store,
+                                    self.run_id if self.store is not None else None)
         self.test_set = self.task.load_data(self.cfg.data_dir).test
         self.device = server_device()
+        self.directory = NodeDirectory(self.cfg.sim.reply_timeout_s)
         self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s)
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
@@ -108,13 +118,17 @@ class RoundWorkflow:
         """Round 0 is the initial model; resuming continues from the latest checkpoint."""
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
+            for ckpt in self.checkpoints.all():  # a store opened after the run began catches up
+                if ckpt.round <= latest.round:
+                    self.record_checkpoint(ckpt)
             self.recorder.restore(latest.round)
             if self.user_dp is not None:  # the user-level accountant and clip carry on
                 self.user_dp.load_state_dict(latest.manifest["user_dp"])
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
             return latest.round, numpy_to_arrays(latest.load_weights())
         arrays = self.initial_model()
-        self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays), self.state())
+        self.record_checkpoint(self.checkpoints.save(0, arrays_to_numpy(arrays),
+                                                     self.evaluate(arrays), self.state()))
         self.recorder.restore(0)
         return 0, arrays
 
@@ -122,11 +136,40 @@ class RoundWorkflow:
         """What a checkpoint must hold besides the weights for a resume to be exact."""
         return {"user_dp": self.user_dp.state_dict()} if self.user_dp else {}
 
+    def record_checkpoint(self, ckpt: Checkpoint) -> None:
+        if self.store is not None:
+            self.store.record_checkpoint(self.run_id, ckpt.round, ckpt.sha256, ckpt.parent_sha256,
+                                         ckpt.weights_path.resolve(),
+                                         ckpt.manifest.get("created_at"))
+
+    def stop_requested(self) -> bool:
+        return self.store is not None and self.store.stop_requested(self.run_id)
+
     def run(self, grid: Grid, resume: bool = False) -> None:
+        if self.store is None:
+            self.run_rounds(grid, resume)
+            return
+        self.store.start_run(self.run_id, task=self.cfg.task, rounds_total=self.cfg.rounds,
+                             config=config_to_dict(self.cfg), out_dir=self.out_dir.resolve())
+        try:
+            stopped = self.run_rounds(grid, resume)
+        except BaseException as err:
+            self.store.finish_run(self.run_id, "failed", f"{type(err).__name__}: {err}")
+            raise
+        self.store.finish_run(self.run_id, "stopped" if stopped else "completed")
+
+    def run_rounds(self, grid: Grid, resume: bool) -> bool:
+        """Run the rounds; True when an operator's stop request ended the run early."""
         start_round, arrays = self.start_state(resume)
+        stopped = False
         for server_round in range(start_round + 1, self.cfg.rounds + 1):
             config = self.instructions().to_config_record()
             arrays = self.run_round(grid, server_round, arrays, config)
+            if server_round < self.cfg.rounds and self.stop_requested():
+                log.warning("stop requested: the run ends after round %d (checkpoint kept)",
+                            server_round)
+                stopped = True
+                break
         extra: dict[str, Any] = {"run_id": self.run_id}
         if self.user_dp is not None:
             extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
@@ -139,13 +182,18 @@ class RoundWorkflow:
             task=self.cfg.task, rounds=self.cfg.rounds,
             delta=self.cfg.privacy.delta if (self.cfg.privacy.enabled or self.user_dp) else None,
             config=config_to_dict(self.cfg), extra=extra)
+        return stopped
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config) -> ArrayRecord:
         started = time.monotonic()
         # Flower's strategies sample with the `random` module: seed it per round so the
         # same config and seed sample the same way.
+        self.directory.identify(grid, grid.get_node_ids())  # messaging may draw from `random`
         random.seed(f"{self.cfg.seed}/{server_round}")
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        # The strategy samples from nodes listed in client order (server/directory.py), so
+        # the same seed samples the same clients in every run.
+        messages = list(self.strategy.configure_train(server_round, arrays, config,
+                                                      self.directory.ordered(grid)))
         if self.secure is not None:
             result = self.secure.run_round(grid, server_round, messages, arrays)
             outcomes, summed, round_metrics = result.outcomes, result.summed, result.metrics
@@ -186,6 +234,7 @@ class RoundWorkflow:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,
                                            self.state())
+        self.record_checkpoint(checkpoint)
         row = self.recorder.record_round(server_round, metrics, outcomes,
                                          time.monotonic() - started, checkpoint.sha256)
         if self.on_round is not None:
@@ -200,7 +249,10 @@ class RoundWorkflow:
         answered = {o.node_id for o in outcomes}
         outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
                      for m in messages if m.metadata.dst_node_id not in answered]
-        return outcomes, [o.message for o in outcomes if o.status == "trained"]
+        # Aggregate in client order: a float sum must not depend on who answered first.
+        trained = sorted((o for o in outcomes if o.status == "trained"),
+                         key=lambda o: natural_key(o.client_id))
+        return outcomes, [o.message for o in trained]
 
     def check_user_clip(self, outcomes: list[ReplyOutcome], accepted: list[Message],
                         arrays: ArrayRecord) -> list[Message]:

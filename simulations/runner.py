@@ -51,11 +51,17 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     if cfg.sim.max_actors is not None:
         cpus = min(cpus, int(cfg.sim.max_actors * cfg.sim.num_cpus_per_client))
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.sim.ray_address:
+        # An existing cluster brings its own resources: Flower sizes the actor pool from
+        # what the cluster offers and `client_resources` (fractional GPUs included).
+        init_args["address"] = cfg.sim.ray_address
+    else:
+        init_args |= {"num_cpus": max(cpus, 1), "include_dashboard": False}
     return {
         "client_resources": {"num_cpus": cfg.sim.num_cpus_per_client,
                              "num_gpus": cfg.sim.num_gpus_per_client},
-        "init_args": {"num_cpus": max(cpus, 1), "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": False},
+        "init_args": init_args,
     }
 
 
@@ -111,4 +117,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = round(time.monotonic() - started, 2)  # this process, Ray's start included
     atomic_write_json(summary_path, summary)
+    from consortia.simulations.report import write_report
+
+    write_report(out_dir)
     return summary

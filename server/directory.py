@@ -1,0 +1,68 @@
+"""Which client is behind each Flower node, and a stable order of nodes for sampling.
+
+Flower's node ids are random for every run (and every SuperNode registration), and the
+Grid lists them as a set, so a strategy that samples `random.sample(nodes, k)` picks
+different clients from run to run even with a seeded `random`. Once per node and run the
+server asks for the client's own id (one `query.identify` exchange for new nodes); the
+strategy then sees the nodes ordered by client id, so the same seed samples the same
+clients, and the console can name the site behind a node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from consortia.messages import IDENTIFY
+
+log = logging.getLogger("consortia.server")
+
+
+def natural_key(client_id: str) -> tuple:
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+
+
+class NodeDirectory:
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.client_of: dict[int, str] = {}
+
+    def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        new = [n for n in node_ids if n not in self.client_of]
+        if not new:
+            return
+        requests = [Message(RecordDict({"identify": ConfigRecord()}), dst_node_id=n,
+                            message_type=IDENTIFY) for n in new]
+        for reply in grid.send_and_receive(requests, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s did not say which client it is: %s", node,
+                            reply.error.reason)
+                continue
+            try:
+                self.client_of[node] = str(reply.content["identity"]["client_id"])
+            except (KeyError, TypeError) as err:
+                log.warning("node %s sent a malformed identity: %r", node, err)
+
+    def ordered(self, grid: Grid) -> OrderedGrid:
+        return OrderedGrid(grid, self)
+
+
+class OrderedGrid:
+    """The Grid as the strategy sees it: nodes listed in client-id order (known first)."""
+
+    def __init__(self, grid: Grid, directory: NodeDirectory):
+        self._grid, self._directory = grid, directory
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        self._directory.identify(self._grid, nodes)
+        known = {n: self._directory.client_of[n] for n in nodes if n in self._directory.client_of}
+        return (sorted(known, key=lambda n: natural_key(known[n]))
+                + sorted(n for n in nodes if n not in known))
+
+    def __getattr__(self, name):  # everything else is the real Grid's
+        return getattr(self._grid, name)

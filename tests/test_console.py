@@ -1,0 +1,191 @@
+"""The console's API and page over a run store (FastAPI TestClient): every route, its token."""
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from consortia.cli import app as cli
+from consortia.server.checkpoint import CheckpointStore
+from consortia.server.console import ConsoleToken, create_app
+from consortia.server.console.app import STATIC_TYPES
+from consortia.server.store import RunStore
+
+RUN = "a1b2c3d4e5f6"
+ROUTES = ["/api/runs", f"/api/runs/{RUN}", f"/api/runs/{RUN}/rounds", f"/api/runs/{RUN}/clients",
+          f"/api/runs/{RUN}/participation", f"/api/runs/{RUN}/checkpoints",
+          f"/api/runs/{RUN}/checkpoints/1/weights", f"/api/runs/{RUN}/audit"]
+RUN_ROUTES = [r for r in ROUTES if r != "/api/runs"]
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A store with one finished two-round run (checkpoints on disk) and one running run."""
+    store = RunStore(tmp_path / "store.db")
+    ckpts = CheckpointStore(tmp_path / "checkpoints")
+    store.start_run(RUN, task="digits-mlp", rounds_total=2, config={"rounds": 2}, out_dir=tmp_path)
+    for r in (0, 1, 2):
+        c = ckpts.save(r, {"w": np.full(3, r, np.float32)}, {"accuracy": 0.3 * r})
+        store.record_checkpoint(RUN, r, c.sha256, c.parent_sha256, c.weights_path)
+        if r:
+            store.record_round(RUN, {"round": r, "accuracy": 0.3 * r, "loss": 2.0 / r,
+                                     "clients_sampled": 3, "clients_trained": 2,
+                                     "clients_rejected": 1, "checkpoint_sha256": c.sha256,
+                                     "secagg_status": "ok", "secagg_dropped": 0},
+                               [{"round": r, "client_id": str(i), "node_id": i + 2**63,
+                                 "status": "trained" if i < 2 else "rejected",
+                                 "reason": "" if i < 2 else "<script>alert(1)</script>",
+                                 "epsilon": 0.5 * r, "epsilon_budget": 3.0} for i in range(3)])
+    store.finish_run(RUN, "completed")
+    store.start_run("running0", task="digits-mlp", rounds_total=5, config={})
+    token = ConsoleToken(tmp_path / "token")
+    secret = token.ensure()
+    client = TestClient(create_app(store, token))
+    yield client, {"Authorization": f"Bearer {secret}"}, store, token, secret, tmp_path
+    store.close()
+
+
+def test_token_file_holds_only_a_hash_with_mode_0600(world):
+    *_, token, secret, _ = world
+    assert stat.S_IMODE(os.stat(token.path).st_mode) == 0o600
+    assert secret not in token.path.read_text()
+    assert token.ensure() is None  # made once; later starts do not print it again
+
+
+@pytest.mark.parametrize("path", ROUTES + ["/", "/static/console.js"])
+def test_every_route_refuses_a_missing_or_wrong_token(world, path):
+    client, *_ = world
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post(f"/api/runs/{RUN}/stop").status_code == 401
+
+
+@pytest.mark.parametrize("path", RUN_ROUTES + [f"/api/runs/{RUN}/checkpoints/9/weights"])
+def test_unknown_run_or_checkpoint_is_404(world, path):
+    client, auth, *_ = world
+    path = path.replace(RUN, "nosuchrun") if "/9/" not in path else path
+    response = client.get(path, headers=auth)
+    assert response.status_code == 404
+    assert "nosuchrun" in response.json()["detail"] or "round 9" in response.json()["detail"]
+    assert client.post("/api/runs/nosuchrun/stop", headers=auth).status_code == 404
+
+
+def test_runs_list_and_run(world):
+    client, auth, *_ = world
+    runs = client.get("/api/runs", headers=auth).json()
+    assert {r["run_id"]: r["status"] for r in runs} == {RUN: "completed", "running0": "running"}
+    run = client.get(f"/api/runs/{RUN}", headers=auth).json()
+    assert run["rounds_completed"] == 2 and run["last_round"]["accuracy"] == 0.6
+    assert run["config"] == {"rounds": 2}
+
+
+def test_rounds_clients_participation_checkpoints_audit(world):
+    client, auth, *_ = world
+    rounds = client.get(f"/api/runs/{RUN}/rounds", headers=auth).json()
+    assert [(r["round"], r["accuracy"], r["secagg_status"]) for r in rounds] == \
+        [(1, 0.3, "ok"), (2, 0.6, "ok")]
+    clients = client.get(f"/api/runs/{RUN}/clients", headers=auth).json()
+    assert [(c["client_id"], c["rounds_joined"], c["epsilon"]) for c in clients] == \
+        [("0", 2, 1.0), ("1", 2, 1.0), ("2", 0, 1.0)]
+    part = client.get(f"/api/runs/{RUN}/participation?round=2", headers=auth).json()
+    assert len(part) == 3 and part[0]["node_id"] == 2**63
+    ckpts = client.get(f"/api/runs/{RUN}/checkpoints", headers=auth).json()
+    assert [c["round"] for c in ckpts] == [0, 1, 2]
+    assert ckpts[0]["parent_sha256"] is None
+    assert [c["parent_sha256"] for c in ckpts[1:]] == [c["sha256"] for c in ckpts[:-1]]
+    audit = client.get(f"/api/runs/{RUN}/audit", headers=auth).json()
+    assert audit[0]["event"] == "run-completed" and audit[-1]["event"] == "run-started"
+
+
+def test_checkpoint_download_is_the_weights_with_the_recorded_hash(world):
+    import hashlib
+
+    client, auth, store, *_ = world
+    response = client.get(f"/api/runs/{RUN}/checkpoints/1/weights", headers=auth)
+    assert response.status_code == 200
+    assert "round-00001.safetensors" in response.headers["content-disposition"]
+    assert hashlib.sha256(response.content).hexdigest() == store.checkpoints(RUN)[1]["sha256"]
+
+
+def test_stop_is_recorded_and_refused_for_a_finished_run(world):
+    client, auth, store, *_ = world
+    response = client.post("/api/runs/running0/stop", headers=auth)
+    assert response.status_code == 202 and response.json()["stop_requested_by"] == "console"
+    assert store.stop_requested("running0")
+    assert store.audit_log("running0")[0]["event"] == "stop-requested"
+    finished = client.post(f"/api/runs/{RUN}/stop", headers=auth)
+    assert finished.status_code == 409 and "completed" in finished.json()["detail"]
+
+
+def test_page_trades_the_printed_token_for_a_cookie(world):
+    client, _, _, _, secret, _ = world
+    assert client.get("/?token=wrong", follow_redirects=False).status_code == 401
+    first = client.get(f"/?token={secret}", follow_redirects=False)
+    assert first.status_code == 303 and first.headers["location"] == "/"
+    assert "httponly" in first.headers["set-cookie"].lower()
+    assert "samesite=strict" in first.headers["set-cookie"].lower()
+    page = client.get("/")  # the client keeps the cookie
+    assert page.status_code == 200 and 'id="accuracy-chart"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for name in STATIC_TYPES:
+        assert client.get(f"/static/{name}").status_code == 200
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.get("/api/runs").status_code == 200
+    # A write through the cookie needs the header a cross-site form cannot send.
+    assert client.post("/api/runs/running0/stop").status_code == 403
+    assert client.post("/api/runs/running0/stop",
+                       headers={"X-Consortia-Request": "1"}).status_code == 202
+
+
+def test_rotating_the_token_locks_out_the_old_one_at_once(world):
+    client, auth, _, token, *_ = world
+    assert client.get("/api/runs", headers=auth).status_code == 200
+    new = ConsoleToken(token.path).rotate()
+    assert client.get("/api/runs", headers=auth).status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+
+
+def test_no_route_exposes_keys_or_updates(world):
+    client, auth, *_ = world
+    assert client.get("/docs", headers=auth).status_code == 404
+    assert client.get("/openapi.json", headers=auth).status_code == 404
+    text = json.dumps([client.get(p, headers=auth).json() for p in ROUTES if "weights" not in p])
+    for word in ("private_key", "secret", "shares", "masked", "arrays", "seed_key"):
+        assert word not in text
+
+
+def test_cli_runs_ls_show_stop_json(world):
+    _, _, store, _, _, tmp_path = world
+    runner = CliRunner()
+    ls = runner.invoke(cli, ["runs", "ls", "--store", str(tmp_path), "--json"])
+    assert ls.exit_code == 0, ls.output
+    assert {r["run_id"] for r in json.loads(ls.stdout)} == {RUN, "running0"}
+    show = runner.invoke(cli, ["runs", "show", RUN[:4], "--store", str(tmp_path), "--json"])
+    assert show.exit_code == 0, show.output
+    shown = json.loads(show.stdout)
+    assert shown["run"]["run_id"] == RUN and len(shown["rounds"]) == 2 and len(shown["clients"]) == 3
+    assert runner.invoke(cli, ["runs", "show", RUN, "--store", str(tmp_path)]).exit_code == 0
+    stop = runner.invoke(cli, ["runs", "stop", "running0", "--store", str(tmp_path), "--json"])
+    assert stop.exit_code == 0 and json.loads(stop.stdout)["stop_requested_by"].startswith("cli:")
+    again = runner.invoke(cli, ["runs", "stop", RUN, "--store", str(tmp_path)])
+    assert again.exit_code == 1 and "not running" in again.output
+    missing = runner.invoke(cli, ["runs", "show", "zzz", "--store", str(tmp_path)])
+    assert missing.exit_code == 1 and "'zzz'" in missing.output
+    nostore = runner.invoke(cli, ["runs", "ls", "--store", str(tmp_path / "nope.db")])
+    assert nostore.exit_code == 2 and "nope.db" in nostore.output
+
+
+def test_cli_console_token_rotates_and_prints_once(tmp_path):
+    runner = CliRunner()
+    path = tmp_path / "tok"
+    first = runner.invoke(cli, ["console", "token", "--token-file", str(path)])
+    assert first.exit_code == 0
+    token = first.stdout.strip().splitlines()[-1]
+    assert ConsoleToken(path).verify(token)
+    second = runner.invoke(cli, ["console", "token", "--token-file", str(path)])
+    assert not ConsoleToken(path).verify(token)
+    assert ConsoleToken(path).verify(second.stdout.strip().splitlines()[-1])

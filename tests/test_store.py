@@ -1,0 +1,185 @@
+"""The run store: what a writer records is what readers get back, and a stop request sticks."""
+
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from consortia.config import ConfigError, load_config
+from consortia.server.results import RunRecorder, read_jsonl
+from consortia.server.store import RunNotRunning, RunStore, StoreError, UnknownRun, resolve_store_url
+from consortia.server.validation import ReplyOutcome
+
+BIG_NODE_ID = 17049052442106870626  # Flower node ids are unsigned 64-bit
+
+
+def row(r, acc=0.5, **extra):
+    return {"round": r, "loss": 2.0 - r / 10, "accuracy": acc, "clients_sampled": 2,
+            "clients_trained": 1, "clients_refused": 0, "clients_rejected": 1, "clients_failed": 0,
+            "epsilon_max": 0.1 * r, "epsilon_mean": 0.1 * r, "duration_s": 1.25,
+            "checkpoint_sha256": f"{r:064x}", **extra}
+
+
+def part(r, client, status="trained", reason="", eps=None, budget=3.0, node=BIG_NODE_ID):
+    return {"round": r, "client_id": client, "node_id": node, "status": status, "reason": reason,
+            "epsilon": eps, "epsilon_budget": budget, "steps": 12 * r, "num_examples": 300}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RunStore(tmp_path / "store.db")
+    s.start_run("run1", task="digits-mlp", rounds_total=3, config={"rounds": 3}, out_dir=tmp_path)
+    yield s
+    s.close()
+
+
+def test_sqlite_store_is_in_wal_mode(store):
+    assert store.journal_mode() == "wal"
+
+
+def test_rounds_and_participation_read_back_exactly(store):
+    rows = [row(1, 0.25), row(2, 0.5 + 1e-17, secagg_status="ok", secagg_dropped=1)]
+    parts = [[part(1, "0", eps=0.5), part(1, "1", "rejected", "tensor 'w' holds NaN")],
+             [part(2, "0", eps=0.75), part(2, "1", "refused-budget", "would pass 3.0", eps=2.9)]]
+    for r, p in zip(rows, parts, strict=True):
+        store.record_round("run1", r, p)
+    assert store.metrics_rows("run1") == rows
+    assert store.participation_rows("run1") == parts[0] + parts[1]
+    assert store.participation_rows("run1", 2) == parts[1]
+    assert store.participation_rows("run1")[0]["node_id"] == BIG_NODE_ID
+    typed = store.rounds("run1")
+    assert [r["secagg_status"] for r in typed] == [None, "ok"]
+    assert typed[1]["secagg_dropped"] == 1 and typed[0]["clients_rejected"] == 1
+    assert store.get_run("run1")["rounds_completed"] == 2
+
+
+def test_client_table_joins_rounds_last_seen_and_latest_epsilon(store):
+    store.record_round("run1", row(1), [part(1, "0", eps=0.5), part(1, "10", eps=0.4)])
+    store.record_round("run1", row(2), [part(2, "0", eps=0.9), part(2, "10", "failed", "timeout")])
+    clients = {c["client_id"]: c for c in store.clients("run1")}
+    assert [c["client_id"] for c in store.clients("run1")] == ["0", "10"]  # natural order
+    assert clients["0"]["rounds_joined"] == 2 and clients["0"]["epsilon"] == 0.9
+    assert clients["10"] == {**clients["10"], "status": "failed", "reason": "timeout",
+                             "rounds_joined": 1, "last_seen_round": 2, "epsilon": 0.4,
+                             "epsilon_budget": 3.0}
+
+
+def test_protocol_and_operator_events_go_to_the_audit_log(store):
+    store.record_round("run1", row(1, secagg_status="aborted", secagg_reason="too few survivors"),
+                       [part(1, "1", "rejected", "tensor 'w' holds NaN")])
+    store.request_stop("run1", actor="cli:alice")
+    store.request_stop("run1", actor="console")  # a second request changes nothing
+    events = [(e["event"], e["actor"], e["kind"]) for e in store.audit_log("run1")]
+    assert events == [("stop-requested", "cli:alice", "operator"),
+                      ("secagg-aborted", "server", "protocol"),
+                      ("update-rejected", "server", "protocol"),
+                      ("run-started", "server", "protocol")]
+    assert "holds NaN" in store.audit_log("run1")[2]["detail"]
+    assert store.get_run("run1")["stop_requested_by"] == "cli:alice"
+
+
+def test_stop_request_is_seen_by_the_writer_and_cleared_on_resume(store):
+    assert not store.stop_requested("run1")
+    store.request_stop("run1", actor="console")
+    assert store.stop_requested("run1")
+    store.finish_run("run1", "stopped")
+    with pytest.raises(RunNotRunning, match="stopped"):
+        store.request_stop("run1", actor="console")
+    store.start_run("run1", task="digits-mlp", rounds_total=3, config={"rounds": 3})
+    assert not store.stop_requested("run1") and store.get_run("run1")["status"] == "running"
+    assert store.audit_log("run1")[0]["event"] == "run-resumed"
+
+
+def test_unknown_run_and_prefixes(store):
+    store.start_run("run2", task="digits-mlp", rounds_total=1, config={})
+    store.start_run("other", task="digits-mlp", rounds_total=1, config={})
+    assert store.resolve_run("oth") == "other"
+    with pytest.raises(UnknownRun, match="matches 2 runs"):
+        store.resolve_run("run")
+    for read in (store.get_run, store.rounds, store.clients, store.checkpoints, store.audit_log):
+        with pytest.raises(UnknownRun, match="nope"):
+            read("nope")
+    with pytest.raises(UnknownRun):
+        store.record_round("nope", row(1), [])
+
+
+def test_recorder_mirrors_into_the_store_and_a_resume_truncates_both(tmp_path, store):
+    from consortia.messages import TrainReport
+
+    recorder = RunRecorder(tmp_path, store, "run1")
+    recorder.restore(0)
+    for r in (1, 2, 3):
+        report = TrainReport(client_id="0", status="trained", num_examples=10, epsilon=0.1 * r,
+                             epsilon_budget=1.0, steps=r)
+        recorder.record_round(r, {"accuracy": 0.1 * r, "loss": 1.0}, [ReplyOutcome(7, "trained",
+                                                                                    "", report)],
+                              0.5, f"{r:064x}")
+    assert store.metrics_rows("run1") == read_jsonl(tmp_path / "metrics.jsonl")
+    assert store.participation_rows("run1") == read_jsonl(tmp_path / "participation.jsonl")
+    store.record_checkpoint("run1", 3, "c" * 64, "b" * 64, tmp_path / "round-00003.safetensors")
+    RunRecorder(tmp_path, store, "run1").restore(2)  # a resume from round 2's checkpoint
+    assert [r["round"] for r in store.metrics_rows("run1")] == [1, 2]
+    assert store.metrics_rows("run1") == read_jsonl(tmp_path / "metrics.jsonl")
+    assert store.participation_rows("run1") == read_jsonl(tmp_path / "participation.jsonl")
+    assert store.checkpoints("run1") == []  # round 3's checkpoint is gone with the round
+
+
+def test_a_reader_does_not_block_the_writer(store, tmp_path):
+    # An open read transaction (WAL snapshot) must not delay a write.
+    reader = sqlite3.connect(tmp_path / "store.db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM rounds").fetchall()
+    started = time.perf_counter()
+    store.record_round("run1", row(1), [part(1, "0", eps=0.1)])
+    assert time.perf_counter() - started < 1.0
+    reader.rollback()
+    reader.close()
+
+
+def test_two_writers_queue_rather_than_fail(tmp_path, store):
+    other = RunStore(tmp_path / "store.db")
+    errors = []
+
+    def write(s, first):
+        try:
+            for r in range(first, first + 20):
+                s.record_round("run1", row(r), [part(r, "0", eps=0.1)])
+        except Exception as err:  # pragma: no cover - the failure being tested for
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(s, first))
+               for s, first in ((store, 1), (other, 101))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(store.metrics_rows("run1")) == 40
+    other.close()
+
+
+def test_config_store_url_is_validated_and_names_the_value(tmp_path):
+    cfg = load_config(None, [f"store.url=sqlite:///{tmp_path}/runs.db"])
+    assert cfg.store.url == f"sqlite:///{tmp_path}/runs.db"
+    assert load_config(None).store.url is None
+    with pytest.raises(ConfigError, match="store.url.*'mysql'.*accepted"):
+        load_config(None, ["store.url=mysql://db/runs"])
+
+
+def test_bad_store_urls_name_the_value(tmp_path):
+    with pytest.raises(StoreError, match="'oracle://x/y'.*accepted"):
+        RunStore("oracle://x/y")
+    with pytest.raises(StoreError, match="/no/such/dir"):
+        RunStore("sqlite:////no/such/dir/store.db")
+    with pytest.raises(StoreError, match=r"u:\*\*\*@.*psycopg|cannot open store"):
+        RunStore("postgresql://u:secret@127.0.0.1:1/db")
+    assert resolve_store_url(tmp_path) == f"sqlite:///{tmp_path.resolve()}/store.db"
+
+
+def test_store_never_shows_a_database_password(tmp_path):
+    s = RunStore(tmp_path / "s.db")
+    s.start_run("r", task="digits-mlp", rounds_total=1,
+                config={"store": {"url": "postgresql://op:hunter2@db/runs"}})
+    assert "hunter2" not in json.dumps(s.get_run("r"))
+    s.close()
