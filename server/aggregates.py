@@ -49,3 +49,17 @@ def aggregate_reply(reference: ArrayRecord, average_update: dict[str, np.ndarray
     return Message(content=RecordDict({ARRAYS: arrays,
                                        METRICS: MetricRecord({NUM_EXAMPLES: max(num_examples, 1)})}),
                    dst_node_id=0, message_type="train")
+
+
+def match_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """`arrays` in the reference's dtypes.
+
+    Flower's FedAdam multiplies the model by a float64 NumPy scalar, which under NumPy 2
+    promotes float32 tensors to float64; the clients' next updates (float32) would then no
+    longer match the global model, and every one would be rejected.
+    """
+    out = {}
+    for name, array in arrays.items():
+        value, dtype = array.numpy(), reference[name].numpy().dtype
+        out[name] = array if value.dtype == dtype else Array(value.astype(dtype))
+    return ArrayRecord(out)

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from consortia.config import RunConfig, config_to_dict
 from consortia.messages import ARRAYS, TrainInstructions
 from consortia.privacy.dp.user_level import UserLevelDP
-from consortia.server.aggregates import UpdateSum, aggregate_reply
+from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import NodeDirectory, natural_key
 from consortia.server.results import RunRecorder
@@ -224,7 +224,7 @@ class RoundWorkflow:
         if aggregate:
             aggregated, train_metrics = self.strategy.aggregate_train(server_round, aggregate)
             if aggregated is not None:
-                arrays = aggregated
+                arrays = match_dtypes(aggregated, arrays)
         else:
             log.warning("round %d: no update to aggregate; the global model stays as it was",
                         server_round)

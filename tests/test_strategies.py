@@ -153,3 +153,31 @@ def test_server_rules_give_the_same_model_from_the_secure_sum_as_from_each_updat
     list(secure.configure_train(1, current, ConfigRecord(), FakeGrid(3)))
     got, _ = secure.aggregate_train(1, [aggregate_reply(current, mean, summed.num_examples)])
     assert np.allclose(got["w"].numpy(), expected["w"].numpy(), atol=1e-6)
+
+
+def test_the_global_model_keeps_its_dtypes_whatever_the_rule_returns():
+    from consortia.server.aggregates import match_dtypes
+
+    current = ArrayRecord({"w": Array(np.asarray([0.5, -0.5], dtype=np.float32))})
+    rule = strategy("fedadam", 2, "strategy.server_lr=0.01")
+    list(rule.configure_train(1, current, ConfigRecord(), FakeGrid(2)))
+    out, _ = rule.aggregate_train(1, replies([[1.0, 2.0], [3.0, 4.0]]))
+    fixed = match_dtypes(out, current)
+    assert fixed["w"].numpy().dtype == np.float32
+    assert np.allclose(fixed["w"].numpy(), out["w"].numpy())
+
+
+@pytest.mark.slow
+def test_fedadam_keeps_training_after_the_first_round(tmp_path):
+    from pathlib import Path
+
+    from consortia.server.results import read_jsonl
+    from consortia.simulations.runner import run_simulation
+
+    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+    cfg = load_config(smoke, ["rounds=3", "privacy.enabled=false", "strategy.name=fedadam",
+                              "strategy.server_lr=0.05"])
+    run_simulation(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["clients_trained"] for r in rows] == [4, 4, 4]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
