@@ -45,7 +45,8 @@ browser:
 demo: install data
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/consortia sim run simulations/experiments/fmnist-dp.toml --out $(DEMO_OUT) --set rounds=5
-	@echo "Results are in $(DEMO_OUT)/: metrics.jsonl (per round), summary.json (per client ε), checkpoints/"
+	@echo "Results are in $(DEMO_OUT)/: report.html (plots), metrics.jsonl (per round), summary.json (per client ε), checkpoints/"
+	@echo "Watch it in the console: $(VENV)/bin/consortia console --store $(DEMO_OUT)"
 
 # pytest exits 5 when it collects no tests: that is not a failure of the set-up.
 test: install data browser
