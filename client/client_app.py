@@ -52,6 +52,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         server_round, ins = TrainInstructions.from_content(msg.content)
         secagg = SecAggInstructions.from_content(msg.content)
         refusal = site.policy_refusal(ins.task, ins.dp_enabled)
+        if refusal is None and ins.dp_enabled and ins.local_epochs == 0:
+            refusal = "DP with local_epochs = 0 is not a training round this site will account"
         if refusal is not None:
             report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
             return Message(report.to_content(), reply_to=msg)

@@ -132,6 +132,18 @@ def sim_report(run: Path = typer.Argument(..., help="run directory")) -> None:
     typer.echo(f"report: {write_report(run).resolve()}")
 
 
+@bench_app.command("sim")
+def bench_sim(
+    clients: int = typer.Option(1000, "--clients", help="virtual clients"),
+    per_round: int = typer.Option(100, "--per-round", help="clients sampled per round"),
+    rounds: int = typer.Option(4, "--rounds", help="rounds of each (the first is left out)"),
+) -> None:
+    """ms per client and round with no training: our runner vs a bare Flower simulation."""
+    from consortia.simulations.bench_sim import bench_sim as run
+
+    typer.echo(json.dumps(run(clients=clients, per_round=per_round, rounds=rounds)))
+
+
 @bench_app.command("dp")
 def bench_dp(
     task: str = typer.Option("fashion-mnist-cnn", help="task whose model to time"),

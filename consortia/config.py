@@ -145,7 +145,9 @@ class RunConfig(_Section):
     clients: int = Field(4, ge=1)
     clients_per_round: int = Field(4, ge=1)
     seed: int = Field(0, ge=0)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(
+        1, ge=0, description="0: clients train nothing and return the model (benchmarks the "
+                             "framework's own cost; needs privacy.enabled = false)")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -176,6 +178,9 @@ class RunConfig(_Section):
                 f"clients_per_round ({self.clients_per_round}) must be at most "
                 f"clients ({self.clients})"
             )
+        if self.local_epochs == 0 and self.privacy.enabled:
+            raise ValueError("local_epochs = 0 (no local training) needs privacy.enabled = false: "
+                             "a DP client must take at least one noisy step")
         from consortia.strategies import check_strategy
 
         check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)

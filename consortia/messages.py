@@ -52,7 +52,7 @@ class TrainInstructions(_Record):
     run_id: str
     task: str
     model_activation: str
-    local_epochs: int = Field(ge=1)
+    local_epochs: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
