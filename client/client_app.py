@@ -65,7 +65,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         report, weights = trainer.train(model, ins, server_round)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
-        global_weights = msg.content[ARRAYS].to_torch_state_dict()
+        if site.tamper_update is not None or ins.user_clip is not None:
+            global_weights = msg.content[ARRAYS].to_torch_state_dict()
         if site.tamper_update is not None:
             weights = site.tamper_update(global_weights, weights)
         indicator = None

@@ -26,6 +26,17 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the generators this round draws from (sampling, shuffling, DP noise).
+
+    torch.manual_seed would also queue seeds for every accelerator backend, recording a
+    stack trace for each (about 0.6 ms a call, paid by every client on every round).
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -73,7 +84,7 @@ class LocalTrainer:
 
     def train(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int
               ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:
-        torch.manual_seed(stable_seed(ins.seed, server_round, self.client_id))
+        seed_generators(stable_seed(ins.seed, server_round, self.client_id), self.device)
         model.to(self.device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum)
         loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)

@@ -48,8 +48,8 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
             return f"tensor {name!r} cannot be decoded: {err}"
         if tuple(value.shape) != tuple(ref.shape):
             return f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-        if value.dtype != ref.numpy().dtype:
-            return f"tensor {name!r} has dtype {value.dtype}, expected {ref.numpy().dtype}"
+        if str(value.dtype) != ref.dtype:  # Array keeps dtype and shape: no decoding
+            return f"tensor {name!r} has dtype {value.dtype}, expected {ref.dtype}"
         if not np.isfinite(value).all():
             return f"tensor {name!r} holds NaN or infinite values"
     return None
