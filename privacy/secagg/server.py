@@ -183,16 +183,7 @@ class ServerSecAggSession:
             raise SecAggProtocolError(f"MaskedInput names node {msg.node_id}", node_id=src)
         if src not in plan.graph:
             raise SecAggProtocolError("MaskedInput from a node not in this round", node_id=src)
-        if (msg.run_id, msg.round_num, msg.round_seed) != (
-            setup.run_id,
-            setup.round_num,
-            setup.round_seed,
-        ):
-            raise SecAggProtocolError(
-                f"MaskedInput for run {msg.run_id} round {msg.round_num} (or another round "
-                f"seed), expected run {setup.run_id} round {setup.round_num}",
-                node_id=src,
-            )
+        _check_round_binding("MaskedInput", msg, setup, src)
         if msg.masked.dtype != np.uint32 or msg.masked.shape != (setup.vector_length,):
             raise SecAggProtocolError(
                 f"masked vector has shape {msg.masked.shape} and dtype {msg.masked.dtype}, "
@@ -289,16 +280,7 @@ class ServerSecAggSession:
             raise SecAggProtocolError(
                 "UnmaskResponse from a node that is not a survivor", node_id=src
             )
-        if (msg.run_id, msg.round_num, msg.round_seed) != (
-            setup.run_id,
-            setup.round_num,
-            setup.round_seed,
-        ):
-            raise SecAggProtocolError(
-                f"UnmaskResponse for run {msg.run_id} round {msg.round_num}, expected "
-                f"run {setup.run_id} round {setup.round_num}",
-                node_id=src,
-            )
+        _check_round_binding("UnmaskResponse", msg, setup, src)
         for owner in msg.self_mask_shares:
             if owner not in survivors or src not in plan.holders(owner):
                 raise SecAggProtocolError(f"unexpected self-mask share of {owner}", node_id=src)
@@ -341,3 +323,17 @@ class ServerSecAggSession:
                 f"holders returned shares of client {owner}'s {what}, threshold "
                 f"t={plan.threshold}"
             )
+
+
+def _check_round_binding(kind: str, msg, setup: RoundSetup, src: int) -> None:
+    """A message must be bound to this run, round and round seed (no replays, no mix-ups)."""
+    if (msg.run_id, msg.round_num, msg.round_seed) != (
+        setup.run_id,
+        setup.round_num,
+        setup.round_seed,
+    ):
+        raise SecAggProtocolError(
+            f"{kind} for run {msg.run_id} round {msg.round_num} (or another round seed), "
+            f"expected run {setup.run_id} round {setup.round_num}",
+            node_id=src,
+        )
