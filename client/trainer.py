@@ -37,10 +37,6 @@ def seed_generators(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Proximal:
     """FedProx's term (mu/2)·||w − w_global||², applied as its own gradient step.
 

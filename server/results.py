@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consortia.privacy.storage import atomic_write_bytes, atomic_write_json
-from consortia.server.validation import ReplyOutcome
+from consortia.server.directory import natural_key
+from consortia.server.validation import OUTCOMES, ReplyOutcome
 
 if TYPE_CHECKING:
     from consortia.server.store import RunStore
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 PARTICIPATION_FILE = "participation.jsonl"
 SUMMARY_FILE = "summary.json"
+# Where summary.json lists the rounds of each outcome, per client.
+ROUNDS_FIELD = {"trained": "rounds_participated", "refused-budget": "refused_rounds",
+                "refused-policy": "refused_rounds", "rejected": "rejected_rounds",
+                "failed": "failed_rounds"}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -49,14 +54,24 @@ class RunRecorder:
         self.participation_path = self.out_dir / PARTICIPATION_FILE
         self.rows: list[dict[str, Any]] = []
         self.participation: list[dict[str, Any]] = []
+        # Each client's latest reported ε, kept as rounds are recorded (clients() would
+        # re-read every round's participation to find it).
+        self.epsilon: dict[str, float] = {}
         self.store = store
         self.run_id = run_id
+
+    def _note_epsilons(self, participation: list[dict[str, Any]]) -> None:
+        for p in participation:
+            if p.get("epsilon") is not None:
+                self.epsilon[p["client_id"]] = p["epsilon"]
 
     def restore(self, last_round: int) -> None:
         """Keep what was recorded up to `last_round` (the checkpoint being resumed)."""
         self.rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= last_round]
         self.participation = [p for p in read_jsonl(self.participation_path)
                               if p["round"] <= last_round]
+        self.epsilon = {}
+        self._note_epsilons(self.participation)
         self._rewrite(self.metrics_path, self.rows)
         self._rewrite(self.participation_path, self.participation)
         if self.store is not None:  # the store mirrors the files
@@ -84,11 +99,7 @@ class RunRecorder:
                 "noise_multiplier": None, "sample_rate": None, "steps": 0, "accountant": None,
                 "rounds_participated": [], "refused_rounds": [], "rejected_rounds": [],
                 "failed_rounds": []})
-            status = p["status"]
-            key = {"trained": "rounds_participated", "refused-budget": "refused_rounds",
-                   "refused-policy": "refused_rounds", "rejected": "rejected_rounds",
-                   "failed": "failed_rounds"}[status]
-            c[key].append(p["round"])
+            c[ROUNDS_FIELD[p["status"]]].append(p["round"])
             for field in ("epsilon", "epsilon_budget", "delta", "noise_multiplier",
                           "sample_rate", "accountant"):
                 if p.get(field) is not None:
@@ -109,10 +120,10 @@ class RunRecorder:
             participation.append(entry)
         self.participation.extend(participation)
         self._append(self.participation_path, participation)
+        self._note_epsilons(participation)
 
-        count = {s: sum(o.status == s for o in outcomes) for s in
-                 ("trained", "refused-budget", "refused-policy", "rejected", "failed")}
-        epsilons = [c["epsilon"] for c in self.clients().values() if c["epsilon"] is not None]
+        count = {s: sum(o.status == s for o in outcomes) for s in OUTCOMES}
+        epsilons = list(self.epsilon.values())
         row = {
             "round": server_round, **metrics,
             "clients_sampled": len(outcomes),
@@ -138,12 +149,9 @@ class RunRecorder:
             "task": task, "rounds": rounds, "rounds_completed": len(self.rows),
             "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
             "delta": delta, "config": config,
-            "clients": sorted(self.clients().values(), key=lambda c: _natural_key(c["id"])),
+            "clients": sorted(self.clients().values(), key=lambda c: natural_key(c["id"])),
             **(extra or {}),
         }
         atomic_write_json(self.out_dir / SUMMARY_FILE, summary)
         return summary
 
-
-def _natural_key(client_id: str) -> tuple:
-    return (0, int(client_id)) if client_id.isdigit() else (1, client_id)

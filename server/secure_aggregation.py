@@ -25,9 +25,7 @@ from consortia.messages import (
     SECAGG,
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
-    MessageSchemaError,
     SecAggInstructions,
-    TrainReport,
     secagg_run_id,
     update_vector_order,
 )
@@ -43,7 +41,7 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
-from consortia.server.validation import ReplyOutcome
+from consortia.server.validation import ReplyOutcome, report_outcome
 
 log = logging.getLogger("consortia.server")
 
@@ -203,15 +201,10 @@ class SecureAggregator:
         return SecureRoundResult(outcomes + list(by_node.values()), update_sum, metrics)
 
     def _inspect(self, reply: Message) -> tuple[ReplyOutcome, MaskedInput | None]:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            return ReplyOutcome(node, "failed", f"client error: {reply.error.reason}"), None
-        try:
-            report = TrainReport.from_content(reply.content)
-        except MessageSchemaError as err:
-            return ReplyOutcome(node, "rejected", f"malformed report: {err}"), None
-        if report.status != "trained":
-            return ReplyOutcome(node, report.status, report.reason, report), None
+        outcome = report_outcome(reply)
+        if outcome.status != "trained":
+            return outcome, None
+        node, report = outcome.node_id, outcome.report
         try:
             vector = reply.content.array_records[MASKED]["vector"].numpy()
             header = bytes(reply.content.config_records[SECAGG]["masked_input"])

@@ -55,7 +55,9 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
     return None
 
 
-def inspect_train_reply(reply: Message, reference: ArrayRecord) -> ReplyOutcome:
+def report_outcome(reply: Message) -> ReplyOutcome:
+    """What a train reply says about itself: failed, malformed, refused, or trained (whose
+    update the caller still has to check: in the clear or masked)."""
     node_id = reply.metadata.src_node_id
     if reply.has_error():
         outcome = ReplyOutcome(node_id, "failed", f"client error: {reply.error.reason}")
@@ -67,8 +69,14 @@ def inspect_train_reply(reply: Message, reference: ArrayRecord) -> ReplyOutcome:
         outcome = ReplyOutcome(node_id, "rejected", f"malformed report: {err}")
         log.warning("rejected reply from node %s: %s", node_id, outcome.reason)
         return outcome
-    if report.status != "trained":
-        return ReplyOutcome(node_id, report.status, report.reason, report)
+    return ReplyOutcome(node_id, report.status, report.reason, report)
+
+
+def inspect_train_reply(reply: Message, reference: ArrayRecord) -> ReplyOutcome:
+    outcome = report_outcome(reply)
+    if outcome.status != "trained":
+        return outcome
+    node_id, report = outcome.node_id, outcome.report
 
     problem = update_problem(reply.content.array_records.get(ARRAYS), reference)
     metrics = reply.content.metric_records.get(METRICS)

@@ -31,7 +31,7 @@ from consortia.server.directory import NodeDirectory, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
-from consortia.tasks import Task
+from consortia.tasks import Task, default_device
 
 if TYPE_CHECKING:
     from consortia.server.checkpoint import Checkpoint
@@ -61,10 +61,6 @@ def user_level_dp(cfg: RunConfig) -> UserLevelDP | None:
                        count_noise=u.count_noise)
 
 
-def server_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @dataclass
 class RoundWorkflow:
     cfg: RunConfig
@@ -84,7 +80,7 @@ class RoundWorkflow:
         self.recorder = RunRecorder(self.out_dir, self.store,
                                     self.run_id if self.store is not None else None)
         self.test_set = self.task.load_data(self.cfg.data_dir).test
-        self.device = server_device()
+        self.device = default_device()
         self.directory = NodeDirectory(self.cfg.sim.reply_timeout_s)
         self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s)
                        if self.cfg.secagg.enabled else None)
@@ -186,9 +182,9 @@ class RoundWorkflow:
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config) -> ArrayRecord:
         started = time.monotonic()
+        self.directory.identify(grid, grid.get_node_ids())  # messaging may draw from `random`
         # Flower's strategies sample with the `random` module: seed it per round so the
         # same config and seed sample the same way.
-        self.directory.identify(grid, grid.get_node_ids())  # messaging may draw from `random`
         random.seed(f"{self.cfg.seed}/{server_round}")
         # The strategy samples from nodes listed in client order (server/directory.py), so
         # the same seed samples the same clients in every run.
@@ -202,7 +198,7 @@ class RoundWorkflow:
             outcomes, accepted = self.plain_round(grid, messages, arrays)
             summed, round_metrics = None, {}
             if self.user_dp is not None:
-                accepted = self.check_user_clip(outcomes, accepted, arrays)
+                accepted = self.check_user_clip(outcomes, arrays)
                 summed = UpdateSum.of_replies(accepted, arrays, weighted=False) if accepted else None
                 if summed is not None:  # the server adds the count noise (noise_at = server)
                     summed.indicator = float(sum(bool(o.report.within_clip) for o in outcomes
@@ -254,15 +250,16 @@ class RoundWorkflow:
                          key=lambda o: natural_key(o.client_id))
         return outcomes, [o.message for o in trained]
 
-    def check_user_clip(self, outcomes: list[ReplyOutcome], accepted: list[Message],
-                        arrays: ArrayRecord) -> list[Message]:
+    def check_user_clip(self, outcomes: list[ReplyOutcome], arrays: ArrayRecord) -> list[Message]:
         """Under user-level DP an update beyond the clip would break the sensitivity bound:
-        reject it (a client that does not clip is faulty or malicious)."""
+        reject it (a client that does not clip is faulty or malicious). Returns the kept
+        updates in client order, as plain_round does."""
         limit = self.user_dp.clip * (1 + 1e-4)
         kept = []
-        for i, o in enumerate(outcomes):
-            if o.status != "trained":
-                continue
+        trained = sorted((i for i, o in enumerate(outcomes) if o.status == "trained"),
+                         key=lambda i: natural_key(outcomes[i].client_id))
+        for i in trained:
+            o = outcomes[i]
             norm = float(np.sqrt(sum(
                 np.sum((a.numpy().astype(np.float64) - arrays[k].numpy().astype(np.float64)) ** 2)
                 for k, a in o.message.content[ARRAYS].items())))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from consortia.tasks import get_task
+from consortia.tasks import default_device, get_task
 
 MODES = ("nonprivate", "hooks", "ghost")
 WARMUP_STEPS = 3
@@ -53,7 +53,7 @@ def bench_dp(
             f"batch_size, steps and repeats must be >= 1; got {batch_size}, {steps}, {repeats}"
         )
     spec = get_task(task)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     torch.set_num_threads(_machine_cores())
 
     dataset = _first_samples(spec.load_data(None).train, SAMPLES)

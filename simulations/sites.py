@@ -16,11 +16,10 @@ from flwr.app import Context
 from torch.utils.data import Subset
 
 from consortia.client.site import Site, SitePrivacy
-from consortia.client.trainer import default_device
 from consortia.config import RunConfig
 from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
-from consortia.tasks import get_task
+from consortia.tasks import default_device, get_task
 
 
 @lru_cache(maxsize=4)

@@ -1,6 +1,6 @@
 """Tasks: a model factory, a data loader and train/eval steps per task, looked up by name."""
 
-from consortia.tasks.base import Task, TaskData
+from consortia.tasks.base import Task, TaskData, default_device
 from consortia.tasks.digits import TASK as DIGITS
 from consortia.tasks.fashion_mnist import TASK as FASHION_MNIST
 
@@ -14,4 +14,4 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; accepted: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskData", "get_task"]
+__all__ = ["TASKS", "Task", "TaskData", "default_device", "get_task"]

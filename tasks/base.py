@@ -11,6 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def default_device() -> torch.device:
+    """Where a task's model trains and evaluates: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class TaskData:
     """A task's full training set (partitioned across clients) and held-out test set."""

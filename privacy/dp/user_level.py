@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from consortia.privacy.dp.accounting import accountant_state, epsilon_of, new_accountant
+from consortia.privacy.dp.accounting import epsilon_for
 
 
 def update_noise_multiplier(z: float, count_noise: float | None) -> float:
@@ -130,18 +130,12 @@ class UserLevelDP:
         return average, metrics
 
     def epsilon(self, delta: float) -> float:
-        accountant = new_accountant("rdp")
-        accountant.history = list(self.history)
-        return epsilon_of(accountant, delta)
+        return epsilon_for("rdp", self.history, delta)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clip": self.clip, **accountant_state(self._accountant())}
+        """The clip and the accountant's history: all a resume needs."""
+        return {"clip": self.clip, "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clip = float(state["clip"])
         self.history = [tuple(h) for h in state["history"]]
-
-    def _accountant(self):
-        accountant = new_accountant("rdp")
-        accountant.history = list(self.history)
-        return accountant
