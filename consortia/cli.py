@@ -129,7 +129,11 @@ def sim_report(run: Path = typer.Argument(..., help="run directory")) -> None:
     """(Re)write RUN/report.html from the run's files."""
     from consortia.simulations.report import write_report
 
-    typer.echo(f"report: {write_report(run).resolve()}")
+    try:
+        typer.echo(f"report: {write_report(run).resolve()}")
+    except FileNotFoundError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
 
 
 @bench_app.command("sim")
@@ -141,7 +145,12 @@ def bench_sim(
     """ms per client and round with no training: our runner vs a bare Flower simulation."""
     from consortia.simulations.bench_sim import bench_sim as run
 
-    typer.echo(json.dumps(run(clients=clients, per_round=per_round, rounds=rounds)))
+    try:
+        result = run(clients=clients, per_round=per_round, rounds=rounds)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
 
 
 @bench_app.command("dp")
@@ -168,8 +177,13 @@ def bench_secagg(
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
 
-    typer.echo(json.dumps(run(clients=clients, params=params, rounds=rounds,
-                              cpus_per_client=cpus_per_client)))
+    try:
+        result = run(clients=clients, params=params, rounds=rounds,
+                     cpus_per_client=cpus_per_client)
+    except ValueError as err:  # sizes it cannot run with, named in the message
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
 
 
 

@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from consortia.config import load_config
+from consortia.config import ConfigError, load_config
 from consortia.server.results import read_jsonl
 from consortia.tasks import get_task
 
@@ -70,6 +70,13 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
 
     from consortia.simulations.runner import run_simulation
 
+    # Validated before either federation starts: bad sizes fail here, not in a Flower loop
+    # that waits for nodes that will never come.
+    cfg = load_config(None, [f"task={TASK}", f"clients={clients}", f"clients_per_round={per_round}",
+                             f"rounds={rounds}", "local_epochs=0", "privacy.enabled=false",
+                             "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"])
+    if rounds < 2:
+        raise ConfigError(f"bench sim needs rounds >= 2 (the first is left out), got {rounds}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -82,9 +89,6 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
                                    num_supernodes=clients, backend_config=backend)
 
-    cfg = load_config(None, [f"task={TASK}", f"clients={clients}", f"clients_per_round={per_round}",
-                             f"rounds={rounds}", "local_epochs=0", "privacy.enabled=false",
-                             "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"])
     with tempfile.TemporaryDirectory(prefix="consortia-bench-sim-") as out:
         run_simulation(cfg, out)
         ours_times = [r["duration_s"] for r in read_jsonl(Path(out) / "metrics.jsonl")]

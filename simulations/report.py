@@ -148,6 +148,8 @@ def _page(title: str, body: str) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.html` for a run (finished or not) and return its path."""
     run_dir = Path(run_dir)
+    if not (run_dir / METRICS_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} holds no {METRICS_FILE}: not a run directory")
     rows, participation, summary = _load(run_dir)
     figures = run_figures(rows, participation)
     config = summary.get("config", {})
