@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from consortia.client.distributed import DistributedStep
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
 from consortia.client.trainer import LocalTrainer, stable_seed
@@ -22,8 +23,10 @@ from consortia.messages import (
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
+    update_vector_order,
 )
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
+from consortia.privacy.secagg import RoundSetup
 
 
 def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, seed: int
@@ -40,6 +43,33 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
     indicator = float(within) + ins.user_count_noise_std * float(torch.randn(1, generator=generator))
     new = {k: (global_weights[k].double() + d).to(weights[k].dtype) for k, d in noised.items()}
     return new, within, indicator
+
+
+def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
+                      ins: TrainInstructions, secagg: SecAggInstructions | None,
+                      server_round: int) -> Message:
+    """Distributed DP: one noisy integer gradient sum, only ever sent masked."""
+    if secagg is None or secagg.dp_scale is None:
+        report = TrainReport(client_id=site.client_id, status="refused-policy",
+                             reason="distributed DP asked without secure aggregation: this "
+                                    "client's noise share alone would not protect its records")
+        return Message(report.to_content(), reply_to=msg)
+    ledger = site.open_ledger()
+    if ledger is None:
+        report = TrainReport(client_id=site.client_id, status="refused-policy",
+                             reason="distributed DP asked but this site has no privacy terms")
+        return Message(report.to_content(), reply_to=msg)
+    setup = RoundSetup.from_bytes(secagg.setup)
+    step = DistributedStep(site.client_id, site.task, site.dataset, ledger, site.device,
+                           site.privacy.max_epsilon_if_secagg_fails, site.seeded_noise)
+    report, vector = step.run(model, ins, server_round,
+                              names=update_vector_order(msg.content[ARRAYS].keys()),
+                              scale=secagg.dp_scale, threshold=setup.threshold,
+                              run_key=setup.run_id)
+    if vector is None:
+        return Message(report.to_content(), reply_to=msg)
+    client = SecAggClient(context)
+    return Message(client.content(report, *client.mask_vector(secagg, vector)), reply_to=msg)
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -60,6 +90,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
 
         model = site.task.build_model(ins.model_activation)
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        if ins.privacy_mode == "distributed":
+            return distributed_round(site, context, msg, model, ins, secagg, server_round)
         trainer = LocalTrainer(site.client_id, site.task, site.dataset,
                                site.open_ledger() if ins.dp_enabled else None, site.device)
         report, weights = trainer.train(model, ins, server_round)
@@ -99,7 +131,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         request = msg.content[SECAGG]["unmask_request"]
-        return Message(SecAggClient(context).unmask(request), reply_to=msg)
+        ledger = load_site(context).open_ledger()  # distributed DP spends at unmasking
+        return Message(SecAggClient(context).unmask(request, ledger), reply_to=msg)
 
     return app
 

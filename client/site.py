@@ -21,6 +21,9 @@ class SitePrivacy:
     delta: float
     accountant: str = "rdp"
     require_dp: bool = True
+    # Distributed DP: the most ε this site accepts should secure aggregation fail (its
+    # own noise shares alone); None: no cap beyond epsilon_budget on the first guarantee.
+    max_epsilon_if_secagg_fails: float | None = None
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Site:
     # A transformation of the trained weights before they leave, given (global, trained).
     # Simulations use it to play Byzantine clients; a real site leaves it unset.
     tamper_update: Callable[[dict, dict], dict] | None = None
+    # Draw distributed-DP noise from a seed (simulations: reproducible runs). A real site
+    # leaves it False: whoever knows the seed could subtract the noise.
+    seeded_noise: bool = False
 
     def open_ledger(self) -> PrivacyLedger | None:
         if self.privacy is None:

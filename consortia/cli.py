@@ -65,7 +65,9 @@ def sim_run(
 
         def on_round(row: dict) -> None:
             eps = row["epsilon_max"]
-            status = (f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  trained "
+            evaluated = (f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  "
+                         if row.get("accuracy") is not None else "")
+            status = (f"{evaluated}trained "
                       f"{row['clients_trained']}/{row['clients_sampled']}"
                       + (f"  ε max {eps:.2f}" if eps is not None else ""))
             progress.update(bar, completed=row["round"], status=status)
