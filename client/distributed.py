@@ -9,7 +9,7 @@ Only secure aggregation ever carries the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -41,11 +41,15 @@ class DistributedStep:
         """q = expected batch / records: the rate the sampler uses and the ledger records."""
         return min(1.0, batch_size / len(self.dataset))
 
-    def noise_multiplier(self, ins: TrainInstructions, rate: float) -> float:
+    def noise_multiplier(self, ins: TrainInstructions, rate: float, share: NoiseShare) -> float:
+        """σ as instructed, or sized so that the *charged* σ̂ (a relative 1e-10 below σ)
+        fits the planned rounds: the last planned round is then not refused by a hair."""
         if ins.noise_multiplier is not None:
             return ins.noise_multiplier
-        return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
-                                ins.planned_rounds, self.ledger.accountant_kind)
+        target = noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
+                                  ins.planned_rounds, self.ledger.accountant_kind)
+        probe = replace(share, noise_multiplier=target)
+        return target * target / probe.charged_multiplier(share.threshold)
 
     def run(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int, *,
             names: list[str], scale: float, threshold: int, run_key: int
@@ -53,10 +57,11 @@ class DistributedStep:
         """The report and the uint32 vector to mask (None when this client refuses)."""
         self.ledger.release_stale(run_id=ins.run_id, server_round=server_round)
         rate = self.sample_rate(ins.batch_size)
-        sigma = self.noise_multiplier(ins, rate)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         dimension = sum(int(np.prod(shapes[name])) for name in names)
-        share = NoiseShare(sigma, ins.max_grad_norm, scale, threshold, dimension)
+        share = NoiseShare(1.0, ins.max_grad_norm, scale, threshold, dimension)
+        sigma = self.noise_multiplier(ins, rate, share)
+        share = replace(share, noise_multiplier=sigma)
         entry = (share.charged_multiplier(threshold), rate, 1)
         own = (share.charged_multiplier(1), rate, 1)
 
@@ -92,7 +97,7 @@ class DistributedStep:
         indices = next(iter(sampler))  # one Poisson draw: each record with probability q
         columns = [int(np.prod(shapes[name])) for name in names]
         if len(indices) == 0:
-            return np.zeros((0, sum(columns)))
+            return np.zeros((0, sum(columns)), dtype=np.float32)
         batch = default_collate([self.dataset[int(i)] for i in indices])
         model.to(self.device).train()
         gsm = GradSampleModule(model, loss_reduction="mean")  # grad_sample undoes the mean
@@ -104,10 +109,10 @@ class DistributedStep:
             for name, width in zip(names, columns, strict=True):
                 p = params.get(name)
                 if p is None or not p.requires_grad:  # a buffer: nothing to learn
-                    blocks.append(np.zeros((len(indices), width)))
+                    blocks.append(np.zeros((len(indices), width), dtype=np.float32))
                 else:
                     blocks.append(p.grad_sample.detach().reshape(len(indices), -1)
-                                  .double().cpu().numpy())
+                                  .float().cpu().numpy())
         finally:
             gsm._close()
         return np.concatenate(blocks, axis=1)

@@ -200,6 +200,8 @@ class SecureAggregator:
                    "secagg_participants": len(participants), "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
+        if self.dp_scale is not None:  # each share is sized for t: more carry more noise
+            metrics["dp_noise_std_ratio"] = (len(contributors) / t) ** 0.5
         log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
                  len(contributors), len(result.dropped))
         update_sum = UpdateSum(

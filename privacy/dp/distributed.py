@@ -46,7 +46,7 @@ import numpy as np
 RING_BITS = 32  # secure aggregation sums modulo 2**32 (privacy/secagg)
 _HALF_RING = 2 ** (RING_BITS - 1)
 BETA = math.exp(-0.5)  # conditional rounding: P(one rounding exceeds the bound) ≤ β
-MAX_SCALE_BITS = 20  # γ·C ≤ 2**20: far beyond what rounding needs (rounding adds ~√d/2)
+MAX_SCALE_BITS = 16  # γ·C ≤ 2**16: rounding then adds ~√d/2 ≪ γ·C to a norm of γ·C
 MIN_SCALE_BITS = 8
 
 
@@ -81,7 +81,7 @@ def gaussian_equivalent(mu: float, l1: float, l2: float) -> float:
 
 def choose_scale(clip: float, expected_batch_sum: float, noise_multiplier: float,
                  noise_inflation: float) -> float:
-    """γ: integer units per unit of gradient, the largest power of two (up to 2**20 / C)
+    """γ: integer units per unit of gradient, the largest power of two (up to 2**16 / C)
     with which the sum of every client's integers stays inside [−2³¹, 2³¹).
 
     Per coordinate the sum is at most (records in the batch)·Δ₂ plus the noise. We allow
@@ -142,17 +142,25 @@ class NoiseShare:
 def conditional_round(scaled: np.ndarray, bound: float, rng: np.random.Generator,
                       max_tries: int = 1000) -> np.ndarray:
     """Stochastically round each row of `scaled` (examples × d) to integers, resampling a
-    row until its L2 norm is at most `bound`. Returns int64."""
+    row until its L2 norm is at most `bound`.
+
+    Returns float32 holding integers (exact: |values| < 2**24 at every scale used here);
+    the norms are checked in float64, so the bound holds exactly.
+    """
+    scaled = np.asarray(scaled, dtype=np.float32)
+    if bound >= 2**23:
+        raise ValueError(f"rounding bound {bound} is beyond float32's exact integers")
     floor = np.floor(scaled)
-    frac = scaled - floor
-    out = floor + (rng.random(scaled.shape) < frac)
-    todo = np.flatnonzero(np.einsum("ij,ij->i", out, out) > bound * bound)
+    frac = scaled - floor  # exact in float32
+    out = floor + (rng.random(scaled.shape, dtype=np.float32) < frac)
+    todo = np.arange(out.shape[0])
     for _ in range(max_tries):
-        if todo.size == 0:
-            return out.astype(np.int64)
-        out[todo] = floor[todo] + (rng.random((todo.size, scaled.shape[1])) < frac[todo])
-        norms = np.einsum("ij,ij->i", out[todo], out[todo])
+        norms = np.square(out[todo], dtype=np.float64).sum(axis=1)
         todo = todo[norms > bound * bound]
+        if todo.size == 0:
+            return out
+        out[todo] = floor[todo] + (rng.random((todo.size, scaled.shape[1]), dtype=np.float32)
+                                   < frac[todo])
     raise RuntimeError(f"conditional rounding: {todo.size} rows stayed above the bound {bound}")
 
 
@@ -172,12 +180,14 @@ def noisy_integer_sum(per_example: np.ndarray, share: NoiseShare, rng: np.random
                          f"got {per_example.shape}")
     total = np.zeros(share.dimension, dtype=np.int64)
     if per_example.shape[0]:
-        g = per_example.astype(np.float64)
-        norms = np.linalg.norm(g, axis=1)
+        g = np.asarray(per_example, dtype=np.float32)
+        norms = np.sqrt(np.square(g, dtype=np.float64).sum(axis=1))
         if not np.all(np.isfinite(norms)):
             raise ValueError("per-example gradients contain NaN or infinite values")
         factors = share.scale * np.minimum(1.0, share.clip / np.maximum(norms, 1e-300))
-        total += conditional_round(g * factors[:, None], share.l2, rng).sum(axis=0)
+        rounded = conditional_round(g * factors[:, None].astype(np.float32), share.l2, rng)
+        # A float64 sum of integers below 2**24 is exact for any batch under 2**29 rows.
+        total += rounded.sum(axis=0, dtype=np.float64).astype(np.int64)
     return total + skellam(share.mu, share.dimension, rng)
 
 
