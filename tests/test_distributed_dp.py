@@ -246,3 +246,21 @@ def test_a_round_below_the_threshold_changes_nothing_and_spends_nothing(tmp_path
     participation = read_jsonl(tmp_path / "participation.jsonl")
     abandoned = [p for p in participation if p["round"] == 2 and p["client_id"] in "23"]
     assert all("nothing spent" in p["reason"] and p["epsilon"] is None for p in abandoned)
+
+
+@pytest.mark.slow
+def test_the_fast_fashion_mnist_variant_learns_within_its_budget(tmp_path):
+    from consortia.server.results import read_jsonl
+    from consortia.simulations.runner import run_simulation
+
+    summary = run_simulation(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml"), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows if "accuracy" in r] == [4, 8]  # eval_every = 4
+    assert all(r["secagg_status"] == "ok" for r in rows)
+    # t = 3 of 4: a full round carries √(4/3) times the target noise std.
+    assert all(r["dp_noise_std_ratio"] == pytest.approx((4 / 3) ** 0.5) for r in rows)
+    assert summary["final_accuracy"] > 0.35  # 10 classes: chance is 0.1
+    for c in summary["clients"]:
+        assert c["privacy_mode"] == "distributed" and c["steps"] == 8
+        assert 0 < c["epsilon"] <= 8.0 < c["epsilon_if_secagg_fails"]
+    assert (tmp_path / "report.html").read_text().count("epsilon_if_secagg_fails") == 1
