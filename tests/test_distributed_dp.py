@@ -264,3 +264,66 @@ def test_the_fast_fashion_mnist_variant_learns_within_its_budget(tmp_path):
         assert c["privacy_mode"] == "distributed" and c["steps"] == 8
         assert 0 < c["epsilon"] <= 8.0 < c["epsilon_if_secagg_fails"]
     assert (tmp_path / "report.html").read_text().count("epsilon_if_secagg_fails") == 1
+
+
+# --- the client's round -----------------------------------------------------------------
+
+def client_step(tmp_path, cap=None, budget=3.0, **overrides):
+    import torch
+
+    from consortia.client.distributed import DistributedStep
+    from consortia.messages import TrainInstructions
+    from consortia.tasks import TASKS
+
+    task = TASKS["digits-mlp"]
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=budget)
+    step = DistributedStep("7", task, task.load_data(None).train, ledger, torch.device("cpu"),
+                           max_epsilon_if_secagg_fails=cap, seeded_noise=True)
+    torch.manual_seed(0)
+    model = task.build_model("tanh")
+    ins = TrainInstructions(**{
+        "run_id": "ab", "task": task.name, "model_activation": "tanh", "local_epochs": 1,
+        "batch_size": 64, "lr": 1.0, "momentum": 0.0, "seed": 0, "dp_enabled": True,
+        "max_grad_norm": 1.0, "planned_rounds": 10, "privacy_mode": "distributed", **overrides})
+    names = sorted(model.state_dict())
+    return step, model, ins, names, ledger
+
+
+def test_per_example_gradients_are_the_gradients_of_each_record(tmp_path):
+    import torch
+
+    step, model, ins, names, _ = client_step(tmp_path)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    grads = step._per_example_gradients(model, 0.05, names, shapes, seed=3)
+    assert grads.shape[1] == sum(int(np.prod(s)) for s in shapes.values()) and len(grads) > 20
+    # The same Poisson draw, one record at a time with plain autograd.
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    first = next(iter(UniformWithReplacementSampler(
+        num_samples=len(step.dataset), sample_rate=0.05,
+        generator=torch.Generator().manual_seed(3))))[0]
+    x, y = step.dataset[int(first)]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+    params = dict(model.named_parameters())
+    expected = np.concatenate([params[n].grad.numpy().ravel() for n in names])
+    np.testing.assert_allclose(grads[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_client_refuses_beyond_its_budget_or_its_cap_on_the_fallback_epsilon(tmp_path):
+    step, model, ins, names, ledger = client_step(tmp_path / "a", cap=0.5)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert vector is None and report.status == "refused-policy"
+    assert "above this site's cap 0.5000" in report.reason
+    assert ledger.epsilon_if_secagg_fails is None and ledger.pending is None
+
+    step, model, ins, names, ledger = client_step(tmp_path / "b", noise_multiplier=0.3, budget=1.0)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert vector is None and report.status == "refused-budget"
+    assert ledger.events[-1]["decision"] == "refused-budget"
+
+    step, model, ins, names, ledger = client_step(tmp_path / "c")
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert report.status == "trained" and vector.dtype == np.uint32
+    assert ledger.pending["round"] == 1 and ledger.epsilon == 0.0  # spent at unmasking
+    assert report.epsilon == pytest.approx(ledger.check_round(*ledger.pending["entry"]).epsilon_after)
