@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from consortia.client.policy import asked
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
 from consortia.client.trainer import LocalTrainer, stable_seed
@@ -42,6 +43,23 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
     return new, within, indicator
 
 
+def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions) -> float | None:
+    """The σ this request would train with: the server's, or the one the client derives."""
+    if not ins.dp_enabled or trainer.ledger is None or ins.local_epochs == 0:
+        return None
+    return trainer.noise_multiplier(ins)
+
+
+def audit(site: Site, ins: TrainInstructions, server_round: int,
+          secagg: SecAggInstructions | None, report: TrainReport) -> None:
+    """A line in the site's audit log (deployed sites keep one) for this request."""
+    if site.audit is not None:
+        site.audit.record(run=ins.run_id, server_round=server_round,
+                          asked=asked(ins, server_round, secagg is not None),
+                          decision=report.status, reason=report.reason,
+                          epsilon=report.epsilon, noise_multiplier=report.noise_multiplier)
+
+
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
     """The ClientApp for sites built by `load_site`; `mods` are Flower client mods."""
     app = ClientApp(mods=mods or [])
@@ -51,18 +69,25 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         site = load_site(context)
         server_round, ins = TrainInstructions.from_content(msg.content)
         secagg = SecAggInstructions.from_content(msg.content)
-        refusal = site.policy_refusal(ins.task, ins.dp_enabled)
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
+                               site.open_ledger() if ins.dp_enabled else None, site.device)
+        refusal = None
+        if site.policy is not None:  # a deployed site's own policy (client/policy.py)
+            refusal = site.policy.refusal(
+                ins, secagg=secagg is not None, noise_multiplier=planned_sigma(trainer, ins),
+                rounds_trained=site.audit.rounds_trained(ins.run_id) if site.audit else 0)
+        refusal = refusal or site.policy_refusal(ins.task, ins.dp_enabled)
         if refusal is None and ins.dp_enabled and ins.local_epochs == 0:
             refusal = "DP with local_epochs = 0 is not a training round this site will account"
         if refusal is not None:
             report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
+            audit(site, ins, server_round, secagg, report)
             return Message(report.to_content(), reply_to=msg)
 
         model = site.task.build_model(ins.model_activation)
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
-        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
-                               site.open_ledger() if ins.dp_enabled else None, site.device)
         report, weights = trainer.train(model, ins, server_round)
+        audit(site, ins, server_round, secagg, report)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
         if site.tamper_update is not None or ins.user_clip is not None:

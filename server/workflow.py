@@ -86,6 +86,7 @@ class RoundWorkflow:
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
+        self.base_sha256: str | None = None  # the round-0 checkpoint's, once the run starts
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -96,6 +97,7 @@ class RoundWorkflow:
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=cfg.privacy.noise_multiplier,
             planned_rounds=cfg.planned_rounds_per_client,
+            base_model_sha256=self.base_sha256,
             user_clip=self.user_dp.clip if self.user_dp else None,
             user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
             user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0)
@@ -114,6 +116,8 @@ class RoundWorkflow:
         """Round 0 is the initial model; resuming continues from the latest checkpoint."""
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
+            self.base_sha256 = next((c.sha256 for c in self.checkpoints.all() if c.round == 0),
+                                    None)
             for ckpt in self.checkpoints.all():  # a store opened after the run began catches up
                 if ckpt.round <= latest.round:
                     self.record_checkpoint(ckpt)
@@ -123,8 +127,10 @@ class RoundWorkflow:
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
             return latest.round, numpy_to_arrays(latest.load_weights())
         arrays = self.initial_model()
-        self.record_checkpoint(self.checkpoints.save(0, arrays_to_numpy(arrays),
-                                                     self.evaluate(arrays), self.state()))
+        base = self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays),
+                                     self.state())
+        self.base_sha256 = base.sha256
+        self.record_checkpoint(base)
         self.recorder.restore(0)
         return 0, arrays
 
