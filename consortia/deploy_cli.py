@@ -102,6 +102,6 @@ def client_join(config: Path = typer.Option(..., "--config", help="site TOML")) 
     from consortia.config import ConfigError
 
     try:
-        join(config, log=console.print)
+        join(config, log_fn=console.print)
     except (ConfigError, JoinError) as err:
         raise _fail(err) from None
