@@ -105,7 +105,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         # Under secure aggregation only the masked update leaves this client (and the
         # clipping indicator rides inside it, not in the clear report).
         report = report.model_copy(update={"within_clip": None})
-        content = SecAggClient(context).masked_content(report, secagg, msg.content[ARRAYS],
+        content = SecAggClient(context, site.secagg_state).masked_content(report, secagg, msg.content[ARRAYS],
                                                        weights, ins.seed, indicator)
         return Message(content, reply_to=msg)
 
@@ -118,13 +118,15 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     @app.train("secagg_advertise")
     def advertise(msg: Message, context: Context) -> Message:
         run_id = str(msg.content[CONFIG]["run_id"])
-        content = SecAggClient(context).advertise(run_id, len(load_site(context).dataset))
+        site = load_site(context)
+        content = SecAggClient(context, site.secagg_state).advertise(run_id, len(site.dataset))
         return Message(content, reply_to=msg)
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         request = msg.content[SECAGG]["unmask_request"]
-        return Message(SecAggClient(context).unmask(request), reply_to=msg)
+        return Message(SecAggClient(context, load_site(context).secagg_state).unmask(request),
+                       reply_to=msg)
 
     return app
 

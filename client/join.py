@@ -37,6 +37,7 @@ from consortia.tasks import default_device, get_task
 
 log = logging.getLogger("consortia.client")
 RESTART_DELAY_S = 2.0
+SECAGG_STATE = "secagg_session.bin"  # this site's secure-aggregation keys (0600)
 
 
 class JoinError(RuntimeError):
@@ -58,7 +59,8 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
     return Site(client_id=cfg.site.name, task=task, dataset=data, state_dir=state,
                 privacy=SitePrivacy(epsilon_budget=p.epsilon_budget, delta=p.delta,
                                     accountant=p.accountant, require_dp=p.require_dp),
-                device=default_device(), policy=p, audit=AuditLog(state))
+                device=default_device(), policy=p, audit=AuditLog(state),
+                secagg_state=state / SECAGG_STATE)
 
 
 class SuperNodeProcess:

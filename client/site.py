@@ -38,6 +38,8 @@ class Site:
     # A deployed site's policy and audit log (client/policy.py); simulations leave them unset.
     policy: SitePolicy | None = None
     audit: AuditLog | None = None
+    # Where a deployed site keeps its secure-aggregation session (None: the node's context).
+    secagg_state: Path | None = None
 
     def open_ledger(self) -> PrivacyLedger | None:
         if self.privacy is None:

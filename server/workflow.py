@@ -27,7 +27,7 @@ from consortia.messages import ARRAYS, TrainInstructions
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.directory import NodeDirectory, natural_key
+from consortia.server.directory import NodeDirectory, exchange, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
@@ -246,7 +246,7 @@ class RoundWorkflow:
     def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
                     ) -> tuple[list[ReplyOutcome], list[Message]]:
         """Updates in the clear: each is inspected, the valid ones go on."""
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.sim.reply_timeout_s))
+        replies = exchange(grid, messages, self.cfg.sim.reply_timeout_s)
         outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
         answered = {o.node_id for o in outcomes}
         outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")

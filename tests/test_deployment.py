@@ -1,0 +1,171 @@
+"""A deployed federation as separate OS processes on 127.0.0.1: a SuperLink (TLS, node
+authentication) run by `consortia server start`, and one SuperNode per partner run by
+`consortia client join`; DP training with secure aggregation; crashes of a client and of
+the server; nodes and certificates the server must turn away."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+
+import pytest
+from deploy_harness import Federation, jsonl, kill_tree, wait_until
+
+from consortia.privacy.certs import init_consortium
+
+pytestmark = pytest.mark.slow
+
+SITES = ["site-a", "site-b", "site-c"]
+
+
+@pytest.fixture
+def federation(tmp_path):
+    feds = []
+
+    def make(sites=SITES, **kwargs) -> Federation:
+        fed = Federation(tmp_path, sites, **kwargs)
+        feds.append(fed)
+        return fed
+
+    try:
+        yield make
+    finally:
+        for fed in feds:
+            fed.close()
+
+
+def spends(ledger: dict) -> list[dict]:
+    return [e for e in ledger["events"] if e["decision"] == "trained"]
+
+
+def advertisement_sent(log) -> bool:
+    text = log.read_text() if log.exists() else ""
+    at = text.find("Sending: train.secagg_advertise")
+    return at >= 0 and "Sent successfully" in text[at:]
+
+
+def checkpoint_sha(fed: Federation, r: int) -> str:
+    return hashlib.sha256((fed.out / "checkpoints" / f"round-{r:05d}.safetensors").read_bytes()
+                          ).hexdigest()
+
+
+def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
+    """Three partners train two rounds (DP, secure aggregation); a fourth partner's policy
+    refuses the task; a node that is not enrolled and a node that trusts another CA never
+    get in."""
+    fed = federation(sites=SITES + ["site-d"])
+    for i, name in enumerate(SITES):
+        fed.write_site(name, i, 3)
+    fed.write_site("site-d", 0, 3, min_noise_multiplier=2.0)  # the run asks for σ = 1.0
+    fed.start_server()
+    for name in SITES + ["site-d"]:
+        fed.join(name)
+    stranger = fed.plain_supernode("stranger", fed.stranger_key("stranger"),
+                                   fed.certs / "ca.pem")
+    other_ca = init_consortium(fed.root / "other-ca", ["127.0.0.1"])
+    wrong_ca = fed.plain_supernode("wrong-ca", fed.stranger_key("wrong-ca-key"),
+                                   other_ca / "ca.pem")
+
+    assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["secagg_status"] == "ok"
+        assert row["clients_trained"] == 3 and row["clients_refused"] == 1
+    assert checkpoint_sha(fed, 2) != checkpoint_sha(fed, 0)  # the global model changed
+    for name in SITES:
+        events = spends(fed.ledger(name))
+        assert [e["round"] for e in events] == [1, 2]
+        assert 0 < events[0]["epsilon"] < events[1]["epsilon"] <= 20.0
+        assert [e["decision"] for e in fed.audit(name)] == ["trained", "trained"]
+    refused = fed.audit("site-d")
+    assert [e["decision"] for e in refused] == ["refused-policy", "refused-policy"]
+    assert "below this site's minimum 2" in refused[0]["reason"]
+    assert refused[0]["asked"]["noise_multiplier"] == 1.0 and refused[0]["run"]
+    assert not (fed.state("site-d") / "privacy_ledger.json").exists() or \
+        not spends(fed.ledger("site-d"))
+
+    # Only the four enrolled partners ever joined; the stranger was refused by the
+    # SuperLink's node authentication, the wrong-CA node by the TLS handshake.
+    participation = {r["client_id"] for r in jsonl(fed.out / "participation.jsonl")}
+    assert participation == set(SITES + ["site-d"])
+    assert "SuperNode ID" not in stranger.read_text()
+    assert "SuperNode ID" not in wrong_ca.read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.read_text()
+
+
+def test_a_wrong_ca_fails_the_tls_handshake(tmp_path):
+    fed = Federation(tmp_path, SITES)
+    try:
+        fed.start_server()
+        wait_until(lambda: (fed.out / "deployment.json").exists(), 60, "the server to start",
+                   fed.logs(), fed.server)
+        right = ssl.create_default_context(cafile=str(fed.certs / "ca.pem"))
+        with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock, \
+                right.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        other = init_consortium(tmp_path / "other", ["127.0.0.1"])
+        wrong = ssl.create_default_context(cafile=str(other / "ca.pem"))
+        with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                wrong.wrap_socket(sock, server_hostname="127.0.0.1")
+    finally:
+        fed.close()
+
+
+def test_a_client_killed_during_a_round_drops_and_the_run_goes_on(federation):
+    fed = federation(rounds=3)
+    for i, name in enumerate(SITES):
+        fed.write_site(name, i, 3)
+    fed.start_server()
+    for name in SITES:
+        fed.join(name)
+    # Once site-c's key advertisement has left its SuperNode, round 1 is under way: kill
+    # the whole client (join and its SuperNode) before its train request can come back.
+    wait_until(lambda: advertisement_sent(fed.state("site-c") / "supernode.log"), 180,
+               "site-c's key advertisement", fed.logs(), fed.server)
+    kill_tree(fed.clients["site-c"])
+    [first] = fed.wait_rounds(1)
+    assert first["secagg_status"] == "ok" and first["clients_trained"] == 2
+    assert first["secagg_dropped"] == 1 and first["clients_failed"] == 1
+    assert checkpoint_sha(fed, 1) != checkpoint_sha(fed, 0)  # the survivors' sum was applied
+    assert fed.audit("site-c") == []  # it never trained
+    fed.join("site-c")  # the partner restarts its client; the run goes on, with it again
+    assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["secagg_status"] == "ok" and r["clients_trained"] >= 2 for r in rows)
+    assert rows[2]["clients_trained"] == 3
+    trained = [e["round"] for e in fed.audit("site-c") if e["decision"] == "trained"]
+    assert 3 in trained and [e["round"] for e in spends(fed.ledger("site-c"))] == trained
+
+
+def test_a_server_killed_mid_run_resumes_without_resetting_or_recounting_ledgers(federation):
+    fed = federation()
+    for i, name in enumerate(SITES):
+        fed.write_site(name, i, 3)
+    fed.start_server()
+    for name in SITES:
+        fed.join(name)
+    # Round 2 is under way once a client has trained it: the server crashes then.
+    wait_until(lambda: any(e["round"] == 2 for e in fed.audit("site-a")), 240,
+               "round 2 to start", fed.logs())
+    kill_tree(fed.server)
+    before = {name: spends(fed.ledger(name)) for name in SITES}
+    assert [r["round"] for r in fed.metrics()] == [1]
+
+    fed.start_server(resume=True)
+    assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2]  # round 1 kept, round 2 run once more
+    assert rows[1]["clients_trained"] == 3
+    manifest = json.loads((fed.out / "checkpoints" / "round-00002.json").read_text())
+    assert manifest["parent_sha256"] == checkpoint_sha(fed, 1)
+    for name in SITES:
+        after = spends(fed.ledger(name))
+        assert after[:len(before[name])] == before[name]  # nothing reset or rewritten
+        trained = [e for e in fed.audit(name) if e["decision"] == "trained"]
+        assert len(after) == len(trained)  # one spend per training, none counted twice
+        assert after[-1]["round"] == 2 and after[-1]["epsilon"] >= before[name][-1]["epsilon"]
