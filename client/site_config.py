@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from consortia.client.policy import SitePolicy
 from consortia.config import ConfigError, _format_errors, apply_overrides
+from consortia.tasks import import_task_modules
 
 
 class _Section(BaseModel):
@@ -47,6 +48,8 @@ class SiteSection(_Section):
     node_key: Path
     state_dir: Path
     task: str
+    task_modules: list[str] = Field(
+        default_factory=list, description="modules that register your own tasks (register_task)")
 
     @field_validator("superlink")
     @classmethod
@@ -120,9 +123,13 @@ class SiteConfig(_Section):
 def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site config"
                           ) -> SiteConfig:
     try:
+        import_task_modules(list(data.get("site", {}).get("task_modules", [])),
+                            "site.task_modules")
         cfg = SiteConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration ({source}): {err}") from None
     s = cfg.site
     s.ca_cert, s.node_key, s.state_dir = ((base / p).resolve()
                                           for p in (s.ca_cert, s.node_key, s.state_dir))

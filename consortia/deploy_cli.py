@@ -105,3 +105,26 @@ def client_join(config: Path = typer.Option(..., "--config", help="site TOML")) 
         join(config, log_fn=console.print)
     except (ConfigError, JoinError) as err:
         raise _fail(err) from None
+
+
+@client_app.command("status")
+def client_status(config: Path = typer.Option(..., "--config", help="site TOML"),
+                  as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """This site's own records: ε spent against its budget, and its audit log."""
+    import json
+
+    from consortia.client.api import site_status
+    from consortia.config import ConfigError
+
+    try:
+        status = site_status(config)
+    except ConfigError as err:
+        raise _fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(f"{status['site']}: ε {status['epsilon']:.4f} of {status['epsilon_budget']} "
+               f"(δ {status['delta']}, {status['accountant']}), {status['steps']} DP-SGD steps")
+    for e in status["audit"][-20:]:
+        typer.echo(f"  run {e['run']} round {e['round']}: {e['decision']}"
+                   + (f" ({e['reason']})" if e["reason"] else ""))

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from consortia.config import ConfigError, RunConfig, _format_errors, apply_overrides
 from consortia.privacy.certs import CA_CERT, ENROLLED, SERVER_CERT, SERVER_KEY
+from consortia.tasks import import_task_modules
 
 
 class ServerSection(BaseModel):
@@ -35,6 +36,8 @@ class ServerSection(BaseModel):
     certs: Path = Field(description="consortium directory (consortia certs init)")
     out: Path = Field(description="results directory of the run")
     start_timeout_s: float = Field(60.0, gt=0, description="how long the SuperLink may take to start")
+    task_modules: list[str] = Field(
+        default_factory=list, description="modules that register your own tasks (register_task)")
 
 
 class ServerDeployConfig(BaseModel):
@@ -65,9 +68,13 @@ def load_server_config(path: str | Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     apply_overrides(data, overrides or [])
     try:
+        import_task_modules(list(data.get("server", {}).get("task_modules", [])),
+                            "server.task_modules")
         cfg = ServerDeployConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, str(path))) from None
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration ({path}): {err}") from None
     base = path.resolve().parent
     cfg.server.certs = (base / cfg.server.certs).resolve()
     cfg.server.out = (base / cfg.server.out).resolve()

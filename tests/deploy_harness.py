@@ -119,10 +119,13 @@ enabled = true
 reply_timeout_s = 30
 """)
 
-    def write_site(self, name: str, index: int, count: int, **policy: object) -> Path:
+    def write_site(self, name: str, index: int, count: int, data: dict | None = None,
+                   **policy: object) -> Path:
         terms = {"tasks": ["digits-mlp"], "epsilon_budget": 20.0, "delta": 1e-5,
                  "min_noise_multiplier": 0.5, **policy}
         lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in terms.items())
+        data = data or {"kind": "partition", "index": index, "count": count}
+        data_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in data.items())
         path = self.root / f"{name}.toml"
         path.write_text(f"""
 [site]
@@ -134,9 +137,7 @@ state_dir = "state/{name}"
 task = "digits-mlp"
 
 [data]
-kind = "partition"
-index = {index}
-count = {count}
+{data_lines}
 
 [policy]
 {lines}
@@ -162,6 +163,12 @@ count = {count}
     def join(self, name: str) -> subprocess.Popen:
         self.clients[name] = self._start(CONSORTIA + ["client", "join", "--config",
                                                       f"{name}.toml"],
+                                         self.root / f"{name}.out")
+        return self.clients[name]
+
+    def join_python(self, name: str, script: str) -> subprocess.Popen:
+        """A client started through the partner's Python API (a script of its own)."""
+        self.clients[name] = self._start([sys.executable, "-c", script],
                                          self.root / f"{name}.out")
         return self.clients[name]
 

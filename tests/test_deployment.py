@@ -40,6 +40,30 @@ def spends(ledger: dict) -> list[dict]:
     return [e for e in ledger["events"] if e["decision"] == "trained"]
 
 
+PYTHON_API_CLIENT = """
+import numpy as np
+from torch.utils.data import TensorDataset
+from consortia.client import join_federation
+from consortia.tasks import get_task
+
+x, y = get_task("digits-mlp").load_data(None).train.tensors
+mine = np.array_split(np.random.default_rng(0).permutation(len(y)), 3)[0]
+join_federation("site-a.toml", dataset=TensorDataset(x[mine], y[mine]))
+"""
+
+
+def write_partition_csv(path, index: int, count: int) -> None:
+    import numpy as np
+
+    from consortia.tasks import get_task
+
+    x, y = get_task("digits-mlp").load_data(None).train.tensors
+    share = np.array_split(np.random.default_rng(0).permutation(len(y)), count)[index]
+    header = ",".join([f"px{i}" for i in range(64)] + ["label"])
+    rows = [",".join([f"{v:.6f}" for v in x[i].tolist()] + [str(int(y[i]))]) for i in share]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+
+
 def advertisement_sent(log) -> bool:
     text = log.read_text() if log.exists() else ""
     at = text.find("Sending: train.secagg_advertise")
@@ -56,11 +80,17 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     refuses the task; a node that is not enrolled and a node that trusts another CA never
     get in."""
     fed = federation(sites=SITES + ["site-d"])
-    for i, name in enumerate(SITES):
-        fed.write_site(name, i, 3)
-    fed.write_site("site-d", 0, 3, min_noise_multiplier=2.0)  # the run asks for σ = 1.0
+    # site-a joins through the Python API with a Dataset of its own; site-b reads a CSV
+    # file; site-c uses its share of the task's data; site-d's policy wants more noise
+    # than the run's σ = 1.0.
+    fed.write_site("site-a", 0, 3)
+    fed.write_site("site-b", 1, 3, data={"kind": "csv", "path": "site-b.csv"})
+    write_partition_csv(fed.root / "site-b.csv", 1, 3)
+    fed.write_site("site-c", 2, 3)
+    fed.write_site("site-d", 0, 3, min_noise_multiplier=2.0)
     fed.start_server()
-    for name in SITES + ["site-d"]:
+    fed.join_python("site-a", PYTHON_API_CLIENT)
+    for name in ["site-b", "site-c", "site-d"]:
         fed.join(name)
     stranger = fed.plain_supernode("stranger", fed.stranger_key("stranger"),
                                    fed.certs / "ca.pem")
