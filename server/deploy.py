@@ -24,7 +24,7 @@ from consortia.flower_exec import FlowerExecutableMissing
 from consortia.privacy.certs import CertsError, enrolled_keys
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.deploy_config import load_server_config
-from consortia.server.results import SUMMARY_FILE
+from consortia.server.results import METRICS_FILE, SUMMARY_FILE
 from consortia.server.run_dir import ResultsDirError, prepare_out_dir
 from consortia.server.store import RunStore
 from consortia.server.superlink import DeploymentError, SuperLink
@@ -57,6 +57,7 @@ def serve(config_path: str | Path, *, resume: bool = False,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
+    launcher = None
     try:
         link.start(srv.start_timeout_s)
     except FlowerExecutableMissing as err:
@@ -71,11 +72,15 @@ def serve(config_path: str | Path, *, resume: bool = False,
         log(f"run {run_id}{' (resumed)' if resume else ''} on https://{link.address}: "
             f"{len(nodes)} enrolled nodes; results in {srv.out}; SuperLink log "
             f"{link.log_path}")
-        status = wait_for_run(link, flower_run, stop)
+        launcher = link.launcher()
+        threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
+        status = wait_for_run(link, flower_run, set(nodes.values()), stop, srv.out, log)
     except KeyboardInterrupt:
-        stop.set()
         status = None
     finally:
+        stop.set()
+        if launcher is not None:
+            launcher.stop()
         link.stop()
     if status is None:
         log(f"stopped; continue with: consortia server start --config {config_path} --resume")
@@ -87,14 +92,35 @@ def serve(config_path: str | Path, *, resume: bool = False,
     return json.loads((srv.out / SUMMARY_FILE).read_text())
 
 
-def wait_for_run(link: SuperLink, flower_run: int, stop: threading.Event
-                 ) -> tuple[str, str] | None:
-    """(sub_status, details) once the run has finished; None if stopped first."""
+def wait_for_run(link: SuperLink, flower_run: int, nodes: set[int], stop: threading.Event,
+                 out: Path, log: Callable[[str], None]) -> tuple[str, str] | None:
+    """(sub_status, details) once the run has finished; None if stopped first. Meanwhile
+    keep the SuperLink to our run and our nodes, and report each round as it is recorded."""
+    rounds_seen = 0
     while not stop.wait(POLL_S):
         if link.process is not None and link.process.poll() is not None:
             raise DeploymentError(f"the SuperLink exited ({link.process.returncode}); see "
                                   f"{link.log_path}")
+        link.guard(flower_run, nodes)
+        rows = read_rows(out / METRICS_FILE)
+        for row in rows[rounds_seen:]:
+            log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "
+                f"{row['clients_trained']}/{row['clients_sampled']}"
+                + (f", ε max {row['epsilon_max']:.3f}" if row.get("epsilon_max") else ""))
+        rounds_seen = max(rounds_seen, len(rows))
         status, sub_status, details = link.run_status(flower_run)
         if status == "finished":
             return sub_status, details
     return None
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being appended
+            break
+    return rows

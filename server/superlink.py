@@ -4,8 +4,9 @@ The SuperLink serves the Fleet API (SuperNodes), the Control API (this module) a
 Runtime API on one HTTPS address. It is started with `--enable-supernode-auth`: only
 nodes whose public keys were registered through the Control API may connect, and we
 register exactly the keys in the consortium's enrolled/ folder at every start. It runs
-ServerApps as subprocesses (Flower's SuperExec starts `flwr-serverapp`), without
-runtime dependency installation: the ServerApp comes from the installed consortia.
+no app itself (`--isolation process`): server/runtime.py starts `flwr-serverapp` for the
+run we submitted, without runtime dependency installation: the ServerApp comes from the
+installed consortia.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from consortia.flower_exec import (
     wait_for,
 )
 from consortia.privacy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from consortia.server.runtime import ServerAppLauncher, write_secret
 
 SERVER_APP_REF = "consortia.server.deployed:app"
 CLIENT_APP_REF = "consortia.client.deployed:app"
@@ -74,6 +76,7 @@ class SuperLink:
     port: int
     work_dir: Path  # logs and FLWR_HOME live here
     process: subprocess.Popen | None = field(default=None, init=False)
+    serverapp_exe: str = field(default="", init=False)
 
     @property
     def address(self) -> str:
@@ -88,16 +91,25 @@ class SuperLink:
         # Poll for new ServerApp tasks every 0.2 s rather than Flower's default 1 s.
         return flower_env(self.work_dir / "flwr-home", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
 
+    @property
+    def secret_path(self) -> Path:
+        return self.work_dir / "superexec.secret"
+
     def start(self, timeout: float) -> None:
         env = self.env()
-        exe = require_executables(["flower-superlink", "flower-superexec", "flwr-serverapp"], env)
+        exe = require_executables(["flower-superlink", "flwr-serverapp"], env)
+        self.serverapp_exe = exe["flwr-serverapp"]
+        # Process isolation: the SuperLink runs no app itself; ServerApp tasks go only to
+        # the holder of the SuperExec secret (server/runtime.py).
+        write_secret(self.secret_path)
         argv = [exe["flower-superlink"],
                 "--ssl-ca-certfile", str(self.certs / CA_CERT),
                 "--ssl-certfile", str(self.certs / SERVER_CERT),
                 "--ssl-keyfile", str(self.certs / SERVER_KEY),
                 "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation",
-                "--isolation", "subprocess",
+                "--isolation", "process",
+                "--superexec-auth-secret-file", str(self.secret_path),
                 "--host", self.host, "--port", str(self.port)]
         self.process = start_process(argv, self.log_path, env)
         try:
@@ -174,6 +186,31 @@ class SuperLink:
         if not res.HasField("run_id"):
             raise DeploymentError(f"the SuperLink did not start the run; see {self.log_path}")
         return res.run_id
+
+    def launcher(self) -> ServerAppLauncher:
+        return ServerAppLauncher(self.address, self.certs / CA_CERT, self.secret_path.read_bytes(),
+                                 self.serverapp_exe, self.env(), self.work_dir / "serverapp.log")
+
+    def guard(self, flower_run: int, nodes: set[int]) -> None:
+        """Stop runs other than ours and unregister nodes other than the enrolled ones:
+        the open-source Control API does not authenticate who asks (server/runtime.py)."""
+        from flwr.proto.control_pb2 import (
+            ListNodesRequest,
+            ListRunsRequest,
+            StopRunRequest,
+            UnregisterNodeRequest,
+        )
+
+        client = self.control()
+        try:
+            for run_id, run in client.ListRuns(ListRunsRequest()).run_dict.items():
+                if run_id != flower_run and run.status.status != "finished":
+                    client.StopRun(StopRunRequest(run_id=run_id))
+            for info in client.ListNodes(ListNodesRequest()).nodes_info:
+                if info.node_id not in nodes and info.status != "unregistered":
+                    client.UnregisterNode(UnregisterNodeRequest(node_id=info.node_id))
+        finally:
+            client.close()
 
     def run_status(self, run_id: int) -> tuple[str, str, str]:
         """(status, sub_status, details) of a Flower run."""

@@ -13,7 +13,8 @@ import ssl
 import pytest
 from deploy_harness import Federation, jsonl, kill_tree, wait_until
 
-from consortia.privacy.certs import init_consortium
+from consortia.privacy.certs import generate_node_key, init_consortium
+from consortia.server.superlink import SuperLink
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +65,63 @@ def write_partition_csv(path, index: int, count: int) -> None:
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
 
 
+def check_tls_handshakes(fed: Federation, other_ca) -> None:
+    """The consortium's CA verifies the SuperLink; another CA fails the handshake."""
+    right = ssl.create_default_context(cafile=str(fed.certs / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock, \
+            right.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    wrong = ssl.create_default_context(cafile=str(other_ca / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            wrong.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def submit_rogue_run_and_node(fed: Federation):
+    """What anyone who reaches the port could ask of Flower's open Control API: run a
+    bundle of their own code, and register a node key of their own."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import RegisterNodeRequest, StartRunRequest
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    marker = fed.root / "rogue-code-ran"
+    app = fed.root / "rogue-app"
+    app.mkdir()
+    (app / "rogue_app.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                      "from flwr.serverapp import ServerApp\napp = ServerApp()\n")
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "rogue"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.flwr.app]\npublisher = "rogue"\n[tool.flwr.app.components]\n'
+        'serverapp = "rogue_app:app"\nclientapp = "rogue_app:app"\n')
+    fab_bytes = build_fab_from_disk(app)
+    control = SuperLink(fed.certs, "127.0.0.1", fed.port, fed.root / "rogue").control()
+    try:
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        run = control.StartRun(StartRunRequest(fab=fab_to_proto(fab), federation="",
+                                               override_config=user_config_to_proto({}))).run_id
+        _, public = generate_node_key(fed.root / "rogue-node")
+        key = public_key_to_bytes(load_ssh_public_key(public.read_bytes()))
+        node = control.RegisterNode(RegisterNodeRequest(public_key=key, name="rogue")).node_id
+    finally:
+        control.close()
+    return run, node, marker
+
+
+def node_status(link: SuperLink, node_id: int) -> str:
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    client = link.control()
+    try:
+        return next((n.status for n in client.ListNodes(ListNodesRequest()).nodes_info
+                     if n.node_id == node_id), "")
+    finally:
+        client.close()
+
+
 def advertisement_sent(log) -> bool:
     text = log.read_text() if log.exists() else ""
     at = text.find("Sending: train.secagg_advertise")
@@ -78,7 +136,8 @@ def checkpoint_sha(fed: Federation, r: int) -> str:
 def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     """Three partners train two rounds (DP, secure aggregation); a fourth partner's policy
     refuses the task; a node that is not enrolled and a node that trusts another CA never
-    get in."""
+    get in (a wrong CA fails the TLS handshake); a run or a node key submitted through the
+    Control API by anyone else is stopped or unregistered, its code never run."""
     fed = federation(sites=SITES + ["site-d"])
     # site-a joins through the Python API with a Dataset of its own; site-b reads a CSV
     # file; site-c uses its share of the task's data; site-d's policy wants more noise
@@ -97,8 +156,18 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     other_ca = init_consortium(fed.root / "other-ca", ["127.0.0.1"])
     wrong_ca = fed.plain_supernode("wrong-ca", fed.stranger_key("wrong-ca-key"),
                                    other_ca / "ca.pem")
+    wait_until(lambda: (fed.out / "deployment.json").exists(), 90, "the run to be submitted",
+               fed.logs(), fed.server)
+    check_tls_handshakes(fed, other_ca)
+    rogue_run, rogue_node, marker = submit_rogue_run_and_node(fed)
+    control = SuperLink(fed.certs, "127.0.0.1", fed.port, fed.root / "rogue")
+    wait_until(lambda: control.run_status(rogue_run)[:2] == ("finished", "stopped"), 60,
+               "the server to stop a run it did not submit", fed.logs(), fed.server)
+    wait_until(lambda: node_status(control, rogue_node) == "unregistered", 60,
+               "the server to unregister a node it did not enroll", fed.logs(), fed.server)
 
     assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+    assert not marker.exists()  # the rogue bundle's ServerApp never ran
     rows = fed.metrics()
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
@@ -124,25 +193,6 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     assert "SuperNode ID" not in stranger.read_text()
     assert "SuperNode ID" not in wrong_ca.read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.read_text()
-
-
-def test_a_wrong_ca_fails_the_tls_handshake(tmp_path):
-    fed = Federation(tmp_path, SITES)
-    try:
-        fed.start_server()
-        wait_until(lambda: (fed.out / "deployment.json").exists(), 60, "the server to start",
-                   fed.logs(), fed.server)
-        right = ssl.create_default_context(cafile=str(fed.certs / "ca.pem"))
-        with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock, \
-                right.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-            assert tls.version() in ("TLSv1.2", "TLSv1.3")
-        other = init_consortium(tmp_path / "other", ["127.0.0.1"])
-        wrong = ssl.create_default_context(cafile=str(other / "ca.pem"))
-        with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as sock:
-            with pytest.raises(ssl.SSLCertVerificationError):
-                wrong.wrap_socket(sock, server_hostname="127.0.0.1")
-    finally:
-        fed.close()
 
 
 def test_a_client_killed_during_a_round_drops_and_the_run_goes_on(federation):
