@@ -95,6 +95,18 @@ def server_start(
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
 
 
+@server_app.command("base-hash")
+def server_base_hash(config: Path = typer.Option(..., "--config", help="server TOML")) -> None:
+    """Print the SHA-256 of the run's base model, for partners' base_model_sha256."""
+    from consortia.config import ConfigError
+    from consortia.server.deploy import base_model_sha256
+
+    try:
+        typer.echo(base_model_sha256(config))
+    except ConfigError as err:
+        raise _fail(err) from None
+
+
 @client_app.command("join")
 def client_join(config: Path = typer.Option(..., "--config", help="site TOML")) -> None:
     """Join a federation: a SuperNode for this site, running only the installed ClientApp."""

@@ -92,6 +92,25 @@ def serve(config_path: str | Path, *, resume: bool = False,
     return json.loads((srv.out / SUMMARY_FILE).read_text())
 
 
+def base_model_sha256(config_path: str | Path) -> str:
+    """The SHA-256 of the run's round-0 checkpoint (the base model), as the server will
+    state it in every request: partners list it in their policy's base_model_sha256."""
+    import hashlib
+
+    import torch
+    from flwr.app import ArrayRecord
+
+    from consortia.server.checkpoint import weights_bytes
+    from consortia.server.workflow import arrays_to_numpy
+    from consortia.tasks import get_task
+
+    cfg = load_server_config(config_path).run
+    torch.manual_seed(cfg.seed)  # as RoundWorkflow.initial_model
+    model = get_task(cfg.task).build_model(cfg.model.activation)
+    weights = arrays_to_numpy(ArrayRecord(model.state_dict()))
+    return hashlib.sha256(weights_bytes(weights)).hexdigest()
+
+
 def wait_for_run(link: SuperLink, flower_run: int, nodes: set[int], stop: threading.Event,
                  out: Path, log: Callable[[str], None]) -> tuple[str, str] | None:
     """(sub_status, details) once the run has finished; None if stopped first. Meanwhile

@@ -14,6 +14,7 @@ import pytest
 from deploy_harness import Federation, jsonl, kill_tree, wait_until
 
 from consortia.privacy.certs import generate_node_key, init_consortium
+from consortia.server.deploy import base_model_sha256
 from consortia.server.superlink import SuperLink
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,8 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     fed.write_site("site-a", 0, 3)
     fed.write_site("site-b", 1, 3, data={"kind": "csv", "path": "site-b.csv"})
     write_partition_csv(fed.root / "site-b.csv", 1, 3)
-    fed.write_site("site-c", 2, 3)
+    base = base_model_sha256(fed.root / "server.toml")  # what the operator publishes
+    fed.write_site("site-c", 2, 3, base_model_sha256=[base], require_secagg=True)
     fed.write_site("site-d", 0, 3, min_noise_multiplier=2.0)
     fed.start_server()
     fed.join_python("site-a", PYTHON_API_CLIENT)
@@ -174,6 +176,7 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
         assert row["secagg_status"] == "ok"
         assert row["clients_trained"] == 3 and row["clients_refused"] == 1
     assert checkpoint_sha(fed, 2) != checkpoint_sha(fed, 0)  # the global model changed
+    assert checkpoint_sha(fed, 0) == base
     for name in SITES:
         events = spends(fed.ledger(name))
         assert [e["round"] for e in events] == [1, 2]
