@@ -106,7 +106,11 @@ def serve_client_app(address: str, client_app: ClientApp, stop: threading.Event,
                 continue
             if res.HasField("task") and res.token:
                 started = time.monotonic()
-                status = run_task(address, res.token, client_app, on_bundle)
+                try:
+                    status = run_task(address, res.token, client_app, on_bundle)
+                except Exception as err:  # noqa: BLE001 - e.g. the SuperNode went away mid-task
+                    log.warning("task %s could not be completed: %s", res.task.task_id, err)
+                    continue
                 log.info("task %s %s in %.2f s", res.task.task_id, status,
                          time.monotonic() - started)
                 continue

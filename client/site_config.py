@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from consortia.client.policy import SitePolicy
 from consortia.config import ConfigError, _format_errors, apply_overrides
+from consortia.privacy.certs import NAME_PATTERN
 from consortia.tasks import import_task_modules
 
 
@@ -42,7 +43,7 @@ class _Section(BaseModel):
 
 
 class SiteSection(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN.pattern, description="the enrolled node name")
     superlink: str = Field(description="host:port of the consortium's SuperLink")
     ca_cert: Path
     node_key: Path

@@ -129,11 +129,18 @@ class SuperLink:
         from flwr.cli.typing import SuperLinkConnection
         from flwr.cli.utils import init_http_client_from_connection
 
-        os.environ["FLWR_HOME"] = str(self.work_dir / "flwr-home")  # the CLI's own state
         connection = SuperLinkConnection(name="consortia", address=self.address,
                                          root_certificates=str(self.certs / CA_CERT))
-        with contextlib.redirect_stdout(io.StringIO()):  # Flower's CLI names the connection
-            return init_http_client_from_connection(connection)
+        saved = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.work_dir / "flwr-home")  # the CLI's own state
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # Flower's CLI names the connection
+                return init_http_client_from_connection(connection)
+        finally:
+            if saved is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = saved
 
     def _control_reachable(self) -> bool:
         from flwr.proto.control_pb2 import ListRunsRequest
