@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from consortia.client.distributed import DistributedStep
 from consortia.client.policy import asked
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
@@ -23,8 +24,10 @@ from consortia.messages import (
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
+    update_vector_order,
 )
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
+from consortia.privacy.secagg import RoundSetup
 
 
 def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, seed: int
@@ -44,7 +47,10 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
 
 
 def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions) -> float | None:
-    """The σ this request would train with: the server's, or the one the client derives."""
+    """The σ this request would train with: the server's, or the one the client derives
+    (local DP-SGD); under distributed DP the σ of the sum, when the server states it."""
+    if ins.privacy_mode == "distributed":
+        return ins.noise_multiplier
     if not ins.dp_enabled or trainer.ledger is None or ins.local_epochs == 0:
         return None
     return trainer.noise_multiplier(ins)
@@ -58,6 +64,33 @@ def audit(site: Site, ins: TrainInstructions, server_round: int,
                           asked=asked(ins, server_round, secagg is not None),
                           decision=report.status, reason=report.reason,
                           epsilon=report.epsilon, noise_multiplier=report.noise_multiplier)
+
+
+def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
+                      ins: TrainInstructions, secagg: SecAggInstructions | None,
+                      server_round: int) -> Message:
+    """Distributed DP: one noisy integer gradient sum, only ever sent masked."""
+    if secagg is None or secagg.dp_scale is None:
+        report = TrainReport(client_id=site.client_id, status="refused-policy",
+                             reason="distributed DP asked without secure aggregation: this "
+                                    "client's noise share alone would not protect its records")
+        return Message(report.to_content(), reply_to=msg)
+    ledger = site.open_ledger()
+    if ledger is None:
+        report = TrainReport(client_id=site.client_id, status="refused-policy",
+                             reason="distributed DP asked but this site has no privacy terms")
+        return Message(report.to_content(), reply_to=msg)
+    setup = RoundSetup.from_bytes(secagg.setup)
+    step = DistributedStep(site.client_id, site.task, site.dataset, ledger, site.device,
+                           site.privacy.max_epsilon_if_secagg_fails, site.seeded_noise)
+    report, vector = step.run(model, ins, server_round,
+                              names=update_vector_order(msg.content[ARRAYS].keys()),
+                              scale=secagg.dp_scale, threshold=setup.threshold,
+                              run_key=setup.run_id)
+    if vector is None:
+        return Message(report.to_content(), reply_to=msg)
+    client = SecAggClient(context, site.secagg_state)
+    return Message(client.content(report, *client.mask_vector(secagg, vector)), reply_to=msg)
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -86,6 +119,10 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
 
         model = site.task.build_model(ins.model_activation)
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        if ins.privacy_mode == "distributed":
+            reply = distributed_round(site, context, msg, model, ins, secagg, server_round)
+            audit(site, ins, server_round, secagg, TrainReport.from_content(reply.content))
+            return reply
         report, weights = trainer.train(model, ins, server_round)
         audit(site, ins, server_round, secagg, report)
         if weights is None:
@@ -105,8 +142,9 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         # Under secure aggregation only the masked update leaves this client (and the
         # clipping indicator rides inside it, not in the clear report).
         report = report.model_copy(update={"within_clip": None})
-        content = SecAggClient(context, site.secagg_state).masked_content(report, secagg, msg.content[ARRAYS],
-                                                       weights, ins.seed, indicator)
+        client = SecAggClient(context, site.secagg_state)
+        content = client.masked_content(report, secagg, msg.content[ARRAYS], weights, ins.seed,
+                                        indicator)
         return Message(content, reply_to=msg)
 
     @app.query("identify")
@@ -125,7 +163,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         request = msg.content[SECAGG]["unmask_request"]
-        return Message(SecAggClient(context, load_site(context).secagg_state).unmask(request),
+        site = load_site(context)  # distributed DP spends at unmasking
+        return Message(SecAggClient(context, site.secagg_state).unmask(request, site.open_ledger()),
                        reply_to=msg)
 
     return app

@@ -23,6 +23,7 @@ from consortia.messages import (
     secagg_run_id,
     update_vector_order,
 )
+from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
 from consortia.privacy.storage import atomic_write_bytes
 
@@ -69,7 +70,6 @@ class SecAggClient:
                     indicator: float | None = None, client_id: str = ""
                     ) -> tuple[ArrayRecord, ConfigRecord]:
         setup = RoundSetup.from_bytes(ins.setup)
-        session = self._load(setup.run_id)
         names = update_vector_order(old.keys())
         update = np.concatenate([
             (new[name].numpy() - old[name].numpy()).ravel() for name in names])
@@ -81,6 +81,13 @@ class SecAggClient:
         rng = np.random.default_rng(stable_seed(seed, setup.round_num, client_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
                          weight=weight, rng=rng)
+        return self.mask_vector(ins, encoded)
+
+    def mask_vector(self, ins: SecAggInstructions, encoded: np.ndarray
+                    ) -> tuple[ArrayRecord, ConfigRecord]:
+        """Mask a vector already in the ring (uint32): its shares go with it."""
+        setup = RoundSetup.from_bytes(ins.setup)
+        session = self._load(setup.run_id)
         masked = session.share_keys_and_mask_input(setup, encoded, consume=True)
         self._save(session)
         return (ArrayRecord({"vector": Array(masked.masked)}),
@@ -93,15 +100,24 @@ class SecAggClient:
         the update only masked."""
         vector, header = self.mask_update(ins, old, new, report.num_examples, seed, indicator,
                                           report.client_id)
+        return self.content(report, vector, header)
+
+    @staticmethod
+    def content(report: TrainReport, vector: ArrayRecord, header: ConfigRecord) -> RecordDict:
         content = report.to_content()
         content[MASKED], content[SECAGG] = vector, header
         return content
 
-    def unmask(self, request_bytes: bytes) -> RecordDict:
+    def unmask(self, request_bytes: bytes, ledger: PrivacyLedger | None = None) -> RecordDict:
+        """Answer an unmask request. Under distributed DP the request is the moment this
+        client's share joins a revealed sum: the ledger spends it before the answer leaves
+        (the session has checked by then that the sum holds at least t shares)."""
         request = UnmaskRequest.from_bytes(request_bytes)
         session = self._load(request.run_id)
         response = session.unmask(request)
         self._save(session)
+        if ledger is not None:
+            ledger.commit(run_key=request.run_id, server_round=request.round_num)
         return RecordDict({SECAGG: ConfigRecord({"unmask": response.to_bytes()})})
 
 

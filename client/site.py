@@ -22,6 +22,9 @@ class SitePrivacy:
     delta: float
     accountant: str = "rdp"
     require_dp: bool = True
+    # Distributed DP: the most ε this site accepts should secure aggregation fail (its
+    # own noise shares alone); None: no cap beyond epsilon_budget on the first guarantee.
+    max_epsilon_if_secagg_fails: float | None = None
 
 
 @dataclass
@@ -40,6 +43,9 @@ class Site:
     audit: AuditLog | None = None
     # Where a deployed site keeps its secure-aggregation session (None: the node's context).
     secagg_state: Path | None = None
+    # Draw distributed-DP noise from a seed (simulations: reproducible runs). A real site
+    # leaves it False: whoever knows the seed could subtract the noise.
+    seeded_noise: bool = False
 
     def open_ledger(self) -> PrivacyLedger | None:
         if self.privacy is None:

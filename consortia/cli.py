@@ -69,7 +69,9 @@ def sim_run(
 
         def on_round(row: dict) -> None:
             eps = row["epsilon_max"]
-            status = (f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  trained "
+            evaluated = (f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  "
+                         if row.get("accuracy") is not None else "")
+            status = (f"{evaluated}trained "
                       f"{row['clients_trained']}/{row['clients_sampled']}"
                       + (f"  ε max {eps:.2f}" if eps is not None else ""))
             progress.update(bar, completed=row["round"], status=status)
@@ -342,12 +344,14 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
                        str(x["clients_trained"]), str(x["clients_refused"]),
                        str(x["clients_rejected"]), str(x["clients_failed"]),
                        _fmt(x["epsilon_max"], 3), x["secagg_status"] or "-", _fmt(x["duration_s"], 1))
-    clients = Table("client", "status", "rounds joined", "last seen", "ε", "budget", "reason",
-                    title="clients")
+    fallback = any(c.get("epsilon_if_secagg_fails") is not None for c in info["clients"])
+    clients = Table("client", "status", "rounds joined", "last seen", "ε", "budget",
+                    *(["ε if secagg fails"] if fallback else []), "reason", title="clients")
     for c in info["clients"]:
         clients.add_row(c["client_id"], c["status"], str(c["rounds_joined"]),
                         f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
-                        _fmt(c["epsilon_budget"], 2), c["reason"])
+                        _fmt(c["epsilon_budget"], 2),
+                        *([_fmt(c["epsilon_if_secagg_fails"], 3)] if fallback else []), c["reason"])
     checkpoints = Table("round", "sha256", "parent", title="checkpoints")
     for c in info["checkpoints"]:
         checkpoints.add_row(str(c["round"]), c["sha256"][:16], (c["parent_sha256"] or "-")[:16])

@@ -42,6 +42,10 @@ class PrivacyConfig(_Section):
     )
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
     accountant: Literal["rdp", "prv"] = "rdp"
+    mode: Literal["local", "distributed"] = Field(
+        "local", description='"local": each client runs DP-SGD with its full noise; '
+        '"distributed": one DP step per round, noise split among the clients under secure '
+        "aggregation (needs secagg.enabled)")
 
 
 class UserDPConfig(_Section):
@@ -152,6 +156,8 @@ class RunConfig(_Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     data_dir: str | None = Field(None, description="where the task's dataset files are")
+    eval_every: int = Field(1, ge=1, description="evaluate the global model every this many "
+                            "rounds (and after the last); distributed DP runs many short rounds")
     partition: PartitionConfig = PartitionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     user_dp: UserDPConfig = UserDPConfig()
@@ -188,7 +194,30 @@ class RunConfig(_Section):
             self._check_secagg()
         if self.user_dp.enabled:
             self._check_user_dp()
+        if self.privacy.mode == "distributed":
+            self._check_distributed()
         return self
+
+    def _check_distributed(self) -> None:
+        if not self.privacy.enabled:
+            raise ValueError('privacy.mode = "distributed" needs privacy.enabled = true')
+        if not self.secagg.enabled:
+            raise ValueError(
+                'privacy.mode = "distributed" needs secagg.enabled = true: each client adds '
+                "only a share of the noise, which protects it only inside a secure sum")
+        if self.user_dp.enabled:
+            raise ValueError('privacy.mode = "distributed" (record-level DP, noise split among '
+                             "clients) cannot be combined with user_dp.enabled = true")
+        if self.privacy.noise_multiplier == 0:
+            raise ValueError('privacy.mode = "distributed" needs noise: privacy.noise_multiplier '
+                             "= 0 is not accepted (leave it unset to derive it from the budget)")
+        from consortia.privacy.dp.distributed import choose_scale
+
+        choose_scale(self.privacy.max_grad_norm, self.batch_size * self.clients_per_round,
+                     self.privacy.noise_multiplier or 10.0, self.clients_per_round ** 0.5)
+        if self.privacy.accountant != "rdp":
+            raise ValueError('privacy.mode = "distributed" is accounted with the RDP accountant '
+                             f'(Skellam RDP bound); got privacy.accountant = "{self.privacy.accountant}"')
 
     def _check_user_dp(self) -> None:
         from consortia.privacy.dp.user_level import update_noise_multiplier

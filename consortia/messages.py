@@ -67,6 +67,9 @@ class TrainInstructions(_Record):
     user_clip: float | None = Field(None, gt=0)
     user_noise_std: float = Field(0.0, ge=0)
     user_count_noise_std: float = Field(0.0, ge=0)
+    # "distributed": one DP-SGD step whose noise is split among the clients and summed
+    # under secure aggregation (privacy/dp/distributed.py).
+    privacy_mode: Literal["local", "distributed"] = "local"
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
@@ -100,6 +103,10 @@ class TrainReport(_Record):
     sample_rate: float | None = None  # the rate Opacus actually used
     steps: int = Field(0, ge=0)  # cumulative DP-SGD steps in the client's ledger
     within_clip: bool | None = None  # user-level DP: the update was within user_clip
+    privacy_mode: Literal["local", "distributed"] = "local"
+    # Distributed DP: ε from this client's own noise shares alone (`epsilon` is against
+    # everyone while secure aggregation holds).
+    epsilon_if_secagg_fails: float | None = None
 
     def to_content(self, arrays=None) -> RecordDict:
         content = RecordDict({REPORT: self.to_config_record()})
@@ -138,6 +145,8 @@ class SecAggInstructions(_Record):
     weight_scale: int = Field(ge=1)  # client weight = num_examples / weight_scale, in (0, 1]
     unweighted: bool = False  # user-level DP: every client weighs 1, and the vector ends
     # with the client's clipping indicator (its share of the clipped count)
+    dp_scale: float | None = Field(None, gt=0)  # distributed DP: γ, integer units per unit
+    # of gradient; the vector is the client's noisy integer sum, not an encoded update
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:

@@ -23,6 +23,7 @@ class UpdateSum:
     contributors: int
     num_examples: int
     indicator: float = 0.0  # user-level DP: Σ of the clients' clipping indicators
+    expected_batch: float = 0.0  # distributed DP: Σ qᵢ·nᵢ over the contributors
 
     @classmethod
     def of_replies(cls, replies: list[Message], reference: ArrayRecord, weighted: bool

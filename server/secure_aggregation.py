@@ -29,6 +29,7 @@ from consortia.messages import (
     secagg_run_id,
     update_vector_order,
 )
+from consortia.privacy.dp.distributed import from_ring
 from consortia.privacy.secagg import (
     MaskedInput,
     SecAggAbort,
@@ -70,8 +71,9 @@ def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, in
 
 
 class SecureAggregator:
-    def __init__(self, cfg: RunConfig, run_id: str, timeout: float):
+    def __init__(self, cfg: RunConfig, run_id: str, timeout: float, dp_scale: float | None = None):
         self.cfg = cfg
+        self.dp_scale = dp_scale  # distributed DP: clients send noisy integer gradient sums
         self.run_id = run_id
         self.timeout = timeout
         self.session = ServerSecAggSession(run_id=secagg_run_id(run_id))
@@ -128,8 +130,8 @@ class SecureAggregator:
                                          num_neighbours=k, threshold=t)
         scale = max(self.examples[n] for n in participants)
         instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
-                                          bits=bits, weight_scale=scale,
-                                          unweighted=unweighted).to_config_record()
+                                          bits=bits, weight_scale=scale, unweighted=unweighted,
+                                          dp_scale=self.dp_scale).to_config_record()
         for m in messages:  # strategies share one RecordDict among messages: copy per node
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
@@ -145,13 +147,13 @@ class SecureAggregator:
         for n in participants:
             by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
+        responses: dict[int, bytes] = {}
         try:
             requests = self.session.collect_masked_inputs(masked)
             self._mark_rejected(by_node)
             unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                               dst_node_id=n, message_type=SECAGG_UNMASK)
                       for n, r in requests.items()]
-            responses = {}
             for reply in exchange(grid, unmask, self.timeout):
                 src = reply.metadata.src_node_id
                 if reply.has_error():
@@ -165,22 +167,28 @@ class SecureAggregator:
             result = self.session.finish_round(responses)
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
-            # Their updates were masked and sent (and their DP spend recorded), but none
-            # reaches the model: the round is abandoned for everyone.
+            # Their updates were masked and sent (and, under local DP, their spend recorded),
+            # but none reaches the model: the round is abandoned for everyone.
             for n, outcome in by_node.items():
                 if outcome.status == "trained":
-                    by_node[n] = ReplyOutcome(n, "failed", f"round abandoned: {abort}",
-                                              outcome.report)
+                    # A client that answered the unmask request spent (distributed DP): it
+                    # cannot know that too few others answered.
+                    by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}",
+                                                  spent=n in responses)
             return self._abandon(outcomes + list(by_node.values()), str(abort),
                                  dropped=len(participants) - len(masked))
 
         contributors = set(result.contributors)
         for n, outcome in by_node.items():
             if outcome.status == "trained" and n not in contributors:
-                by_node[n] = ReplyOutcome(n, "failed", "not in the secure sum", outcome.report)
-        weights = {n: 1.0 if unweighted else self.examples[n] / scale for n in contributors}
-        total = decode_sum(result.total, clip=self.cfg.secagg.clip, bits=bits,
-                           num_summed=len(contributors))
+                by_node[n] = self._not_summed(outcome, "not in the secure sum")
+        weights = {n: 1.0 if unweighted or self.dp_scale else self.examples[n] / scale
+                   for n in contributors}
+        if self.dp_scale is not None:  # distributed DP: the noisy integer sum, centered
+            total = from_ring(result.total).astype(np.float64)
+        else:
+            total = decode_sum(result.total, clip=self.cfg.secagg.clip, bits=bits,
+                               num_summed=len(contributors))
         summed, offset = {}, 0
         for name in names:
             shape = arrays[name].numpy().shape
@@ -192,14 +200,29 @@ class SecureAggregator:
         metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
                    "secagg_participants": len(participants), "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
-                   "secagg_error_bound": bound / sum(weights.values())}
+                   "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
+        if self.dp_scale is not None:  # each share is sized for t: more carry more noise
+            metrics["dp_noise_std_ratio"] = (len(contributors) / t) ** 0.5
         log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
                  len(contributors), len(result.dropped))
         update_sum = UpdateSum(
             total=summed, weight=sum(weights.values()), contributors=len(contributors),
             num_examples=sum(self.examples[n] for n in contributors),
-            indicator=float(total[offset]) if unweighted else 0.0)
+            indicator=float(total[offset]) if unweighted else 0.0,
+            expected_batch=sum(by_node[n].report.sample_rate * by_node[n].report.num_examples
+                               for n in contributors) if self.dp_scale else 0.0)
         return SecureRoundResult(outcomes + list(by_node.values()), update_sum, metrics)
+
+    def _not_summed(self, outcome: ReplyOutcome, reason: str, spent: bool = False
+                    ) -> ReplyOutcome:
+        """A trained client whose share reached no revealed sum. Under distributed DP it
+        spent nothing unless it answered an unmask request (its ledger spends then), so
+        otherwise its report's ε is not kept."""
+        report = outcome.report
+        if self.dp_scale is not None and report is not None and not spent:
+            report = report.model_copy(update={"epsilon": None, "steps": 0})
+            reason += " (distributed DP: nothing spent)"
+        return ReplyOutcome(outcome.node_id, "failed", reason, report)
 
     def _inspect(self, reply: Message) -> tuple[ReplyOutcome, MaskedInput | None]:
         outcome = report_outcome(reply)

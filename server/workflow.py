@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from consortia.config import RunConfig, config_to_dict
 from consortia.messages import ARRAYS, TrainInstructions
+from consortia.privacy.dp.distributed import choose_scale, model_step
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
@@ -48,6 +49,20 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def distributed_scale(cfg: RunConfig) -> float | None:
+    """γ for distributed DP (privacy/dp/distributed.py), fixed for the run; None otherwise."""
+    if cfg.privacy.mode != "distributed":
+        return None
+    from consortia.server.secure_aggregation import protocol_parameters
+
+    k = cfg.clients_per_round
+    _, t, _ = protocol_parameters(cfg, k)
+    # σ bounds the noise tail in the headroom; clients that derive σ from their budget
+    # rarely exceed 10, and a larger one costs 12 records of headroom per unit.
+    sigma = cfg.privacy.noise_multiplier or 10.0
+    return choose_scale(cfg.privacy.max_grad_norm, cfg.batch_size * k, sigma, (k / t) ** 0.5)
 
 
 def user_level_dp(cfg: RunConfig) -> UserLevelDP | None:
@@ -82,7 +97,9 @@ class RoundWorkflow:
         self.test_set = self.task.load_data(self.cfg.data_dir).test
         self.device = default_device()
         self.directory = NodeDirectory(self.cfg.sim.reply_timeout_s)
-        self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s)
+        self.dp_scale = distributed_scale(self.cfg)
+        self.secure = (SecureAggregator(self.cfg, self.run_id, self.cfg.sim.reply_timeout_s,
+                                        self.dp_scale)
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
@@ -100,7 +117,8 @@ class RoundWorkflow:
             base_model_sha256=self.base_sha256,
             user_clip=self.user_dp.clip if self.user_dp else None,
             user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
-            user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0)
+            user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0,
+            privacy_mode=cfg.privacy.mode)
 
     def initial_model(self) -> ArrayRecord:
         torch.manual_seed(self.cfg.seed)
@@ -216,6 +234,11 @@ class RoundWorkflow:
             round_metrics |= dp_metrics
             round_metrics["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
             aggregate = [aggregate_reply(arrays, average, summed.num_examples)]
+        elif summed is not None and self.dp_scale is not None:
+            # Distributed DP: the noisy sum of clipped gradients becomes one DP-SGD step.
+            average = model_step(summed.total, self.dp_scale, summed.expected_batch, self.cfg.lr)
+            round_metrics["dp_expected_batch"] = summed.expected_batch
+            aggregate = [aggregate_reply(arrays, average, summed.num_examples)]
         elif summed is not None:
             average = {name: t / summed.weight for name, t in summed.total.items()}
             aggregate = [aggregate_reply(arrays, average, summed.num_examples)]
@@ -231,7 +254,8 @@ class RoundWorkflow:
             log.warning("round %d: no update to aggregate; the global model stays as it was",
                         server_round)
 
-        metrics = {**self.evaluate(arrays), **round_metrics}
+        evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+        metrics = {**(self.evaluate(arrays) if evaluated else {}), **round_metrics}
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,

@@ -60,9 +60,13 @@ def run_figures(rows: list[dict], participation: list[dict]) -> dict[str, str]:
         return figures
 
     fig, ax = _figure("Test accuracy and loss by round", "accuracy")
-    ax.plot(rounds, [r["accuracy"] for r in rows], marker="o", color="#1565c0", label="accuracy")
+    evaluated = [r for r in rows if r.get("accuracy") is not None]  # see eval_every
+    marker = {"marker": "o"} if len(evaluated) <= 200 else {}
+    ax.plot([r["round"] for r in evaluated], [r["accuracy"] for r in evaluated], **marker,
+            color="#1565c0", label="accuracy")
     loss_ax = ax.twinx()
-    loss_ax.plot(rounds, [r["loss"] for r in rows], marker="s", color="#c62828", label="loss")
+    loss_ax.plot([r["round"] for r in evaluated], [r["loss"] for r in evaluated],
+                 **({"marker": "s"} if marker else {}), color="#c62828", label="loss")
     loss_ax.set_ylabel("loss")
     fig.legend(loc="lower center", ncol=2, bbox_to_anchor=(0.5, -0.08))
     figures["accuracy"] = _png(fig)
@@ -168,7 +172,10 @@ def write_report(run_dir: str | Path) -> Path:
     body = (f"<h1>consortia run {html.escape(str(summary.get('run_id', run_dir.name)))}</h1>"
             f"{facts_html}<h2>Plots</h2><div class='grid'>{images}</div>"
             f"<h2>Clients</h2>"
-            + _table(clients, ["id", "epsilon", "epsilon_budget", "noise_multiplier", "sample_rate",
+            + _table(clients, ["id", "epsilon", "epsilon_budget"]
+                     + (["epsilon_if_secagg_fails"]
+                        if any(c.get("epsilon_if_secagg_fails") is not None for c in clients) else [])
+                     + ["noise_multiplier", "sample_rate",
                                "steps", "rounds_participated", "refused_rounds", "rejected_rounds",
                                "failed_rounds"])
             + "<h2>Rounds</h2>"

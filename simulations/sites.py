@@ -60,4 +60,5 @@ class SimulationSites:
             client_id=str(partition_id), task=task,
             dataset=Subset(task.load_data(cfg.data_dir).train, indices.tolist()),
             state_dir=self.state_root / str(partition_id), privacy=privacy,
-            device=default_device(), tamper_update=attack)
+            device=default_device(), tamper_update=attack,
+            seeded_noise=True)  # a simulation is reproducible from its seed

@@ -66,6 +66,15 @@ def test_client_table_joins_rounds_last_seen_and_latest_epsilon(store):
                              "epsilon_budget": 3.0}
 
 
+def test_client_table_carries_the_distributed_dp_fallback_epsilon(store):
+    store.record_round("run1", row(1), [{**part(1, "0", eps=0.5), "epsilon_if_secagg_fails": 4.0},
+                                        part(1, "1", eps=0.4)])
+    store.record_round("run1", row(2), [{**part(2, "0", eps=0.7), "epsilon_if_secagg_fails": 5.5}])
+    clients = {c["client_id"]: c for c in store.clients("run1")}
+    assert clients["0"]["epsilon_if_secagg_fails"] == 5.5 and clients["0"]["epsilon"] == 0.7
+    assert clients["1"]["epsilon_if_secagg_fails"] is None  # local DP: one guarantee
+
+
 def test_protocol_and_operator_events_go_to_the_audit_log(store):
     store.record_round("run1", row(1, secagg_status="aborted", secagg_reason="too few survivors"),
                        [part(1, "1", "rejected", "tensor 'w' holds NaN")])

@@ -16,7 +16,7 @@ from typing import Any
 
 from opacus.accountants import IAccountant
 
-from consortia.privacy.dp.accounting import accountant_state, epsilon_of, new_accountant
+from consortia.privacy.dp.accounting import accountant_state, epsilon_for, epsilon_of, new_accountant
 from consortia.privacy.storage import atomic_write_json
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -43,15 +43,40 @@ class BudgetDecision:
         )
 
 
+def _merged(history: list, entry: tuple[float, float, int]) -> list:
+    """`history` with `entry` added; a repeat of the last (σ, q) adds steps, as Opacus does
+    (ε is evaluated per entry, so a run of one-step rounds stays one entry)."""
+    history = [list(h) for h in history]
+    if history and tuple(history[-1][:2]) == tuple(entry[:2]):
+        history[-1][2] += entry[2]
+    else:
+        history.append(list(entry))
+    return history
+
+
 class PrivacyLedger:
+    """A client's ε, on its own disk.
+
+    Distributed DP (privacy/dp/distributed.py) keeps two accounts: `epsilon`, against
+    the server and everyone else while secure aggregation holds (the noise of ≥ t shares),
+    and `epsilon_if_secagg_fails`, from this client's own noise share alone. The second is
+    spent when the masked share leaves (`reserve`); the first only when this client helps
+    unmask a sum that contains it (`commit`): a round abandoned before that reveals
+    nothing and is released (`release_stale`).
+    """
+
     def __init__(self, path: Path, accountant: str, delta: float, epsilon_budget: float,
-                 state: dict[str, Any] | None = None, events: list[dict[str, Any]] | None = None):
+                 state: dict[str, Any] | None = None, events: list[dict[str, Any]] | None = None,
+                 fallback: dict[str, Any] | None = None, pending: dict[str, Any] | None = None):
         self.path = path
         self.accountant_kind = accountant
         self.delta = delta
         self.epsilon_budget = epsilon_budget
         self._state = state or accountant_state(new_accountant(accountant))
         self.events: list[dict[str, Any]] = events or []
+        # Distributed DP: the own-share account, and the round awaiting its unmasking.
+        self._fallback = fallback or accountant_state(new_accountant(accountant))
+        self.pending = pending
 
     @classmethod
     def open(cls, state_dir: str | Path, *, accountant: str, delta: float,
@@ -73,7 +98,8 @@ class PrivacyLedger:
                 f"this run asks for accountant={accountant!r}, delta={delta}. "
                 "Use the ledger's settings or a new state directory."
             )
-        return cls(path, accountant, delta, epsilon_budget, data["accountant_state"], data["events"])
+        return cls(path, accountant, delta, epsilon_budget, data["accountant_state"], data["events"],
+                   data.get("fallback_state"), data.get("pending"))
 
     # -- reading -----------------------------------------------------------------------
     def accountant(self) -> IAccountant:
@@ -90,6 +116,19 @@ class PrivacyLedger:
         if getattr(self, "_epsilon_key", None) != key:  # an RDP evaluation costs ~0.1 s
             self._epsilon_key, self._epsilon = key, epsilon_of(self.accountant(), self.delta)
         return self._epsilon
+
+    @property
+    def epsilon_if_secagg_fails(self) -> float | None:
+        """ε from this client's own noise shares alone (distributed DP); None otherwise."""
+        history = self._fallback["history"]
+        if not history:
+            return None
+        return epsilon_for(self.accountant_kind, [tuple(h) for h in history], self.delta)
+
+    def fallback_after(self, entry: tuple[float, float, int]) -> float:
+        """What `epsilon_if_secagg_fails` would be after one more own-share `entry`."""
+        history = _merged(self._fallback["history"], entry)
+        return epsilon_for(self.accountant_kind, [tuple(h) for h in history], self.delta)
 
     @property
     def steps(self) -> int:
@@ -114,6 +153,49 @@ class PrivacyLedger:
         self.save()
         return epsilon
 
+    def reserve(self, entry: tuple[float, float, int], own_entry: tuple[float, float, int], *,
+                run_id: str, server_round: int, run_key: int) -> None:
+        """Distributed DP, before the masked share leaves: spend the own-share account now
+        (should secure aggregation fail, the share alone is what protects the records)
+        and hold `entry` until the sum is unmasked."""
+        self._fallback = {**self._fallback,
+                          "history": _merged(self._fallback["history"], own_entry)}
+        # run_key: the secure-aggregation run id the unmask request names
+        self.pending = {"run": run_id, "run_key": run_key, "round": server_round,
+                        "entry": list(entry)}
+        self.events.append({"time": time.time(), "run": run_id, "round": server_round,
+                            "decision": "share-sent", "steps": 0, "epsilon": self.epsilon,
+                            "epsilon_if_secagg_fails": self.epsilon_if_secagg_fails})
+        self.save()
+
+    def commit(self, *, run_key: int, server_round: int) -> bool:
+        """The sum containing this client's share is about to be unmasked: spend it.
+        False when no share of that run and round is pending (nothing to spend)."""
+        p = self.pending
+        if p is None or p["run_key"] != run_key or p["round"] != server_round:
+            return False
+        run_id = p["run"]
+        entry = tuple(p["entry"])
+        self._state = {**self._state, "history": _merged(self._state["history"], entry)}
+        self.pending = None
+        self.events.append({"time": time.time(), "run": run_id, "round": server_round,
+                            "decision": "trained", "steps": int(entry[2]),
+                            "epsilon": self.epsilon,
+                            "epsilon_if_secagg_fails": self.epsilon_if_secagg_fails})
+        self.save()
+        return True
+
+    def release_stale(self, *, run_id: str, server_round: int) -> None:
+        """A new round (or run) began: an older share was never unmasked, and the client's
+        secure-aggregation session no longer holds what would unmask it."""
+        p = self.pending
+        if p is None or (p["run"] == run_id and p["round"] >= server_round):
+            return
+        self.pending = None
+        self.events.append({"time": time.time(), "run": p["run"], "round": p["round"],
+                            "decision": "abandoned", "steps": 0, "epsilon": self.epsilon})
+        self.save()
+
     def record_refusal(self, decision: BudgetDecision, *, run_id: str, server_round: int) -> None:
         self.events.append({"time": time.time(), "run": run_id, "round": server_round,
                             "decision": "refused-budget", "steps": 0,
@@ -129,4 +211,6 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "accountant_state": self._state,
             "events": self.events,
+            "fallback_state": self._fallback,
+            "pending": self.pending,
         }, mode=0o600)

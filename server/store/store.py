@@ -387,16 +387,19 @@ class RunStore:
             rows = s.execute(
                 select(Participation.client_id, Participation.round, Participation.status,
                        Participation.reason, Participation.epsilon, Participation.epsilon_budget,
-                       Round.recorded_at)
+                       Round.recorded_at,
+                       Participation.report["epsilon_if_secagg_fails"].as_float())
                 .join(Round, (Round.run_id == Participation.run_id)
                       & (Round.round == Participation.round), isouter=True)
                 .where(Participation.run_id == run_id).order_by(Participation.id)).all()
         clients: dict[str, dict[str, Any]] = {}
-        for client_id, rnd, status, reason, eps, budget, seen_at in rows:
+        for client_id, rnd, status, reason, eps, budget, seen_at, eps_fallback in rows:
             c = clients.setdefault(client_id, {
                 "client_id": client_id, "status": None, "reason": "", "rounds_joined": 0,
                 "rounds_seen": 0, "last_seen_round": None, "last_seen_at": None,
-                "epsilon": None, "epsilon_budget": None})
+                "epsilon": None, "epsilon_budget": None, "epsilon_if_secagg_fails": None})
+            if eps_fallback is not None:  # distributed DP's second guarantee
+                c["epsilon_if_secagg_fails"] = eps_fallback
             c["status"], c["reason"] = status, reason
             c["rounds_seen"] += 1
             c["rounds_joined"] += status == "trained"

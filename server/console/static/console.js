@@ -196,9 +196,11 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
   $("tiles").replaceChildren(...tiles.map(([k, v]) => el("div", {class: "tile"}, el("b", {text: v}),
                                                           el("small", {text: k}))));
 
-  lineChart($("accuracy-chart"), rounds.map((r) => ({x: r.round, y: r.accuracy})),
+  // Rounds between evaluations (eval_every) carry no accuracy: plot the evaluated ones.
+  const evaluated = rounds.filter((r) => r.accuracy !== null && r.accuracy !== undefined);
+  lineChart($("accuracy-chart"), evaluated.map((r) => ({x: r.round, y: r.accuracy})),
             {label: "accuracy", fixedRange: [0, 1]});
-  lineChart($("loss-chart"), rounds.map((r) => ({x: r.round, y: r.loss})),
+  lineChart($("loss-chart"), evaluated.map((r) => ({x: r.round, y: r.loss})),
             {label: "loss", cls: "loss"});
 
   fill($("client-table").tBodies[0], clients.map((c) => {
@@ -208,6 +210,11 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
       const cls = share > 1 ? "eps over" : share > 0.85 ? "eps high" : "eps";
       eps = el("div", {class: "epscell"}, bar(share, cls),
                el("span", {text: `${fmt.num(c.epsilon, 3)} / ${fmt.num(c.epsilon_budget, 2)}`}));
+      if (c.epsilon_if_secagg_fails !== null && c.epsilon_if_secagg_fails !== undefined) {
+        // Distributed DP: the second guarantee, from the client's own noise shares alone.
+        eps.append(el("span", {class: "eps-fallback",
+                               text: `if secure aggregation fails: ${fmt.num(c.epsilon_if_secagg_fails, 3)}`}));
+      }
     }
     return [c.client_id, badge(c.status), c.reason || "", {num: c.rounds_joined},
             `round ${c.last_seen_round} · ${fmt.clock(c.last_seen_at)}`, eps];

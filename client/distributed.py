@@ -1,0 +1,127 @@
+"""Distributed DP on the client: one DP-SGD step's clipped gradient sum with a noise share.
+
+The mechanism and its analysis are in privacy/dp/distributed.py. This is the client's
+round: size σ (as instructed or from the budget), ask the ledger, Poisson-sample the
+records (Opacus's sampler), compute per-example gradients (Opacus's GradSampleModule),
+round and sum them with a Skellam share, and reserve the spend before the share leaves.
+Only secure aggregation ever carries the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import Dataset, default_collate
+
+from consortia.client.trainer import seed_generators, stable_seed
+from consortia.messages import TrainInstructions, TrainReport
+from consortia.privacy.dp import PrivacyLedger, noise_for_budget
+from consortia.privacy.dp.distributed import NoiseShare, noisy_integer_sum, to_ring
+from consortia.tasks import Task
+
+
+@dataclass
+class DistributedStep:
+    client_id: str
+    task: Task
+    dataset: Dataset
+    ledger: PrivacyLedger
+    device: torch.device
+    # Site policy: the most ε_if_secagg_fails this site accepts (None: no cap).
+    max_epsilon_if_secagg_fails: float | None = None
+    # Simulations draw the noise from a seed for reproducible runs; a real site must not
+    # (whoever knows the seed could subtract the noise), and draws it from OS entropy.
+    seeded_noise: bool = False
+
+    def sample_rate(self, batch_size: int) -> float:
+        """q = expected batch / records: the rate the sampler uses and the ledger records."""
+        return min(1.0, batch_size / len(self.dataset))
+
+    def noise_multiplier(self, ins: TrainInstructions, rate: float, share: NoiseShare) -> float:
+        """σ as instructed, or sized so that the *charged* σ̂ (a relative 1e-10 below σ)
+        fits the planned rounds: the last planned round is then not refused by a hair."""
+        if ins.noise_multiplier is not None:
+            return ins.noise_multiplier
+        target = noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
+                                  ins.planned_rounds, self.ledger.accountant_kind)
+        probe = replace(share, noise_multiplier=target)
+        return target * target / probe.charged_multiplier(share.threshold)
+
+    def run(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int, *,
+            names: list[str], scale: float, threshold: int, run_key: int
+            ) -> tuple[TrainReport, np.ndarray | None]:
+        """The report and the uint32 vector to mask (None when this client refuses)."""
+        self.ledger.release_stale(run_id=ins.run_id, server_round=server_round)
+        rate = self.sample_rate(ins.batch_size)
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        dimension = sum(int(np.prod(shapes[name])) for name in names)
+        share = NoiseShare(1.0, ins.max_grad_norm, scale, threshold, dimension)
+        sigma = self.noise_multiplier(ins, rate, share)
+        share = replace(share, noise_multiplier=sigma)
+        entry = (share.charged_multiplier(threshold), rate, 1)
+        own = (share.charged_multiplier(1), rate, 1)
+
+        decision = self.ledger.check_round(*entry)
+        if not decision.allowed:
+            self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
+            return self._report("refused-budget", decision.reason, sigma, rate), None
+        cap = self.max_epsilon_if_secagg_fails
+        if cap is not None and (after := self.ledger.fallback_after(own)) > cap:
+            reason = (f"epsilon if secure aggregation fails would reach {after:.4f}, above this "
+                      f"site's cap {cap:.4f} (threshold t = {threshold} makes each share "
+                      f"carry 1/{threshold} of the noise variance)")
+            return self._report("refused-policy", reason, sigma, rate), None
+
+        seed = stable_seed(ins.seed, server_round, self.client_id, "distributed-dp")
+        seed_generators(seed, self.device)
+        per_example = self._per_example_gradients(model, rate, names, shapes, seed)
+        rng = np.random.default_rng(seed if self.seeded_noise else None)
+        vector = to_ring(noisy_integer_sum(per_example, share, rng))
+        # Written before the share leaves: the own-share ε now, the sum's at unmasking.
+        self.ledger.reserve(entry, own, run_id=ins.run_id, server_round=server_round,
+                            run_key=run_key)
+        report = self._report("trained", "", sigma, rate).model_copy(update={
+            "epsilon": decision.epsilon_after, "steps": self.ledger.steps + 1})
+        return report, vector
+
+    def _per_example_gradients(self, model: torch.nn.Module, rate: float, names: list[str],
+                               shapes: dict[str, tuple], seed: int) -> np.ndarray:
+        """examples × d: each sampled record's gradient, flattened in `names` order."""
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(self.dataset), sample_rate=rate,
+            generator=torch.Generator().manual_seed(seed))
+        indices = next(iter(sampler))  # one Poisson draw: each record with probability q
+        columns = [int(np.prod(shapes[name])) for name in names]
+        if len(indices) == 0:
+            return np.zeros((0, sum(columns)), dtype=np.float32)
+        batch = default_collate([self.dataset[int(i)] for i in indices])
+        model.to(self.device).train()
+        gsm = GradSampleModule(model, loss_reduction="mean")  # grad_sample undoes the mean
+        try:
+            model.zero_grad(set_to_none=True)
+            self.task.train_step(gsm, batch, self.device).backward()
+            params = dict(model.named_parameters())
+            blocks = []
+            for name, width in zip(names, columns, strict=True):
+                p = params.get(name)
+                if p is None or not p.requires_grad:  # a buffer: nothing to learn
+                    blocks.append(np.zeros((len(indices), width), dtype=np.float32))
+                else:
+                    blocks.append(p.grad_sample.detach().reshape(len(indices), -1)
+                                  .float().cpu().numpy())
+        finally:
+            gsm._close()
+        return np.concatenate(blocks, axis=1)
+
+    def _report(self, status: str, reason: str, sigma: float, rate: float) -> TrainReport:
+        return TrainReport(
+            client_id=self.client_id, status=status, reason=reason,
+            num_examples=len(self.dataset), dp_enabled=True, privacy_mode="distributed",
+            accountant=self.ledger.accountant_kind, delta=self.ledger.delta,
+            epsilon=self.ledger.epsilon, epsilon_budget=self.ledger.epsilon_budget,
+            epsilon_if_secagg_fails=self.ledger.epsilon_if_secagg_fails,
+            noise_multiplier=sigma, sample_rate=rate, steps=self.ledger.steps)

@@ -1,0 +1,329 @@
+"""Distributed DP under secure aggregation: the mechanism, its accounting, its guards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from consortia.config import ConfigError, load_config
+from consortia.privacy.dp import PrivacyLedger
+from consortia.privacy.dp.distributed import (
+    NoiseShare,
+    choose_scale,
+    conditional_round,
+    from_ring,
+    gaussian_equivalent,
+    model_step,
+    noisy_integer_sum,
+    rounding_bound,
+    skellam,
+    skellam_rdp,
+    to_ring,
+)
+from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, ServerSecAggSession, UnmaskRequest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
+SMOKE = EXPERIMENTS / "digits-dp-smoke.toml"
+
+
+# --- the integer encoding -------------------------------------------------------------
+
+def test_conditional_rounding_keeps_every_example_within_the_bound_and_is_unbiased():
+    rng = np.random.default_rng(0)
+    d, c = 400, 64.0
+    x = rng.normal(size=(300, d))
+    x *= c / np.linalg.norm(x, axis=1, keepdims=True)  # every row at the clip exactly
+    bound = rounding_bound(c, d, beta=0.2)  # a tight bound, so rows are resampled
+    rounded = conditional_round(x, bound, rng)
+    assert np.all(rounded == np.round(rounded))
+    assert np.all(np.linalg.norm(rounded.astype(np.float64), axis=1) <= bound)
+    assert np.all(np.abs(rounded - x) < 1)  # each value is the floor or the ceiling
+    # Unbiased up to the conditioning: the mean rounding error is far below one unit.
+    assert abs(float(np.mean(rounded - x))) < 0.01
+
+
+def test_the_ring_round_trip_keeps_negative_sums():
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(-2**28, 2**28, size=1000) for _ in range(5)]
+    ring_sum = np.zeros(1000, dtype=np.uint32)
+    for p in parts:
+        ring_sum += to_ring(p)  # uint32 arithmetic wraps modulo 2**32, as secagg sums
+    np.testing.assert_array_equal(from_ring(ring_sum), np.sum(parts, axis=0))
+
+
+def test_skellam_shares_sum_to_the_summed_variance():
+    rng = np.random.default_rng(2)
+    mu, shares, d = 5e6, 7, 50_000
+    total = sum(skellam(mu, d, rng) for _ in range(shares))
+    assert np.var(total) == pytest.approx(2 * mu * shares, rel=0.03)
+    assert abs(np.mean(total)) < 4 * math.sqrt(2 * mu * shares / d)
+
+
+def test_scale_leaves_room_for_the_batch_and_refuses_an_oversized_one():
+    gamma = choose_scale(0.1, 2050, 1.93, math.sqrt(10 / 9))
+    share = NoiseShare(1.93, 0.1, gamma, 9, 26_010)
+    worst = (2 * 2050 + 64) * share.l2 + 12 * 1.93 * share.l2 * math.sqrt(10 / 9)
+    assert worst < 2**31 and gamma * 0.1 == 2**16
+    with pytest.raises(ValueError, match="expected batch of 5000000 records"):
+        choose_scale(1.0, 5_000_000, 1.0, 1.0)
+
+
+# --- the accounting ---------------------------------------------------------------------
+
+def test_the_charged_gaussian_dominates_the_skellam_rdp_and_is_sigma_at_our_scale():
+    share = NoiseShare(1.93, 0.1, choose_scale(0.1, 2050, 1.93, 1.05), 9, 26_010)
+    for shares in (9, 1):
+        mu = shares * share.mu
+        sigma_hat = share.charged_multiplier(shares)
+        for alpha in RDPAccountant.DEFAULT_ALPHAS:
+            assert skellam_rdp(alpha, share.l1, share.l2, mu) <= alpha / (2 * sigma_hat**2)
+        # The Skellam correction is negligible: σ̂ is σ·√(shares/t) to 1e-9.
+        assert sigma_hat == pytest.approx(1.93 * math.sqrt(shares / 9), rel=1e-9)
+        assert sigma_hat < 1.93 * math.sqrt(shares / 9)
+
+
+def independent_sigma_hat(sigma: float, clip: float, scale: float, t: int, d: int, shares: int
+                          ) -> float:
+    """σ̂ from the formulas as published, written out again here (not the module's code)."""
+    c = scale * clip
+    l2 = min(math.sqrt(c * c + d / 4 + math.sqrt(2 * 0.5) * (c + math.sqrt(d) / 2)), c + math.sqrt(d))
+    l1 = min(l2 * l2, math.sqrt(d) * l2)
+    mu = shares * (sigma * l2) ** 2 / (2 * t)
+    # Agarwal et al. 2021, Thm 3.5, bounded for α ≥ 1 by α·(Δ₂²/(4μ) + (2Δ₂² + 6Δ₁)/(16μ²))
+    return (2 * (l2 * l2 / (4 * mu) + (2 * l2 * l2 + 6 * l1) / (16 * mu * mu))) ** -0.5
+
+
+def test_ledger_epsilon_equals_opacus_and_dp_accounting_for_the_sampled_gaussian(tmp_path):
+    dp_accounting = pytest.importorskip("dp_accounting")
+    sigma, clip, t, d, q, rounds = 1.4, 0.5, 4, 5000, 0.02, 300
+    scale = choose_scale(clip, 400, sigma, 1.0)
+    share = NoiseShare(sigma, clip, scale, t, d)
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=100)
+    for r in range(1, rounds + 1):
+        ledger.reserve((share.charged_multiplier(t), q, 1), (share.charged_multiplier(1), q, 1),
+                       run_id="r", server_round=r, run_key=7)
+        assert ledger.commit(run_key=7, server_round=r)
+    for shares, got in ((t, ledger.epsilon), (1, ledger.epsilon_if_secagg_fails)):
+        sigma_hat = independent_sigma_hat(sigma, clip, scale, t, d, shares)
+        opacus = RDPAccountant()
+        opacus.history = [(sigma_hat, q, rounds)]
+        assert got == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-9)
+        google = dp_accounting.rdp.RdpAccountant()
+        google.compose(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(sigma_hat)), rounds)
+        assert got == pytest.approx(google.get_epsilon(1e-5), rel=0.01)
+    assert ledger.epsilon_if_secagg_fails > ledger.epsilon
+
+
+def test_an_unmasked_share_is_released_and_spends_nothing(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    ledger.reserve((1.5, 0.1, 1), (0.5, 0.1, 1), run_id="r", server_round=1, run_key=7)
+    assert ledger.epsilon == 0.0 and ledger.epsilon_if_secagg_fails > 0
+    assert not ledger.commit(run_key=7, server_round=2)  # not the pending round
+    assert not ledger.commit(run_key=8, server_round=1)  # not the pending run
+    reopened = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    assert reopened.pending["round"] == 1  # survives a restart
+    reopened.release_stale(run_id="r", server_round=2)
+    assert reopened.pending is None and reopened.epsilon == 0.0
+    assert not reopened.commit(run_key=7, server_round=1)  # too late: nothing to spend
+    assert reopened.events[-1]["decision"] == "abandoned"
+
+
+# --- the noise survives secure aggregation and dropouts -------------------------------------
+
+def secure_noise_sum(n: int, t: int, drop: set[int], share: NoiseShare, seed: int) -> np.ndarray:
+    """Clients with no records send their noise share alone through the real protocol."""
+    clients = {node: ClientSecAggSession(node_id=node, run_id=5) for node in range(1, n + 1)}
+    server = ServerSecAggSession(run_id=5)
+    server.collect_advertisements({i: c.advertise_keys().to_bytes() for i, c in clients.items()})
+    setup = server.begin_round(1, list(clients), vector_length=share.dimension,
+                               num_neighbours=n - 1, threshold=t)
+    setup = RoundSetup.from_bytes(setup.to_bytes())
+    empty = np.zeros((0, share.dimension), dtype=np.float32)
+    masked = {i: c.share_keys_and_mask_input(
+        setup, to_ring(noisy_integer_sum(empty, share, np.random.default_rng([seed, i])))).to_bytes()
+        for i, c in clients.items() if i not in drop}
+    requests = server.collect_masked_inputs(masked)
+    responses = {i: clients[i].unmask(UnmaskRequest.from_bytes(r.to_bytes())).to_bytes()
+                 for i, r in requests.items()}
+    return from_ring(server.finish_round(responses).total)
+
+
+@pytest.mark.parametrize(("n", "t", "drop"), [(5, 5, set()), (6, 4, set()), (6, 4, {2, 5})])
+def test_unmasked_noise_has_the_target_variance_also_after_dropouts(n, t, drop):
+    share = NoiseShare(1.2, 1.0, 2.0**10, t, 40_000)
+    total = secure_noise_sum(n, t, drop, share, seed=n + len(drop))
+    survivors = n - len(drop)
+    target = (share.noise_multiplier * share.l2) ** 2  # what t shares carry
+    # 40,000 coordinates: the sample variance's relative std is √(2/40000) = 0.7 %.
+    assert np.var(total) == pytest.approx(target * survivors / t, rel=0.035)
+    assert np.var(total) >= target * 0.965  # never below the target, whoever survives
+
+
+def test_the_server_step_divides_by_the_expected_batch():
+    step = model_step({"w": np.array([2.0**10 * 300, -(2.0**10) * 30])}, 2.0**10, 150.0, 0.5)
+    np.testing.assert_allclose(step["w"], [-1.0, 0.1])
+
+
+# --- guards -----------------------------------------------------------------------------
+
+def test_distributed_without_secure_aggregation_fails_at_start_naming_both():
+    with pytest.raises(ConfigError, match='privacy.mode = "distributed" needs secagg.enabled'):
+        load_config(SMOKE, ["privacy.mode=distributed"])
+    with pytest.raises(ConfigError, match="needs privacy.enabled = true"):
+        load_config(SMOKE, ["privacy.mode=distributed", "privacy.enabled=false",
+                            "secagg.enabled=true"])
+    with pytest.raises(ConfigError, match="user_dp.enabled"):
+        load_config(SMOKE, ["privacy.mode=distributed", "secagg.enabled=true",
+                            "user_dp.enabled=true"])
+    with pytest.raises(ConfigError, match="privacy.mode"):
+        load_config(SMOKE, ["privacy.mode=central"])
+    cfg = load_config(EXPERIMENTS / "fmnist-dp-distributed.toml")
+    assert cfg.privacy.mode == "distributed" and cfg.secagg.threshold == 9
+
+
+def test_gaussian_equivalent_is_below_the_plain_ratio():
+    # Guards the direction of the correction: a smaller σ̂ charges more ε, never less.
+    assert gaussian_equivalent(1e6, 2e3, 1e3) < math.sqrt(2 * 1e6) / 1e3
+
+
+# --- in a real Flower simulation --------------------------------------------------------
+
+class DropInRound:
+    """A client mod: the given partitions drop their train request in one round."""
+
+    def __init__(self, partitions: set[int], server_round: int):
+        self.partitions, self.server_round = partitions, server_round
+
+    def __call__(self, msg, context, call_next):
+        if (msg.metadata.message_type == "train"
+                and int(msg.content["config"]["server-round"]) == self.server_round
+                and int(context.node_config["partition-id"]) in self.partitions):
+            raise ConnectionError("injected dropout")
+        return call_next(msg, context)
+
+
+@pytest.mark.slow
+def test_a_round_below_the_threshold_changes_nothing_and_spends_nothing(tmp_path):
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.results import read_jsonl
+    from consortia.simulations.runner import run_simulation
+
+    cfg = load_config(SMOKE, ["secagg.enabled=true", "privacy.mode=distributed",
+                              "secagg.neighbours=3", "secagg.threshold=3", "rounds=4",
+                              "batch_size=64", "lr=2", "privacy.epsilon_budget=4"])
+    summary = run_simulation(cfg, tmp_path, client_mods=[DropInRound({0, 1}, 2)])
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["secagg_status"] for r in rows] == ["ok", "aborted", "ok", "ok"]
+    assert rows[-1]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    chain = CheckpointStore(tmp_path / "checkpoints").all()
+    w1, w2 = chain[1].load_weights(), chain[2].load_weights()
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)  # round 2 added nothing
+
+    clients = {c["id"]: c for c in summary["clients"]}
+    for cid in "0123":
+        ledger = PrivacyLedger.open(tmp_path / "clients" / cid, accountant="rdp", delta=1e-5,
+                                    epsilon_budget=4)
+        # Three revealed sums: three steps against the server, whoever sent a share in 2.
+        assert ledger.steps == 3
+        sent = 4 if cid in "23" else 3  # 2 and 3 sent a share in round 2 that was never unmasked
+        assert sum(h[2] for h in ledger._fallback["history"]) == sent
+        assert [e["decision"] for e in ledger.events].count("abandoned") == (cid in "23")
+        assert clients[cid]["epsilon"] == pytest.approx(ledger.epsilon)
+        assert clients[cid]["epsilon_if_secagg_fails"] == pytest.approx(
+            ledger.epsilon_if_secagg_fails)
+        # The ledger charges exactly the sampled Gaussian at σ̂ (Opacus, recomputed).
+        sigma, q = clients[cid]["noise_multiplier"], clients[cid]["sample_rate"]
+        sigma_hat = independent_sigma_hat(sigma, 1.0, 2.0**16, 3, 4810, 3)
+        opacus = RDPAccountant()
+        opacus.history = [(sigma_hat, q, 3)]
+        assert ledger.epsilon == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-9)
+        assert ledger.epsilon <= 4
+    participation = read_jsonl(tmp_path / "participation.jsonl")
+    abandoned = [p for p in participation if p["round"] == 2 and p["client_id"] in "23"]
+    assert all("nothing spent" in p["reason"] and p["epsilon"] is None for p in abandoned)
+
+
+@pytest.mark.slow
+def test_the_fast_fashion_mnist_variant_learns_within_its_budget(tmp_path):
+    from consortia.server.results import read_jsonl
+    from consortia.simulations.runner import run_simulation
+
+    summary = run_simulation(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml"), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows if "accuracy" in r] == [4, 8]  # eval_every = 4
+    assert all(r["secagg_status"] == "ok" for r in rows)
+    # t = 3 of 4: a full round carries √(4/3) times the target noise std.
+    assert all(r["dp_noise_std_ratio"] == pytest.approx((4 / 3) ** 0.5) for r in rows)
+    assert summary["final_accuracy"] > 0.35  # 10 classes: chance is 0.1
+    for c in summary["clients"]:
+        assert c["privacy_mode"] == "distributed" and c["steps"] == 8
+        assert 0 < c["epsilon"] <= 8.0 < c["epsilon_if_secagg_fails"]
+    assert (tmp_path / "report.html").read_text().count("epsilon_if_secagg_fails") == 1
+
+
+# --- the client's round -----------------------------------------------------------------
+
+def client_step(tmp_path, cap=None, budget=3.0, **overrides):
+    import torch
+
+    from consortia.client.distributed import DistributedStep
+    from consortia.messages import TrainInstructions
+    from consortia.tasks import TASKS
+
+    task = TASKS["digits-mlp"]
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=budget)
+    step = DistributedStep("7", task, task.load_data(None).train, ledger, torch.device("cpu"),
+                           max_epsilon_if_secagg_fails=cap, seeded_noise=True)
+    torch.manual_seed(0)
+    model = task.build_model("tanh")
+    ins = TrainInstructions(**{
+        "run_id": "ab", "task": task.name, "model_activation": "tanh", "local_epochs": 1,
+        "batch_size": 64, "lr": 1.0, "momentum": 0.0, "seed": 0, "dp_enabled": True,
+        "max_grad_norm": 1.0, "planned_rounds": 10, "privacy_mode": "distributed", **overrides})
+    names = sorted(model.state_dict())
+    return step, model, ins, names, ledger
+
+
+def test_per_example_gradients_are_the_gradients_of_each_record(tmp_path):
+    import torch
+
+    step, model, ins, names, _ = client_step(tmp_path)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    grads = step._per_example_gradients(model, 0.05, names, shapes, seed=3)
+    assert grads.shape[1] == sum(int(np.prod(s)) for s in shapes.values()) and len(grads) > 20
+    # The same Poisson draw, one record at a time with plain autograd.
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    first = next(iter(UniformWithReplacementSampler(
+        num_samples=len(step.dataset), sample_rate=0.05,
+        generator=torch.Generator().manual_seed(3))))[0]
+    x, y = step.dataset[int(first)]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+    params = dict(model.named_parameters())
+    expected = np.concatenate([params[n].grad.numpy().ravel() for n in names])
+    np.testing.assert_allclose(grads[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_client_refuses_beyond_its_budget_or_its_cap_on_the_fallback_epsilon(tmp_path):
+    step, model, ins, names, ledger = client_step(tmp_path / "a", cap=0.5)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert vector is None and report.status == "refused-policy"
+    assert "above this site's cap 0.5000" in report.reason
+    assert ledger.epsilon_if_secagg_fails is None and ledger.pending is None
+
+    step, model, ins, names, ledger = client_step(tmp_path / "b", noise_multiplier=0.3, budget=1.0)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert vector is None and report.status == "refused-budget"
+    assert ledger.events[-1]["decision"] == "refused-budget"
+
+    step, model, ins, names, ledger = client_step(tmp_path / "c")
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    assert report.status == "trained" and vector.dtype == np.uint32
+    assert ledger.pending["round"] == 1 and ledger.epsilon == 0.0  # spent at unmasking
+    assert report.epsilon == pytest.approx(ledger.check_round(*ledger.pending["entry"]).epsilon_after)
