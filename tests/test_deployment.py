@@ -194,6 +194,8 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
     participation = {r["client_id"] for r in jsonl(fed.out / "participation.jsonl")}
     assert participation == set(SITES + ["site-d"])
     assert "SuperNode ID" not in stranger.read_text()
+    wait_until(lambda: "Failed to activate SuperNode" in stranger.read_text(), 60,
+               "the stranger to be turned away", [stranger])
     assert "SuperNode ID" not in wrong_ca.read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.read_text()
 
