@@ -8,6 +8,7 @@ that stopping it stops what it started (Flower's SuperExec and app processes) to
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -51,17 +52,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1
+# Loaded here, in the parent: between fork and exec the child only calls prctl (no import,
+# no lock another thread might hold).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the thread that started it
+    ends (the consortia process, or the thread that supervises it, dies)."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_process(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start argv with its output appended to log_path.
 
     The child stays in our process group: whoever stops `consortia server start` or
     `consortia client join` as a group (a terminal's Ctrl-C, a service manager, a test)
-    stops Flower's processes with it. Flower's SuperExec and app processes also watch
-    their parent and exit when it dies.
+    stops Flower's processes with it. On Linux it also gets SIGTERM if its parent dies
+    alone (even by SIGKILL), so no SuperLink or SuperNode outlives the consortia process
+    that started it. Flower's SuperExec and app processes watch their parent likewise.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
