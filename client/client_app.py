@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from consortia.client.distributed import DistributedStep
+from consortia.client.policy import asked
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
 from consortia.client.trainer import LocalTrainer, stable_seed
@@ -45,6 +46,26 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
     return new, within, indicator
 
 
+def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions) -> float | None:
+    """The σ this request would train with: the server's, or the one the client derives
+    (local DP-SGD); under distributed DP the σ of the sum, when the server states it."""
+    if ins.privacy_mode == "distributed":
+        return ins.noise_multiplier
+    if not ins.dp_enabled or trainer.ledger is None or ins.local_epochs == 0:
+        return None
+    return trainer.noise_multiplier(ins)
+
+
+def audit(site: Site, ins: TrainInstructions, server_round: int,
+          secagg: SecAggInstructions | None, report: TrainReport) -> None:
+    """A line in the site's audit log (deployed sites keep one) for this request."""
+    if site.audit is not None:
+        site.audit.record(run=ins.run_id, server_round=server_round,
+                          asked=asked(ins, server_round, secagg is not None),
+                          decision=report.status, reason=report.reason,
+                          epsilon=report.epsilon, noise_multiplier=report.noise_multiplier)
+
+
 def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
                       ins: TrainInstructions, secagg: SecAggInstructions | None,
                       server_round: int) -> Message:
@@ -68,7 +89,7 @@ def distributed_round(site: Site, context: Context, msg: Message, model: torch.n
                               run_key=setup.run_id)
     if vector is None:
         return Message(report.to_content(), reply_to=msg)
-    client = SecAggClient(context)
+    client = SecAggClient(context, site.secagg_state)
     return Message(client.content(report, *client.mask_vector(secagg, vector)), reply_to=msg)
 
 
@@ -81,20 +102,29 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         site = load_site(context)
         server_round, ins = TrainInstructions.from_content(msg.content)
         secagg = SecAggInstructions.from_content(msg.content)
-        refusal = site.policy_refusal(ins.task, ins.dp_enabled)
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
+                               site.open_ledger() if ins.dp_enabled else None, site.device)
+        refusal = None
+        if site.policy is not None:  # a deployed site's own policy (client/policy.py)
+            refusal = site.policy.refusal(
+                ins, secagg=secagg is not None, noise_multiplier=planned_sigma(trainer, ins),
+                rounds_trained=site.audit.rounds_trained(ins.run_id) if site.audit else 0)
+        refusal = refusal or site.policy_refusal(ins.task, ins.dp_enabled)
         if refusal is None and ins.dp_enabled and ins.local_epochs == 0:
             refusal = "DP with local_epochs = 0 is not a training round this site will account"
         if refusal is not None:
             report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
+            audit(site, ins, server_round, secagg, report)
             return Message(report.to_content(), reply_to=msg)
 
         model = site.task.build_model(ins.model_activation)
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
         if ins.privacy_mode == "distributed":
-            return distributed_round(site, context, msg, model, ins, secagg, server_round)
-        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
-                               site.open_ledger() if ins.dp_enabled else None, site.device)
+            reply = distributed_round(site, context, msg, model, ins, secagg, server_round)
+            audit(site, ins, server_round, secagg, TrainReport.from_content(reply.content))
+            return reply
         report, weights = trainer.train(model, ins, server_round)
+        audit(site, ins, server_round, secagg, report)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
         if site.tamper_update is not None or ins.user_clip is not None:
@@ -112,8 +142,9 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         # Under secure aggregation only the masked update leaves this client (and the
         # clipping indicator rides inside it, not in the clear report).
         report = report.model_copy(update={"within_clip": None})
-        content = SecAggClient(context).masked_content(report, secagg, msg.content[ARRAYS],
-                                                       weights, ins.seed, indicator)
+        client = SecAggClient(context, site.secagg_state)
+        content = client.masked_content(report, secagg, msg.content[ARRAYS], weights, ins.seed,
+                                        indicator)
         return Message(content, reply_to=msg)
 
     @app.query("identify")
@@ -125,14 +156,16 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     @app.train("secagg_advertise")
     def advertise(msg: Message, context: Context) -> Message:
         run_id = str(msg.content[CONFIG]["run_id"])
-        content = SecAggClient(context).advertise(run_id, len(load_site(context).dataset))
+        site = load_site(context)
+        content = SecAggClient(context, site.secagg_state).advertise(run_id, len(site.dataset))
         return Message(content, reply_to=msg)
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         request = msg.content[SECAGG]["unmask_request"]
-        ledger = load_site(context).open_ledger()  # distributed DP spends at unmasking
-        return Message(SecAggClient(context).unmask(request, ledger), reply_to=msg)
+        site = load_site(context)  # distributed DP spends at unmasking
+        return Message(SecAggClient(context, site.secagg_state).unmask(request, site.open_ledger()),
+                       reply_to=msg)
 
     return app
 

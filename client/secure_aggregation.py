@@ -8,6 +8,8 @@ the client, turns the trained weights into a clipped, weighted, quantized update
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -23,24 +25,38 @@ from consortia.messages import (
 )
 from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
+from consortia.privacy.storage import atomic_write_bytes
 
 STATE_KEY = "consortia.secagg"
 
 
 class SecAggClient:
-    def __init__(self, context: Context):
+    """`state_file`: keep the session in this file (0600, on the site's disk) rather than
+    in the node's context, so that a site whose SuperNode restarts keeps its keys."""
+
+    def __init__(self, context: Context, state_file: Path | None = None):
         self.context = context
+        self.state_file = state_file
+
+    def _stored(self) -> bytes | None:
+        if self.state_file is not None:
+            return self.state_file.read_bytes() if self.state_file.exists() else None
+        record = self.context.state.config_records.get(STATE_KEY)
+        return None if record is None else record["session"]
 
     def _load(self, run_id: int) -> ClientSecAggSession:
-        record = self.context.state.config_records.get(STATE_KEY)
-        if record is not None:
-            session = ClientSecAggSession.from_state_bytes(record["session"])
+        stored = self._stored()
+        if stored is not None:
+            session = ClientSecAggSession.from_state_bytes(stored)
             if session.run_id == run_id and session.node_id == self.context.node_id:
                 return session
         # A new run (or a first contact): fresh long-term keys for this run.
         return ClientSecAggSession(node_id=self.context.node_id, run_id=run_id)
 
     def _save(self, session: ClientSecAggSession) -> None:
+        if self.state_file is not None:
+            atomic_write_bytes(self.state_file, session.to_state_bytes(), mode=0o600)
+            return
         self.context.state[STATE_KEY] = ConfigRecord({"session": session.to_state_bytes()})
 
     def advertise(self, run_id: str, num_examples: int) -> RecordDict:

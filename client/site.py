@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from consortia.client.policy import AuditLog, SitePolicy
 from consortia.privacy.dp import PrivacyLedger
 from consortia.tasks import Task
 
@@ -37,6 +38,11 @@ class Site:
     # A transformation of the trained weights before they leave, given (global, trained).
     # Simulations use it to play Byzantine clients; a real site leaves it unset.
     tamper_update: Callable[[dict, dict], dict] | None = None
+    # A deployed site's policy and audit log (client/policy.py); simulations leave them unset.
+    policy: SitePolicy | None = None
+    audit: AuditLog | None = None
+    # Where a deployed site keeps its secure-aggregation session (None: the node's context).
+    secagg_state: Path | None = None
     # Draw distributed-DP noise from a seed (simulations: reproducible runs). A real site
     # leaves it False: whoever knows the seed could subtract the noise.
     seeded_noise: bool = False

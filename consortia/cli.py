@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consortia.config import ConfigError, config_to_dict, load_config
+from consortia.deploy_cli import certs_app, client_app, server_app
 from consortia.version import __version__
 
 app = typer.Typer(help="consortia: federated learning with client-enforced differential privacy.",
@@ -19,6 +20,9 @@ sim_app = typer.Typer(help="Simulated federations (researchers).", no_args_is_he
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON object.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 app.add_typer(bench_app, name="bench")
+app.add_typer(certs_app, name="certs")
+app.add_typer(server_app, name="server")
+app.add_typer(client_app, name="client")
 
 console = Console(stderr=True)
 

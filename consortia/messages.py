@@ -61,6 +61,7 @@ class TrainInstructions(_Record):
     max_grad_norm: float = Field(gt=0)
     noise_multiplier: float | None = Field(None, ge=0)  # None: the client derives it
     planned_rounds: int = Field(ge=1)
+    base_model_sha256: str | None = None  # the run's round-0 checkpoint (site policies match it)
     proximal_mu: float = Field(0.0, ge=0)  # FedProx; Flower's strategy sends "proximal-mu"
     # User-level DP: clip the whole update to user_clip, add a noise share of this std.
     user_clip: float | None = Field(None, gt=0)

@@ -36,6 +36,11 @@ class Checkpoint:
         return load_safetensors(self.weights_path.read_bytes())
 
 
+def weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    """The checkpoint file's bytes (safetensors); their SHA-256 names the checkpoint."""
+    return save_safetensors({k: np.ascontiguousarray(v) for k, v in weights.items()})
+
+
 class CheckpointStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -48,7 +53,7 @@ class CheckpointStore:
     def save(self, server_round: int, weights: dict[str, np.ndarray],
              metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Checkpoint:
         parent = self._last or self.latest()
-        data = save_safetensors({k: np.ascontiguousarray(v) for k, v in weights.items()})
+        data = weights_bytes(weights)
         digest = hashlib.sha256(data).hexdigest()
         weights_path, manifest_path = self._paths(server_round)
         atomic_write_bytes(weights_path, data)

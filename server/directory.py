@@ -21,6 +21,22 @@ from consortia.messages import IDENTIFY
 log = logging.getLogger("consortia.server")
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """grid.send_and_receive, with every reply attributed to the node it was sent to.
+
+    In a deployment the SuperLink itself answers for a node that stopped heartbeating:
+    an error reply whose source is the SuperLink (node 1), not the node. Matching the
+    reply to its request keeps that failure on the node it belongs to.
+    """
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id)
+        if node is not None and reply.metadata.src_node_id != node:
+            reply.metadata.__dict__["_src_node_id"] = node
+    return replies
+
+
 def natural_key(client_id: str) -> tuple:
     return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
@@ -36,7 +52,7 @@ class NodeDirectory:
             return
         requests = [Message(RecordDict({"identify": ConfigRecord()}), dst_node_id=n,
                             message_type=IDENTIFY) for n in new]
-        for reply in grid.send_and_receive(requests, timeout=self.timeout):
+        for reply in exchange(grid, requests, self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s did not say which client it is: %s", node,

@@ -42,6 +42,7 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
+from consortia.server.directory import exchange
 from consortia.server.validation import ReplyOutcome, report_outcome
 
 log = logging.getLogger("consortia.server")
@@ -88,7 +89,7 @@ class SecureAggregator:
         requests = [Message(content=content, dst_node_id=n, message_type=SECAGG_ADVERTISE)
                     for n in new]
         adverts, sizes, failed = {}, {}, {}
-        for reply in grid.send_and_receive(requests, timeout=self.timeout):
+        for reply in exchange(grid, requests, self.timeout):
             src = reply.metadata.src_node_id
             if reply.has_error():
                 failed[src] = f"key advertisement failed: {reply.error.reason}"
@@ -135,7 +136,7 @@ class SecureAggregator:
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
             m.content = content
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        replies = exchange(grid, messages, self.timeout)
 
         masked, by_node = {}, {}
         for reply in replies:
@@ -153,7 +154,7 @@ class SecureAggregator:
             unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                               dst_node_id=n, message_type=SECAGG_UNMASK)
                       for n, r in requests.items()]
-            for reply in grid.send_and_receive(unmask, timeout=self.timeout):
+            for reply in exchange(grid, unmask, self.timeout):
                 src = reply.metadata.src_node_id
                 if reply.has_error():
                     log.warning("secure aggregation: node %s failed to unmask: %s",

@@ -1,4 +1,8 @@
-"""The consortia ServerApp (Flower Message API): one RoundWorkflow over the grid."""
+"""The consortia ServerApp (Flower Message API): one RoundWorkflow over the grid.
+
+Simulations build it around a config in memory (`build_server_app`); a deployment runs
+the module-level app in server/deployed.py, which reads its config from disk.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,15 @@ from consortia.strategies import build_strategy
 from consortia.tasks import get_task
 
 
+def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: str,
+                   resume: bool = False, on_round: RoundCallback | None = None,
+                   store: RunStore | None = None) -> None:
+    """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes."""
+    workflow = RoundWorkflow(cfg, get_task(cfg.task), build_strategy(cfg), Path(out_dir),
+                             run_id, on_round, store)
+    workflow.run(grid, resume=resume)
+
+
 def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume: bool = False,
                      on_round: RoundCallback | None = None,
                      store: RunStore | None = None) -> ServerApp:
@@ -21,8 +34,7 @@ def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        workflow = RoundWorkflow(cfg, get_task(cfg.task), build_strategy(cfg), Path(out_dir),
-                                 run_id, on_round, store)
-        workflow.run(grid, resume=resume)
+        run_federation(grid, cfg, out_dir, run_id=run_id, resume=resume, on_round=on_round,
+                       store=store)
 
     return app

@@ -28,7 +28,7 @@ from consortia.privacy.dp.distributed import choose_scale, model_step
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.directory import NodeDirectory, natural_key
+from consortia.server.directory import NodeDirectory, exchange, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
@@ -103,6 +103,7 @@ class RoundWorkflow:
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
+        self.base_sha256: str | None = None  # the round-0 checkpoint's, once the run starts
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -113,6 +114,7 @@ class RoundWorkflow:
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=cfg.privacy.noise_multiplier,
             planned_rounds=cfg.planned_rounds_per_client,
+            base_model_sha256=self.base_sha256,
             user_clip=self.user_dp.clip if self.user_dp else None,
             user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
             user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0,
@@ -132,6 +134,8 @@ class RoundWorkflow:
         """Round 0 is the initial model; resuming continues from the latest checkpoint."""
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
+            self.base_sha256 = next((c.sha256 for c in self.checkpoints.all() if c.round == 0),
+                                    None)
             for ckpt in self.checkpoints.all():  # a store opened after the run began catches up
                 if ckpt.round <= latest.round:
                     self.record_checkpoint(ckpt)
@@ -141,8 +145,10 @@ class RoundWorkflow:
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
             return latest.round, numpy_to_arrays(latest.load_weights())
         arrays = self.initial_model()
-        self.record_checkpoint(self.checkpoints.save(0, arrays_to_numpy(arrays),
-                                                     self.evaluate(arrays), self.state()))
+        base = self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays),
+                                     self.state())
+        self.base_sha256 = base.sha256
+        self.record_checkpoint(base)
         self.recorder.restore(0)
         return 0, arrays
 
@@ -264,7 +270,7 @@ class RoundWorkflow:
     def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
                     ) -> tuple[list[ReplyOutcome], list[Message]]:
         """Updates in the clear: each is inspected, the valid ones go on."""
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.sim.reply_timeout_s))
+        replies = exchange(grid, messages, self.cfg.sim.reply_timeout_s)
         outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
         answered = {o.node_id for o in outcomes}
         outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")

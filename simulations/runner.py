@@ -6,45 +6,16 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from consortia.config import RunConfig, config_to_dict, validate_config
+from consortia.config import RunConfig
 from consortia.privacy.storage import atomic_write_json
+from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir
 from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
-RUN_FILE = "run.json"
-
-
-class ResultsDirError(ValueError):
-    pass
-
-
-def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
-    """Create the results directory, or check that a resumed run is the same run."""
-    run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        stored = json.loads(run_file.read_text())
-        if not resume:
-            raise ResultsDirError(
-                f"{out_dir} already holds run {stored['run_id']}; pass --resume to continue "
-                "it, or choose another --out")
-        # Read the stored config through today's schema, so keys added since (with their
-        # defaults) do not count as differences.
-        old, new = config_to_dict(validate_config(stored["config"], str(run_file))), config_to_dict(cfg)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ResultsDirError(
-                f"--resume with a config that differs from the stored run in: {', '.join(diff)}")
-        return stored["run_id"]
-    if resume:
-        raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")
-    run_id = uuid.uuid4().hex[:12]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, {"run_id": run_id, "config": config_to_dict(cfg)})
-    return run_id
+__all__ = ["RUN_FILE", "ResultsDirError", "backend_config", "prepare_out_dir", "run_simulation"]
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:

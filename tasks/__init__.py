@@ -7,6 +7,32 @@ from consortia.tasks.fashion_mnist import TASK as FASHION_MNIST
 TASKS: dict[str, Task] = {task.name: task for task in (DIGITS, FASHION_MNIST)}
 
 
+def register_task(task: Task) -> Task:
+    """Make a task (your own model and data recipe) known by its name.
+
+    A deployed federation needs it on both sides: list the module that registers it in
+    `task_modules` of server.toml and site.toml (it is imported before the config is
+    read, in every consortia process), or call this before `join_federation`.
+    """
+    known = TASKS.get(task.name)
+    if known is not None and known is not task:
+        raise ValueError(f"a different task named {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def import_task_modules(modules: list[str], key: str) -> None:
+    """Import the modules that register a deployment's own tasks (`key` names the config
+    entry, for the error)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"{key}: cannot import {module!r}: {err}") from None
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]
@@ -14,4 +40,5 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; accepted: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskData", "default_device", "get_task"]
+__all__ = ["TASKS", "Task", "TaskData", "default_device", "get_task", "import_task_modules",
+           "register_task"]

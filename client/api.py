@@ -1,0 +1,52 @@
+"""The partner's Python API: the same as `consortia client join`, from your own code.
+
+    from consortia.client import join_federation, site_status
+
+    join_federation("site.toml", dataset=my_torch_dataset)   # blocks until stopped
+    print(site_status("site.toml"))                          # ε spent, budget, audit log
+
+Bring your own model by registering a Task (a model factory, a data loader, train and
+evaluation steps; see consortia.tasks.Task) under a name the consortium agrees on, on the
+server too (server.toml `task_modules`). Bring your own data as any torch Dataset of
+(features, label) pairs, or let site.toml's [data] section read a CSV, Parquet file or
+folder (client/data.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from consortia.client.join import join
+from consortia.client.policy import AuditLog
+from consortia.client.site_config import SiteConfig, load_site_config
+from consortia.privacy.dp import PrivacyLedger
+from consortia.tasks import Task, register_task
+
+
+def join_federation(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
+                    task: Task | None = None, stop: threading.Event | None = None,
+                    log_fn=print) -> None:
+    """Join as the site described by `config` until `stop` is set (or SIGTERM / Ctrl-C).
+
+    `dataset` replaces site.toml's [data] section; `task` registers your own model recipe
+    (its name must be the site's `task` and one the server runs).
+    """
+    if task is not None:
+        register_task(task)
+    join(config, dataset=dataset, log_fn=log_fn, stop=stop)
+
+
+def site_status(config: str | Path | SiteConfig) -> dict[str, Any]:
+    """What this site has spent and decided: its ledger's ε against its budget, and its
+    audit log (one entry per train request, newest last)."""
+    cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
+    p = cfg.policy
+    ledger = PrivacyLedger.open(cfg.site.state_dir, accountant=p.accountant, delta=p.delta,
+                                epsilon_budget=p.epsilon_budget)
+    return {"site": cfg.site.name, "epsilon": ledger.epsilon, "epsilon_budget": p.epsilon_budget,
+            "delta": p.delta, "accountant": p.accountant, "steps": ledger.steps,
+            "ledger_events": ledger.events, "audit": AuditLog(cfg.site.state_dir).entries()}

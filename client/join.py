@@ -1,0 +1,130 @@
+"""`consortia client join`: this site's SuperNode, running only the installed ClientApp.
+
+Started here: Flower's `flower-supernode` (TLS to the SuperLink, verified against the
+consortium CA; authenticated with the site's node key; `--isolation process`, so it runs
+no app code itself), and in this process the loop of client/runtime.py that runs every
+task with the ClientApp built from the installed consortia package, this site's data,
+state directory and policy. If the SuperNode process ends (the server restarted, the
+network went away), it is started again; SIGTERM or Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from consortia.client.client_app import build_client_app
+from consortia.client.data import DataError, load_site_data
+from consortia.client.policy import AuditLog
+from consortia.client.runtime import serve_client_app
+from consortia.client.site import Site, SitePrivacy
+from consortia.client.site_config import SiteConfig, load_site_config
+from consortia.flower_exec import (
+    FlowerExecutableMissing,
+    flower_env,
+    free_port,
+    require_executables,
+    start_process,
+    stop_process,
+)
+from consortia.tasks import default_device, get_task
+
+log = logging.getLogger("consortia.client")
+RESTART_DELAY_S = 2.0
+SECAGG_STATE = "secagg_session.bin"  # this site's secure-aggregation keys (0600)
+
+
+class JoinError(RuntimeError):
+    pass
+
+
+def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
+    """The Site this node serves: its data (read now, so bad data fails at start), its
+    state directory (0700), its privacy terms and policy, its audit log."""
+    task = get_task(cfg.site.task)
+    try:
+        data = dataset if dataset is not None else load_site_data(cfg.data, task)
+    except DataError as err:
+        raise JoinError(str(err)) from None
+    state = cfg.site.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    p = cfg.policy
+    return Site(client_id=cfg.site.name, task=task, dataset=data, state_dir=state,
+                privacy=SitePrivacy(epsilon_budget=p.epsilon_budget, delta=p.delta,
+                                    accountant=p.accountant, require_dp=p.require_dp),
+                device=default_device(), policy=p, audit=AuditLog(state),
+                secagg_state=state / SECAGG_STATE)
+
+
+class SuperNodeProcess:
+    """flower-supernode for this site, restarted whenever it ends until stopped."""
+
+    def __init__(self, cfg: SiteConfig, runtime_port: int):
+        s = cfg.site
+        self.log_path = s.state_dir / "supernode.log"
+        self.env = flower_env(s.state_dir / "flwr-home")
+        exe = require_executables(["flower-supernode"], self.env)["flower-supernode"]
+        self.argv = [exe, "--superlink", s.superlink, "--root-certificates", str(s.ca_cert),
+                     "--auth-supernode-private-key", str(s.node_key),
+                     "--isolation", "process", "--host", "127.0.0.1",
+                     "--port", str(runtime_port), "--node-config", f'site-name="{s.name}"']
+        self.process = None
+
+    def supervise(self, stop: threading.Event, on_restart: Callable[[int], None]) -> None:
+        while not stop.is_set():
+            self.process = start_process(self.argv, self.log_path, self.env)
+            while self.process.poll() is None and not stop.wait(0.5):
+                pass
+            if not stop.is_set():
+                on_restart(self.process.returncode)
+                stop.wait(RESTART_DELAY_S)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
+         log_fn: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
+    """Join the federation as this site until `stop` is set (or SIGTERM / Ctrl-C)."""
+    cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
+    cfg.check_files()
+    site = build_site(cfg, dataset)
+    stop = stop or threading.Event()
+    port = free_port()
+    try:
+        node = SuperNodeProcess(cfg, port)
+    except FlowerExecutableMissing as err:
+        raise JoinError(str(err)) from None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def restarted(code: int) -> None:
+        log_fn(f"the SuperNode exited ({code}); starting it again (see {node.log_path})")
+
+    def bundle_seen(run: str, fab_hash: str) -> None:
+        seen = site.state_dir / "app-bundles.log"
+        with open(seen, "a") as f:  # which bundle the server named, for the site's records
+            f.write(f"{run} {fab_hash}\n")
+
+    supervisor = threading.Thread(target=node.supervise, args=(stop, restarted), daemon=True)
+    supervisor.start()
+    log_fn(f"{cfg.site.name}: joining {cfg.site.superlink} ({len(site.dataset)} records, state "
+           f"in {site.state_dir}, SuperNode log {node.log_path})")
+    try:
+        serve_client_app(f"127.0.0.1:{port}", build_client_app(lambda context: site), stop,
+                         on_bundle=bundle_seen)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        supervisor.join(timeout=5)
+        node.stop()
+        log_fn(f"{cfg.site.name}: left the federation")

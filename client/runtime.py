@@ -1,0 +1,119 @@
+"""Run the installed consortia ClientApp for a SuperNode, never code the server sends.
+
+Flower's deployment engine lets the server push an app bundle (FAB: a pyproject.toml and
+Python files) to every SuperNode; in its default `subprocess` isolation the SuperNode's
+SuperExec starts `flwr-clientapp`, which installs that bundle and imports the ClientApp
+it names — code chosen by the server runs on the partner's machine. Flower's own guard
+is signature checking (`--trusted-entities`): it verifies who signed a bundle, and still
+runs it.
+
+`consortia client join` starts the SuperNode with `--isolation process` instead, so the
+SuperNode runs nothing itself, and this loop takes its place: it acquires each task from
+the SuperNode's Runtime API (bound to 127.0.0.1), pulls the message and context, and
+hands them to the ClientApp object built from the installed package. The bundle that
+travels with the task is never written to disk, installed or imported; its hash is logged
+and written to the audit log of the site, so a partner can see which bundle the server
+named. Tasks run one at a time, in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger("consortia.client")
+
+
+def _runtime_client(address: str, token: str | None):
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    component = "SuperExec" if token is None else "flwr-clientapp"
+    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+def run_task(address: str, token: str, client_app: ClientApp,
+             on_bundle: Callable[[str, str], None] | None = None) -> str:
+    """Run one task with the installed ClientApp; returns Flower's sub-status."""
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    client = _runtime_client(address, token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    sub_status, details = SubStatus.FAILED, "the ClientApp raised an exception"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        # The bundle is read for its hash only: it is never installed or imported.
+        log.info("run %s: task %s (app bundle %s named by the server; not executed)",
+                 run.run_id, message.metadata.message_type, fab.hash_str[:12])
+        if on_bundle is not None:
+            on_bundle(str(run.run_id), fab.hash_str)
+        reply = client_app(message=message, context=context)
+        sub_status, details = SubStatus.COMPLETED, ""
+    except Exception as err:  # noqa: BLE001 - the server gets an error reply, not silence
+        log.exception("the ClientApp failed")
+        details = f"{type(err).__name__}: {err}"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                            reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            push_task_output(client=client, context=context, sub_status=sub_status,
+                             details=details)
+            heartbeat.stop()
+            client.close()
+    return sub_status
+
+
+def serve_client_app(address: str, client_app: ClientApp, stop: threading.Event,
+                     poll_s: float = 0.2,
+                     on_bundle: Callable[[str, str], None] | None = None) -> None:
+    """Acquire and run ClientApp tasks from the SuperNode at `address` until `stop` is set."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    acquirer = _runtime_client(address, None)
+    try:
+        while not stop.is_set():
+            try:
+                res = acquirer.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as err:  # noqa: BLE001 - the SuperNode may be (re)starting
+                log.debug("SuperNode Runtime API not reachable: %s", err)
+                stop.wait(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                started = time.monotonic()
+                try:
+                    status = run_task(address, res.token, client_app, on_bundle)
+                except Exception as err:  # noqa: BLE001 - e.g. the SuperNode went away mid-task
+                    log.warning("task %s could not be completed: %s", res.task.task_id, err)
+                    continue
+                log.info("task %s %s in %.2f s", res.task.task_id, status,
+                         time.monotonic() - started)
+                continue
+            stop.wait(poll_s)
+    finally:
+        acquirer.close()

@@ -1,0 +1,142 @@
+"""`consortia certs`, `consortia server` and `consortia client`: a deployed federation.
+
+Thin: each command parses its options and calls the room that does the work
+(privacy/certs.py, server/deploy.py, client/join.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+certs_app = typer.Typer(help="Certificates and node keys (operators; partners: keygen).",
+                        no_args_is_help=True)
+server_app = typer.Typer(help="The federation's server: a SuperLink and the consortia ServerApp.",
+                         no_args_is_help=True)
+client_app = typer.Typer(help="A partner's client: a SuperNode running the installed ClientApp.",
+                         no_args_is_help=True)
+
+console = Console(stderr=True)
+
+
+def _fail(err: Exception, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}")
+    return typer.Exit(code)
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(..., "--out", help="consortium directory to create"),
+    hosts: list[str] = typer.Option(..., "--host",
+                                    help="a DNS name or IP the server is reached at (repeat)"),
+) -> None:
+    """Create the consortium CA and the server's TLS certificate (private keys 0600)."""
+    from consortia.privacy.certs import CertsError, init_consortium
+
+    try:
+        root = init_consortium(out, hosts)
+    except CertsError as err:
+        raise _fail(err) from None
+    typer.echo(f"CA and server certificate in {root.resolve()} (ca.pem, server.pem; "
+               "keys ca.key and server.key are 0600: keep them on the server)")
+
+
+@certs_app.command("enroll")
+def certs_enroll(
+    name: str = typer.Argument(..., help="the partner node's name"),
+    consortium: Path = typer.Option(..., "--dir", help="the consortium directory (certs init)"),
+    public_key: Path | None = typer.Option(
+        None, "--public-key", help="enroll this OpenSSH public key (from the partner's "
+                                   "`consortia certs keygen`) instead of generating a pair"),
+) -> None:
+    """Enroll a partner node: the server will accept it (Flower node authentication)."""
+    from consortia.privacy.certs import CertsError, enroll_node
+
+    try:
+        keys = enroll_node(consortium, name, public_key)
+    except CertsError as err:
+        raise _fail(err) from None
+    typer.echo(f"enrolled {name}: {keys.enrolled}")
+    if keys.private_key is not None:
+        typer.echo(f"hand {keys.private_key.parent} (node.key, node.pub, ca.pem) to the partner "
+                   "over a secure channel; node.key is its private key")
+
+
+@certs_app.command("keygen")
+def certs_keygen(out: Path = typer.Option(..., "--out", help="directory for node.key / node.pub")
+                 ) -> None:
+    """Generate this site's node key pair; send only node.pub to the operator."""
+    from consortia.privacy.certs import CertsError, generate_node_key
+
+    try:
+        private, public = generate_node_key(out)
+    except CertsError as err:
+        raise _fail(err) from None
+    typer.echo(f"private key {private} (0600, stays here); send {public} to the operator")
+
+
+@server_app.command("start")
+def server_start(
+    config: Path = typer.Option(..., "--config", help="server TOML ([server] and [run])"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="continue the run in the configured out directory"),
+) -> None:
+    """Start the SuperLink (TLS, node authentication) and run the configured federation."""
+    from consortia.config import ConfigError
+    from consortia.server.deploy import DeploymentError, serve
+
+    try:
+        summary = serve(config, resume=resume, log=console.print)
+    except (ConfigError, DeploymentError) as err:
+        raise _fail(err) from None
+    acc = summary.get("final_accuracy")
+    console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
+
+
+@server_app.command("base-hash")
+def server_base_hash(config: Path = typer.Option(..., "--config", help="server TOML")) -> None:
+    """Print the SHA-256 of the run's base model, for partners' base_model_sha256."""
+    from consortia.config import ConfigError
+    from consortia.server.deploy import base_model_sha256
+
+    try:
+        typer.echo(base_model_sha256(config))
+    except ConfigError as err:
+        raise _fail(err) from None
+
+
+@client_app.command("join")
+def client_join(config: Path = typer.Option(..., "--config", help="site TOML")) -> None:
+    """Join a federation: a SuperNode for this site, running only the installed ClientApp."""
+    from consortia.client.join import JoinError, join
+    from consortia.config import ConfigError
+
+    try:
+        join(config, log_fn=console.print)
+    except (ConfigError, JoinError) as err:
+        raise _fail(err) from None
+
+
+@client_app.command("status")
+def client_status(config: Path = typer.Option(..., "--config", help="site TOML"),
+                  as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """This site's own records: ε spent against its budget, and its audit log."""
+    import json
+
+    from consortia.client.api import site_status
+    from consortia.config import ConfigError
+
+    try:
+        status = site_status(config)
+    except ConfigError as err:
+        raise _fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(f"{status['site']}: ε {status['epsilon']:.4f} of {status['epsilon_budget']} "
+               f"(δ {status['delta']}, {status['accountant']}), {status['steps']} DP-SGD steps")
+    for e in status["audit"][-20:]:
+        typer.echo(f"  run {e['run']} round {e['round']}: {e['decision']}"
+                   + (f" ({e['reason']})" if e["reason"] else ""))

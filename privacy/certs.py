@@ -1,0 +1,204 @@
+"""Certificates and node keys for a deployed federation, built with `cryptography`.
+
+A consortium directory holds:
+
+    ca.pem, ca.key            the consortium's CA (the key signs the server certificate)
+    server.pem, server.key    the SuperLink's TLS certificate (SANs: the given hosts/IPs)
+    enrolled/NAME.pub         one OpenSSH public key per enrolled partner node: the server
+                              registers each with its SuperLink (Flower's node authentication)
+    nodes/NAME/               what an operator hands a partner when it generates the key
+                              pair for it: node.key, node.pub and ca.pem
+
+Private keys are written 0600 (created with that mode, never world-readable for an
+instant) and never printed. Node keys are NIST P-384 EC keys in OpenSSH format, the
+format Flower's SuperNode (`--auth-supernode-private-key`) and SuperLink read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+ENROLLED = "enrolled"
+NODES = "nodes"
+NODE_KEY, NODE_PUB = "node.key", "node.pub"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CA_DAYS, SERVER_DAYS = 3650, 825
+
+
+class CertsError(ValueError):
+    """A certificate or key request that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    name: str
+    private_key: Path | None  # None when the partner generated the pair itself
+    public_key: Path
+    enrolled: Path  # the server's entry
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (0600 from the moment it exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise CertsError(f"{path} exists; refusing to overwrite a private key")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # in case the umask narrowed it further, keep it exactly 0600
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        host = host.strip()
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if not re.fullmatch(r"(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+                            r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", host):
+            raise CertsError(f"host {host!r} is neither an IP address nor a DNS name; "
+                             "accepted: e.g. 127.0.0.1, ::1, fl.example.org")
+        names.append(x509.DNSName(host))
+    if not names:
+        raise CertsError("the server certificate needs at least one host name or IP (--host)")
+    return x509.SubjectAlternativeName(names)
+
+
+def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consortia") -> Path:
+    """Create the CA and the server's certificate (for `hosts`) in `out_dir`."""
+    out = Path(out_dir)
+    if (out / CA_KEY).exists() or (out / CA_CERT).exists():
+        raise CertsError(f"{out} already holds a CA ({CA_CERT}); choose another --out")
+    san = _san(hosts)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384()))
+    write_private(out / CA_KEY, _pem_key(ca_key))
+    write_public(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(out / SERVER_KEY, _pem_key(server_key))
+    write_public(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
+    (out / ENROLLED).mkdir(exist_ok=True)
+    return out
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise CertsError(f"node name {name!r} is not accepted: use 1-64 letters, digits, '.', "
+                         "'_' or '-', starting with a letter or digit")
+    return name
+
+
+def generate_node_key(out_dir: str | Path) -> tuple[Path, Path]:
+    """A fresh node key pair (OpenSSH, P-384) in out_dir: node.key (0600) and node.pub."""
+    out = Path(out_dir)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    write_private(out / NODE_KEY, private)
+    write_public(out / NODE_PUB, public_key_line(key.public_key()))
+    return out / NODE_KEY, out / NODE_PUB
+
+
+def public_key_line(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise CertsError(f"public key file not found: {path}") from None
+    except (ValueError, TypeError) as err:
+        raise CertsError(f"{path} is not an OpenSSH public key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CertsError(f"{path} holds a {type(key).__name__}; accepted: a NIST EC key "
+                         "(e.g. from `consortia certs keygen`)")
+    return key
+
+
+def enroll_node(consortium_dir: str | Path, name: str,
+                public_key: str | Path | None = None) -> NodeKeys:
+    """Enroll partner node `name`: record its public key in enrolled/NAME.pub.
+
+    With `public_key` (the partner generated its pair with `consortia certs keygen` and
+    sent only the public half) that key is enrolled; otherwise a pair is generated into
+    nodes/NAME/ together with a copy of the CA certificate, for the operator to hand over.
+    """
+    root = Path(consortium_dir)
+    check_name(name)
+    if not (root / CA_CERT).is_file():
+        raise CertsError(f"{root} holds no {CA_CERT}; run `consortia certs init --out {root}` "
+                         "first")
+    enrolled = root / ENROLLED / f"{name}.pub"
+    if enrolled.exists():
+        raise CertsError(f"node {name!r} is already enrolled ({enrolled})")
+    private = None
+    if public_key is None:
+        node_dir = root / NODES / name
+        private, public = generate_node_key(node_dir)
+        write_public(node_dir / CA_CERT, (root / CA_CERT).read_bytes())
+    else:
+        public = Path(public_key)
+    line = public_key_line(load_node_public_key(public))
+    write_public(enrolled, line + b"\n")
+    return NodeKeys(name=name, private_key=private, public_key=public, enrolled=enrolled)
+
+
+def enrolled_keys(consortium_dir: str | Path) -> dict[str, bytes]:
+    """name -> OpenSSH public key line of every enrolled node."""
+    folder = Path(consortium_dir) / ENROLLED
+    return {p.stem: public_key_line(load_node_public_key(p))
+            for p in sorted(folder.glob("*.pub"))}

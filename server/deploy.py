@@ -1,0 +1,145 @@
+"""`consortia server start`: the SuperLink, the enrolled nodes, and the consortia run on them.
+
+In order: read and check server.toml (a bad config fails here), prepare the results
+directory (a new run, or the same run with --resume), start the SuperLink with TLS and
+node authentication, register every enrolled node's key, submit the run, and wait for it
+to end. The ServerApp (server/deployed.py) runs in Flower's `flwr-serverapp` process and
+writes checkpoints, metrics and the run store exactly as a simulation does; --resume
+continues from the latest checkpoint. SIGTERM or Ctrl-C stops the SuperLink; the run can
+then be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from consortia.flower_exec import FlowerExecutableMissing
+from consortia.privacy.certs import CertsError, enrolled_keys
+from consortia.privacy.storage import atomic_write_json
+from consortia.server.deploy_config import load_server_config
+from consortia.server.results import METRICS_FILE, SUMMARY_FILE
+from consortia.server.run_dir import ResultsDirError, prepare_out_dir
+from consortia.server.store import RunStore
+from consortia.server.superlink import DeploymentError, SuperLink
+
+DEPLOYMENT_FILE = "deployment.json"
+POLL_S = 1.0
+
+__all__ = ["DeploymentError", "serve"]
+
+
+def serve(config_path: str | Path, *, resume: bool = False,
+          log: Callable[[str], None] = print, overrides: list[str] | None = None,
+          stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the federation configured in server.toml; return its summary."""
+    config_path = Path(config_path)
+    deployment = load_server_config(config_path, overrides)
+    deployment.check_files()
+    cfg, srv = deployment.run, deployment.server
+    if cfg.store.url:
+        RunStore(cfg.store.url).close()  # a store that cannot be opened fails here
+    try:
+        keys = enrolled_keys(srv.certs)
+        run_id = prepare_out_dir(cfg, srv.out, resume)
+    except (CertsError, ResultsDirError) as err:
+        raise DeploymentError(str(err)) from None
+    if len(keys) < cfg.clients:
+        log(f"warning: {len(keys)} nodes enrolled, the run waits for run.clients = {cfg.clients}")
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
+    launcher = None
+    try:
+        link.start(srv.start_timeout_s)
+    except FlowerExecutableMissing as err:
+        raise DeploymentError(str(err)) from None
+    try:
+        nodes = link.register_nodes(keys)
+        flower_run = link.submit(config_path, resume)
+        atomic_write_json(srv.out / DEPLOYMENT_FILE, {
+            "run_id": run_id, "flower_run_id": flower_run, "superlink": link.address,
+            "nodes": {name: str(node) for name, node in nodes.items()}, "resumed": resume,
+            "started_at": time.time()})
+        log(f"run {run_id}{' (resumed)' if resume else ''} on https://{link.address}: "
+            f"{len(nodes)} enrolled nodes; results in {srv.out}; SuperLink log "
+            f"{link.log_path}")
+        launcher = link.launcher()
+        threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
+        status = wait_for_run(link, flower_run, set(nodes.values()), stop, srv.out, log)
+    except KeyboardInterrupt:
+        status = None
+    finally:
+        stop.set()
+        if launcher is not None:
+            launcher.stop()
+        link.stop()
+    if status is None:
+        log(f"stopped; continue with: consortia server start --config {config_path} --resume")
+        sys.exit(130)
+    sub_status, details = status
+    if sub_status != "completed":
+        raise DeploymentError(f"the run ended {sub_status}: {details or 'no details'}; see "
+                              f"{link.log_path} and the run store")
+    return json.loads((srv.out / SUMMARY_FILE).read_text())
+
+
+def base_model_sha256(config_path: str | Path) -> str:
+    """The SHA-256 of the run's round-0 checkpoint (the base model), as the server will
+    state it in every request: partners list it in their policy's base_model_sha256."""
+    import hashlib
+
+    import torch
+    from flwr.app import ArrayRecord
+
+    from consortia.server.checkpoint import weights_bytes
+    from consortia.server.workflow import arrays_to_numpy
+    from consortia.tasks import get_task
+
+    cfg = load_server_config(config_path).run
+    torch.manual_seed(cfg.seed)  # as RoundWorkflow.initial_model
+    model = get_task(cfg.task).build_model(cfg.model.activation)
+    weights = arrays_to_numpy(ArrayRecord(model.state_dict()))
+    return hashlib.sha256(weights_bytes(weights)).hexdigest()
+
+
+def wait_for_run(link: SuperLink, flower_run: int, nodes: set[int], stop: threading.Event,
+                 out: Path, log: Callable[[str], None]) -> tuple[str, str] | None:
+    """(sub_status, details) once the run has finished; None if stopped first. Meanwhile
+    keep the SuperLink to our run and our nodes, and report each round as it is recorded."""
+    rounds_seen = 0
+    while not stop.wait(POLL_S):
+        if link.process is not None and link.process.poll() is not None:
+            raise DeploymentError(f"the SuperLink exited ({link.process.returncode}); see "
+                                  f"{link.log_path}")
+        link.guard(flower_run, nodes)
+        rows = read_rows(out / METRICS_FILE)
+        for row in rows[rounds_seen:]:
+            log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "
+                f"{row['clients_trained']}/{row['clients_sampled']}"
+                + (f", ε max {row['epsilon_max']:.3f}" if row.get("epsilon_max") else ""))
+        rounds_seen = max(rounds_seen, len(rows))
+        status, sub_status, details = link.run_status(flower_run)
+        if status == "finished":
+            return sub_status, details
+    return None
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being appended
+            break
+    return rows

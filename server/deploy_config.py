@@ -1,0 +1,81 @@
+"""server.toml: where the SuperLink listens, its certificates, and the run it serves.
+
+    [server]
+    host = "0.0.0.0"          # address the SuperLink binds (Fleet + Control APIs, HTTPS)
+    port = 9093
+    certs = "consortium"      # from `consortia certs init` (+ `enroll`): ca.pem, server.pem,
+                              # server.key, enrolled/*.pub
+    out = "results/run-1"     # results, checkpoints, run store (unless run.store.url is set)
+
+    [run]                     # the same keys as a simulation's experiment TOML
+    task = "digits-mlp"
+    clients = 3               # enrolled partners the run waits for
+    ...
+
+Relative paths are read from the folder that holds server.toml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from consortia.config import ConfigError, RunConfig, _format_errors, apply_overrides
+from consortia.privacy.certs import CA_CERT, ENROLLED, SERVER_CERT, SERVER_KEY
+from consortia.tasks import import_task_modules
+
+
+class ServerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address the SuperLink binds")
+    port: int = Field(9093, ge=1, le=65535)
+    certs: Path = Field(description="consortium directory (consortia certs init)")
+    out: Path = Field(description="results directory of the run")
+    start_timeout_s: float = Field(60.0, gt=0, description="how long the SuperLink may take to start")
+    task_modules: list[str] = Field(
+        default_factory=list, description="modules that register your own tasks (register_task)")
+
+
+class ServerDeployConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSection
+    run: RunConfig
+
+    def check_files(self) -> None:
+        """Fail at start, naming the file, if a certificate or key is missing."""
+        certs = self.server.certs
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (certs / name).is_file():
+                raise ConfigError(f"server.certs: {certs / name} is missing; create it with "
+                                  f"`consortia certs init --out {certs} --host HOST`")
+        if not list((certs / ENROLLED).glob("*.pub")):
+            raise ConfigError(f"server.certs: no enrolled node in {certs / ENROLLED}; enroll "
+                              f"partners with `consortia certs enroll NAME --dir {certs}`")
+
+
+def load_server_config(path: str | Path, overrides: list[str] | None = None) -> ServerDeployConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"server config not found: {path}")
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    apply_overrides(data, overrides or [])
+    try:
+        import_task_modules(list(data.get("server", {}).get("task_modules", [])),
+                            "server.task_modules")
+        cfg = ServerDeployConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path))) from None
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration ({path}): {err}") from None
+    base = path.resolve().parent
+    cfg.server.certs = (base / cfg.server.certs).resolve()
+    cfg.server.out = (base / cfg.server.out).resolve()
+    return cfg

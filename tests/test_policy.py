@@ -1,0 +1,118 @@
+"""Site policy and audit log: a request outside the policy is refused with a typed reply
+(nothing trained, no ε spent) and every request leaves a line in the site's audit log."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+from consortia.client import build_client_app
+from consortia.client.policy import AuditLog, SitePolicy
+from consortia.client.site import Site, SitePrivacy
+from consortia.messages import TrainInstructions, TrainReport
+from consortia.tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+TASK = get_task("digits-mlp")
+BASE = "ab" * 32
+
+
+def instructions(**override):
+    values = dict(run_id="0123456789ab", task="digits-mlp", model_activation="tanh",
+                  local_epochs=1, batch_size=64, lr=0.1, momentum=0.0, seed=0, dp_enabled=True,
+                  max_grad_norm=1.0, noise_multiplier=1.2, planned_rounds=2,
+                  base_model_sha256=BASE)
+    values.update(override)
+    return TrainInstructions(**values)
+
+
+def policy(**override):
+    values = dict(tasks=["digits-mlp"], base_model_sha256=[BASE], epsilon_budget=5.0,
+                  delta=1e-5, min_noise_multiplier=1.0, max_rounds=2)
+    values.update(override)
+    return SitePolicy(**values)
+
+
+def site(tmp_path, pol):
+    data = TASK.load_data(None).train
+    dataset = torch.utils.data.Subset(data, list(range(200)))
+    return Site(client_id="site-a", task=TASK, dataset=dataset, state_dir=tmp_path,
+                privacy=SitePrivacy(pol.epsilon_budget, pol.delta, pol.accountant),
+                device=torch.device("cpu"), policy=pol, audit=AuditLog(tmp_path))
+
+
+def ask(app, ins, server_round=1):
+    torch.manual_seed(0)
+    content = RecordDict({"arrays": ArrayRecord(TASK.build_model("tanh").state_dict())})
+    config = ins.to_config_record()
+    config["server-round"] = server_round
+    content["config"] = config
+    msg = Message(content=content, dst_node_id=5, message_type="train")
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    return TrainReport.from_content(app(msg, ctx).content)
+
+
+@pytest.mark.parametrize("override, reason", [
+    (dict(task="fashion-mnist-cnn"), "task 'fashion-mnist-cnn' is not in this site's policy"),
+    (dict(base_model_sha256="cd" * 32), "base model cdcd"),
+    (dict(base_model_sha256=None), "base model (not stated)"),
+    (dict(noise_multiplier=0.5), "noise multiplier 0.5 is below this site's minimum 1"),
+    (dict(dp_enabled=False), "policy requires differential privacy"),
+])
+def test_a_request_outside_the_policy_is_refused_logged_and_costs_nothing(tmp_path, override,
+                                                                          reason):
+    s = site(tmp_path, policy())
+    report = ask(build_client_app(lambda ctx: s), instructions(**override))
+    assert report.status == "refused-policy" and reason in report.reason
+    [entry] = AuditLog(tmp_path).entries()
+    assert entry["decision"] == "refused-policy" and reason in entry["reason"]
+    assert entry["run"] == "0123456789ab" and entry["round"] == 1
+    assert entry["asked"]["task"] == override.get("task", "digits-mlp")
+    ledger = s.open_ledger()
+    assert ledger.steps == 0 and ledger.epsilon == 0
+
+
+def test_a_request_within_the_policy_trains_and_the_log_says_so(tmp_path):
+    s = site(tmp_path, policy())
+    report = ask(build_client_app(lambda ctx: s), instructions())
+    assert report.status == "trained" and report.epsilon > 0
+    [entry] = AuditLog(tmp_path).entries()
+    assert entry["decision"] == "trained" and entry["epsilon"] == pytest.approx(report.epsilon)
+    assert entry["asked"]["noise_multiplier"] == 1.2 and entry["asked"]["secagg"] is False
+
+
+def test_max_rounds_stops_the_site_after_that_many_rounds_of_a_run(tmp_path):
+    s = site(tmp_path, policy(max_rounds=1))
+    app = build_client_app(lambda ctx: s)
+    assert ask(app, instructions(), 1).status == "trained"
+    second = ask(app, instructions(), 2)
+    assert second.status == "refused-policy" and "max_rounds = 1" in second.reason
+    assert ask(app, instructions(run_id="ffffffffffff"), 1).status == "trained"  # another run
+    assert [e["decision"] for e in AuditLog(tmp_path).entries()] == [
+        "trained", "refused-policy", "trained"]
+
+
+def test_a_derived_noise_multiplier_is_checked_against_the_minimum(tmp_path):
+    # No σ from the server: the site derives the smallest that fits its budget (here a
+    # generous budget gives a small σ), and the policy's minimum still binds.
+    s = site(tmp_path, policy(epsilon_budget=50.0, min_noise_multiplier=2.0))
+    report = ask(build_client_app(lambda ctx: s), instructions(noise_multiplier=None))
+    assert report.status == "refused-policy" and "below this site's minimum 2" in report.reason
+
+
+def test_secagg_can_be_required(tmp_path):
+    s = site(tmp_path, policy(require_secagg=True))
+    report = ask(build_client_app(lambda ctx: s), instructions())
+    assert report.status == "refused-policy" and "secure aggregation" in report.reason
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(tasks=["cifar"]), "unknown task(s) ['cifar']"),
+    (dict(base_model_sha256=["xyz"]), "not SHA-256 digests"),
+    (dict(delta=2.0), "less than 1"),
+    (dict(require_dp=False, min_noise_multiplier=1.0), "needs require_dp = true"),
+])
+def test_a_bad_policy_fails_naming_the_value(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        policy(**override)

@@ -1,0 +1,83 @@
+"""server.toml fails at start naming what is wrong; the app bundle a run is submitted
+with carries no code, only the names of installed consortia apps."""
+
+import importlib
+
+import pytest
+import tomllib
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from consortia.config import ConfigError
+from consortia.privacy.certs import enroll_node, init_consortium
+from consortia.server.deploy import base_model_sha256
+from consortia.server.deploy_config import load_server_config
+from consortia.server.superlink import app_bundle_files
+
+SERVER = """
+[server]
+port = {port}
+certs = "consortium"
+out = "results"
+
+[run]
+task = "digits-mlp"
+clients = 3
+clients_per_round = 3
+"""
+
+
+def server_toml(tmp_path, port=9093, extra=""):
+    path = tmp_path / "server.toml"
+    path.write_text(SERVER.format(port=port) + extra)
+    return path
+
+
+def test_paths_are_read_from_the_configs_folder_and_files_are_checked(tmp_path):
+    cfg = load_server_config(server_toml(tmp_path))
+    assert cfg.server.certs == tmp_path / "consortium" and cfg.server.out == tmp_path / "results"
+    with pytest.raises(ConfigError, match="ca.pem is missing; create it with `consortia certs init"):
+        cfg.check_files()
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    with pytest.raises(ConfigError, match="no enrolled node"):
+        cfg.check_files()
+    enroll_node(tmp_path / "consortium", "site-a")
+    cfg.check_files()
+
+
+@pytest.mark.parametrize("port, extra, message", [
+    (70000, "", "server.port: Input should be less than or equal to 65535"),
+    (9093, "\n[run.privacy]\nepsilon_budjet = 2\n", "run.privacy.epsilon_budjet: unknown key"),
+    (9093, "\n[run.secagg]\nenabled = true\nbits = 31\n", "secagg.bits = 31"),
+])
+def test_a_bad_server_config_fails_naming_the_key(tmp_path, port, extra, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_server_config(server_toml(tmp_path, port, extra))
+
+
+def test_task_modules_that_cannot_be_imported_fail_at_start(tmp_path):
+    path = server_toml(tmp_path)
+    path.write_text(path.read_text().replace('out = "results"',
+                                             'out = "results"\ntask_modules = ["no_such_mod"]'))
+    with pytest.raises(ConfigError, match="server.task_modules: cannot import 'no_such_mod'"):
+        load_server_config(path)
+
+
+def test_the_app_bundle_names_installed_apps_and_carries_no_code(tmp_path):
+    files = app_bundle_files(tmp_path / "server.toml", resume=True)
+    assert list(files) == ["pyproject.toml"]
+    app = tomllib.loads(files["pyproject.toml"].decode())["tool"]["flwr"]["app"]
+    assert app["config"] == {"server-config": str(tmp_path / "server.toml"), "resume": True}
+    kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
+    for component, ref in app["components"].items():
+        module, _, attr = ref.partition(":")
+        assert module.startswith("consortia.")
+        assert isinstance(getattr(importlib.import_module(module), attr), kinds[component])
+
+
+def test_base_hash_is_deterministic_and_depends_on_the_seed(tmp_path):
+    path = server_toml(tmp_path)
+    seed0 = base_model_sha256(path)
+    assert base_model_sha256(path) == seed0
+    path.write_text(path.read_text().replace('task = "digits-mlp"', 'task = "digits-mlp"\nseed = 1'))
+    assert base_model_sha256(path) != seed0

@@ -1,0 +1,168 @@
+"""Bring-your-own-data adapters and the site config: a site's records as a Dataset, and a
+bad site.toml failing at start with the value and what is accepted."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from consortia.cli import app
+from consortia.client import site_status
+from consortia.client.data import DataError, load_site_data
+from consortia.client.join import JoinError, build_site
+from consortia.client.site_config import DataSection, load_site_config
+from consortia.config import ConfigError
+from consortia.tasks import TASKS, Task, get_task, register_task
+
+TASK = get_task("digits-mlp")
+
+
+def write_csv(path, rows, header="a,b,label"):
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return path
+
+
+def test_csv_gives_float_features_and_integer_labels(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [[0.5, 1, 3], [2, -1.5, 0]])
+    ds = load_site_data(DataSection(kind="csv", path=path), TASK)
+    x, y = ds[0]
+    assert x.dtype == torch.float32 and x.tolist() == [0.5, 1.0] and y.item() == 3
+    assert len(ds) == 2 and ds[1][1].dtype == torch.int64
+
+
+def test_parquet_reads_like_csv(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"f1": [0.1, 0.2], "f2": [1.0, 2.0], "y": [1, 0]}),
+                   tmp_path / "d.parquet")
+    ds = load_site_data(DataSection(kind="parquet", path=tmp_path / "d.parquet",
+                                    label_column="y"), TASK)
+    assert len(ds) == 2 and ds[0][0].tolist() == pytest.approx([0.1, 1.0]) and ds[0][1] == 1
+
+
+def test_folder_of_class_subfolders_with_arrays_and_images(tmp_path):
+    for label, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "a.npy", np.full((8, 8), label, np.float32))
+        Image.fromarray(np.full((8, 8), 255 * label, np.uint8)).save(tmp_path / name / "b.png")
+    ds = load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
+    assert len(ds) == 4
+    labels = sorted(int(ds[i][1]) for i in range(4))
+    assert labels == [0, 0, 1, 1]
+    assert all(ds[i][0].shape == (8, 8) for i in range(4))
+
+
+@pytest.mark.parametrize("rows, header, label, message", [
+    ([[1, 2, 3]], "a,b,label", "target", "no column 'target'"),
+    ([["x", 2, 3]], "a,b,label", "label", "must be numeric"),
+    ([[1, 2, 0.5]], "a,b,label", "label", "must be whole numbers"),
+])
+def test_bad_csv_fails_naming_what_is_wrong(tmp_path, rows, header, label, message):
+    path = write_csv(tmp_path / "d.csv", rows, header)
+    with pytest.raises(DataError, match=message):
+        load_site_data(DataSection(kind="csv", path=path, label_column=label), TASK)
+
+
+def test_a_hook_returns_your_own_dataset(tmp_path, monkeypatch):
+    (tmp_path / "my_site_data.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def load():\n    return TensorDataset(torch.zeros(5, 64), torch.zeros(5, dtype=torch.long))\n"
+        "def bad():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert len(load_site_data(DataSection(kind="hook", hook="my_site_data:load"), TASK)) == 5
+    with pytest.raises(DataError, match="returned int; accepted: a torch Dataset"):
+        load_site_data(DataSection(kind="hook", hook="my_site_data:bad"), TASK)
+    with pytest.raises(DataError, match="cannot be loaded"):
+        load_site_data(DataSection(kind="hook", hook="my_site_data:missing"), TASK)
+
+
+SITE = """
+[site]
+name = "site-a"
+superlink = "127.0.0.1:9093"
+ca_cert = "ca.pem"
+node_key = "node.key"
+state_dir = "state"
+task = "{task}"
+{extra}
+
+[data]
+kind = "partition"
+index = 0
+count = 3
+
+[policy]
+tasks = ["{task}"]
+epsilon_budget = 3.0
+delta = 1e-5
+"""
+
+
+def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
+    text = SITE.format(task=task, extra=extra)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("replace, message", [
+    ({'superlink = "127.0.0.1:9093"': 'superlink = "nowhere"'}, "expected host:port"),
+    ({'count = 3': 'count = 0'}, "data.count: Input should be greater than or equal to 1"),
+    ({'index = 0': 'index = 5'}, "data.index (5) must be below data.count (3)"),
+    ({'tasks = ["digits-mlp"]': 'tasks = ["fashion-mnist-cnn"]'}, "would refuse every request"),
+    ({'delta = 1e-5': 'delta = 1e-5\nepsilon_budjet = 2'}, "policy.epsilon_budjet: unknown key"),
+])
+def test_a_bad_site_config_fails_at_start_naming_the_value(tmp_path, replace, message):
+    with pytest.raises(ConfigError) as err:
+        load_site_config(site_toml(tmp_path, **replace))
+    assert message in str(err.value)
+
+
+def test_missing_or_exposed_keys_fail_before_anything_starts(tmp_path):
+    cfg = load_site_config(site_toml(tmp_path))
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(ConfigError, match="node.key not found"):
+        cfg.check_files()
+    (tmp_path / "node.key").write_text("x")
+    (tmp_path / "node.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others .*chmod 600"):
+        cfg.check_files()
+    (tmp_path / "node.key").chmod(0o600)
+    cfg.check_files()
+
+
+def test_your_own_task_and_dataset_through_the_python_api(tmp_path):
+    mine = Task(name="my-mlp", description="a partner's own model",
+                build_model=lambda activation="tanh": torch.nn.Linear(64, 10),
+                load_data=TASK.load_data)
+    try:
+        register_task(mine)
+        cfg = load_site_config(site_toml(tmp_path, task="my-mlp"))
+        data = torch.utils.data.TensorDataset(torch.rand(7, 64), torch.zeros(7, dtype=torch.long))
+        site = build_site(cfg, dataset=data)
+        assert site.task is mine and len(site.dataset) == 7 and site.client_id == "site-a"
+        assert oct(site.state_dir.stat().st_mode & 0o777) == "0o700"
+        status = site_status(cfg)
+        assert status["epsilon"] == 0 and status["epsilon_budget"] == 3.0 and status["audit"] == []
+    finally:
+        TASKS.pop("my-mlp", None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(Task(name="digits-mlp", description="", build_model=None, load_data=None))
+
+
+def test_empty_data_fails_at_start(tmp_path):
+    cfg = load_site_config(site_toml(tmp_path))
+    empty = cfg.model_copy(update={"data": DataSection(kind="hook", hook="builtins:list")})
+    with pytest.raises(JoinError, match="empty"):
+        build_site(empty)
+
+
+def test_client_status_prints_the_sites_own_records(tmp_path):
+    path = site_toml(tmp_path)
+    result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "site-a: ε 0.0000 of 3.0" in result.output
