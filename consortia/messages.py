@@ -66,6 +66,12 @@ class TrainInstructions(_Record):
     user_clip: float | None = Field(None, gt=0)
     user_noise_std: float = Field(0.0, ge=0)
     user_count_noise_std: float = Field(0.0, ge=0)
+    # Opacus's per-sample gradients: module hooks, or ghost clipping (norms only).
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    physical_batch_size: int | None = Field(None, ge=1)  # virtual batches: memory, not DP
+    # A pretrained model's frozen weights, which only adapters travel against: a client
+    # whose own base weights hash differently refuses (tasks/adapters.py).
+    base_sha256: str | None = None
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
@@ -99,6 +105,7 @@ class TrainReport(_Record):
     sample_rate: float | None = None  # the rate Opacus actually used
     steps: int = Field(0, ge=0)  # cumulative DP-SGD steps in the client's ledger
     within_clip: bool | None = None  # user-level DP: the update was within user_clip
+    grad_sample_mode: str | None = None  # DP: which Opacus mode computed the clipping
 
     def to_content(self, arrays=None) -> RecordDict:
         content = RecordDict({REPORT: self.to_config_record()})
@@ -142,6 +149,37 @@ class SecAggInstructions(_Record):
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:
         record = content.config_records.get(SECAGG)
         return None if record is None else cls.from_config_record(record, "secagg instructions")
+
+
+class MessageTooLarge(ValueError):
+    pass
+
+
+# Room for the config, report and framing of a train message beside its tensors.
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+
+
+def message_bytes(arrays) -> int:
+    """Bytes of the tensors an ArrayRecord carries (what dominates a train message)."""
+    return sum(len(array.data) for array in arrays.values())
+
+
+def check_message_size(arrays, what: str) -> int:
+    """The tensors' bytes; MessageTooLarge if a message carrying them would pass gRPC's limit.
+
+    Secure aggregation sends each value as one uint32, the same size as float32, so the
+    plain and the masked messages are alike in size.
+    """
+    from flwr.common import GRPC_MAX_MESSAGE_LENGTH
+
+    size = message_bytes(arrays)
+    if size + MESSAGE_OVERHEAD_BYTES > GRPC_MAX_MESSAGE_LENGTH:
+        raise MessageTooLarge(
+            f"{what}: a train message would carry {size:,} bytes of tensors, over gRPC's "
+            f"limit of {GRPC_MAX_MESSAGE_LENGTH:,} bytes (less {MESSAGE_OVERHEAD_BYTES:,} for "
+            "the rest of the message); train fewer parameters (a LoRA task, a smaller "
+            "model.lora_rank) or a smaller model")
+    return size
 
 
 def secagg_run_id(run_id: str) -> int:

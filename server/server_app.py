@@ -21,8 +21,9 @@ def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        workflow = RoundWorkflow(cfg, get_task(cfg.task), build_strategy(cfg), Path(out_dir),
-                                 run_id, on_round, store)
+        task = get_task(cfg.task, cfg.task_options())
+        workflow = RoundWorkflow(cfg, task, build_strategy(cfg), Path(out_dir), run_id, on_round,
+                                 store)
         workflow.run(grid, resume=resume)
 
     return app

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortia.config import RunConfig, config_to_dict
-from consortia.messages import ARRAYS, TrainInstructions
+from consortia.messages import ARRAYS, TrainInstructions, check_message_size
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
@@ -86,6 +86,8 @@ class RoundWorkflow:
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
+        self.base_sha256: str | None = None  # a pretrained task's frozen weights (initial_model)
+        self.update_bytes = 0  # one client's update: the travelling tensors
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -98,16 +100,24 @@ class RoundWorkflow:
             planned_rounds=cfg.planned_rounds_per_client,
             user_clip=self.user_dp.clip if self.user_dp else None,
             user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
-            user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0)
+            user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0,
+            grad_sample_mode=cfg.grad_sample_mode, physical_batch_size=cfg.physical_batch_size,
+            base_sha256=self.base_sha256)
 
     def initial_model(self) -> ArrayRecord:
+        """The travelling tensors of a fresh model (seeded); notes the base weights' hash."""
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model(self.cfg.model.activation)
-        return ArrayRecord(model.state_dict())
+        self.base_sha256 = self.task.base_sha256(model)
+        return ArrayRecord(self.task.travelling_weights(model))
+
+    def check_sizes(self, arrays: ArrayRecord) -> None:
+        """A message that gRPC would refuse fails here, before any round is sent."""
+        self.update_bytes = check_message_size(arrays, f"task {self.cfg.task!r}")
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         model = self.task.build_model(self.cfg.model.activation)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        self.task.load_travelling_weights(model, arrays.to_torch_state_dict())
         return self.task.evaluate(model.to(self.device), self.test_set, self.device)
 
     def start_state(self, resume: bool) -> tuple[int, ArrayRecord]:
@@ -120,17 +130,27 @@ class RoundWorkflow:
             self.recorder.restore(latest.round)
             if self.user_dp is not None:  # the user-level accountant and clip carry on
                 self.user_dp.load_state_dict(latest.manifest["user_dp"])
+            self.base_sha256 = latest.manifest.get("base_sha256")
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
-            return latest.round, numpy_to_arrays(latest.load_weights())
+            arrays = numpy_to_arrays(latest.load_weights())
+            self.check_sizes(arrays)
+            return latest.round, arrays
         arrays = self.initial_model()
+        self.check_sizes(arrays)
         self.record_checkpoint(self.checkpoints.save(0, arrays_to_numpy(arrays),
                                                      self.evaluate(arrays), self.state()))
         self.recorder.restore(0)
         return 0, arrays
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint must hold besides the weights for a resume to be exact."""
-        return {"user_dp": self.user_dp.state_dict()} if self.user_dp else {}
+        """What a checkpoint must hold besides the weights for a resume to be exact (and, for
+        a pretrained task, which frozen base weights its tensors apply to)."""
+        state: dict[str, Any] = {"task": self.cfg.task}
+        if self.base_sha256 is not None:
+            state["base_sha256"] = self.base_sha256
+        if self.user_dp is not None:
+            state["user_dp"] = self.user_dp.state_dict()
+        return state
 
     def record_checkpoint(self, ckpt: Checkpoint) -> None:
         if self.store is not None:
@@ -166,7 +186,8 @@ class RoundWorkflow:
                             server_round)
                 stopped = True
                 break
-        extra: dict[str, Any] = {"run_id": self.run_id}
+        extra: dict[str, Any] = {"run_id": self.run_id, "base_sha256": self.base_sha256,
+                                 "update_bytes_per_client": self.update_bytes}
         if self.user_dp is not None:
             extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
             extra["user_dp"] = {"noise_multiplier": self.user_dp.noise_multiplier,
@@ -226,6 +247,9 @@ class RoundWorkflow:
                         server_round)
 
         metrics = {**self.evaluate(arrays), **round_metrics}
+        # Every accepted update has the global model's travelling tensors, plain or masked
+        # (one uint32 per float32): the update bytes this round brought in.
+        metrics["update_bytes"] = self.update_bytes * sum(o.status == "trained" for o in outcomes)
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,
