@@ -39,6 +39,14 @@ def seed_generators(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def local_optimizer(ins: TrainInstructions, params: list[torch.nn.Parameter]
+                    ) -> torch.optim.Optimizer:
+    """SGD (with momentum), or Adam, which adapters with small gradients train faster with."""
+    if ins.optimizer == "adam":
+        return torch.optim.Adam(params, lr=ins.lr)
+    return torch.optim.SGD(params, lr=ins.lr, momentum=ins.momentum)
+
+
 def physical_batches(loader, optimizer, max_physical: int | None):
     """The loader's logical batches cut into pieces of at most `max_physical` rows (Opacus's
     BatchMemoryManager: the optimizer steps once per logical batch), so the DP batch size
@@ -97,7 +105,7 @@ class LocalTrainer:
         # Only the trainable parameters (all of them, or a pretrained model's adapters and
         # head) are optimised, and so only they are clipped, noised and accounted.
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, lr=ins.lr, momentum=ins.momentum)
+        optimizer = local_optimizer(ins, trainable)
         loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)
         anchor = Proximal(model, ins.proximal_mu, ins.lr) if ins.proximal_mu > 0 else None
         criterion = self.task.criterion()

@@ -158,6 +158,9 @@ class RunConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="local optimizer (adam: momentum is ignored); under DP Opacus wraps "
+                           "either, and the noise is added to the gradient before it")
     data_dir: str | None = Field(None, description="where the task's dataset files are")
     train_examples: int | None = Field(
         None, ge=1, description="use a fixed subset of this many training examples (fast runs)")

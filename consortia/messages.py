@@ -56,6 +56,7 @@ class TrainInstructions(_Record):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     seed: int
     dp_enabled: bool
     max_grad_norm: float = Field(gt=0)

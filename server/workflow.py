@@ -94,7 +94,8 @@ class RoundWorkflow:
         return TrainInstructions(
             run_id=self.run_id, task=cfg.task, model_activation=cfg.model.activation,
             local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, seed=cfg.seed, dp_enabled=cfg.privacy.enabled,
+            momentum=cfg.momentum, optimizer=cfg.optimizer, seed=cfg.seed,
+            dp_enabled=cfg.privacy.enabled,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=cfg.privacy.noise_multiplier,
             planned_rounds=cfg.planned_rounds_per_client,

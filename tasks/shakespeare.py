@@ -103,6 +103,11 @@ def converted_dir() -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # transformers dequantises GGUF weights to float32 on load but keeps a "gguf" quantizer
+    # on the model, which save_pretrained refuses; what is left is a plain float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     model.save_pretrained(staging)
