@@ -231,3 +231,15 @@ def test_cli_export_says_where_and_refuses_a_used_directory(run, tmp_path):
     assert f"exported: {target.resolve()}" in first.stdout
     again = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_a_run_whose_messages_gRPC_would_refuse_stops_before_ray_starts(tmp_path, monkeypatch):
+    import flwr.common
+
+    from consortia.simulations.runner import run_simulation
+
+    # digits-mlp's 4,810 parameters are about 19 kB a message: lower the limit below that.
+    monkeypatch.setattr(flwr.common, "GRPC_MAX_MESSAGE_LENGTH", (1 << 20) + 10_000)
+    with pytest.raises(MessageTooLarge, match="task 'digits-mlp'"):
+        run_simulation(load_config(None), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing was started or written
