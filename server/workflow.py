@@ -112,6 +112,15 @@ class RoundWorkflow:
         self.base_sha256 = self.task.base_sha256(model)
         return ArrayRecord(self.task.travelling_weights(model))
 
+    def check_base(self, recorded: str | None) -> str | None:
+        """A run resumes only on the base weights its adapters were trained against."""
+        own = self.task.base_sha256(self.task.build_model(self.cfg.model.activation))
+        if own != recorded:
+            raise ValueError(f"cannot resume: the run's checkpoints apply to base weights "
+                             f"{recorded}, this server's {self.cfg.task!r} model has {own}; "
+                             "install the model package version the run started with")
+        return own
+
     def check_sizes(self, arrays: ArrayRecord) -> None:
         """A message that gRPC would refuse fails here, before any round is sent."""
         self.update_bytes = check_message_size(arrays, f"task {self.cfg.task!r}")
@@ -131,7 +140,7 @@ class RoundWorkflow:
             self.recorder.restore(latest.round)
             if self.user_dp is not None:  # the user-level accountant and clip carry on
                 self.user_dp.load_state_dict(latest.manifest["user_dp"])
-            self.base_sha256 = latest.manifest.get("base_sha256")
+            self.base_sha256 = self.check_base(latest.manifest.get("base_sha256"))
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
             arrays = numpy_to_arrays(latest.load_weights())
             self.check_sizes(arrays)
@@ -146,7 +155,7 @@ class RoundWorkflow:
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold besides the weights for a resume to be exact (and, for
         a pretrained task, which frozen base weights its tensors apply to)."""
-        state: dict[str, Any] = {"task": self.cfg.task}
+        state: dict[str, Any] = {}
         if self.base_sha256 is not None:
             state["base_sha256"] = self.base_sha256
         if self.user_dp is not None:
