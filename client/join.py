@@ -58,7 +58,8 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
     p = cfg.policy
     return Site(client_id=cfg.site.name, task=task, dataset=data, state_dir=state,
                 privacy=SitePrivacy(epsilon_budget=p.epsilon_budget, delta=p.delta,
-                                    accountant=p.accountant, require_dp=p.require_dp),
+                                    accountant=p.accountant, require_dp=p.require_dp,
+                                    max_epsilon_if_secagg_fails=p.max_epsilon_if_secagg_fails),
                 device=default_device(), policy=p, audit=AuditLog(state),
                 secagg_state=state / SECAGG_STATE)
 

@@ -40,6 +40,9 @@ class SitePolicy(BaseModel):
         None, ge=1, description="the most rounds this site trains in one run; unset: no limit")
     require_dp: bool = Field(True, description="refuse any request without DP")
     require_secagg: bool = Field(False, description="refuse any request without secure aggregation")
+    max_epsilon_if_secagg_fails: float | None = Field(
+        None, gt=0, description="distributed DP: the most ε this site accepts from its own "
+        "noise shares alone, should secure aggregation fail; unset: no cap")
 
     @field_validator("tasks")
     @classmethod

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
 
 from consortia.messages import TrainInstructions, TrainReport
@@ -35,6 +37,24 @@ def seed_generators(seed: int, device: torch.device) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
+
+
+def local_optimizer(ins: TrainInstructions, params: list[torch.nn.Parameter]
+                    ) -> torch.optim.Optimizer:
+    """SGD (with momentum), or Adam, which adapters with small gradients train faster with."""
+    if ins.optimizer == "adam":
+        return torch.optim.Adam(params, lr=ins.lr)
+    return torch.optim.SGD(params, lr=ins.lr, momentum=ins.momentum)
+
+
+def physical_batches(loader, optimizer, max_physical: int | None):
+    """The loader's logical batches cut into pieces of at most `max_physical` rows (Opacus's
+    BatchMemoryManager: the optimizer steps once per logical batch), so the DP batch size
+    does not depend on memory. None: the logical batches as they are."""
+    if max_physical is None:
+        return nullcontext(loader)
+    return BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical,
+                              optimizer=optimizer)
 
 
 class Proximal:
@@ -82,23 +102,33 @@ class LocalTrainer:
               ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:
         seed_generators(stable_seed(ins.seed, server_round, self.client_id), self.device)
         model.to(self.device).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=ins.lr, momentum=ins.momentum)
+        # Only the trainable parameters (all of them, or a pretrained model's adapters and
+        # head) are optimised, and so only they are clipped, noised and accounted.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = local_optimizer(ins, trainable)
         loader = DataLoader(self.dataset, batch_size=ins.batch_size, shuffle=True)
         anchor = Proximal(model, ins.proximal_mu, ins.lr) if ins.proximal_mu > 0 else None
+        criterion = self.task.criterion()
         if not ins.dp_enabled:
-            loss = self._sgd(model, optimizer, loader, ins.local_epochs, anchor)
+            loss = self._sgd(model, optimizer, loader, criterion, ins.local_epochs, anchor)
             report = self._report("trained", dp=False, num_examples=len(self.dataset),
                                   train_loss=loss)
-            return report, self._weights(model)
+            return report, self.task.travelling_weights(model)
 
         if self.ledger is None:
             raise ValueError("DP requested but this client has no privacy ledger")
         sigma = self.noise_multiplier(ins)
+        mode = ins.grad_sample_mode
         engine = PrivacyEngine(accountant=self.ledger.accountant_kind)
         engine.accountant = self.ledger.accountant()  # continue from the ledger's history
-        dp_model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=ins.max_grad_norm, poisson_sampling=True)
+        private = dict(module=model, optimizer=optimizer, data_loader=loader,
+                       noise_multiplier=sigma, max_grad_norm=ins.max_grad_norm,
+                       poisson_sampling=True, grad_sample_mode=mode)
+        if mode == "ghost":  # the wrapped criterion's backward runs ghost clipping's two passes
+            dp_model, optimizer, criterion, loader = engine.make_private(criterion=criterion,
+                                                                         **private)
+        else:
+            dp_model, optimizer, loader = engine.make_private(**private)
         try:
             decision = self.ledger.check_round(sigma, loader.sample_rate,
                                                len(loader) * ins.local_epochs)
@@ -106,7 +136,8 @@ class LocalTrainer:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
                                     sigma=sigma, rate=loader.sample_rate), None
-            loss = self._sgd(dp_model, optimizer, loader, ins.local_epochs, anchor)
+            loss = self._sgd(dp_model, optimizer, loader, criterion, ins.local_epochs, anchor,
+                             ins.physical_batch_size)
         finally:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
@@ -116,24 +147,24 @@ class LocalTrainer:
         del loss
         report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
                               num_examples=len(self.dataset))
-        return report, self._weights(model)
+        report = report.model_copy(update={"grad_sample_mode": mode})
+        return report, self.task.travelling_weights(model)
 
-    def _sgd(self, model, optimizer, loader, epochs: int, anchor: Proximal | None) -> float:
+    def _sgd(self, model, optimizer, loader, criterion, epochs: int, anchor: Proximal | None,
+             physical_batch_size: int | None = None) -> float:
         loss_sum, batches = 0.0, 0
         for _ in range(epochs):
-            for batch in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.task.train_step(model, batch, self.device)
-                loss.backward()
-                optimizer.step()
-                if anchor is not None:
-                    anchor.step()
-                loss_sum, batches = loss_sum + loss.item(), batches + 1
+            with physical_batches(loader, optimizer, physical_batch_size) as pieces:
+                for batch in pieces:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = self.task.train_step(model, batch, self.device, criterion)
+                    loss.backward()
+                    optimizer.step()
+                    # Under virtual batches the optimizer steps once per logical batch.
+                    if anchor is not None and not getattr(optimizer, "_is_last_step_skipped", False):
+                        anchor.step()
+                    loss_sum, batches = loss_sum + loss.item(), batches + 1
         return loss_sum / max(batches, 1)
-
-    @staticmethod
-    def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def _report(self, status: str, *, dp: bool, reason: str = "", sigma: float | None = None,
                 rate: float | None = None, num_examples: int = 0,

@@ -78,7 +78,7 @@ def sim_run(
 
         try:
             summary = run_simulation(cfg, out, resume=resume, on_round=on_round, verbose=verbose)
-        except (ResultsDirError, ConfigError, FileNotFoundError, ValueError) as err:
+        except (ResultsDirError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -91,6 +91,24 @@ def sim_run(
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
+
+
+@app.command("export")
+def export(
+    results_dir: Path = typer.Argument(..., help="a run's results directory (its --out)"),
+    out: Path = typer.Option(..., "--out", help="new directory for the Hugging Face model"),
+) -> None:
+    """The run's final model, adapters merged, in Hugging Face format, with its manifest."""
+    from consortia.server.export import ExportError, export_run
+    from consortia.tasks.adapters import MissingPackage
+
+    try:
+        path = export_run(results_dir, out)
+    except (ExportError, ConfigError, MissingPackage) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    typer.echo(f"exported: {path.resolve()}  (from_pretrained loads it; consortia-manifest.json "
+               "says what it is)")
 
 
 @sim_app.command("sweep")

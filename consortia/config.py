@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class PartitionConfig(_Section):
-    kind: Literal["iid", "dirichlet"] = "iid"
+    kind: Literal["iid", "dirichlet", "natural"] = Field(
+        "iid", description="natural: the clients the task's data comes split into (Shakespeare roles)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
     min_samples: int = Field(
         10, ge=1, description="Dirichlet partitions are redrawn until each client has this many"
@@ -46,6 +47,9 @@ class PrivacyConfig(_Section):
         "local", description='"local": each client runs DP-SGD with its full noise; '
         '"distributed": one DP step per round, noise split among the clients under secure '
         "aggregation (needs secagg.enabled)")
+    grad_sample_mode: Literal["auto", "hooks", "ghost"] = Field(
+        "auto", description="Opacus per-sample clipping: auto is the task's choice (ghost "
+                            "clipping for the transformer tasks, hooks otherwise)")
 
 
 class UserDPConfig(_Section):
@@ -98,6 +102,9 @@ class StrategyConfig(_Section):
 
 class ModelConfig(_Section):
     activation: Literal["tanh", "relu"] = "tanh"
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r (pretrained-model tasks)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (update scaled by alpha/r)")
+    max_length: int = Field(64, ge=2, description="tokens per example (text tasks)")
 
 
 class FaultsConfig(_Section):
@@ -155,9 +162,19 @@ class RunConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="local optimizer (adam: momentum is ignored); under DP Opacus wraps "
+                           "either, and the noise is added to the gradient before it")
     data_dir: str | None = Field(None, description="where the task's dataset files are")
     eval_every: int = Field(1, ge=1, description="evaluate the global model every this many "
                             "rounds (and after the last); distributed DP runs many short rounds")
+    train_examples: int | None = Field(
+        None, ge=1, description="use a fixed subset of this many training examples (fast runs)")
+    test_examples: int | None = Field(
+        None, ge=1, description="evaluate on a fixed subset of this many test examples")
+    physical_batch_size: int | None = Field(
+        None, ge=1, description="DP: cut each logical batch into pieces of at most this many "
+                                "(Opacus BatchMemoryManager); memory only, not privacy")
     partition: PartitionConfig = PartitionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     user_dp: UserDPConfig = UserDPConfig()
@@ -177,6 +194,23 @@ class RunConfig(_Section):
             raise ValueError(f"unknown task {value!r}; accepted: {', '.join(sorted(TASKS))}")
         return value
 
+    def task_options(self):
+        """What the task is built with (tasks/base.py TaskOptions)."""
+        from consortia.tasks import TaskOptions
+
+        return TaskOptions(activation=self.model.activation, lora_rank=self.model.lora_rank,
+                           lora_alpha=self.model.lora_alpha, max_length=self.model.max_length,
+                           train_examples=self.train_examples, test_examples=self.test_examples)
+
+    @property
+    def grad_sample_mode(self) -> str:
+        """The Opacus mode clients use: the configured one, or the task's for "auto"."""
+        if self.privacy.grad_sample_mode != "auto":
+            return self.privacy.grad_sample_mode
+        from consortia.tasks import TASKS
+
+        return TASKS[self.task].grad_sample_mode
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> RunConfig:
         if self.clients_per_round > self.clients:
@@ -187,6 +221,7 @@ class RunConfig(_Section):
         if self.local_epochs == 0 and self.privacy.enabled:
             raise ValueError("local_epochs = 0 (no local training) needs privacy.enabled = false: "
                              "a DP client must take at least one noisy step")
+        self._check_partition()
         from consortia.strategies import check_strategy
 
         check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
@@ -218,6 +253,16 @@ class RunConfig(_Section):
         if self.privacy.accountant != "rdp":
             raise ValueError('privacy.mode = "distributed" is accounted with the RDP accountant '
                              f'(Skellam RDP bound); got privacy.accountant = "{self.privacy.accountant}"')
+    def _check_partition(self) -> None:
+        from consortia.tasks import TASKS
+
+        natural = TASKS[self.task].natural_partition
+        if natural and self.partition.kind != "natural":
+            raise ValueError(f"task {self.task!r} comes split into its natural clients: "
+                             f"partition.kind must be \"natural\", got {self.partition.kind!r}")
+        if not natural and self.partition.kind == "natural":
+            raise ValueError(f'partition.kind = "natural" needs a task whose data names its '
+                             f"clients; {self.task!r} does not: accepted iid, dirichlet")
 
     def _check_user_dp(self) -> None:
         from consortia.privacy.dp.user_level import update_noise_multiplier

@@ -56,6 +56,7 @@ class TrainInstructions(_Record):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     seed: int
     dp_enabled: bool
     max_grad_norm: float = Field(gt=0)
@@ -70,6 +71,12 @@ class TrainInstructions(_Record):
     # "distributed": one DP-SGD step whose noise is split among the clients and summed
     # under secure aggregation (privacy/dp/distributed.py).
     privacy_mode: Literal["local", "distributed"] = "local"
+    # Opacus's per-sample gradients: module hooks, or ghost clipping (norms only).
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    physical_batch_size: int | None = Field(None, ge=1)  # virtual batches: memory, not DP
+    # A pretrained model's frozen weights, which only adapters travel against: a client
+    # whose own base weights hash differently refuses (tasks/adapters.py).
+    base_sha256: str | None = None
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
@@ -107,6 +114,7 @@ class TrainReport(_Record):
     # Distributed DP: ε from this client's own noise shares alone (`epsilon` is against
     # everyone while secure aggregation holds).
     epsilon_if_secagg_fails: float | None = None
+    grad_sample_mode: str | None = None  # DP: which Opacus mode computed the clipping
 
     def to_content(self, arrays=None) -> RecordDict:
         content = RecordDict({REPORT: self.to_config_record()})
@@ -152,6 +160,37 @@ class SecAggInstructions(_Record):
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:
         record = content.config_records.get(SECAGG)
         return None if record is None else cls.from_config_record(record, "secagg instructions")
+
+
+class MessageTooLarge(ValueError):
+    pass
+
+
+# Room for the config, report and framing of a train message beside its tensors.
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+
+
+def message_bytes(arrays) -> int:
+    """Bytes of the tensors an ArrayRecord carries (what dominates a train message)."""
+    return sum(len(array.data) for array in arrays.values())
+
+
+def check_message_size(arrays, what: str) -> int:
+    """The tensors' bytes; MessageTooLarge if a message carrying them would pass gRPC's limit.
+
+    Secure aggregation sends each value as one uint32, the same size as float32, so the
+    plain and the masked messages are alike in size.
+    """
+    from flwr.common import GRPC_MAX_MESSAGE_LENGTH
+
+    size = message_bytes(arrays)
+    if size + MESSAGE_OVERHEAD_BYTES > GRPC_MAX_MESSAGE_LENGTH:
+        raise MessageTooLarge(
+            f"{what}: a train message would carry {size:,} bytes of tensors, over gRPC's "
+            f"limit of {GRPC_MAX_MESSAGE_LENGTH:,} bytes (less {MESSAGE_OVERHEAD_BYTES:,} for "
+            "the rest of the message); train fewer parameters (a LoRA task, a smaller "
+            "model.lora_rank) or a smaller model")
+    return size
 
 
 def secagg_run_id(run_id: str) -> int:

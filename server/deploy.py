@@ -105,9 +105,10 @@ def base_model_sha256(config_path: str | Path) -> str:
     from consortia.tasks import get_task
 
     cfg = load_server_config(config_path).run
+    task = get_task(cfg.task, cfg.task_options())
     torch.manual_seed(cfg.seed)  # as RoundWorkflow.initial_model
-    model = get_task(cfg.task).build_model(cfg.model.activation)
-    weights = arrays_to_numpy(ArrayRecord(model.state_dict()))
+    model = task.build_model(cfg.model.activation)
+    weights = arrays_to_numpy(ArrayRecord(task.travelling_weights(model)))
     return hashlib.sha256(weights_bytes(weights)).hexdigest()
 
 

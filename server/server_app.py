@@ -22,8 +22,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: s
                    resume: bool = False, on_round: RoundCallback | None = None,
                    store: RunStore | None = None) -> None:
     """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes."""
-    workflow = RoundWorkflow(cfg, get_task(cfg.task), build_strategy(cfg), Path(out_dir),
-                             run_id, on_round, store)
+    workflow = RoundWorkflow(cfg, get_task(cfg.task, cfg.task_options()), build_strategy(cfg),
+                             Path(out_dir), run_id, on_round, store)
     workflow.run(grid, resume=resume)
 
 

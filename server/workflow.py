@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortia.config import RunConfig, config_to_dict
-from consortia.messages import ARRAYS, TrainInstructions
+from consortia.messages import ARRAYS, TrainInstructions, check_message_size
 from consortia.privacy.dp.distributed import choose_scale, model_step
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
@@ -103,58 +103,91 @@ class RoundWorkflow:
                        if self.cfg.secagg.enabled else None)
         self.user_dp = user_level_dp(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 0x5E])  # server-side DP noise
-        self.base_sha256: str | None = None  # the round-0 checkpoint's, once the run starts
+        # Two hashes, two jobs: the run's starting model (its round-0 checkpoint), which
+        # site policies pin; and a pretrained task's frozen weights, which only adapters
+        # travel against and which each client checks against its own copy.
+        self.base_model_sha256: str | None = None
+        self.base_sha256: str | None = None
+        self.update_bytes = 0  # one client's update: the travelling tensors
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
         return TrainInstructions(
             run_id=self.run_id, task=cfg.task, model_activation=cfg.model.activation,
             local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, seed=cfg.seed, dp_enabled=cfg.privacy.enabled,
+            momentum=cfg.momentum, optimizer=cfg.optimizer, seed=cfg.seed,
+            dp_enabled=cfg.privacy.enabled,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=cfg.privacy.noise_multiplier,
             planned_rounds=cfg.planned_rounds_per_client,
-            base_model_sha256=self.base_sha256,
+            base_model_sha256=self.base_model_sha256,
             user_clip=self.user_dp.clip if self.user_dp else None,
             user_noise_std=self.user_dp.client_noise_std() if self.user_dp else 0.0,
             user_count_noise_std=self.user_dp.client_count_noise_std() if self.user_dp else 0.0,
-            privacy_mode=cfg.privacy.mode)
+            privacy_mode=cfg.privacy.mode,
+            grad_sample_mode=cfg.grad_sample_mode, physical_batch_size=cfg.physical_batch_size,
+            base_sha256=self.base_sha256)
 
     def initial_model(self) -> ArrayRecord:
+        """The travelling tensors of a fresh model (seeded); notes the base weights' hash."""
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model(self.cfg.model.activation)
-        return ArrayRecord(model.state_dict())
+        self.base_sha256 = self.task.base_sha256(model)
+        return ArrayRecord(self.task.travelling_weights(model))
+
+    def check_base(self, recorded: str | None) -> str | None:
+        """A run resumes only on the base weights its adapters were trained against."""
+        own = self.task.base_sha256(self.task.build_model(self.cfg.model.activation))
+        if own != recorded:
+            raise ValueError(f"cannot resume: the run's checkpoints apply to base weights "
+                             f"{recorded}, this server's {self.cfg.task!r} model has {own}; "
+                             "install the model package version the run started with")
+        return own
+
+    def check_sizes(self, arrays: ArrayRecord) -> None:
+        """A message that gRPC would refuse fails here, before any round is sent."""
+        self.update_bytes = check_message_size(arrays, f"task {self.cfg.task!r}")
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         model = self.task.build_model(self.cfg.model.activation)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        self.task.load_travelling_weights(model, arrays.to_torch_state_dict())
         return self.task.evaluate(model.to(self.device), self.test_set, self.device)
 
     def start_state(self, resume: bool) -> tuple[int, ArrayRecord]:
         """Round 0 is the initial model; resuming continues from the latest checkpoint."""
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
-            self.base_sha256 = next((c.sha256 for c in self.checkpoints.all() if c.round == 0),
-                                    None)
+            self.base_model_sha256 = next((c.sha256 for c in self.checkpoints.all()
+                                           if c.round == 0), None)
             for ckpt in self.checkpoints.all():  # a store opened after the run began catches up
                 if ckpt.round <= latest.round:
                     self.record_checkpoint(ckpt)
             self.recorder.restore(latest.round)
             if self.user_dp is not None:  # the user-level accountant and clip carry on
                 self.user_dp.load_state_dict(latest.manifest["user_dp"])
+            self.base_sha256 = self.check_base(latest.manifest.get("base_sha256"))
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
-            return latest.round, numpy_to_arrays(latest.load_weights())
+            arrays = numpy_to_arrays(latest.load_weights())
+            self.check_sizes(arrays)
+            return latest.round, arrays
         arrays = self.initial_model()
+        self.check_sizes(arrays)
         base = self.checkpoints.save(0, arrays_to_numpy(arrays), self.evaluate(arrays),
                                      self.state())
-        self.base_sha256 = base.sha256
+        self.base_model_sha256 = base.sha256
         self.record_checkpoint(base)
         self.recorder.restore(0)
         return 0, arrays
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint must hold besides the weights for a resume to be exact."""
-        return {"user_dp": self.user_dp.state_dict()} if self.user_dp else {}
+        """What a checkpoint must hold besides the weights for a resume to be exact (and, for
+        a pretrained task, which frozen base weights its tensors apply to)."""
+        state: dict[str, Any] = {}
+        if self.base_sha256 is not None:
+            state["base_sha256"] = self.base_sha256
+        if self.user_dp is not None:
+            state["user_dp"] = self.user_dp.state_dict()
+        return state
 
     def record_checkpoint(self, ckpt: Checkpoint) -> None:
         if self.store is not None:
@@ -190,7 +223,8 @@ class RoundWorkflow:
                             server_round)
                 stopped = True
                 break
-        extra: dict[str, Any] = {"run_id": self.run_id}
+        extra: dict[str, Any] = {"run_id": self.run_id, "base_sha256": self.base_sha256,
+                                 "update_bytes_per_client": self.update_bytes}
         if self.user_dp is not None:
             extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
             extra["user_dp"] = {"noise_multiplier": self.user_dp.noise_multiplier,
@@ -256,6 +290,9 @@ class RoundWorkflow:
 
         evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
         metrics = {**(self.evaluate(arrays) if evaluated else {}), **round_metrics}
+        # Every accepted update has the global model's travelling tensors, plain or masked
+        # (one uint32 per float32): the update bytes this round brought in.
+        metrics["update_bytes"] = self.update_bytes * sum(o.status == "trained" for o in outcomes)
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,

@@ -23,10 +23,9 @@ from collections.abc import Callable
 from itertools import cycle
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from consortia.tasks import default_device, get_task
+from consortia.tasks import Task, default_device, get_task
 
 MODES = ("nonprivate", "hooks", "ghost")
 WARMUP_STEPS = 3
@@ -61,22 +60,26 @@ def bench_dp(
         raise ValueError(
             f"task {task!r} has {len(dataset)} training samples, fewer than batch_size {batch_size}"
         )
-    batches = [(x.to(device), y.to(device)) for x, y in _fixed_size_loader(dataset, batch_size)]
+    batches = [tuple(t.to(device) for t in batch) for batch in _fixed_size_loader(dataset, batch_size)]
 
     with warnings.catch_warnings():
         # Opacus's backward hooks fire on modules whose inputs need no gradient (the first
         # layer's); torch warns about it, and it is expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        ms, errors = _time_modes(spec.build_model, dataset, batch_size, batches, device,
-                                 steps, repeats)
+        ms, errors = _time_modes(spec, dataset, batch_size, batches, device, steps, repeats)
 
-    params = sum(p.numel() for p in spec.build_model("tanh").parameters() if p.requires_grad)
+    model = spec.build_model("tanh")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "task": task,
         "device": device.type,
         "batch_size": batch_size,
         "steps": steps,
         "params": params,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        # What one client sends per round (the travelling tensors) vs the whole model.
+        "update_bytes": _bytes(spec.travelling_weights(model)),
+        "model_bytes": _bytes(model.state_dict()),
         "torch_threads": torch.get_num_threads(),
         "nonprivate_ms": ms["nonprivate"],
         "hooks_ms": ms["hooks"],
@@ -88,10 +91,10 @@ def bench_dp(
 
 
 def _time_modes(
-    build_model: Callable[..., nn.Module],
+    spec: Task,
     dataset: TensorDataset,
     batch_size: int,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],
     device: torch.device,
     steps: int,
     repeats: int,
@@ -101,7 +104,7 @@ def _time_modes(
     step_fns: dict[str, Step] = {}
     for mode in MODES:
         try:
-            step = _make_step(mode, build_model, dataset, batch_size, batches, device)
+            step = _make_step(mode, spec, dataset, batch_size, batches, device)
             for _ in range(WARMUP_STEPS):
                 step()
             step_fns[mode] = step
@@ -126,16 +129,17 @@ def _time_modes(
 
 def _make_step(
     mode: str,
-    build_model: Callable[..., nn.Module],
+    spec: Task,
     dataset: TensorDataset,
     batch_size: int,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],
     device: torch.device,
 ) -> Step:
     torch.manual_seed(SEED)
-    model = build_model("tanh").to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    criterion: Callable = nn.CrossEntropyLoss()
+    model = spec.build_model("tanh").to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=LEARNING_RATE)
+    criterion: Callable = spec.criterion()
 
     if mode != "nonprivate":
         from opacus import PrivacyEngine
@@ -161,9 +165,9 @@ def _make_step(
     batch_stream = cycle(batches)
 
     def step() -> None:
-        x, y = next(batch_stream)
+        batch = next(batch_stream)
         optimizer.zero_grad(set_to_none=True)
-        criterion(model(x), y).backward()
+        criterion(*spec.forward(model, batch, device)).backward()
         optimizer.step()
 
     return step
@@ -181,6 +185,10 @@ def _mean_step_ms(step: Step, steps: int, device: torch.device) -> float:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _first_samples(dataset: TensorDataset, n: int) -> TensorDataset:

@@ -36,6 +36,20 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def check_model_fits(cfg: RunConfig) -> int:
+    """Build the task's model once: a missing model package, or a train message over gRPC's
+    limit, fails here with its own error (and a model converted on first use is cached
+    before the virtual clients need it). Returns the bytes of one update."""
+    from flwr.app import ArrayRecord
+
+    from consortia.messages import check_message_size
+    from consortia.tasks import get_task
+
+    task = get_task(cfg.task, cfg.task_options())
+    model = task.build_model(cfg.model.activation)
+    return check_message_size(ArrayRecord(task.travelling_weights(model)), f"task {cfg.task!r}")
+
+
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
                    client_mods: list | None = None, store: RunStore | None = None
@@ -60,6 +74,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     started = time.monotonic()
     out_dir = Path(out_dir)
     partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
+    check_model_fits(cfg)  # and so does a model whose messages gRPC would refuse
     # A store that cannot be opened fails here, before the results directory or Ray.
     own_store = store is None
     if store is None and cfg.store.url:

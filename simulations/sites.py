@@ -19,20 +19,32 @@ from consortia.client.site import Site, SitePrivacy
 from consortia.config import RunConfig
 from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
-from consortia.tasks import default_device, get_task
+from consortia.tasks import TaskOptions, default_device, get_task
 
 
 @lru_cache(maxsize=4)
-def partitions(task: str, data_dir: str | None, clients: int, kind: str, alpha: float,
-               seed: int, min_samples: int) -> tuple[np.ndarray, ...]:
-    labels = get_task(task).load_data(data_dir).train_labels
-    return tuple(partition(labels, clients, kind, alpha, seed, min_samples))
+def partitions(task: str, options: TaskOptions, data_dir: str | None, clients: int, kind: str,
+               alpha: float, seed: int, min_samples: int) -> tuple[np.ndarray, ...]:
+    data = get_task(task, options).load_data(data_dir)
+    if kind == "natural":
+        return natural_clients(data.natural_clients, clients, seed)
+    return tuple(partition(data.train_labels, clients, kind, alpha, seed, min_samples))
+
+
+def natural_clients(found: tuple[np.ndarray, ...], clients: int, seed: int
+                    ) -> tuple[np.ndarray, ...]:
+    """`clients` of the data's own clients, drawn by the seed (all of them, in a seeded order)."""
+    if clients > len(found):
+        raise ValueError(f"clients = {clients}, but the task's data has {len(found)} natural "
+                         f"clients; accepted: 1 ... {len(found)}")
+    order = np.random.default_rng(seed).permutation(len(found))[:clients]
+    return tuple(found[i] for i in order)
 
 
 def partitions_for(cfg: RunConfig) -> tuple[np.ndarray, ...]:
     p = cfg.partition
-    return partitions(cfg.task, cfg.data_dir, cfg.clients, p.kind, p.alpha, cfg.seed,
-                      p.min_samples)
+    return partitions(cfg.task, cfg.task_options(), cfg.data_dir, cfg.clients, p.kind, p.alpha,
+                      cfg.seed, p.min_samples)
 
 
 class SimulationSites:
@@ -46,7 +58,7 @@ class SimulationSites:
         cfg = self.cfg
         torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
         partition_id = int(context.node_config["partition-id"])
-        task = get_task(cfg.task)
+        task = get_task(cfg.task, cfg.task_options())
         indices = partitions_for(cfg)[partition_id]
         privacy = None
         if cfg.privacy.enabled:

@@ -1,10 +1,12 @@
 """Tasks: a model factory, a data loader and train/eval steps per task, looked up by name."""
 
-from consortia.tasks.base import Task, TaskData, default_device
+from consortia.tasks.base import Task, TaskData, TaskOptions, WeightsMismatch, default_device
 from consortia.tasks.digits import TASK as DIGITS
 from consortia.tasks.fashion_mnist import TASK as FASHION_MNIST
+from consortia.tasks.reviews import TASK as REVIEWS
+from consortia.tasks.shakespeare import TASK as SHAKESPEARE
 
-TASKS: dict[str, Task] = {task.name: task for task in (DIGITS, FASHION_MNIST)}
+TASKS: dict[str, Task] = {task.name: task for task in (DIGITS, FASHION_MNIST, REVIEWS, SHAKESPEARE)}
 
 
 def register_task(task: Task) -> Task:
@@ -33,12 +35,14 @@ def import_task_modules(modules: list[str], key: str) -> None:
             raise ValueError(f"{key}: cannot import {module!r}: {err}") from None
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, options: TaskOptions | None = None) -> Task:
+    """The task called `name`, set up with the run's `options` when given."""
     try:
-        return TASKS[name]
+        task = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; accepted: {', '.join(sorted(TASKS))}") from None
+    return task if options is None else task.with_options(options)
 
 
-__all__ = ["TASKS", "Task", "TaskData", "default_device", "get_task", "import_task_modules",
-           "register_task"]
+__all__ = ["TASKS", "Task", "TaskData", "TaskOptions", "WeightsMismatch", "default_device",
+           "get_task", "import_task_modules", "register_task"]

@@ -1,14 +1,23 @@
-"""What a task is: a model factory, a data loader, and train/eval steps. Nothing more."""
+"""What a task is: a model factory, a data loader, and train/eval steps. Nothing more.
+
+A task also says which of its model's tensors travel between server and clients
+(`travelling_weights`): the whole state dict for a model trained from scratch, only the
+adapters and head for a pretrained model fine-tuned with LoRA (tasks/adapters.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+GradSampleMode = Literal["hooks", "ghost"]
 
 
 def default_device() -> torch.device:
@@ -16,16 +25,37 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class WeightsMismatch(ValueError):
+    """Weights that do not fit a task's model: unknown, missing or wrongly shaped tensors."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Run-level choices a task may use (`model.*`, `train_examples`, `test_examples`)."""
+
+    activation: str = "tanh"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    max_length: int = 64  # tokens per example (text tasks)
+    train_examples: int | None = None  # None: the whole training set
+    test_examples: int | None = None  # None: the whole test set
+
+
 @dataclass(frozen=True)
 class TaskData:
-    """A task's full training set (partitioned across clients) and held-out test set."""
+    """A task's full training set (partitioned across clients) and held-out test set.
+
+    `natural_clients` is set by tasks whose data comes already split by its owners (one
+    client per speaker, say): client i holds the training rows `natural_clients[i]`.
+    """
 
     train: TensorDataset
     test: TensorDataset
+    natural_clients: tuple[np.ndarray, ...] | None = None
 
     @property
     def train_labels(self) -> np.ndarray:
-        return self.train.tensors[1].numpy()
+        return self.train.tensors[-1].numpy()  # labels come last in every task's rows
 
 
 @dataclass(frozen=True)
@@ -34,26 +64,72 @@ class Task:
     description: str
     build_model: Callable[..., nn.Module]
     load_data: Callable[[str | None], TaskData]
+    # Opacus's mode when the config says "auto": ghost clipping where the task's trainable
+    # layers support it (it is faster for sequence models), per-sample hooks otherwise.
+    grad_sample_mode: GradSampleMode = "hooks"
+    natural_partition: bool = False  # clients are given by the data (partition.kind = "natural")
+    options: TaskOptions = field(default_factory=TaskOptions)
+    # Rebuilds the task for other options; tasks that use none keep the default (self).
+    configure: Callable[[TaskOptions], Task] | None = None
+
+    def with_options(self, options: TaskOptions) -> Task:
+        return self.configure(options) if self.configure is not None else \
+            dataclasses.replace(self, options=options)
+
+    # --- training -----------------------------------------------------------------------
+    def criterion(self) -> nn.Module:
+        """The loss, reduction "mean" (Opacus's ghost clipping asks it per sample)."""
+        return nn.CrossEntropyLoss()
+
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, targets) of one batch, as the criterion takes them."""
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        return model(x), y
 
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, ...],
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, criterion: Callable | None = None) -> torch.Tensor:
         """Loss on one batch; the trainer calls backward and the optimizer step."""
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        return nn.functional.cross_entropy(model(x), y)
+        return (criterion or self.criterion())(*self.forward(model, batch, device))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: TensorDataset, device: torch.device,
                  batch_size: int = 1024) -> dict[str, float]:
         model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            logits, y = self.forward(model, batch, device)
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(dim=1) == y).sum().item()
             seen += len(y)
         model.train()
         return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+    # --- what travels -------------------------------------------------------------------
+    def travelling_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors the server and clients exchange, keyed by name (here: all of them)."""
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def load_travelling_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Put travelling tensors into `model`; WeightsMismatch if they do not fit it."""
+        check_fits(self.travelling_weights(model), weights)
+        model.load_state_dict(weights, strict=False)
+
+    def base_sha256(self, model: nn.Module) -> str | None:
+        """The hash of the frozen pretrained weights the update applies to; None: no base."""
+        return None
+
+
+def check_fits(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
+    missing, unknown = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or unknown:
+        raise WeightsMismatch(f"tensor names differ from this model's (missing {missing[:3]}"
+                              f"{'...' if len(missing) > 3 else ''}, unknown {unknown[:3]}"
+                              f"{'...' if len(unknown) > 3 else ''})")
+    for name, ref in expected.items():
+        if tuple(given[name].shape) != tuple(ref.shape):
+            raise WeightsMismatch(f"tensor {name!r} has shape {tuple(given[name].shape)}, this "
+                                  f"model's is {tuple(ref.shape)}")
 
 
 def activation(name: str) -> nn.Module:

@@ -53,9 +53,10 @@ def test_clients_per_round_cannot_exceed_clients():
 
 
 def test_unknown_task_and_partition_kind_list_what_is_accepted():
-    with pytest.raises(ConfigError, match="accepted: digits-mlp, fashion-mnist-cnn"):
+    with pytest.raises(ConfigError, match="accepted: digits-mlp, fashion-mnist-cnn, "
+                                          "reviews-minilm-lora, shakespeare-smollm2-lora"):
         load_config(None, ["task=cifar"])
-    with pytest.raises(ConfigError, match="'iid' or 'dirichlet'"):
+    with pytest.raises(ConfigError, match="'iid', 'dirichlet' or 'natural'"):
         load_config(None, ["partition.kind=shards"])
 
 

@@ -111,6 +111,7 @@ def test_secagg_can_be_required(tmp_path):
     (dict(base_model_sha256=["xyz"]), "not SHA-256 digests"),
     (dict(delta=2.0), "less than 1"),
     (dict(require_dp=False, min_noise_multiplier=1.0), "needs require_dp = true"),
+    (dict(max_epsilon_if_secagg_fails=0), "greater than 0"),
 ])
 def test_a_bad_policy_fails_naming_the_value(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")

