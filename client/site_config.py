@@ -33,7 +33,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consortia.client.policy import SitePolicy
-from consortia.config import ConfigError, _format_errors, apply_overrides
+from consortia.config import ConfigError, _format_errors, apply_overrides, known_task
 from consortia.privacy.certs import NAME_PATTERN
 from consortia.tasks import import_task_modules
 
@@ -63,11 +63,7 @@ class SiteSection(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from consortia.tasks import TASKS
-
-        if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; accepted: {', '.join(sorted(TASKS))}")
-        return value
+        return known_task(value)
 
 
 class DataSection(_Section):

@@ -14,6 +14,15 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def known_task(value: str) -> str:
+    """`value` if it names a registered task; else an error listing the accepted ones."""
+    from consortia.tasks import TASKS  # late import: tasks import torch
+
+    if value not in TASKS:
+        raise ValueError(f"unknown task {value!r}; accepted: {', '.join(sorted(TASKS))}")
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names each bad key and what is accepted."""
 
@@ -188,11 +197,7 @@ class RunConfig(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from consortia.tasks import TASKS  # late import: tasks import torch
-
-        if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; accepted: {', '.join(sorted(TASKS))}")
-        return value
+        return known_task(value)
 
     def task_options(self):
         """What the task is built with (tasks/base.py TaskOptions)."""
