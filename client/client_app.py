@@ -26,6 +26,7 @@ from consortia.messages import (
     TrainReport,
     update_vector_order,
 )
+from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -69,14 +70,13 @@ def audit(site: Site, ins: TrainInstructions, server_round: int,
 
 def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
                       ins: TrainInstructions, secagg: SecAggInstructions | None,
-                      server_round: int) -> Message:
+                      server_round: int, ledger: PrivacyLedger | None) -> Message:
     """Distributed DP: one noisy integer gradient sum, only ever sent masked."""
     if secagg is None or secagg.dp_scale is None:
         report = TrainReport(client_id=site.client_id, status="refused-policy",
                              reason="distributed DP asked without secure aggregation: this "
                                     "client's noise share alone would not protect its records")
         return Message(report.to_content(), reply_to=msg)
-    ledger = site.open_ledger()
     if ledger is None:
         report = TrainReport(client_id=site.client_id, status="refused-policy",
                              reason="distributed DP asked but this site has no privacy terms")
@@ -148,7 +148,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             audit(site, ins, server_round, secagg, report)
             return Message(report.to_content(), reply_to=msg)
         if ins.privacy_mode == "distributed":
-            reply = distributed_round(site, context, msg, model, ins, secagg, server_round)
+            reply = distributed_round(site, context, msg, model, ins, secagg, server_round,
+                                      trainer.ledger)
             audit(site, ins, server_round, secagg, TrainReport.from_content(reply.content))
             return reply
         report, weights = trainer.train(model, ins, server_round)

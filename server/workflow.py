@@ -109,6 +109,7 @@ class RoundWorkflow:
         self.base_model_sha256: str | None = None
         self.base_sha256: str | None = None
         self.update_bytes = 0  # one client's update: the travelling tensors
+        self._model: torch.nn.Module | None = None  # see model()
 
     def instructions(self) -> TrainInstructions:
         cfg = self.cfg
@@ -128,16 +129,24 @@ class RoundWorkflow:
             grad_sample_mode=cfg.grad_sample_mode, physical_batch_size=cfg.physical_batch_size,
             base_sha256=self.base_sha256)
 
+    def model(self) -> torch.nn.Module:
+        """The server's one instance of the task's model, built (seeded) once: the initial
+        weights come from it and every evaluation loads the round's tensors into it (a
+        pretrained task's model takes seconds to build)."""
+        if self._model is None:
+            torch.manual_seed(self.cfg.seed)
+            self._model = self.task.build_model(self.cfg.model.activation).to(self.device)
+        return self._model
+
     def initial_model(self) -> ArrayRecord:
         """The travelling tensors of a fresh model (seeded); notes the base weights' hash."""
-        torch.manual_seed(self.cfg.seed)
-        model = self.task.build_model(self.cfg.model.activation)
+        model = self.model()
         self.base_sha256 = self.task.base_sha256(model)
         return ArrayRecord(self.task.travelling_weights(model))
 
     def check_base(self, recorded: str | None) -> str | None:
         """A run resumes only on the base weights its adapters were trained against."""
-        own = self.task.base_sha256(self.task.build_model(self.cfg.model.activation))
+        own = self.task.base_sha256(self.model())
         if own != recorded:
             raise ValueError(f"cannot resume: the run's checkpoints apply to base weights "
                              f"{recorded}, this server's {self.cfg.task!r} model has {own}; "
@@ -149,9 +158,9 @@ class RoundWorkflow:
         self.update_bytes = check_message_size(arrays, f"task {self.cfg.task!r}")
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        model = self.task.build_model(self.cfg.model.activation)
+        model = self.model()
         self.task.load_travelling_weights(model, arrays.to_torch_state_dict())
-        return self.task.evaluate(model.to(self.device), self.test_set, self.device)
+        return self.task.evaluate(model, self.test_set, self.device)
 
     def start_state(self, resume: bool) -> tuple[int, ArrayRecord]:
         """Round 0 is the initial model; resuming continues from the latest checkpoint."""

@@ -88,8 +88,9 @@ class AdapterTask(Task):
                 params[name].copy_(value)
 
     def base_sha256(self, model: nn.Module) -> str:
+        travelling = {n for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: t for n, t in model.state_dict().items()
-                  if PEFT_ORIGINAL not in n and n not in self.travelling_weights(model)}
+                  if PEFT_ORIGINAL not in n and n not in travelling}
         return tensors_sha256(frozen)
 
     def merged(self, model: nn.Module) -> nn.Module:
