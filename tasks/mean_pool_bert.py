@@ -3,10 +3,9 @@
 all-MiniLM-L6-v2 was trained as a sentence encoder whose sentence vector is the
 attention-masked mean of the last hidden states (its `1_Pooling/config.json`:
 `pooling_mode_mean_tokens`). transformers' BertForSequenceClassification reads the
-pooled [CLS] token instead, which this checkpoint never trained for: a linear head on it
-starts from features near the majority class (a logistic regression on 1,000 reviews: 67 %
-on [CLS], 73 % on the mean, majority 64 %), and under DP's noise two federated rounds
-do not move it. Here the head reads the mean, as the encoder was trained.
+pooled [CLS] token instead, which this checkpoint never trained for: with that head every
+federated reviews run, with or without DP, stayed at the majority class (docs/results.md).
+Here the head reads the mean, as the encoder was trained.
 
 This file is self-contained (torch and transformers only): `consortia export` copies it
 beside the exported weights, with an `auto_map` in config.json, so that
