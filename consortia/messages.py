@@ -8,9 +8,14 @@ and the MetricRecord "metrics" that Flower's strategies weight by "num-examples"
 
 from __future__ import annotations
 
+import io
+import math
 from typing import Literal
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ARRAYS = "arrays"
@@ -173,6 +178,48 @@ MESSAGE_OVERHEAD_BYTES = 1 << 20
 def message_bytes(arrays) -> int:
     """Bytes of the tensors an ArrayRecord carries (what dominates a train message)."""
     return sum(len(array.data) for array in arrays.values())
+
+
+def array_values(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values on its bytes, without copying them.
+
+    ``Array.numpy()`` reads the .npy bytes through a file object into a new array (a
+    full copy, per tensor and message); the values sit after a short header, so a view
+    on the bytes does for anything that only reads them (falls back to ``numpy()`` for
+    what a view cannot express).
+    """
+    data = array.data
+    if array.stype != SType.NUMPY or not isinstance(data, bytes):
+        return array.numpy()
+    stream = io.BytesIO(data)  # shares the bytes; reads only the header
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            return array.numpy()
+    except ValueError:
+        return array.numpy()
+    count = math.prod(shape)
+    if fortran_order or dtype.hasobject or stream.tell() + count * dtype.itemsize != len(data):
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+
+
+def vector_array(vector: np.ndarray) -> Array:
+    """An Array of a 1-D vector, with one copy of its values (``Array(ndarray)`` makes two:
+    into a file object, then out of it); the bytes are what ``np.save`` writes."""
+    vector = np.ascontiguousarray(vector)
+    if vector.ndim != 1 or vector.dtype.hasobject:
+        return Array(vector)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {
+        "descr": npy_format.dtype_to_descr(vector.dtype), "fortran_order": False,
+        "shape": vector.shape})
+    data = b"".join((header.getvalue(), memoryview(vector).cast("B")))
+    return Array(dtype=str(vector.dtype), shape=vector.shape, stype=SType.NUMPY, data=data)
 
 
 def check_message_size(arrays, what: str) -> int:

@@ -12,6 +12,7 @@ turns into one aggregate for the strategy, so any rule that needs only the weigh
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from consortia.messages import (
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
     SecAggInstructions,
+    array_values,
     secagg_run_id,
     update_vector_order,
 )
@@ -124,7 +126,8 @@ class SecureAggregator:
 
         names = update_vector_order(arrays.keys())
         unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
-        length = sum(arrays[name].numpy().size for name in names) + int(unweighted)
+        shapes = {name: tuple(arrays[name].shape) for name in names}  # no need to read the values
+        length = sum(math.prod(shape) for shape in shapes.values()) + int(unweighted)
         k, t, bits = protocol_parameters(self.cfg, len(participants))
         setup = self.session.begin_round(server_round, participants, vector_length=length,
                                          num_neighbours=k, threshold=t)
@@ -191,8 +194,8 @@ class SecureAggregator:
                                num_summed=len(contributors))
         summed, offset = {}, 0
         for name in names:
-            shape = arrays[name].numpy().shape
-            size = int(np.prod(shape))
+            shape = shapes[name]
+            size = math.prod(shape)
             summed[name] = total[offset:offset + size].reshape(shape)
             offset += size
         bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
@@ -230,7 +233,7 @@ class SecureAggregator:
             return outcome, None
         node, report = outcome.node_id, outcome.report
         try:
-            vector = reply.content.array_records[MASKED]["vector"].numpy()
+            vector = array_values(reply.content.array_records[MASKED]["vector"])
             header = bytes(reply.content.config_records[SECAGG]["masked_input"])
             masked = MaskedInput.from_bytes(header, vector=vector)
         except (KeyError, TypeError, ValueError, SecAggError) as err:

@@ -21,7 +21,7 @@ import numpy as np
 from . import shamir
 from .errors import SecAggAbort, SecAggProtocolError
 from .graph import default_num_neighbours, default_threshold, is_connected
-from .masks import add_mask
+from .masks import add_masks
 from .messages import (
     ROUND_SEED_LEN,
     AdvertiseKeys,
@@ -239,18 +239,20 @@ class ServerSecAggSession:
         self._total = None
         self._stage = "idle"  # success or abort, this round is over
         t = plan.threshold
+        to_remove: list[tuple[bytes, int]] = []
         try:
             for owner, shares in self_mask_shares.items():
                 self._check_share_count(owner, "self-mask seed", shares, plan)
                 seed = shamir.combine(shares, threshold=t)
-                add_mask(total, plan.self_mask_key(seed, owner), sign=-1)
+                to_remove.append((plan.self_mask_key(seed, owner), -1))
             for (owner, gone), shares in pair_shares.items():
                 self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
                 seed = shamir.combine(shares, threshold=t)
                 # owner's input carries sign * mask that the absent peer never cancelled.
-                add_mask(total, seed, sign=-pairwise_sign(owner, gone))
+                to_remove.append((seed, -pairwise_sign(owner, gone)))
         except SecAggProtocolError as exc:
             raise SecAggAbort(f"round {plan.setup.round_num}: {exc}") from exc
+        add_masks(total, to_remove)  # every mask in one pass over the sum
         return AggregateResult(
             round_num=plan.setup.round_num,
             total=total,
