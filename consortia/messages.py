@@ -8,6 +8,7 @@ and the MetricRecord "metrics" that Flower's strategies weight by "num-examples"
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import Literal
@@ -189,23 +190,33 @@ def array_values(array: Array) -> np.ndarray:
     what a view cannot express).
     """
     data = array.data
-    if array.stype != SType.NUMPY or not isinstance(data, bytes):
+    if array.stype != SType.NUMPY or not isinstance(data, bytes) or len(data) < 10:
         return array.numpy()
-    stream = io.BytesIO(data)  # shares the bytes; reads only the header
-    try:
-        version = npy_format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
-        else:
-            return array.numpy()
-    except ValueError:
+    # Version 1.0 headers: magic (6), version (2), header length (2, little-endian).
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6:8] == b"\x01\x00" else 0
+    header = _npy_header(data[:end]) if 10 < end <= len(data) else None
+    if header is None:
         return array.numpy()
+    shape, dtype = header
     count = math.prod(shape)
-    if fortran_order or dtype.hasobject or stream.tell() + count * dtype.itemsize != len(data):
+    if end + count * dtype.itemsize != len(data):
         return array.numpy()
-    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a .npy 1.0 header, None where a view cannot stand for it. Cached:
+    the same tensors come round after round, and parsing a header costs more than the view."""
+    stream = io.BytesIO(header)
+    try:
+        npy_format.read_magic(stream)
+        shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+    except ValueError:
+        return None
+    if fortran_order or dtype.hasobject or stream.tell() != len(header):
+        return None
+    return shape, dtype
 
 
 def vector_array(vector: np.ndarray) -> Array:
