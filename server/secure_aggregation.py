@@ -44,7 +44,7 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
-from consortia.server.directory import exchange
+from consortia.server.directory import exchange, exchange_as_replies_come
 from consortia.server.validation import ReplyOutcome, report_outcome
 
 log = logging.getLogger("consortia.server")
@@ -139,25 +139,26 @@ class SecureAggregator:
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
             m.content = content
-        replies = exchange(grid, messages, self.timeout)
-
-        masked, by_node = {}, {}
-        for reply in replies:
+        # Each masked input joins the sum as it arrives, while the others are on their way.
+        masked, by_node = set(), {}
+        for reply in exchange_as_replies_come(grid, messages, self.timeout):
             outcome, masked_input = self._inspect(reply)
             by_node[outcome.node_id] = outcome
             if masked_input is not None:
-                masked[outcome.node_id] = masked_input
+                masked.add(outcome.node_id)
+                self.session.add_masked_input(outcome.node_id, masked_input)
         for n in participants:
             by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
         responses: dict[int, bytes] = {}
         try:
-            requests = self.session.collect_masked_inputs(masked)
+            requests = self.session.unmask_requests()
             self._mark_rejected(by_node)
             unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                               dst_node_id=n, message_type=SECAGG_UNMASK)
                       for n, r in requests.items()]
-            for reply in exchange(grid, unmask, self.timeout):
+            # Likewise each response: a mask leaves the sum once t shares of its seed are in.
+            for reply in exchange_as_replies_come(grid, unmask, self.timeout):
                 src = reply.metadata.src_node_id
                 if reply.has_error():
                     log.warning("secure aggregation: node %s failed to unmask: %s",
@@ -167,7 +168,9 @@ class SecureAggregator:
                     responses[src] = bytes(reply.content[SECAGG]["unmask"])
                 except (KeyError, TypeError) as err:
                     log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
-            result = self.session.finish_round(responses)
+                    continue
+                self.session.add_unmask_response(src, responses[src])
+            result = self.session.aggregate()
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
             # Their updates were masked and sent (and, under local DP, their spend recorded),
