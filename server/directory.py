@@ -11,8 +11,7 @@ clients, and the console can name the site behind a node.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -47,43 +46,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
-        _attribute(reply, sent)
+        node = sent.get(reply.metadata.reply_to_message_id)
+        if node is not None and reply.metadata.src_node_id != node:
+            reply.metadata.__dict__["_src_node_id"] = node
     return replies
-
-
-def exchange_as_replies_come(grid: Grid, messages: list[Message], timeout: float
-                             ) -> Iterator[Message]:
-    """`exchange`, yielding each reply as soon as it is pulled, so that the caller works
-    on the replies in hand while the others are on their way.
-
-    On a grid that polls with a public `pull_interval` (the simulation's) this is
-    send_and_receive's own loop: push, then pull every `pull_interval` until every reply
-    is in or `timeout` has passed. Other grids (a deployment's, which pulls over the
-    network) answer through `exchange`, all replies at once.
-    """
-    interval = getattr(grid, "pull_interval", None)
-    if not isinstance(interval, (int, float)):
-        yield from exchange(grid, messages, timeout)
-        return
-    pending = set(grid.push_messages(messages))
-    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    end = time.time() + timeout
-    while pending:
-        replies = list(grid.pull_messages(pending))
-        for reply in replies:
-            pending.discard(reply.metadata.reply_to_message_id)
-            _attribute(reply, sent)
-            yield reply
-        if not pending or time.time() >= end:
-            return
-        if not replies:
-            time.sleep(interval)
-
-
-def _attribute(reply: Message, sent: dict[str, int]) -> None:
-    node = sent.get(reply.metadata.reply_to_message_id)
-    if node is not None and reply.metadata.src_node_id != node:
-        reply.metadata.__dict__["_src_node_id"] = node
 
 
 def natural_key(client_id: str) -> tuple:

@@ -44,7 +44,7 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
-from consortia.server.directory import exchange, exchange_as_replies_come
+from consortia.server.directory import exchange
 from consortia.server.validation import ReplyOutcome, report_outcome
 
 log = logging.getLogger("consortia.server")
@@ -139,9 +139,8 @@ class SecureAggregator:
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
             m.content = content
-        # Each masked input joins the sum as it arrives, while the others are on their way.
         masked, by_node = set(), {}
-        for reply in exchange_as_replies_come(grid, messages, self.timeout):
+        for reply in exchange(grid, messages, self.timeout):
             outcome, masked_input = self._inspect(reply)
             by_node[outcome.node_id] = outcome
             if masked_input is not None:
@@ -157,8 +156,7 @@ class SecureAggregator:
             unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                               dst_node_id=n, message_type=SECAGG_UNMASK)
                       for n, r in requests.items()]
-            # Likewise each response: a mask leaves the sum once t shares of its seed are in.
-            for reply in exchange_as_replies_come(grid, unmask, self.timeout):
+            for reply in exchange(grid, unmask, self.timeout):
                 src = reply.metadata.src_node_id
                 if reply.has_error():
                     log.warning("secure aggregation: node %s failed to unmask: %s",

@@ -159,15 +159,11 @@ def _unmask(msg: Message, context: Context) -> Message:
 
 # --- the server ----------------------------------------------------------------------
 class _TimedGrid:
-    """The Grid, with the seconds each exchange took, by message type: a send_and_receive,
-    or a push_messages until the pull_messages that brought its last reply (our secure
-    rounds pull themselves, working on the replies in hand meanwhile; that work is then
-    inside the exchange's time)."""
+    """The Grid, with the seconds each send_and_receive took, by message type."""
 
     def __init__(self, grid):
         self._grid = grid
         self.exchanges: list[tuple[str, float]] = []
-        self._pushed: list[tuple[str, float, set[str]]] = []  # kind, start, awaited ids
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -175,25 +171,6 @@ class _TimedGrid:
         started = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.exchanges.append((kind, time.perf_counter() - started))
-        return replies
-
-    def push_messages(self, messages):
-        messages = list(messages)
-        kind = messages[0].metadata.message_type if messages else ""
-        started = time.perf_counter()
-        ids = list(self._grid.push_messages(messages))
-        self._pushed.append((kind, started, set(ids)))
-        return ids
-
-    def pull_messages(self, message_ids):
-        replies = list(self._grid.pull_messages(message_ids))
-        answered = {r.metadata.reply_to_message_id for r in replies}
-        for kind, started, awaited in self._pushed:
-            if awaited and answered & awaited:
-                awaited -= answered
-                if not awaited:
-                    self.exchanges.append((kind, time.perf_counter() - started))
-        self._pushed = [p for p in self._pushed if p[2]]
         return replies
 
     def __getattr__(self, name):
