@@ -6,10 +6,9 @@ Stage 1, every round:  :meth:`begin_round` gives the :class:`RoundSetup` to send
                        gives one :class:`UnmaskRequest` per survivor
 Stage 2, every round:  :meth:`finish_round` takes the unmask replies and gives the sum
 
-Each of the last two also goes one reply at a time, as replies arrive, so the server's
-work overlaps the wait for the others: :meth:`add_masked_input` then
-:meth:`unmask_requests`; :meth:`add_unmask_response` (it removes a mask as soon as t
-shares of its seed are in) then :meth:`aggregate`.
+Each of the last two also goes one reply at a time: :meth:`add_masked_input` then
+:meth:`unmask_requests`; :meth:`add_unmask_response` (it rebuilds a seed as soon as t
+shares of it are in) then :meth:`aggregate` (every mask out in one pass).
 
 A message that fails validation counts as that client dropping out (its reason is kept
 in :attr:`rejected`); too few survivors raises :class:`SecAggAbort`.
@@ -73,6 +72,7 @@ class ServerSecAggSession:
         self._self_mask_shares: dict[int, dict[int, bytes]] = {}  # owner -> point -> share
         self._pair_shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (owner, dropped)
         self._responders: list[int] = []
+        self._to_remove: list[tuple[bytes, int]] = []  # (mask key, sign) rebuilt so far
         self._unmask_failure: str | None = None
 
     def __repr__(self) -> str:
@@ -244,8 +244,8 @@ class ServerSecAggSession:
     def add_unmask_response(self, src: int, response: UnmaskResponse | bytes) -> bool:
         """Take one unmask response; False if refused (reason in :attr:`rejected`).
 
-        A mask leaves the sum as soon as t shares of its seed are in (the first t, as
-        :func:`shamir.combine` takes them), while the other responses are on their way.
+        A seed is rebuilt as soon as t shares of it are in (the first t, as
+        :func:`shamir.combine` takes them); :meth:`aggregate` removes the masks.
         """
         plan = self._require("unmasking")
         try:
@@ -270,21 +270,17 @@ class ServerSecAggSession:
             if len(shares) == t:
                 complete.append((f"seed shared with dropped {gone}", owner, gone, shares))
         self._responders.append(src)
-        if self._unmask_failure is None and complete:
-            to_remove: list[tuple[bytes, int]] = []
+        if self._unmask_failure is None:
             try:
                 for _, owner, gone, shares in complete:
                     seed = shamir.combine(shares, threshold=t)
                     if gone is None:
-                        to_remove.append((plan.self_mask_key(seed, owner), -1))
+                        self._to_remove.append((plan.self_mask_key(seed, owner), -1))
                     else:
                         # owner's input carries sign * mask that the absent peer never cancelled.
-                        to_remove.append((seed, -pairwise_sign(owner, gone)))
+                        self._to_remove.append((seed, -pairwise_sign(owner, gone)))
             except SecAggProtocolError as exc:
                 self._unmask_failure = str(exc)  # the round is lost; aggregate() says why
-            else:
-                assert self._total is not None  # set by add_masked_input
-                add_masks(self._total, to_remove)  # these masks in one pass over the sum
         return True
 
     def aggregate(self) -> AggregateResult:
@@ -301,6 +297,8 @@ class ServerSecAggSession:
             self._check_share_count(owner, "self-mask seed", shares, plan)
         for (owner, gone), shares in self._pair_shares.items():
             self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
+        add_masks(total, self._to_remove)  # every mask in one pass over the sum
+        self._to_remove = []
         survivors = self._survivors
         return AggregateResult(
             round_num=plan.setup.round_num,
