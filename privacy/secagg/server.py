@@ -165,11 +165,12 @@ class ServerSecAggSession:
 
     def add_masked_input(self, src: int, reply: MaskedInput | bytes) -> bool:
         """Check one masked input and add its vector to the sum; False if refused (the
-        reason is in :attr:`rejected`, and the sender counts as dropped)."""
+        reason is in :attr:`rejected`, and the sender counts as dropped) or if the sender's
+        input is already in (a second one is ignored)."""
         plan = self._require("masking")
+        if src in self._sealed:
+            return False
         try:
-            if src in self._sealed:
-                raise SecAggProtocolError("a second MaskedInput this round", node_id=src)
             msg = self._check_masked_input(plan, src, reply)
         except SecAggProtocolError as exc:
             self.rejected[src] = exc.reason
@@ -242,15 +243,16 @@ class ServerSecAggSession:
         return self.aggregate()
 
     def add_unmask_response(self, src: int, response: UnmaskResponse | bytes) -> bool:
-        """Take one unmask response; False if refused (reason in :attr:`rejected`).
+        """Take one unmask response; False if refused (reason in :attr:`rejected`) or if
+        the sender has answered already (a second answer is ignored).
 
         A seed is rebuilt as soon as t shares of it are in (the first t, as
         :func:`shamir.combine` takes them); :meth:`aggregate` removes the masks.
         """
         plan = self._require("unmasking")
+        if src in self._responders:
+            return False
         try:
-            if src in self._responders:
-                raise SecAggProtocolError("a second UnmaskResponse this round", node_id=src)
             msg = self._check_unmask_response(
                 plan, src, response, set(self._survivors), self._pair_shares
             )
