@@ -8,11 +8,12 @@ the client, turns the trained weights into a clipped, weighted, quantized update
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from consortia.client.trainer import stable_seed
 from consortia.messages import (
@@ -20,14 +21,36 @@ from consortia.messages import (
     SECAGG,
     SecAggInstructions,
     TrainReport,
+    array_values,
     secagg_run_id,
     update_vector_order,
+    vector_array,
 )
 from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
 from consortia.privacy.storage import atomic_write_bytes
 
 STATE_KEY = "consortia.secagg"
+# Vectors up to this many values keep their working buffers between rounds (per thread):
+# a fresh buffer costs a page fault per 4 KiB on first touch, every round.
+_SCRATCH_MAX_VALUES = 1 << 26
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """A working buffer of `size` values, reused by this thread from round to round.
+
+    Its contents only live within one call: what leaves the client is copied out of it
+    (`vector_array`).
+    """
+    dtype = np.dtype(dtype)
+    if size > _SCRATCH_MAX_VALUES:
+        return np.empty(size, dtype=dtype)
+    buffers = _scratch_buffers.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.dtype != dtype or buffer.size < size:
+        buffer = buffers[name] = np.empty(size, dtype=dtype)
+    return buffer[:size]
 
 
 class SecAggClient:
@@ -71,26 +94,33 @@ class SecAggClient:
                     ) -> tuple[ArrayRecord, ConfigRecord]:
         setup = RoundSetup.from_bytes(ins.setup)
         names = update_vector_order(old.keys())
-        update = np.concatenate([
-            (new[name].numpy() - old[name].numpy()).ravel() for name in names])
+        olds = [array_values(old[name]) for name in names]  # views: no copy of the model
+        news = [new[name].numpy() for name in names]
+        size = sum(o.size for o in olds) + int(ins.unweighted)
+        # The update (new − old) in one reused buffer, tensor by tensor.
+        update = _scratch("update", size, np.result_type(*olds, *news))
+        offset = 0
+        for o, n in zip(olds, news, strict=True):
+            np.subtract(n.reshape(-1), o.reshape(-1), out=update[offset:offset + o.size])
+            offset += o.size
         if ins.unweighted:
-            update = np.append(update, 0.0 if indicator is None else indicator)
+            update[offset] = 0.0 if indicator is None else indicator
         weight = 1.0 if ins.unweighted else min(1.0, num_examples / ins.weight_scale)
         # Stochastic rounding seeded by (run seed, round, client): the same config gives the
         # same sum in every run (node ids change from run to run; the client's id does not).
         rng = np.random.default_rng(stable_seed(seed, setup.round_num, client_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
-                         weight=weight, rng=rng)
+                         weight=weight, rng=rng, out=_scratch("encoded", size, np.uint32))
         return self.mask_vector(ins, encoded)
 
     def mask_vector(self, ins: SecAggInstructions, encoded: np.ndarray
                     ) -> tuple[ArrayRecord, ConfigRecord]:
-        """Mask a vector already in the ring (uint32): its shares go with it."""
+        """Mask a vector already in the ring (uint32), in place: its shares go with it."""
         setup = RoundSetup.from_bytes(ins.setup)
         session = self._load(setup.run_id)
         masked = session.share_keys_and_mask_input(setup, encoded, consume=True)
         self._save(session)
-        return (ArrayRecord({"vector": Array(masked.masked)}),
+        return (ArrayRecord({"vector": vector_array(masked.masked)}),
                 ConfigRecord({"masked_input": masked.to_bytes(include_vector=False)}))
 
     def masked_content(self, report: TrainReport, ins: SecAggInstructions, old: ArrayRecord,

@@ -197,13 +197,18 @@ def bench_secagg(
     rounds: int = typer.Option(3, "--rounds", help="rounds of each kind; medians are reported"),
     cpus_per_client: float = typer.Option(0.5, "--cpus-per-client",
                                           help="Ray CPUs per virtual client (actors = cores / this)"),
+    pull_interval: float = typer.Option(
+        0.01, "--pull-interval",
+        help="s between the grid's polls for replies, all three kinds alike (as a run sets it); "
+             "0 keeps Flower's default, 0.1"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
 
     try:
         result = run(clients=clients, params=params, rounds=rounds,
-                     cpus_per_client=cpus_per_client)
+                     cpus_per_client=cpus_per_client,
+                     pull_interval=pull_interval if pull_interval > 0 else None)
     except ValueError as err:  # sizes it cannot run with, named in the message
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

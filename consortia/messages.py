@@ -8,9 +8,15 @@ and the MetricRecord "metrics" that Flower's strategies weight by "num-examples"
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 from typing import Literal
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ARRAYS = "arrays"
@@ -173,6 +179,58 @@ MESSAGE_OVERHEAD_BYTES = 1 << 20
 def message_bytes(arrays) -> int:
     """Bytes of the tensors an ArrayRecord carries (what dominates a train message)."""
     return sum(len(array.data) for array in arrays.values())
+
+
+def array_values(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values on its bytes, without copying them.
+
+    ``Array.numpy()`` reads the .npy bytes through a file object into a new array (a
+    full copy, per tensor and message); the values sit after a short header, so a view
+    on the bytes does for anything that only reads them (falls back to ``numpy()`` for
+    what a view cannot express).
+    """
+    data = array.data
+    if array.stype != SType.NUMPY or not isinstance(data, bytes) or len(data) < 10:
+        return array.numpy()
+    # Version 1.0 headers: magic (6), version (2), header length (2, little-endian).
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6:8] == b"\x01\x00" else 0
+    header = _npy_header(data[:end]) if 10 < end <= len(data) else None
+    if header is None:
+        return array.numpy()
+    shape, dtype = header
+    count = math.prod(shape)
+    if end + count * dtype.itemsize != len(data):
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a .npy 1.0 header, None where a view cannot stand for it. Cached:
+    the same tensors come round after round, and parsing a header costs more than the view."""
+    stream = io.BytesIO(header)
+    try:
+        npy_format.read_magic(stream)
+        shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+    except ValueError:
+        return None
+    if fortran_order or dtype.hasobject or stream.tell() != len(header):
+        return None
+    return shape, dtype
+
+
+def vector_array(vector: np.ndarray) -> Array:
+    """An Array of a 1-D vector, with one copy of its values (``Array(ndarray)`` makes two:
+    into a file object, then out of it); the bytes are what ``np.save`` writes."""
+    vector = np.ascontiguousarray(vector)
+    if vector.ndim != 1 or vector.dtype.hasobject:
+        return Array(vector)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {
+        "descr": npy_format.dtype_to_descr(vector.dtype), "fortran_order": False,
+        "shape": vector.shape})
+    data = b"".join((header.getvalue(), memoryview(vector).cast("B")))
+    return Array(dtype=str(vector.dtype), shape=vector.shape, stype=SType.NUMPY, data=data)
 
 
 def check_message_size(arrays, what: str) -> int:

@@ -12,6 +12,7 @@ turns into one aggregate for the strategy, so any rule that needs only the weigh
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from consortia.messages import (
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
     SecAggInstructions,
+    array_values,
     secagg_run_id,
     update_vector_order,
 )
@@ -124,7 +126,8 @@ class SecureAggregator:
 
         names = update_vector_order(arrays.keys())
         unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
-        length = sum(arrays[name].numpy().size for name in names) + int(unweighted)
+        shapes = {name: tuple(arrays[name].shape) for name in names}  # no need to read the values
+        length = sum(math.prod(shape) for shape in shapes.values()) + int(unweighted)
         k, t, bits = protocol_parameters(self.cfg, len(participants))
         setup = self.session.begin_round(server_round, participants, vector_length=length,
                                          num_neighbours=k, threshold=t)
@@ -136,20 +139,19 @@ class SecureAggregator:
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
             m.content = content
-        replies = exchange(grid, messages, self.timeout)
-
-        masked, by_node = {}, {}
-        for reply in replies:
+        masked, by_node = set(), {}
+        for reply in exchange(grid, messages, self.timeout):
             outcome, masked_input = self._inspect(reply)
             by_node[outcome.node_id] = outcome
             if masked_input is not None:
-                masked[outcome.node_id] = masked_input
+                masked.add(outcome.node_id)
+                self.session.add_masked_input(outcome.node_id, masked_input)
         for n in participants:
             by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
         responses: dict[int, bytes] = {}
         try:
-            requests = self.session.collect_masked_inputs(masked)
+            requests = self.session.unmask_requests()
             self._mark_rejected(by_node)
             unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                               dst_node_id=n, message_type=SECAGG_UNMASK)
@@ -164,7 +166,9 @@ class SecureAggregator:
                     responses[src] = bytes(reply.content[SECAGG]["unmask"])
                 except (KeyError, TypeError) as err:
                     log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
-            result = self.session.finish_round(responses)
+                    continue
+                self.session.add_unmask_response(src, responses[src])
+            result = self.session.aggregate()
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
             # Their updates were masked and sent (and, under local DP, their spend recorded),
@@ -191,8 +195,8 @@ class SecureAggregator:
                                num_summed=len(contributors))
         summed, offset = {}, 0
         for name in names:
-            shape = arrays[name].numpy().shape
-            size = int(np.prod(shape))
+            shape = shapes[name]
+            size = math.prod(shape)
             summed[name] = total[offset:offset + size].reshape(shape)
             offset += size
         bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
@@ -230,7 +234,7 @@ class SecureAggregator:
             return outcome, None
         node, report = outcome.node_id, outcome.report
         try:
-            vector = reply.content.array_records[MASKED]["vector"].numpy()
+            vector = array_values(reply.content.array_records[MASKED]["vector"])
             header = bytes(reply.content.config_records[SECAGG]["masked_input"])
             masked = MaskedInput.from_bytes(header, vector=vector)
         except (KeyError, TypeError, ValueError, SecAggError) as err:

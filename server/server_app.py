@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from consortia.config import RunConfig
+from consortia.server.directory import shorten_pull_interval
 from consortia.server.store import RunStore
 from consortia.server.workflow import RoundCallback, RoundWorkflow
 from consortia.strategies import build_strategy
@@ -22,6 +23,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: s
                    resume: bool = False, on_round: RoundCallback | None = None,
                    store: RunStore | None = None) -> None:
     """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes."""
+    shorten_pull_interval(grid)  # every exchange, plain or secure, waits less for replies
     workflow = RoundWorkflow(cfg, get_task(cfg.task, cfg.task_options()), build_strategy(cfg),
                              Path(out_dir), run_id, on_round, store)
     workflow.run(grid, resume=resume)

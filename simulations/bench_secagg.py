@@ -25,6 +25,8 @@ through only non-train messages), and the train handler tells the legacy fit req
 (``fitins.*`` records), our secure request (ConfigRecord "secagg") and a plain one apart.
 
 Times are wall-clock seconds per round (``time.perf_counter``), medians over R rounds.
+The grid polls for replies every ``pull_interval`` seconds (0.01, as ``run_federation``
+sets it in a run; None keeps Flower's 0.1) for all three kinds alike: it is one grid.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ from consortia.messages import (
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
+    array_values,
 )
 from consortia.server.aggregates import aggregate_reply
+from consortia.server.directory import SIMULATION_PULL_INTERVAL_S, shorten_pull_interval
 
 PARAM_NAME = "w"
 DELTA_SCALE = 1e-3  # the fake update: L2 norm about 1e-3 * sqrt(D), under the clip (10)
@@ -70,6 +74,7 @@ REPLY_TIMEOUT_S = 600.0
 # this did not aggregate what was sent. Flower's default quantization (whole parameters,
 # clip 8, 2**22 levels, weights folded in) is off by ~1e-3; ours by ~1e-7.
 GROSS_ERROR = 0.05
+WARMUP = "bench-warmup"  # in the untimed first round's config: clients draw their delta then
 # 4 Ray actors on 2 cores: a client spends much of its turn in Ray's (de)serialization
 # and message passing rather than arithmetic, so two actors per core keep both cores
 # busy while one actor waits; more actors would only add memory (each is a Python
@@ -125,6 +130,9 @@ def _train(msg: Message, context: Context) -> Message:
         return _legacy_fit(msg, context)  # Flower's SecAgg+, masked by secaggplus_mod
     old = content[ARRAYS]
     secagg = SecAggInstructions.from_content(content)
+    if WARMUP in content.config_records.get(CONFIG, {}):  # untimed: draw the fixed delta now
+        for name, array in old.items():
+            _fixed_delta(name, tuple(array.shape))
     if secagg is None:  # plain FedAvg: the arrays back as they came
         return Message(RecordDict({ARRAYS: old, METRICS: MetricRecord({NUM_EXAMPLES: 1})}),
                        reply_to=msg)
@@ -132,7 +140,7 @@ def _train(msg: Message, context: Context) -> Message:
     _, ins = TrainInstructions.from_content(content)
     new = {}
     for name, array in old.items():
-        values = array.numpy()
+        values = array_values(array)
         new[name] = torch.from_numpy(values + _fixed_delta(name, values.shape))
     report = TrainReport(client_id=str(context.node_id), status="trained", num_examples=1)
     return Message(SecAggClient(context).masked_content(report, secagg, old, new, ins.seed),
@@ -247,11 +255,11 @@ class _Rounds:
             raise RuntimeError(f"secure aggregation key advertisement failed: {failed}")
         return elapsed
 
-    def plain(self, server_round: int) -> float:
+    def plain(self, server_round: int, config: ConfigRecord | None = None) -> float:
         self.grid.exchanges.clear()
         started = time.perf_counter()
-        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(),
-                                                      self.grid))
+        messages = list(self.strategy.configure_train(server_round, self.arrays,
+                                                      config or ConfigRecord(), self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         aggregated, _ = self.strategy.aggregate_train(server_round, replies)
         elapsed = time.perf_counter() - started
@@ -341,8 +349,13 @@ def _descendant_peak_rss_mb() -> float:
 
 
 def bench_secagg(clients: int, params: int, rounds: int = 3,
-                 cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT) -> dict[str, Any]:
-    """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+."""
+                 cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
+                 pull_interval: float | None = SIMULATION_PULL_INTERVAL_S) -> dict[str, Any]:
+    """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
+
+    `pull_interval`: seconds between the grid's polls for replies, for every kind alike
+    (as `run_federation` sets it); None keeps Flower's default (0.1 s).
+    """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
                          f"params >= 1, rounds >= 1; got {clients}, {params}, {rounds}")
@@ -361,10 +374,16 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     @server_app.main()
     def main(grid, context: Context) -> None:
         try:
+            # The same grid, so the same polling, for all three kinds (run_federation
+            # shortens it likewise in a run): see GRID_PULL_INTERVAL_S.
+            if pull_interval is not None:
+                shorten_pull_interval(grid, pull_interval)
+            extra["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)
             kinds = _Rounds(grid, context, clients, params)
             # Ray starts its actors and loads the ClientApp on first use: an untimed
-            # plain round takes that cost, so it lands in no kind's figure.
-            extra["warmup_s"] = kinds.plain(0)
+            # plain round takes that cost (and the clients draw their fixed delta then),
+            # so it lands in no kind's figure.
+            extra["warmup_s"] = kinds.plain(0, ConfigRecord({WARMUP: True}))
             extra["secagg_setup_s"] = kinds.setup_secagg()
             for r in range(1, rounds + 1):
                 times["plain"].append(kinds.plain(r))
@@ -410,6 +429,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "max_abs_error": {k: float(f"{v:.3g}") for k, v in extra["max_abs_error"].items()},
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
+        "grid_pull_interval_s": extra.get("grid_pull_interval_s"),
         "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

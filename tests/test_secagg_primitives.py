@@ -21,7 +21,7 @@ from consortia.privacy.secagg.graph import (
 )
 from consortia.privacy.secagg.kdf import hkdf_sha256
 from consortia.privacy.secagg.key_agreement import X25519KeyPair
-from consortia.privacy.secagg.masks import add_mask, expand_mask
+from consortia.privacy.secagg.masks import add_mask, add_masks, expand_mask
 
 
 def _fold32(key: bytes) -> int:
@@ -59,11 +59,27 @@ def test_adding_then_subtracting_a_mask_restores_the_vector_modulo_2_32():
     assert np.array_equal(acc, vector)
 
 
+def test_several_masks_in_one_pass_equal_adding_them_one_by_one():
+    vector = np.random.default_rng(2).integers(0, 2**32, size=200_003, dtype=np.uint32)
+    keyed_signs = [(os.urandom(32), sign) for sign in (1, -1, 1, 1, -1, -1, 1)]
+    one_by_one, together = vector.copy(), vector.copy()
+    for key, sign in keyed_signs:
+        add_mask(one_by_one, key, sign=sign)
+    add_masks(together, keyed_signs)
+    assert np.array_equal(together, one_by_one)
+    add_masks(together, [(key, -sign) for key, sign in keyed_signs])
+    assert np.array_equal(together, vector)
+
+
 def test_mask_rejects_short_keys_and_wrong_dtypes():
     with pytest.raises(ValueError, match="32"):
         expand_mask(os.urandom(16), 10)
     with pytest.raises(ValueError, match="uint32"):
         add_mask(np.zeros(4, dtype=np.int64), os.urandom(32), sign=1)
+    with pytest.raises(ValueError, match="32"):
+        add_masks(np.zeros(4, dtype=np.uint32), [(os.urandom(32), 1), (os.urandom(31), 1)])
+    with pytest.raises(ValueError, match="sign"):
+        add_masks(np.zeros(4, dtype=np.uint32), [(os.urandom(32), 2)])
 
 
 def test_shamir_prime_is_the_smallest_prime_above_2_256():

@@ -412,3 +412,26 @@ def test_bench_masks_reports_speed_and_a_correct_round():
     assert report["mask_expand_gbps"] > 0 and report["mask_add_gbps"] > 0
     assert report["round_compute_s"] > 0
     assert report["max_abs_error"] < report["error_bound"]
+
+
+def test_replies_one_at_a_time_give_the_sum_and_a_second_reply_changes_nothing():
+    fed = Federation(n=6)
+    ids = list(fed.clients)
+    setup = fed.setup(1, 50)
+    updates = {i: np.random.default_rng(i).normal(0.0, 0.1, size=50) for i in ids}
+    replies = fed.mask(setup, updates)
+    for src, reply in replies.items():
+        assert fed.server.add_masked_input(src, reply)
+    src, reply = next(iter(replies.items()))
+    assert not fed.server.add_masked_input(src, reply)  # already summed: ignored
+    assert src not in fed.server.rejected
+    responses = fed.unmask(fed.server.unmask_requests())
+    for src, response in responses.items():
+        assert fed.server.add_unmask_response(src, response)
+    assert not fed.server.add_unmask_response(src, response)
+    result = fed.server.aggregate()
+    assert result.contributors == tuple(sorted(ids)) and not result.rejected
+    decoded = decode_sum(result.total, clip=CLIP, bits=fed.bits, num_summed=len(ids))
+    expected = np.sum([clip_l2(updates[i], CLIP) for i in ids], axis=0)
+    bound = quantization_error_bound(clip=CLIP, bits=fed.bits, num_summed=len(ids))
+    assert np.max(np.abs(decoded - expected)) <= bound + 1e-9

@@ -87,6 +87,32 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(decoded.mean() - value) < 0.01
 
 
+def test_float32_updates_near_the_clip_are_encoded_within_one_level():
+    # 27 bits: levels 1.5e-7 apart at values near 10, where float32 itself is 1e-6 apart;
+    # the scaling must happen in float64 or the code lands several levels off.
+    clip, bits = 10.0, 27
+    step = step_size(clip, bits)
+    rng = np.random.default_rng(3)
+    for value in np.float32([9.999999, -9.999999, 7.123457, -3.3333333, 9.5]):
+        code = encode(np.array([value]), clip=clip, bits=bits, num_clients=30, rng=rng)
+        decoded = decode_sum(code, clip=clip, bits=bits, num_summed=1)[0]
+        assert abs(decoded - float(value)) < step * (1 + 1e-9), value
+
+
+def test_encode_writes_into_a_given_buffer_and_is_reproducible_from_the_generator():
+    update = np.random.default_rng(4).normal(0.0, 0.01, size=70_001).astype(np.float32)
+    out = np.zeros(update.size, dtype=np.uint32)
+    result = encode(update, clip=1.0, bits=27, num_clients=30, rng=np.random.default_rng(9),
+                    out=out)
+    assert result is out and out.any()
+    again = encode(update, clip=1.0, bits=27, num_clients=30, rng=np.random.default_rng(9))
+    assert np.array_equal(again, out)
+    other = encode(update, clip=1.0, bits=27, num_clients=30, rng=np.random.default_rng(10))
+    assert not np.array_equal(other, out)  # another seed, other roundings
+    with pytest.raises(ValueError, match="out must be uint32"):
+        encode(update, clip=1.0, bits=27, num_clients=30, out=np.zeros(10, dtype=np.uint32))
+
+
 def test_weights_scale_each_clipped_update_and_nans_are_refused():
     clip, bits, n = 1.0, max_bits(2), 2
     a, b = np.array([0.3, -0.2]), np.array([-0.1, 0.4])

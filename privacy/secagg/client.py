@@ -21,7 +21,7 @@ from . import aead, shamir
 from .errors import SecAggProtocolError
 from .graph import is_connected
 from .key_agreement import X25519KeyPair
-from .masks import add_mask
+from .masks import add_masks
 from .messages import (
     AdvertiseKeys,
     MaskedInput,
@@ -127,9 +127,8 @@ class ClientSecAggSession:
         # consume=True masks the caller's buffer in place (it must not use it afterwards):
         # one 4-bytes-per-parameter copy less per client and round.
         masked = encoded if consume else encoded.copy()
-        add_mask(masked, plan.self_mask_key(self_mask_seed, me), sign=1)
-        for j in neighbours:
-            add_mask(masked, pair_seeds[j], sign=pairwise_sign(me, j))
+        add_masks(masked, [(plan.self_mask_key(self_mask_seed, me), 1)]
+                  + [(pair_seeds[j], pairwise_sign(me, j)) for j in neighbours])
 
         self._last_round = setup.round_num
         self._last_round_seed = setup.round_seed

@@ -4,10 +4,12 @@ The whole 256-bit key drives the stream (unlike a generator seeded with 32 bits 
 out of it, where two keys that fold alike give one mask). Each key expands exactly one
 vector, so the counter can start at zero. Expansion encrypts a reused block of zeros
 into a reused buffer with ``update_into`` and adds it chunk by chunk, which keeps the
-working set in cache and allocates nothing per call.
+working set in cache; several masks go into one vector in one pass (:func:`add_masks`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -32,22 +34,37 @@ def expand_mask(key: bytes, length: int) -> np.ndarray:
 
 def add_mask(acc: np.ndarray, key: bytes, *, sign: int) -> None:
     """``acc += sign * mask(key)`` modulo 2**32, in place; ``sign`` is +1 or -1."""
-    _check_key(key)
+    add_masks(acc, [(key, sign)])
+
+
+def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
+    """``acc += Σ sign * mask(key)`` modulo 2**32, in place, for each (key, sign).
+
+    One pass over ``acc``: each chunk of it takes every mask while it is in cache, rather
+    than one pass over the whole vector per mask (a client adds k + 1 masks, the server
+    removes one self mask per survivor).
+    """
     if acc.dtype != np.uint32 or acc.ndim != 1 or not acc.flags.c_contiguous:
         raise ValueError("add_mask needs a contiguous 1-D uint32 array")
-    if sign not in (1, -1):
-        raise ValueError(f"sign must be +1 or -1, got {sign}")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+    for key, sign in keyed_signs:
+        _check_key(key)
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be +1 or -1, got {sign}")
+    if not keyed_signs or acc.size == 0:
+        return
+    streams = [(Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor(),
+                np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block more than it writes.
     scratch = bytearray(min(_CHUNK_BYTES, total) + 16)
     view = np.frombuffer(scratch, dtype=np.uint32)
     acc_bytes = acc.view(np.uint8)
-    op = np.add if sign == 1 else np.subtract
     for start in range(0, total, _CHUNK_BYTES):
         size = min(_CHUNK_BYTES, total - start)
-        encryptor.update_into(_ZEROS[:size] if size < _CHUNK_BYTES else _ZEROS, scratch)
+        zeros = _ZEROS[:size] if size < _CHUNK_BYTES else _ZEROS
         words = size // 4
         chunk = acc_bytes[start : start + size].view(np.uint32)
-        # uint32 arithmetic in numpy wraps modulo 2**32, which is the group we mask in.
-        op(chunk, view[:words], out=chunk)
+        for encryptor, op in streams:
+            encryptor.update_into(zeros, scratch)
+            # uint32 arithmetic in numpy wraps modulo 2**32, which is the group we mask in.
+            op(chunk, view[:words], out=chunk)

@@ -12,6 +12,7 @@ length and rejects trailing bytes, raising :class:`SecAggProtocolError`.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -190,6 +191,12 @@ class RoundSetup:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundSetup:
+        # A client reads the same setup several times a round (train request, its state,
+        # the unmask); it is immutable, so a parse is kept for the next read.
+        return _round_setup_from_bytes(bytes(data))
+
+    @classmethod
+    def _parse(cls, data: bytes) -> RoundSetup:
         r = _Reader(data, _ROUND_SETUP, "RoundSetup")
         run_id, round_num, seed = r.u64(), r.u64(), r.fixed(ROUND_SEED_LEN)
         k, t, length, count = r.u16(), r.u16(), r.u64(), r.u64()
@@ -203,6 +210,11 @@ class RoundSetup:
         if len(set(ids)) != len(ids):
             raise SecAggProtocolError("RoundSetup: a participant is listed twice")
         return cls(run_id, round_num, seed, k, t, length, tuple(participants))
+
+
+@functools.lru_cache(maxsize=8)
+def _round_setup_from_bytes(data: bytes) -> RoundSetup:
+    return RoundSetup._parse(data)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ in any other round (or in a retry of the same round, which gets a fresh public s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .aead import NONCE_LEN, TAG_LEN
@@ -44,6 +45,12 @@ class RoundPlan:
 
     @classmethod
     def from_setup(cls, setup: RoundSetup) -> RoundPlan:
+        # Both stages of a round need the plan (and its graph costs an AES stream and a
+        # sort): it is kept for the next call with the same setup. Never mutated.
+        return _plan_of(setup)
+
+    @classmethod
+    def _derive(cls, setup: RoundSetup) -> RoundPlan:
         ids = sorted(setup.participant_ids())
         n = len(ids)
         if n < 2:
@@ -114,6 +121,11 @@ class RoundPlan:
 
     def share_associated_data(self, sender: int, recipient: int) -> bytes:
         return LABEL_SHARE_AD + b"\x00" + self._context(sender, recipient)
+
+
+@functools.lru_cache(maxsize=8)
+def _plan_of(setup: RoundSetup) -> RoundPlan:
+    return RoundPlan._derive(setup)
 
 
 def pairwise_sign(owner: int, peer: int) -> int:

@@ -6,6 +6,10 @@ Stage 1, every round:  :meth:`begin_round` gives the :class:`RoundSetup` to send
                        gives one :class:`UnmaskRequest` per survivor
 Stage 2, every round:  :meth:`finish_round` takes the unmask replies and gives the sum
 
+Each of the last two also goes one reply at a time: :meth:`add_masked_input` then
+:meth:`unmask_requests`; :meth:`add_unmask_response` (it rebuilds a seed as soon as t
+shares of it are in) then :meth:`aggregate` (every mask out in one pass).
+
 A message that fails validation counts as that client dropping out (its reason is kept
 in :attr:`rejected`); too few survivors raises :class:`SecAggAbort`.
 """
@@ -21,7 +25,7 @@ import numpy as np
 from . import shamir
 from .errors import SecAggAbort, SecAggProtocolError
 from .graph import default_num_neighbours, default_threshold, is_connected
-from .masks import add_mask
+from .masks import add_masks
 from .messages import (
     ROUND_SEED_LEN,
     AdvertiseKeys,
@@ -60,6 +64,16 @@ class ServerSecAggSession:
         self._stage = "idle"
         self._total: np.ndarray | None = None
         self._survivors: tuple[int, ...] = ()
+        self._round_state()
+
+    def _round_state(self) -> None:
+        """Forget the last round's replies."""
+        self._sealed: dict[int, dict[int, bytes]] = {}  # sender -> its sealed shares
+        self._self_mask_shares: dict[int, dict[int, bytes]] = {}  # owner -> point -> share
+        self._pair_shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (owner, dropped)
+        self._responders: list[int] = []
+        self._to_remove: list[tuple[bytes, int]] = []  # (mask key, sign) rebuilt so far
+        self._unmask_failure: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -134,6 +148,7 @@ class ServerSecAggSession:
         self.rejected = {}
         self._total = None
         self._survivors = ()
+        self._round_state()
         return setup
 
     def collect_masked_inputs(
@@ -144,31 +159,44 @@ class ServerSecAggSession:
         ``replies`` maps the transport-level sender to its reply; absent participants
         and invalid replies are dropouts.
         """
+        for src, reply in replies.items():
+            self.add_masked_input(src, reply)
+        return self.unmask_requests()
+
+    def add_masked_input(self, src: int, reply: MaskedInput | bytes) -> bool:
+        """Check one masked input and add its vector to the sum; False if refused (the
+        reason is in :attr:`rejected`, and the sender counts as dropped) or if the sender's
+        input is already in (a second one is ignored)."""
+        plan = self._require("masking")
+        if src in self._sealed:
+            return False
+        try:
+            msg = self._check_masked_input(plan, src, reply)
+        except SecAggProtocolError as exc:
+            self.rejected[src] = exc.reason
+            return False
+        self._sealed[src] = msg.encrypted_shares  # the vector is summed, not kept
+        if self._total is None:
+            self._total = np.array(msg.masked, dtype=np.uint32)  # a copy of its own
+        else:
+            # uint32 addition wraps modulo 2**32: the masks live in that group.
+            np.add(self._total, msg.masked, out=self._total)
+        return True
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Fix the survivors (every accepted masked input so far) and give each its request."""
         plan = self._require("masking")
         setup = plan.setup
-        accepted: dict[int, dict[int, bytes]] = {}  # sender -> its sealed shares
-        total: np.ndarray | None = None
-        for src, reply in replies.items():
-            try:
-                msg = self._check_masked_input(plan, src, reply)
-            except SecAggProtocolError as exc:
-                self.rejected[src] = exc.reason
-                continue
-            accepted[src] = msg.encrypted_shares  # the vector is summed, not kept
-            if total is None:
-                total = msg.masked.copy()
-            else:
-                # uint32 addition wraps modulo 2**32: the masks live in that group.
-                np.add(total, msg.masked, out=total)
-
-        survivors = tuple(sorted(accepted))
+        survivors = tuple(sorted(self._sealed))
         self._check_enough(plan, survivors, "masked inputs")
-        self._total = total
         self._survivors = survivors
         self._stage = "unmasking"
+        dropped = set(plan.graph) - set(survivors)
+        self._self_mask_shares = {j: {} for j in survivors}
+        self._pair_shares = {(j, d): {} for j in survivors for d in plan.graph[j] if d in dropped}
         requests = {}
         for h in survivors:
-            shares = {j: accepted[j][h] for j in survivors if h in plan.holders(j)}
+            shares = {j: self._sealed[j][h] for j in survivors if h in plan.holders(j)}
             requests[h] = UnmaskRequest(
                 setup.run_id, setup.round_num, setup.round_seed, survivors, shares
             )
@@ -210,53 +238,76 @@ class ServerSecAggSession:
 
     def finish_round(self, responses: Mapping[int, UnmaskResponse | bytes]) -> AggregateResult:
         """Reconstruct the masks to remove, remove them, and return the sum."""
-        plan = self._require("unmasking")
-        survivors = self._survivors
-        survivor_set = set(survivors)
-        dropped = tuple(sorted(set(plan.graph) - survivor_set))
-        dropped_set = set(dropped)
-
-        self_mask_shares: dict[int, dict[int, bytes]] = {j: {} for j in survivors}
-        pair_shares: dict[tuple[int, int], dict[int, bytes]] = {
-            (j, d): {} for j in survivors for d in plan.graph[j] if d in dropped_set
-        }
-        responders = []
         for src, response in responses.items():
-            try:
-                msg = self._check_unmask_response(plan, src, response, survivor_set, pair_shares)
-            except SecAggProtocolError as exc:
-                self.rejected[src] = exc.reason
-                continue
-            point = plan.share_point[src]
-            for owner, share in msg.self_mask_shares.items():
-                self_mask_shares[owner][point] = share
-            for pair, share in msg.pairwise_shares.items():
-                pair_shares[pair][point] = share
-            responders.append(src)
+            self.add_unmask_response(src, response)
+        return self.aggregate()
 
+    def add_unmask_response(self, src: int, response: UnmaskResponse | bytes) -> bool:
+        """Take one unmask response; False if refused (reason in :attr:`rejected`) or if
+        the sender has answered already (a second answer is ignored).
+
+        A seed is rebuilt as soon as t shares of it are in (the first t, as
+        :func:`shamir.combine` takes them); :meth:`aggregate` removes the masks.
+        """
+        plan = self._require("unmasking")
+        if src in self._responders:
+            return False
+        try:
+            msg = self._check_unmask_response(
+                plan, src, response, set(self._survivors), self._pair_shares
+            )
+        except SecAggProtocolError as exc:
+            self.rejected[src] = exc.reason
+            return False
+        t, point = plan.threshold, plan.share_point[src]
+        complete: list[tuple[str, int, int | None, dict[int, bytes]]] = []
+        for owner, share in msg.self_mask_shares.items():
+            shares = self._self_mask_shares[owner]
+            shares[point] = share
+            if len(shares) == t:
+                complete.append(("self-mask seed", owner, None, shares))
+        for (owner, gone), share in msg.pairwise_shares.items():
+            shares = self._pair_shares[(owner, gone)]
+            shares[point] = share
+            if len(shares) == t:
+                complete.append((f"seed shared with dropped {gone}", owner, gone, shares))
+        self._responders.append(src)
+        if self._unmask_failure is None:
+            try:
+                for _, owner, gone, shares in complete:
+                    seed = shamir.combine(shares, threshold=t)
+                    if gone is None:
+                        self._to_remove.append((plan.self_mask_key(seed, owner), -1))
+                    else:
+                        # owner's input carries sign * mask that the absent peer never cancelled.
+                        self._to_remove.append((seed, -pairwise_sign(owner, gone)))
+            except SecAggProtocolError as exc:
+                self._unmask_failure = str(exc)  # the round is lost; aggregate() says why
+        return True
+
+    def aggregate(self) -> AggregateResult:
+        """The sum, once every survivor's self mask and every mask it shared with a dropped
+        client is out; :class:`SecAggAbort` if some seed has fewer than t shares."""
+        plan = self._require("unmasking")
         total = self._total
-        assert total is not None  # set by collect_masked_inputs
+        assert total is not None  # set by add_masked_input
         self._total = None
         self._stage = "idle"  # success or abort, this round is over
-        t = plan.threshold
-        try:
-            for owner, shares in self_mask_shares.items():
-                self._check_share_count(owner, "self-mask seed", shares, plan)
-                seed = shamir.combine(shares, threshold=t)
-                add_mask(total, plan.self_mask_key(seed, owner), sign=-1)
-            for (owner, gone), shares in pair_shares.items():
-                self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
-                seed = shamir.combine(shares, threshold=t)
-                # owner's input carries sign * mask that the absent peer never cancelled.
-                add_mask(total, seed, sign=-pairwise_sign(owner, gone))
-        except SecAggProtocolError as exc:
-            raise SecAggAbort(f"round {plan.setup.round_num}: {exc}") from exc
+        if self._unmask_failure is not None:
+            raise SecAggAbort(f"round {plan.setup.round_num}: {self._unmask_failure}")
+        for owner, shares in self._self_mask_shares.items():
+            self._check_share_count(owner, "self-mask seed", shares, plan)
+        for (owner, gone), shares in self._pair_shares.items():
+            self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
+        add_masks(total, self._to_remove)  # every mask in one pass over the sum
+        self._to_remove = []
+        survivors = self._survivors
         return AggregateResult(
             round_num=plan.setup.round_num,
             total=total,
             contributors=survivors,
-            dropped=dropped,
-            unmask_responders=tuple(sorted(responders)),
+            dropped=tuple(sorted(set(plan.graph) - set(survivors))),
+            unmask_responders=tuple(sorted(self._responders)),
             rejected=dict(self.rejected),
         )
 
