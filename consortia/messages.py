@@ -8,10 +8,15 @@ and the MetricRecord "metrics" that Flower's strategies weight by "num-examples"
 
 from __future__ import annotations
 
-from typing import Literal
+from math import prod
+from typing import TYPE_CHECKING, Literal
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -201,3 +206,84 @@ def secagg_run_id(run_id: str) -> int:
 def update_vector_order(names) -> list[str]:
     """The order in which both sides flatten tensors into one update vector."""
     return sorted(names)
+
+
+# --- tensors in records -----------------------------------------------------------------
+# Flower stores each tensor as the bytes of `np.save` (Array.data) and decodes it with
+# `np.load`, which parses the header's text (a Python literal) every time: most of the
+# cost for the small tensors of a simulation, paid by every client and by the server for
+# every reply. The headers of one model's tensors are the same in every message, so both
+# directions keep the parsed (or written) header and copy only the data. The bytes and the
+# arrays are exactly Flower's: numpy's own reader and writer decide on every header the
+# first time it is seen, and on anything unusual (object dtypes, a data length that does
+# not match the header).
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NUMPY_STYPE = "numpy.ndarray"
+_MAX_HEADERS = 1024  # distinct tensor layouts kept; a model has a handful
+_read_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_written_headers: dict[tuple[str, tuple[int, ...], bool], bytes] = {}
+
+
+def _remember(cache: dict, key, value) -> None:
+    if len(cache) >= _MAX_HEADERS:
+        cache.clear()
+    cache[key] = value
+
+
+def _is_fortran(array: np.ndarray) -> bool:
+    return array.flags.f_contiguous and not array.flags.c_contiguous
+
+
+def decode_array(array: Array) -> np.ndarray:
+    """`array.numpy()`, the same values, dtype, shape and errors, without re-reading a header
+    seen before. The result is a writable array of its own, as np.load's is."""
+    data = array.data
+    if array.stype != _NUMPY_STYPE or data[:6] != _NPY_MAGIC or len(data) < 12:
+        return array.numpy()
+    size_bytes = 2 if data[6] == 1 else 4  # format 1.0: a 2-byte header length; 2.0, 3.0: 4
+    offset = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    header = bytes(data[:offset])
+    known = _read_headers.get(header)
+    if known is None:
+        value = array.numpy()  # numpy's reader: the reference, and its errors
+        if not value.dtype.hasobject:
+            _remember(_read_headers, header, (value.dtype, value.shape, _is_fortran(value)))
+        return value
+    dtype, shape, fortran = known
+    count = prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        return array.numpy()  # truncated or padded: numpy says what is wrong
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+def encode_array(value: np.ndarray) -> Array:
+    """`Array(value)`: the same bytes as np.save writes, the header written once per layout."""
+    if value.dtype.hasobject:
+        return Array(value)  # np.save refuses it without pickle; Flower's error
+    fortran = _is_fortran(value)
+    key = (value.dtype.str, value.shape, fortran)
+    header = _written_headers.get(key)
+    if header is None:
+        written = Array(np.empty(value.shape, dtype=value.dtype,
+                                 order="F" if fortran else "C")).data
+        header = written[:len(written) - value.nbytes]
+        _remember(_written_headers, key, header)
+    data = header + value.tobytes(order="F" if fortran else "C")
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE, data=data)
+
+
+def arrays_to_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """`record.to_torch_state_dict()`, decoded by `decode_array`."""
+    import torch
+
+    return {name: torch.from_numpy(decode_array(array)) for name, array in record.items()}
+
+
+def torch_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(tensors)`, encoded by `encode_array`."""
+    record = ArrayRecord()
+    for name, tensor in tensors.items():
+        record[name] = encode_array(tensor.detach().cpu().numpy())
+    return record

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from consortia.messages import ARRAYS, METRICS, NUM_EXAMPLES, MessageSchemaError, TrainReport
+from consortia.messages import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    MessageSchemaError,
+    TrainReport,
+    decode_array,
+)
 
 log = logging.getLogger("consortia.server")
 
@@ -43,7 +50,7 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
         return f"tensor names differ from the global model (missing {missing}, unknown {unknown})"
     for name, ref in reference.items():
         try:
-            value = arrays[name].numpy()
+            value = decode_array(arrays[name])
         except Exception as err:  # a corrupt buffer must not end the round
             return f"tensor {name!r} cannot be decoded: {err}"
         if tuple(value.shape) != tuple(ref.shape):
