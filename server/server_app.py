@@ -27,6 +27,13 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: s
     workflow.run(grid, resume=resume)
 
 
+def poll_replies_every(grid: Grid, seconds: float) -> None:
+    """A simulation's grid (Flower's InMemoryGrid) sleeps `pull_interval` between looks for
+    replies; a deployment's grid has no such setting and is left as it is."""
+    if hasattr(grid, "pull_interval"):
+        grid.pull_interval = seconds
+
+
 def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume: bool = False,
                      on_round: RoundCallback | None = None,
                      store: RunStore | None = None) -> ServerApp:
@@ -34,6 +41,7 @@ def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        poll_replies_every(grid, cfg.sim.poll_interval_s)
         run_federation(grid, cfg, out_dir, run_id=run_id, resume=resume, on_round=on_round,
                        store=store)
 
