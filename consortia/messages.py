@@ -33,6 +33,13 @@ class MessageSchemaError(ValueError):
     pass
 
 
+def record_of(content: RecordDict, key: str, kind: type):
+    """content[key] if it is a record of `kind`, else None: what `content.config_records.get`
+    (and the like) gives, without building a filtered copy of the content on every call."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,7 +92,7 @@ class TrainInstructions(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
-        record = content.config_records.get(CONFIG)
+        record = record_of(content, CONFIG, ConfigRecord)
         if record is None:
             raise MessageSchemaError("train instructions: missing ConfigRecord")
         data = dict(record)
@@ -133,7 +140,7 @@ class TrainReport(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReport:
-        return cls.from_config_record(content.config_records.get(REPORT), "train report")
+        return cls.from_config_record(record_of(content, REPORT, ConfigRecord), "train report")
 
 
 # Once per node and run, the server asks which client a node is (server/directory.py).
@@ -163,7 +170,7 @@ class SecAggInstructions(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:
-        record = content.config_records.get(SECAGG)
+        record = record_of(content, SECAGG, ConfigRecord)
         return None if record is None else cls.from_config_record(record, "secagg instructions")
 
 
