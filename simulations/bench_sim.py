@@ -11,7 +11,10 @@ of virtual clients, clients sampled per round and rounds, and no training:
   `aggregate_train`) against a ClientApp that echoes the model.
 
 The figure is the median round time divided by the clients per round; the first round
-(Ray's actors starting) is left out of both.
+(Ray's actors starting) is left out of both. Each server looks for replies every so often
+(Flower's grid `pull_interval`): ours at `sim.poll_interval_s`, bare Flower at Flower's
+default unless `flower_poll_interval_s` says otherwise; the JSON states both, and the
+1-minute load average before and after (other work on the machine slows both sides).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                              "logging_level": logging.ERROR, "log_to_driver": False}}
 
+    load_before = os.getloadavg()[0]  # the machine's other work shows in both figures
     flower_times: list[float] = []
     server_app, client_app = _flower_apps(per_round, clients, rounds, flower_times,
                                           flower_poll_interval_s)
@@ -121,4 +125,5 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
         "ours_round_s": [round(t, 3) for t in ours_times],
         "flower_round_s": [round(t, 3) for t in flower_times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
