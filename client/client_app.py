@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from consortia.client.distributed import DistributedStep
@@ -24,6 +24,8 @@ from consortia.messages import (
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
+    arrays_to_torch,
+    torch_to_arrays,
     update_vector_order,
 )
 from consortia.privacy.dp import PrivacyLedger
@@ -136,11 +138,13 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             audit(site, ins, server_round, secagg, report)
             return Message(report.to_content(), reply_to=msg)
 
-        model = site.task.build_model(ins.model_activation)
+        model = site.model(ins.model_activation)
         refusal = base_weights_refusal(site.task, model, ins.base_sha256)
+        global_weights = None
         if refusal is None:
             try:
-                site.task.load_travelling_weights(model, msg.content[ARRAYS].to_torch_state_dict())
+                global_weights = arrays_to_torch(msg.content[ARRAYS])
+                site.task.load_travelling_weights(model, global_weights)
             except WeightsMismatch as err:
                 refusal = f"the global model does not fit this site's model: {err}"
         if refusal is not None:
@@ -156,8 +160,6 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         audit(site, ins, server_round, secagg, report)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
-        if site.tamper_update is not None or ins.user_clip is not None:
-            global_weights = msg.content[ARRAYS].to_torch_state_dict()
         if site.tamper_update is not None:
             weights = site.tamper_update(global_weights, weights)
         indicator = None
@@ -167,7 +169,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
                                                                     site.client_id, "user-dp"))
             report = report.model_copy(update={"within_clip": within})
         if secagg is None:
-            return Message(report.to_content(ArrayRecord(weights)), reply_to=msg)
+            return Message(report.to_content(torch_to_arrays(weights)), reply_to=msg)
         # Under secure aggregation only the masked update leaves this client (and the
         # clipping indicator rides inside it, not in the clear report).
         report = report.model_copy(update={"within_clip": None})

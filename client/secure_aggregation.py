@@ -21,10 +21,10 @@ from consortia.messages import (
     SECAGG,
     SecAggInstructions,
     TrainReport,
-    array_values,
+    decode_array,
+    encode_array,
     secagg_run_id,
     update_vector_order,
-    vector_array,
 )
 from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
@@ -41,7 +41,7 @@ def _scratch(name: str, size: int, dtype) -> np.ndarray:
     """A working buffer of `size` values, reused by this thread from round to round.
 
     Its contents only live within one call: what leaves the client is copied out of it
-    (`vector_array`).
+    (`encode_array`).
     """
     dtype = np.dtype(dtype)
     if size > _SCRATCH_MAX_VALUES:
@@ -94,7 +94,7 @@ class SecAggClient:
                     ) -> tuple[ArrayRecord, ConfigRecord]:
         setup = RoundSetup.from_bytes(ins.setup)
         names = update_vector_order(old.keys())
-        olds = [array_values(old[name]) for name in names]  # views: no copy of the model
+        olds = [decode_array(old[name], copy=False) for name in names]  # views: no copy of the model
         news = [new[name].numpy() for name in names]
         size = sum(o.size for o in olds) + int(ins.unweighted)
         # The update (new − old) in one reused buffer, tensor by tensor.
@@ -120,7 +120,7 @@ class SecAggClient:
         session = self._load(setup.run_id)
         masked = session.share_keys_and_mask_input(setup, encoded, consume=True)
         self._save(session)
-        return (ArrayRecord({"vector": vector_array(masked.masked)}),
+        return (ArrayRecord({"vector": encode_array(masked.masked)}),
                 ConfigRecord({"masked_input": masked.to_bytes(include_vector=False)}))
 
     def masked_content(self, report: TrainReport, ins: SecAggInstructions, old: ArrayRecord,

@@ -46,6 +46,16 @@ class Site:
     # Draw distributed-DP noise from a seed (simulations: reproducible runs). A real site
     # leaves it False: whoever knows the seed could subtract the noise.
     seeded_noise: bool = False
+    # The model a request's weights are loaded into, by activation: None builds a fresh
+    # one for every request. A simulation passes its actor process's instance, shared by
+    # the virtual clients that process serves (simulations/sites.py).
+    models: Callable[[str], torch.nn.Module] | None = None
+
+    def model(self, activation: str) -> torch.nn.Module:
+        """The task's model for one request, before the request's weights are loaded."""
+        if self.models is not None:
+            return self.models(activation)
+        return self.task.build_model(activation)
 
     def open_ledger(self) -> PrivacyLedger | None:
         if self.privacy is None:

@@ -165,12 +165,19 @@ def bench_sim(
     clients: int = typer.Option(1000, "--clients", help="virtual clients"),
     per_round: int = typer.Option(100, "--per-round", help="clients sampled per round"),
     rounds: int = typer.Option(4, "--rounds", help="rounds of each (the first is left out)"),
+    poll_interval_s: float | None = typer.Option(
+        None, "--poll-interval-s", help="ours: sim.poll_interval_s (default: the config's)"),
+    flower_poll_interval_s: float | None = typer.Option(
+        None, "--flower-poll-interval-s",
+        help="bare Flower: its grid's pull_interval (default: Flower's own)"),
 ) -> None:
     """ms per client and round with no training: our runner vs a bare Flower simulation."""
     from consortia.simulations.bench_sim import bench_sim as run
 
     try:
-        result = run(clients=clients, per_round=per_round, rounds=rounds)
+        result = run(clients=clients, per_round=per_round, rounds=rounds,
+                     poll_interval_s=poll_interval_s,
+                     flower_poll_interval_s=flower_poll_interval_s)
     except ConfigError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
@@ -199,7 +206,7 @@ def bench_secagg(
                                           help="Ray CPUs per virtual client (actors = cores / this)"),
     pull_interval: float = typer.Option(
         0.01, "--pull-interval",
-        help="s between the grid's polls for replies, all three kinds alike (as a run sets it); "
+        help="s between the grid's polls for replies, all three kinds alike (a run: sim.poll_interval_s); "
              "0 keeps Flower's default, 0.1"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""

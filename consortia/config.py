@@ -132,6 +132,11 @@ class SimConfig(_Section):
     num_gpus_per_client: float = Field(0.0, ge=0)
     max_actors: int | None = Field(None, ge=1, description="Ray actors; default: CPUs / per-client CPUs")
     reply_timeout_s: float = Field(3600.0, gt=0)
+    poll_interval_s: float = Field(
+        0.02, gt=0, le=1.0,
+        description="how often the server looks for replies in a simulation (Flower's "
+                    "InMemoryGrid pull_interval, whose default is 0.1: every exchange "
+                    "then waits up to 0.1 s after its last reply)")
     ray_address: str | None = Field(
         None, description="attach to this running Ray cluster (e.g. 127.0.0.1:6379) instead "
                           "of starting one on this machine")

@@ -8,16 +8,15 @@ and the MetricRecord "metrics" that Flower's strategies weight by "num-examples"
 
 from __future__ import annotations
 
-import functools
-import io
-import math
-from typing import Literal
+from math import prod
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
-from flwr.common.constant import SType
-from numpy.lib import format as npy_format
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -32,6 +31,13 @@ TrainStatus = Literal["trained", "refused-budget", "refused-policy"]
 
 class MessageSchemaError(ValueError):
     pass
+
+
+def record_of(content: RecordDict, key: str, kind: type):
+    """content[key] if it is a record of `kind`, else None: what `content.config_records.get`
+    (and the like) gives, without building a filtered copy of the content on every call."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
 
 
 class _Record(BaseModel):
@@ -86,7 +92,7 @@ class TrainInstructions(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> tuple[int, TrainInstructions]:
-        record = content.config_records.get(CONFIG)
+        record = record_of(content, CONFIG, ConfigRecord)
         if record is None:
             raise MessageSchemaError("train instructions: missing ConfigRecord")
         data = dict(record)
@@ -134,7 +140,7 @@ class TrainReport(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReport:
-        return cls.from_config_record(content.config_records.get(REPORT), "train report")
+        return cls.from_config_record(record_of(content, REPORT, ConfigRecord), "train report")
 
 
 # Once per node and run, the server asks which client a node is (server/directory.py).
@@ -164,7 +170,7 @@ class SecAggInstructions(_Record):
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:
-        record = content.config_records.get(SECAGG)
+        record = record_of(content, SECAGG, ConfigRecord)
         return None if record is None else cls.from_config_record(record, "secagg instructions")
 
 
@@ -179,58 +185,6 @@ MESSAGE_OVERHEAD_BYTES = 1 << 20
 def message_bytes(arrays) -> int:
     """Bytes of the tensors an ArrayRecord carries (what dominates a train message)."""
     return sum(len(array.data) for array in arrays.values())
-
-
-def array_values(array: Array) -> np.ndarray:
-    """A read-only view of an Array's values on its bytes, without copying them.
-
-    ``Array.numpy()`` reads the .npy bytes through a file object into a new array (a
-    full copy, per tensor and message); the values sit after a short header, so a view
-    on the bytes does for anything that only reads them (falls back to ``numpy()`` for
-    what a view cannot express).
-    """
-    data = array.data
-    if array.stype != SType.NUMPY or not isinstance(data, bytes) or len(data) < 10:
-        return array.numpy()
-    # Version 1.0 headers: magic (6), version (2), header length (2, little-endian).
-    end = 10 + int.from_bytes(data[8:10], "little") if data[6:8] == b"\x01\x00" else 0
-    header = _npy_header(data[:end]) if 10 < end <= len(data) else None
-    if header is None:
-        return array.numpy()
-    shape, dtype = header
-    count = math.prod(shape)
-    if end + count * dtype.itemsize != len(data):
-        return array.numpy()
-    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
-    """(shape, dtype) of a .npy 1.0 header, None where a view cannot stand for it. Cached:
-    the same tensors come round after round, and parsing a header costs more than the view."""
-    stream = io.BytesIO(header)
-    try:
-        npy_format.read_magic(stream)
-        shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
-    except ValueError:
-        return None
-    if fortran_order or dtype.hasobject or stream.tell() != len(header):
-        return None
-    return shape, dtype
-
-
-def vector_array(vector: np.ndarray) -> Array:
-    """An Array of a 1-D vector, with one copy of its values (``Array(ndarray)`` makes two:
-    into a file object, then out of it); the bytes are what ``np.save`` writes."""
-    vector = np.ascontiguousarray(vector)
-    if vector.ndim != 1 or vector.dtype.hasobject:
-        return Array(vector)
-    header = io.BytesIO()
-    npy_format.write_array_header_1_0(header, {
-        "descr": npy_format.dtype_to_descr(vector.dtype), "fortran_order": False,
-        "shape": vector.shape})
-    data = b"".join((header.getvalue(), memoryview(vector).cast("B")))
-    return Array(dtype=str(vector.dtype), shape=vector.shape, stype=SType.NUMPY, data=data)
 
 
 def check_message_size(arrays, what: str) -> int:
@@ -259,3 +213,98 @@ def secagg_run_id(run_id: str) -> int:
 def update_vector_order(names) -> list[str]:
     """The order in which both sides flatten tensors into one update vector."""
     return sorted(names)
+
+
+# --- tensors in records -----------------------------------------------------------------
+# Flower stores each tensor as the bytes of `np.save` (Array.data) and decodes it with
+# `np.load`, which parses the header's text (a Python literal) every time: most of the
+# cost for the small tensors of a simulation, paid by every client and by the server for
+# every reply. The headers of one model's tensors are the same in every message, so both
+# directions keep the parsed (or written) header and copy only the data. The bytes and the
+# arrays are exactly Flower's: numpy's own reader and writer decide on every header the
+# first time it is seen, and on anything unusual (object dtypes, a data length that does
+# not match the header).
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NUMPY_STYPE = "numpy.ndarray"
+_MAX_HEADERS = 1024  # distinct tensor layouts kept; a model has a handful
+_read_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_written_headers: dict[tuple[str, tuple[int, ...], bool], bytes] = {}
+
+
+def _remember(cache: dict, key, value) -> None:
+    if len(cache) >= _MAX_HEADERS:
+        cache.clear()
+    cache[key] = value
+
+
+def _is_fortran(array: np.ndarray) -> bool:
+    return array.flags.f_contiguous and not array.flags.c_contiguous
+
+
+def decode_array(array: Array, *, copy: bool = True) -> np.ndarray:
+    """`array.numpy()`, the same values, dtype, shape and errors, without re-reading a header
+    seen before. The result is a writable array of its own, as np.load's is; with
+    copy=False, once the header is known, a read-only view on the message's bytes (for
+    what only reads the values, like a masked vector summed into the aggregate)."""
+    data = array.data
+    if array.stype != _NUMPY_STYPE or data[:6] != _NPY_MAGIC or len(data) < 12:
+        return array.numpy()
+    size_bytes = 2 if data[6] == 1 else 4  # format 1.0: a 2-byte header length; 2.0, 3.0: 4
+    offset = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    header = bytes(data[:offset])
+    known = _read_headers.get(header)
+    if known is None:
+        value = array.numpy()  # numpy's reader: the reference, and its errors
+        if not value.dtype.hasobject:
+            _remember(_read_headers, header, (value.dtype, value.shape, _is_fortran(value)))
+        return value
+    dtype, shape, fortran = known
+    count = prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        return array.numpy()  # truncated or padded: numpy says what is wrong
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    shaped = flat.reshape(shape, order="F" if fortran else "C")
+    return shaped.copy(order="K") if copy else shaped
+
+
+def encode_array(value: np.ndarray) -> Array:
+    """`Array(value)`: the same bytes as np.save writes, the header written once per layout."""
+    if value.dtype.hasobject:
+        return Array(value)  # np.save refuses it without pickle; Flower's error
+    fortran = _is_fortran(value)
+    key = (value.dtype.str, value.shape, fortran)
+    header = _written_headers.get(key)
+    if header is None:
+        written = Array(np.empty(value.shape, dtype=value.dtype,
+                                 order="F" if fortran else "C")).data
+        header = written[:len(written) - value.nbytes]
+        _remember(_written_headers, key, header)
+    data = b"".join((header, _raw_bytes(value, fortran)))
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE, data=data)
+
+
+def _raw_bytes(value: np.ndarray, fortran: bool):
+    """The values in file order, without a copy where they already lie that way (the
+    caller's join makes the one copy; Array(ndarray) makes two: into a file object and out)."""
+    if value.flags.c_contiguous and not fortran:
+        try:
+            return memoryview(value.reshape(-1)).cast("B")
+        except (TypeError, ValueError, NotImplementedError):  # formats memoryview cannot cast
+            pass
+    return value.tobytes(order="F" if fortran else "C")
+
+
+def arrays_to_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """`record.to_torch_state_dict()`, decoded by `decode_array`."""
+    import torch
+
+    return {name: torch.from_numpy(decode_array(array)) for name, array in record.items()}
+
+
+def torch_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(tensors)`, encoded by `encode_array`."""
+    record = ArrayRecord()
+    for name, tensor in tensors.items():
+        record[name] = encode_array(tensor.detach().cpu().numpy())
+    return record

@@ -27,7 +27,7 @@ from consortia.messages import (
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
     SecAggInstructions,
-    array_values,
+    decode_array,
     secagg_run_id,
     update_vector_order,
 )
@@ -234,7 +234,7 @@ class SecureAggregator:
             return outcome, None
         node, report = outcome.node_id, outcome.report
         try:
-            vector = array_values(reply.content.array_records[MASKED]["vector"])
+            vector = decode_array(reply.content.array_records[MASKED]["vector"], copy=False)
             header = bytes(reply.content.config_records[SECAGG]["masked_input"])
             masked = MaskedInput.from_bytes(header, vector=vector)
         except (KeyError, TypeError, ValueError, SecAggError) as err:

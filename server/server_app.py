@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from consortia.config import RunConfig
-from consortia.server.directory import shorten_pull_interval
+from consortia.server.directory import poll_replies_every
 from consortia.server.store import RunStore
 from consortia.server.workflow import RoundCallback, RoundWorkflow
 from consortia.strategies import build_strategy
@@ -23,7 +23,6 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: s
                    resume: bool = False, on_round: RoundCallback | None = None,
                    store: RunStore | None = None) -> None:
     """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes."""
-    shorten_pull_interval(grid)  # every exchange, plain or secure, waits less for replies
     workflow = RoundWorkflow(cfg, get_task(cfg.task, cfg.task_options()), build_strategy(cfg),
                              Path(out_dir), run_id, on_round, store)
     workflow.run(grid, resume=resume)
@@ -36,6 +35,7 @@ def build_server_app(cfg: RunConfig, out_dir: str | Path, *, run_id: str, resume
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        poll_replies_every(grid, cfg.sim.poll_interval_s)
         run_federation(grid, cfg, out_dir, run_id=run_id, resume=resume, on_round=on_round,
                        store=store)
 

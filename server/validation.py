@@ -11,9 +11,17 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from consortia.messages import ARRAYS, METRICS, NUM_EXAMPLES, MessageSchemaError, TrainReport
+from consortia.messages import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    MessageSchemaError,
+    TrainReport,
+    decode_array,
+    record_of,
+)
 
 log = logging.getLogger("consortia.server")
 
@@ -43,7 +51,7 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
         return f"tensor names differ from the global model (missing {missing}, unknown {unknown})"
     for name, ref in reference.items():
         try:
-            value = arrays[name].numpy()
+            value = decode_array(arrays[name])
         except Exception as err:  # a corrupt buffer must not end the round
             return f"tensor {name!r} cannot be decoded: {err}"
         if tuple(value.shape) != tuple(ref.shape):
@@ -78,10 +86,12 @@ def inspect_train_reply(reply: Message, reference: ArrayRecord) -> ReplyOutcome:
         return outcome
     node_id, report = outcome.node_id, outcome.report
 
-    problem = update_problem(reply.content.array_records.get(ARRAYS), reference)
-    metrics = reply.content.metric_records.get(METRICS)
-    if problem is None and (metrics is None or len(reply.content.array_records) != 1
-                            or len(reply.content.metric_records) != 1):
+    content = reply.content
+    problem = update_problem(record_of(content, ARRAYS, ArrayRecord), reference)
+    metrics = record_of(content, METRICS, MetricRecord)
+    kinds = [type(record) for record in content.values()]
+    if problem is None and (metrics is None or kinds.count(ArrayRecord) != 1
+                            or kinds.count(MetricRecord) != 1):
         problem = "a trained reply needs exactly one ArrayRecord and one MetricRecord"
     if problem is None:
         count = metrics.get(NUM_EXAMPLES)

@@ -25,8 +25,9 @@ through only non-train messages), and the train handler tells the legacy fit req
 (``fitins.*`` records), our secure request (ConfigRecord "secagg") and a plain one apart.
 
 Times are wall-clock seconds per round (``time.perf_counter``), medians over R rounds.
-The grid polls for replies every ``pull_interval`` seconds (0.01, as ``run_federation``
-sets it in a run; None keeps Flower's 0.1) for all three kinds alike: it is one grid.
+The grid polls for replies every ``pull_interval`` seconds (0.01 here by default; a run
+polls at ``sim.poll_interval_s``, 0.02 by default; None keeps Flower's 0.1) for all three
+kinds alike: it is one grid.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ from consortia.messages import (
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
-    array_values,
+    decode_array,
 )
 from consortia.server.aggregates import aggregate_reply
-from consortia.server.directory import SIMULATION_PULL_INTERVAL_S, shorten_pull_interval
+from consortia.server.directory import poll_replies_every
 
 PARAM_NAME = "w"
 DELTA_SCALE = 1e-3  # the fake update: L2 norm about 1e-3 * sqrt(D), under the clip (10)
@@ -140,7 +141,7 @@ def _train(msg: Message, context: Context) -> Message:
     _, ins = TrainInstructions.from_content(content)
     new = {}
     for name, array in old.items():
-        values = array_values(array)
+        values = decode_array(array, copy=False)
         new[name] = torch.from_numpy(values + _fixed_delta(name, values.shape))
     report = TrainReport(client_id=str(context.node_id), status="trained", num_examples=1)
     return Message(SecAggClient(context).masked_content(report, secagg, old, new, ins.seed),
@@ -348,13 +349,16 @@ def _descendant_peak_rss_mb() -> float:
     return total_kb / 1024
 
 
+BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-interval)
+
+
 def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
-                 pull_interval: float | None = SIMULATION_PULL_INTERVAL_S) -> dict[str, Any]:
+                 pull_interval: float | None = BENCH_PULL_INTERVAL_S) -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
-    (as `run_federation` sets it); None keeps Flower's default (0.1 s).
+    (a run's `sim.poll_interval_s`); None keeps Flower's default (0.1 s).
     """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
@@ -374,10 +378,9 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     @server_app.main()
     def main(grid, context: Context) -> None:
         try:
-            # The same grid, so the same polling, for all three kinds (run_federation
-            # shortens it likewise in a run): see GRID_PULL_INTERVAL_S.
+            # The same grid, so the same polling, for all three kinds.
             if pull_interval is not None:
-                shorten_pull_interval(grid, pull_interval)
+                poll_replies_every(grid, pull_interval)
             extra["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)
             kinds = _Rounds(grid, context, clients, params)
             # Ray starts its actors and loads the ClientApp on first use: an untimed

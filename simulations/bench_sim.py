@@ -11,11 +11,15 @@ of virtual clients, clients sampled per round and rounds, and no training:
   `aggregate_train`) against a ClientApp that echoes the model.
 
 The figure is the median round time divided by the clients per round; the first round
-(Ray's actors starting) is left out of both.
+(Ray's actors starting) is left out of both. Each server looks for replies every so often
+(Flower's grid `pull_interval`): ours at `sim.poll_interval_s`, bare Flower at Flower's
+default unless `flower_poll_interval_s` says otherwise; the JSON states both, and the
+1-minute load average before and after (other work on the machine slows both sides).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -38,7 +42,15 @@ from consortia.tasks import get_task
 TASK = "digits-mlp"
 
 
-def _flower_apps(per_round: int, clients: int, rounds: int, times: list[float]):
+def flower_default_poll_interval() -> float:
+    """The seconds Flower's simulation grid waits between looks for replies, by default."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return inspect.signature(InMemoryGrid).parameters["pull_interval"].default
+
+
+def _flower_apps(per_round: int, clients: int, rounds: int, times: list[float],
+                 poll_interval_s: float | None = None):
     client_app = ClientApp()
 
     @client_app.train()
@@ -50,6 +62,8 @@ def _flower_apps(per_round: int, clients: int, rounds: int, times: list[float]):
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if poll_interval_s is not None:  # else Flower's own default
+            grid.pull_interval = poll_interval_s
         strategy = FedAvg(fraction_train=per_round / clients, min_train_nodes=per_round,
                           min_available_nodes=clients, fraction_evaluate=0.0)
         arrays = ArrayRecord(get_task(TASK).build_model("tanh").state_dict())
@@ -65,7 +79,10 @@ def _flower_apps(per_round: int, clients: int, rounds: int, times: list[float]):
 
 
 def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
-              cpus_per_client: float = 1.0) -> dict[str, Any]:
+              cpus_per_client: float = 1.0, poll_interval_s: float | None = None,
+              flower_poll_interval_s: float | None = None) -> dict[str, Any]:
+    """`poll_interval_s`: ours (`sim.poll_interval_s`; None: the config's default);
+    `flower_poll_interval_s`: the bare Flower server's (None: Flower's default)."""
     import flwr.simulation
 
     from consortia.simulations.runner import run_simulation
@@ -74,7 +91,8 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     # that waits for nodes that will never come.
     cfg = load_config(None, [f"task={TASK}", f"clients={clients}", f"clients_per_round={per_round}",
                              f"rounds={rounds}", "local_epochs=0", "privacy.enabled=false",
-                             "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"])
+                             "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"]
+                      + ([] if poll_interval_s is None else [f"sim.poll_interval_s={poll_interval_s}"]))
     if rounds < 2:
         raise ConfigError(f"bench sim needs rounds >= 2 (the first is left out), got {rounds}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -83,8 +101,10 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                              "logging_level": logging.ERROR, "log_to_driver": False}}
 
+    load_before = os.getloadavg()[0]  # the machine's other work shows in both figures
     flower_times: list[float] = []
-    server_app, client_app = _flower_apps(per_round, clients, rounds, flower_times)
+    server_app, client_app = _flower_apps(per_round, clients, rounds, flower_times,
+                                          flower_poll_interval_s)
     random.seed(0)
     flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
                                    num_supernodes=clients, backend_config=backend)
@@ -100,7 +120,10 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
         "params": sum(p.numel() for p in get_task(TASK).build_model("tanh").parameters()),
         "ours_ms_per_client": round(ours, 3), "flower_ms_per_client": round(flower, 3),
         "ours_over_flower": round(ours / flower, 3),
+        "ours_poll_interval_s": cfg.sim.poll_interval_s,
+        "flower_poll_interval_s": flower_poll_interval_s or flower_default_poll_interval(),
         "ours_round_s": [round(t, 3) for t in ours_times],
         "flower_round_s": [round(t, 3) for t in flower_times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }

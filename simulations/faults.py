@@ -7,6 +7,8 @@ the others.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
@@ -90,6 +92,7 @@ class SecAggFaults:
 
 # --- faults from the run's config (`faults.*`) -----------------------------------------
 
+@lru_cache(maxsize=8)  # asked by every virtual client on every call
 def byzantine_clients(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
     """Which partitions attack: round(fraction · N) of them, fixed by the seed."""
     count = round(fraction * num_clients)

@@ -57,7 +57,9 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     """Run the federation described by `cfg`; return its summary (also in out_dir).
 
     `client_mods` are Flower client mods wrapped around every virtual client (fault
-    injection uses them); `on_round` gets each round's metrics row as it is recorded.
+    injection uses them); like the ClientApp, an actor process reuses them for all the
+    clients it serves (simulations/shipping.py), so they must keep no per-client state.
+    `on_round` gets each round's metrics row as it is recorded.
     The run is recorded in `store` if given (the caller closes it), else in the store that
     `cfg.store.url` names (default: store.db in out_dir).
     """
@@ -69,6 +71,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     from consortia.client import build_client_app
     from consortia.server.server_app import build_server_app
     from consortia.simulations.faults import configured_mods
+    from consortia.simulations.shipping import ShippedOnce
     from consortia.simulations.sites import SimulationSites, partitions_for
 
     started = time.monotonic()
@@ -89,8 +92,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         flwr.simulation.run_simulation(
             server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
                                         on_round=on_round, store=store),
-            client_app=build_client_app(SimulationSites(cfg, out_dir),
-                                         mods=configured_mods(cfg) + list(client_mods or [])),
+            client_app=ShippedOnce(build_client_app(
+                SimulationSites(cfg, out_dir), mods=configured_mods(cfg) + list(client_mods or []))),
             num_supernodes=cfg.clients,
             backend_config=backend_config(cfg),
         )

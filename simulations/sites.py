@@ -1,13 +1,17 @@
 """Virtual sites for a simulation: client i holds partition i of the task's training set.
 
 A virtual client costs only its partition's indices and its ledger file between rounds:
-the Site is rebuilt on each call from cached data, and the model and optimizer live only
-for the duration of one train call.
+the Site is rebuilt on each call from cached data, and the optimizer lives only for the
+duration of one train call. What every virtual client of an actor process would build
+alike is built once per process: the task's data and partitions, the Byzantine draw, and
+the model instance each call loads the global weights into (every tensor that training
+changes travels and is overwritten from the message; the rest are the task's frozen
+pretrained weights, which a client checks by hash on every call).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,19 @@ def natural_clients(found: tuple[np.ndarray, ...], clients: int, seed: int
                          f"clients; accepted: 1 ... {len(found)}")
     order = np.random.default_rng(seed).permutation(len(found))[:clients]
     return tuple(found[i] for i in order)
+
+
+@lru_cache(maxsize=4)
+def _built_model(task: str, options: TaskOptions, activation: str) -> torch.nn.Module:
+    return get_task(task, options).build_model(activation)
+
+
+def process_model(task: str, options: TaskOptions, activation: str) -> torch.nn.Module:
+    """This process's instance of the task's model (see the module's docstring). Ray runs
+    one call at a time in an actor, so no two clients use it at once."""
+    model = _built_model(task, options, activation)
+    model.zero_grad(set_to_none=True)  # no gradient of the previous client's call remains
+    return model
 
 
 def partitions_for(cfg: RunConfig) -> tuple[np.ndarray, ...]:
@@ -73,4 +90,5 @@ class SimulationSites:
             dataset=Subset(task.load_data(cfg.data_dir).train, indices.tolist()),
             state_dir=self.state_root / str(partition_id), privacy=privacy,
             device=default_device(), tamper_update=attack,
-            seeded_noise=True)  # a simulation is reproducible from its seed
+            seeded_noise=True,  # a simulation is reproducible from its seed
+            models=partial(process_model, cfg.task, cfg.task_options()))

@@ -86,3 +86,25 @@ def test_malformed_override_and_missing_file_fail_clearly(tmp_path):
 def test_planned_participation_rounds_up():
     cfg = load_config(None, ["rounds=10", "clients=10", "clients_per_round=3"])
     assert cfg.planned_rounds_per_client == 3
+
+
+def test_the_simulation_poll_interval_is_a_positive_number_of_seconds():
+    assert load_config(None, ["sim.poll_interval_s=0.05"]).sim.poll_interval_s == 0.05
+    for bad in ("0", "-0.1", "2"):
+        with pytest.raises(ConfigError, match="sim.poll_interval_s"):
+            load_config(None, [f"sim.poll_interval_s={bad}"])
+
+
+def test_the_poll_interval_applies_to_a_grid_that_has_one_and_leaves_others_alone():
+    from types import SimpleNamespace
+
+    from consortia.server.directory import poll_replies_every
+
+    simulated, deployed = SimpleNamespace(pull_interval=0.1), SimpleNamespace()
+    poll_replies_every(simulated, 0.02)
+    poll_replies_every(deployed, 0.02)
+    assert simulated.pull_interval == 0.02 and not hasattr(deployed, "pull_interval")
+    # The setting means something only while Flower's simulation grid has the attribute.
+    from consortia.simulations.bench_sim import flower_default_poll_interval
+
+    assert flower_default_poll_interval() == 0.1
