@@ -29,11 +29,10 @@ import stat
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consortia.client.policy import SitePolicy
-from consortia.config import ConfigError, _format_errors, apply_overrides, known_task
+from consortia.config import ConfigError, _format_errors, known_task, read_toml
 from consortia.privacy.certs import NAME_PATTERN
 from consortia.tasks import import_task_modules
 
@@ -137,11 +136,5 @@ def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site 
 
 def load_site_config(path: str | Path, overrides: list[str] | None = None) -> SiteConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"site config not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    apply_overrides(data, overrides or [])
+    data = read_toml(path, "site config", overrides)
     return site_config_from_dict(data, path.resolve().parent, str(path))

@@ -382,21 +382,26 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def read_toml(path: Path, what: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The table in the TOML file `path` with --set overrides applied; a ConfigError that
+    names the file (`what not found: path`, or where its TOML is broken) otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    apply_overrides(data, overrides or [])
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from TOML (or defaults when path is None) and apply --set overrides."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from None
-        source = str(path)
-    apply_overrides(data, overrides or [])
-    return validate_config(data, source)
+    if path is None:
+        data: dict[str, Any] = {}
+        apply_overrides(data, overrides or [])
+        return validate_config(data, "defaults")
+    return validate_config(read_toml(Path(path), "config file", overrides), str(path))
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

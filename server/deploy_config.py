@@ -18,12 +18,10 @@ Relative paths are read from the folder that holds server.toml.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from consortia.config import ConfigError, RunConfig, _format_errors, apply_overrides
+from consortia.config import ConfigError, RunConfig, _format_errors, read_toml
 from consortia.privacy.certs import CA_CERT, ENROLLED, SERVER_CERT, SERVER_KEY
 from consortia.tasks import import_task_modules
 
@@ -60,13 +58,7 @@ class ServerDeployConfig(BaseModel):
 
 def load_server_config(path: str | Path, overrides: list[str] | None = None) -> ServerDeployConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"server config not found: {path}")
-    try:
-        data: dict[str, Any] = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    apply_overrides(data, overrides or [])
+    data = read_toml(path, "server config", overrides)
     try:
         import_task_modules(list(data.get("server", {}).get("task_modules", [])),
                             "server.task_modules")

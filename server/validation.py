@@ -51,7 +51,7 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
         return f"tensor names differ from the global model (missing {missing}, unknown {unknown})"
     for name, ref in reference.items():
         try:
-            value = decode_array(arrays[name])
+            value = decode_array(arrays[name], copy=False)  # only read
         except Exception as err:  # a corrupt buffer must not end the round
             return f"tensor {name!r} cannot be decoded: {err}"
         if tuple(value.shape) != tuple(ref.shape):

@@ -58,3 +58,8 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# save_pretrained writes this file beside the weights, with an auto_map naming these classes.
+BertMeanPoolConfig.register_for_auto_class()
+BertMeanPoolForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

@@ -38,12 +38,8 @@ def tokenizer():
 
 def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOptions()) -> nn.Module:
     quiet_transformers()  # "classifier newly initialised" and "pooler unused" are the plan
-    from consortia.tasks.mean_pool_bert import BertMeanPoolConfig
     from consortia.tasks.mean_pool_bert import BertMeanPoolForSequenceClassification as Model
 
-    # `consortia export` then writes the classes' file beside the weights (auto_map).
-    BertMeanPoolConfig.register_for_auto_class()
-    Model.register_for_auto_class("AutoModelForSequenceClassification")
     base = Model.from_pretrained(model_path(), num_labels=len(LABELS))
     return lora_model(base, "SEQ_CLS", options.lora_rank, options.lora_alpha, ["query", "value"])
 
@@ -93,7 +89,7 @@ def make_task(options: TaskOptions = TaskOptions()) -> ReviewsTask:
     return ReviewsTask(
         name=NAME,
         description="Amazon fine-food reviews, great vs other (4,000 train / 1,000 test); "
-                    "all-MiniLM-L6-v2 + LoRA on query/value + classification head",
+                    "all-MiniLM-L6-v2 + LoRA on query/value + a linear head on the mean of its token states",
         build_model=partial(build_model, options=options),
         load_data=partial(load_data, options=options),
         grad_sample_mode="ghost", options=options, configure=make_task)

@@ -14,10 +14,9 @@ import time
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .client import ClientSecAggSession
-from .masks import add_mask
+from .masks import add_mask, keystream
 from .messages import AdvertiseKeys, MaskedInput, RoundSetup, UnmaskRequest, UnmaskResponse
 from .quantize import clip_l2, decode_sum, encode, max_bits, quantization_error_bound
 from .server import ServerSecAggSession
@@ -51,9 +50,7 @@ def bench_masks(
     zeros, out = bytes(nbytes), bytearray(nbytes + 16)
     expand_s = _best_of(
         repeats,
-        lambda: (
-            Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(zeros, out)
-        ),
+        lambda: keystream(key).update_into(zeros, out),
     )
     acc = np.zeros(params, dtype=np.uint32)
     add_s = _best_of(repeats, lambda: add_mask(acc, key, sign=1))

@@ -14,10 +14,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .kdf import hkdf_sha256
 from .labels import LABEL_NEIGHBOUR_GRAPH
+from .masks import keystream
 
 Graph = dict[int, tuple[int, ...]]
 
@@ -56,7 +56,7 @@ def neighbour_graph(participants: Sequence[int], *, num_neighbours: int, seed: b
     # Random ring order from an AES-CTR stream keyed by the seed: uniform 64-bit sort keys
     # (ties, probability ~n^2/2^64, are broken by node id so the order is still shared).
     key = hkdf_sha256(seed, label=LABEL_NEIGHBOUR_GRAPH, context=n.to_bytes(8, "big"))
-    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * n))
+    stream = keystream(key).update(bytes(8 * n))
     sort_keys = np.frombuffer(stream, dtype=">u8")
     ring = [nodes[i] for i in np.lexsort((np.arange(n), sort_keys))]
     half = num_neighbours // 2

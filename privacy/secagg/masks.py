@@ -25,6 +25,15 @@ def _check_key(key: bytes) -> None:
         raise ValueError(f"mask key has {len(key)} bytes, expected {MASK_KEY_LEN}")
 
 
+def keystream(key: bytes):
+    """An AES-256-CTR encryptor keyed by the 32-byte ``key``, counter at zero: its
+    ``update`` / ``update_into`` of zero bytes is the key's pseudorandom stream. Every
+    stream the protocol draws (masks, the neighbour graph's order, the rounding's
+    uniforms) comes from here; each key drives exactly one stream."""
+    _check_key(key)
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+
+
 def expand_mask(key: bytes, length: int) -> np.ndarray:
     """The mask of ``length`` uint32 values for ``key`` (a fresh array)."""
     out = np.zeros(length, dtype=np.uint32)
@@ -52,8 +61,7 @@ def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None
             raise ValueError(f"sign must be +1 or -1, got {sign}")
     if not keyed_signs or acc.size == 0:
         return
-    streams = [(Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor(),
-                np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
+    streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block more than it writes.
     scratch = bytearray(min(_CHUNK_BYTES, total) + 16)

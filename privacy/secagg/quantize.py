@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .masks import keystream
 
 _MODULUS_MAX = 2**32 - 1
 
@@ -126,7 +127,7 @@ def encode(
     # The rounding's uniforms: 32-bit words of an AES-256-CTR stream keyed by 32 bytes
     # drawn from `rng` (reproducible from its seed like rng.random, and several times
     # faster to draw: 4 bytes a value at the speed of the masks).
-    stream = Cipher(algorithms.AES(rng.bytes(32)), modes.CTR(bytes(16))).encryptor()
+    stream = keystream(rng.bytes(32))
     zeros = bytes(4 * chunk)
     words_buffer = bytearray(4 * chunk + 16)  # update_into wants a block of room more
     words = np.frombuffer(words_buffer, dtype=np.uint32)
