@@ -194,7 +194,12 @@ def bench_dp(
     """ms per DP-SGD step: non-private vs Opacus per-sample hooks vs ghost clipping."""
     from consortia.simulations.bench import bench_dp as run
 
-    typer.echo(json.dumps(run(task=task, batch_size=batch_size, steps=steps, repeats=repeats)))
+    try:
+        result = run(task=task, batch_size=batch_size, steps=steps, repeats=repeats)
+    except ValueError as err:  # an unknown task, sizes it cannot run with: named in the message
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
 
 
 @bench_app.command("secagg")
@@ -215,7 +220,7 @@ def bench_secagg(
     try:
         result = run(clients=clients, params=params, rounds=rounds,
                      cpus_per_client=cpus_per_client,
-                     pull_interval=pull_interval if pull_interval > 0 else None)
+                     pull_interval=None if pull_interval == 0 else pull_interval)
     except ValueError as err:  # sizes it cannot run with, named in the message
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

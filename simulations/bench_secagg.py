@@ -365,6 +365,9 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
                          f"params >= 1, rounds >= 1; got {clients}, {params}, {rounds}")
     if not 0 < cpus_per_client:
         raise ValueError(f"cpus_per_client must be positive, got {cpus_per_client}")
+    if pull_interval is not None and not 0 < pull_interval <= 1:
+        raise ValueError(f"pull_interval must be in (0, 1] seconds, or None for Flower's "
+                         f"default; got {pull_interval}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation

@@ -95,6 +95,9 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
                       + ([] if poll_interval_s is None else [f"sim.poll_interval_s={poll_interval_s}"]))
     if rounds < 2:
         raise ConfigError(f"bench sim needs rounds >= 2 (the first is left out), got {rounds}")
+    if flower_poll_interval_s is not None and not 0 < flower_poll_interval_s <= 1:
+        raise ConfigError(f"flower_poll_interval_s must be in (0, 1] seconds (as "
+                          f"sim.poll_interval_s), got {flower_poll_interval_s}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -121,7 +124,8 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
         "ours_ms_per_client": round(ours, 3), "flower_ms_per_client": round(flower, 3),
         "ours_over_flower": round(ours / flower, 3),
         "ours_poll_interval_s": cfg.sim.poll_interval_s,
-        "flower_poll_interval_s": flower_poll_interval_s or flower_default_poll_interval(),
+        "flower_poll_interval_s": (flower_default_poll_interval() if flower_poll_interval_s is None
+                                   else flower_poll_interval_s),
         "ours_round_s": [round(t, 3) for t in ours_times],
         "flower_round_s": [round(t, 3) for t in flower_times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -33,3 +33,8 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
 def test_bench_secagg_rejects_too_few_clients():
     with pytest.raises(ValueError, match="clients >= 4"):
         bench_secagg(clients=3, params=10)
+
+
+def test_bench_secagg_rejects_a_negative_poll_interval_naming_it():
+    with pytest.raises(ValueError, match=r"pull_interval must be in \(0, 1\].*-0.5"):
+        bench_secagg(clients=4, params=10, pull_interval=-0.5)

@@ -9,6 +9,11 @@ def test_no_training_rounds_need_dp_off():
         load_config(None, ["local_epochs=0"])
 
 
+def test_a_bad_flower_poll_interval_fails_before_any_simulation_starts():
+    with pytest.raises(ConfigError, match=r"flower_poll_interval_s must be in \(0, 1\].*-1"):
+        bench_sim(clients=10, per_round=2, rounds=2, flower_poll_interval_s=-1)
+
+
 @pytest.mark.slow
 def test_bench_sim_times_both_runners_and_reports_their_ratio():
     result = bench_sim(clients=6, per_round=3, rounds=2)

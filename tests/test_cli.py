@@ -32,3 +32,9 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path):
         assert "data_dir" in str(err) and str(tmp_path) in str(err)
     else:
         raise AssertionError("an empty folder must not pass for Fashion-MNIST")
+
+
+def test_bench_dp_names_an_unknown_task_and_the_accepted_ones():
+    result = runner.invoke(app, ["bench", "dp", "--task", "no-such-task"])
+    assert result.exit_code == 2
+    assert "unknown task 'no-such-task'" in result.output and "digits-mlp" in result.output
