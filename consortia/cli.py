@@ -170,6 +170,11 @@ def bench_sim(
     flower_poll_interval_s: float | None = typer.Option(
         None, "--flower-poll-interval-s",
         help="bare Flower: its grid's pull_interval (default: Flower's own)"),
+    dispatch: str | None = typer.Option(
+        None, "--dispatch", help="ours: sim.dispatch, prompt or flower (default: the config's, prompt)"),
+    flower_dispatch: str = typer.Option(
+        "flower", "--flower-dispatch",
+        help="bare Flower: flower (its own loop, the default) or prompt (ours)"),
 ) -> None:
     """ms per client and round with no training: our runner vs a bare Flower simulation."""
     from consortia.simulations.bench_sim import bench_sim as run
@@ -177,7 +182,8 @@ def bench_sim(
     try:
         result = run(clients=clients, per_round=per_round, rounds=rounds,
                      poll_interval_s=poll_interval_s,
-                     flower_poll_interval_s=flower_poll_interval_s)
+                     flower_poll_interval_s=flower_poll_interval_s, dispatch=dispatch,
+                     flower_dispatch=flower_dispatch)
     except ConfigError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

@@ -137,6 +137,12 @@ class SimConfig(_Section):
         description="how often the server looks for replies in a simulation (Flower's "
                     "InMemoryGrid pull_interval, whose default is 0.1: every exchange "
                     "then waits up to 0.1 s after its last reply)")
+    dispatch: Literal["prompt", "flower"] = Field(
+        "prompt",
+        description="how the simulation engine hands messages to the clients: prompt (one "
+                    "pass over the queued messages, woken when the server sends; "
+                    "simulations/dispatch.py) or flower (Flower's loop: every node asked in "
+                    "turn, then a 0.1 s sleep)")
     ray_address: str | None = Field(
         None, description="attach to this running Ray cluster (e.g. 127.0.0.1:6379) instead "
                           "of starting one on this machine")

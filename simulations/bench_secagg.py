@@ -64,6 +64,7 @@ from consortia.messages import (
 )
 from consortia.server.aggregates import aggregate_reply
 from consortia.server.directory import poll_replies_every
+from consortia.simulations.dispatch import prompt_dispatch
 
 PARAM_NAME = "w"
 DELTA_SCALE = 1e-3  # the fake update: L2 norm about 1e-3 * sqrt(D), under the clip (10)
@@ -354,7 +355,8 @@ BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-
 
 def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
-                 pull_interval: float | None = BENCH_PULL_INTERVAL_S) -> dict[str, Any]:
+                 pull_interval: float | None = BENCH_PULL_INTERVAL_S,
+                 prompt: bool = True) -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
@@ -411,8 +413,9 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     flwr_logger.setLevel(logging.WARNING)
     started = time.perf_counter()
     try:
-        flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
-                                       num_supernodes=clients, backend_config=backend)
+        with prompt_dispatch(prompt) as prompted:
+            flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
+                                           num_supernodes=clients, backend_config=backend)
     finally:
         flwr_logger.setLevel(level)
     wall = time.perf_counter() - started
@@ -436,6 +439,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),
+        "prompt_dispatch": prompted,
         "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from consortia.config import ConfigError, load_config
 from consortia.server.results import read_jsonl
+from consortia.simulations.dispatch import prompt_dispatch
 from consortia.tasks import get_task
 
 TASK = "digits-mlp"
@@ -80,9 +81,12 @@ def _flower_apps(per_round: int, clients: int, rounds: int, times: list[float],
 
 def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
               cpus_per_client: float = 1.0, poll_interval_s: float | None = None,
-              flower_poll_interval_s: float | None = None) -> dict[str, Any]:
+              flower_poll_interval_s: float | None = None, dispatch: str | None = None,
+              flower_dispatch: str = "flower") -> dict[str, Any]:
     """`poll_interval_s`: ours (`sim.poll_interval_s`; None: the config's default);
-    `flower_poll_interval_s`: the bare Flower server's (None: Flower's default)."""
+    `flower_poll_interval_s`: the bare Flower server's (None: Flower's default).
+    `dispatch`: ours (`sim.dispatch`; None: the config's default, prompt);
+    `flower_dispatch`: the bare Flower simulation's, Flower's own loop unless "prompt"."""
     import flwr.simulation
 
     from consortia.simulations.runner import run_simulation
@@ -92,12 +96,16 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     cfg = load_config(None, [f"task={TASK}", f"clients={clients}", f"clients_per_round={per_round}",
                              f"rounds={rounds}", "local_epochs=0", "privacy.enabled=false",
                              "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"]
-                      + ([] if poll_interval_s is None else [f"sim.poll_interval_s={poll_interval_s}"]))
+                      + ([] if poll_interval_s is None else [f"sim.poll_interval_s={poll_interval_s}"])
+                      + ([] if dispatch is None else [f"sim.dispatch={dispatch}"]))
     if rounds < 2:
         raise ConfigError(f"bench sim needs rounds >= 2 (the first is left out), got {rounds}")
     if flower_poll_interval_s is not None and not 0 < flower_poll_interval_s <= 1:
         raise ConfigError(f"flower_poll_interval_s must be in (0, 1] seconds (as "
                           f"sim.poll_interval_s), got {flower_poll_interval_s}")
+    if flower_dispatch not in ("prompt", "flower"):
+        raise ConfigError(f"flower_dispatch must be prompt or flower (as sim.dispatch), got "
+                          f"{flower_dispatch!r}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -109,8 +117,9 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     server_app, client_app = _flower_apps(per_round, clients, rounds, flower_times,
                                           flower_poll_interval_s)
     random.seed(0)
-    flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
-                                   num_supernodes=clients, backend_config=backend)
+    with prompt_dispatch(flower_dispatch == "prompt"):
+        flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
+                                       num_supernodes=clients, backend_config=backend)
 
     with tempfile.TemporaryDirectory(prefix="consortia-bench-sim-") as out:
         run_simulation(cfg, out)
@@ -126,6 +135,7 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
         "ours_poll_interval_s": cfg.sim.poll_interval_s,
         "flower_poll_interval_s": (flower_default_poll_interval() if flower_poll_interval_s is None
                                    else flower_poll_interval_s),
+        "ours_dispatch": cfg.sim.dispatch, "flower_dispatch": flower_dispatch,
         "ours_round_s": [round(t, 3) for t in ours_times],
         "flower_round_s": [round(t, 3) for t in flower_times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

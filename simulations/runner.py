@@ -70,6 +70,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     from consortia.client import build_client_app
     from consortia.server.server_app import build_server_app
+    from consortia.simulations.dispatch import prompt_dispatch
     from consortia.simulations.faults import configured_mods
     from consortia.simulations.shipping import ShippedOnce
     from consortia.simulations.sites import SimulationSites, partitions_for
@@ -89,14 +90,16 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # off (we evaluate on the server): both expected; our own log keeps its warnings.
         logging.getLogger("flwr").setLevel(logging.ERROR)
     try:
-        flwr.simulation.run_simulation(
-            server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
-                                        on_round=on_round, store=store),
-            client_app=ShippedOnce(build_client_app(
-                SimulationSites(cfg, out_dir), mods=configured_mods(cfg) + list(client_mods or []))),
-            num_supernodes=cfg.clients,
-            backend_config=backend_config(cfg),
-        )
+        with prompt_dispatch(cfg.sim.dispatch == "prompt"):
+            flwr.simulation.run_simulation(
+                server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
+                                            on_round=on_round, store=store),
+                client_app=ShippedOnce(build_client_app(
+                    SimulationSites(cfg, out_dir),
+                    mods=configured_mods(cfg) + list(client_mods or []))),
+                num_supernodes=cfg.clients,
+                backend_config=backend_config(cfg),
+            )
     finally:
         if own_store:
             store.close()

@@ -22,3 +22,13 @@ def test_bench_sim_times_both_runners_and_reports_their_ratio():
     expected = result["ours_ms_per_client"] / result["flower_ms_per_client"]
     assert result["ours_over_flower"] == pytest.approx(expected, rel=0.01)
     assert result["peak_rss_mb"] > 0
+
+
+def test_a_bad_flower_dispatch_fails_before_any_simulation_starts():
+    with pytest.raises(ConfigError, match="flower_dispatch must be prompt or flower.*'fast'"):
+        bench_sim(clients=10, per_round=2, rounds=2, flower_dispatch="fast")
+
+
+def test_a_bad_dispatch_for_ours_fails_naming_the_value_and_the_choices():
+    with pytest.raises(ConfigError, match=r"sim\.dispatch.*prompt.*flower"):
+        bench_sim(clients=10, per_round=2, rounds=2, dispatch="fast")

@@ -2,9 +2,17 @@
 
 The whole 256-bit key drives the stream (unlike a generator seeded with 32 bits folded
 out of it, where two keys that fold alike give one mask). Each key expands exactly one
-vector, so the counter can start at zero. Expansion encrypts a reused block of zeros
-into a reused buffer with ``update_into`` and adds it chunk by chunk, which keeps the
-working set in cache; several masks go into one vector in one pass (:func:`add_masks`).
+vector, so the counter can start anywhere fixed. Expansion encrypts a reused block of
+zeros into a reused buffer with ``update_into`` and adds it chunk by chunk, which keeps
+the working set in cache; several masks go into one vector in one pass (:func:`add_masks`).
+
+The counter-mode stream is drawn through OpenSSL's AES-GCM encryptor, never finalized:
+GCM encrypts in counter mode (the counter block is the 96-bit IV, here zero, and a 32-bit
+block counter from 2), so its ciphertext of zeros is exactly the AES-256-CTR keystream
+from counter block 2, and OpenSSL's GCM code is the one built for the CPU's vector AES
+instructions (measured 12.4 GB/s against 7.4 for its CTR code on the reference machine).
+The tag is never computed or used. A tested property (tests/test_secagg_primitives.py):
+the stream equals ``modes.CTR`` from that counter block.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 MASK_KEY_LEN = 32
 _CHUNK_BYTES = 1 << 18  # 256 KiB: measured fastest (7.4 GB/s) on the reference machine
-_ZERO_IV = bytes(16)
+_ZERO_IV = bytes(12)  # GCM's 96-bit IV: counter blocks 0^96 || 2, 3, ...
+# GCM counts blocks with 32 bits: one stream is at most 2**32 - 2 blocks (OpenSSL refuses
+# more), 2**34 - 8 uint32 values, 64 GiB.
+MAX_STREAM_BYTES = (2**32 - 2) * 16
 _ZEROS = bytes(_CHUNK_BYTES)
 
 
@@ -26,12 +37,13 @@ def _check_key(key: bytes) -> None:
 
 
 def keystream(key: bytes):
-    """An AES-256-CTR encryptor keyed by the 32-byte ``key``, counter at zero: its
-    ``update`` / ``update_into`` of zero bytes is the key's pseudorandom stream. Every
-    stream the protocol draws (masks, the neighbour graph's order, the rounding's
-    uniforms) comes from here; each key drives exactly one stream."""
+    """An encryptor keyed by the 32-byte ``key`` whose ``update`` / ``update_into`` of
+    zero bytes is the key's pseudorandom stream: AES-256-CTR from counter block 2 (see the
+    module's docstring), at most :data:`MAX_STREAM_BYTES`. Every stream the protocol draws
+    (masks, the neighbour graph's order, the rounding's uniforms) comes from here; each
+    key drives exactly one stream."""
     _check_key(key)
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+    return Cipher(algorithms.AES(key), modes.GCM(_ZERO_IV)).encryptor()
 
 
 def expand_mask(key: bytes, length: int) -> np.ndarray:
@@ -61,6 +73,9 @@ def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None
             raise ValueError(f"sign must be +1 or -1, got {sign}")
     if not keyed_signs or acc.size == 0:
         return
+    if acc.nbytes > MAX_STREAM_BYTES:
+        raise ValueError(f"a mask of {acc.size} values is longer than one key's stream allows; "
+                         f"accepted: at most {MAX_STREAM_BYTES // 4} values")
     streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block more than it writes.
