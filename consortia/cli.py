@@ -219,6 +219,9 @@ def bench_secagg(
         0.01, "--pull-interval",
         help="s between the grid's polls for replies, all three kinds alike (a run: sim.poll_interval_s); "
              "0 keeps Flower's default, 0.1"),
+    dispatch: str = typer.Option(
+        "prompt", "--dispatch",
+        help="the engine's dispatch, all three kinds alike (a run: sim.dispatch): prompt or flower"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
@@ -226,7 +229,8 @@ def bench_secagg(
     try:
         result = run(clients=clients, params=params, rounds=rounds,
                      cpus_per_client=cpus_per_client,
-                     pull_interval=None if pull_interval == 0 else pull_interval)
+                     pull_interval=None if pull_interval == 0 else pull_interval,
+                     dispatch=dispatch)
     except ValueError as err:  # sizes it cannot run with, named in the message
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -27,7 +27,8 @@ through only non-train messages), and the train handler tells the legacy fit req
 Times are wall-clock seconds per round (``time.perf_counter``), medians over R rounds.
 The grid polls for replies every ``pull_interval`` seconds (0.01 here by default; a run
 polls at ``sim.poll_interval_s``, 0.02 by default; None keeps Flower's 0.1) for all three
-kinds alike: it is one grid.
+kinds alike: it is one grid. Likewise one engine: it hands messages to the clients as
+``dispatch`` says (a run's ``sim.dispatch``; prompt by default, simulations/dispatch.py).
 """
 
 from __future__ import annotations
@@ -356,11 +357,12 @@ BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-
 def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
                  pull_interval: float | None = BENCH_PULL_INTERVAL_S,
-                 prompt: bool = True) -> dict[str, Any]:
+                 dispatch: str = "prompt") -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
     (a run's `sim.poll_interval_s`); None keeps Flower's default (0.1 s).
+    `dispatch`: the engine's, for every kind alike (a run's `sim.dispatch`): prompt or flower.
     """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
@@ -370,6 +372,8 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     if pull_interval is not None and not 0 < pull_interval <= 1:
         raise ValueError(f"pull_interval must be in (0, 1] seconds, or None for Flower's "
                          f"default; got {pull_interval}")
+    if dispatch not in ("prompt", "flower"):
+        raise ValueError(f"dispatch must be prompt or flower (as sim.dispatch), got {dispatch!r}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation
@@ -413,7 +417,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     flwr_logger.setLevel(logging.WARNING)
     started = time.perf_counter()
     try:
-        with prompt_dispatch(prompt) as prompted:
+        with prompt_dispatch(dispatch == "prompt") as prompted:
             flwr.simulation.run_simulation(server_app=server_app, client_app=client_app,
                                            num_supernodes=clients, backend_config=backend)
     finally:
@@ -439,7 +443,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),
-        "prompt_dispatch": prompted,
+        "dispatch": "prompt" if prompted else "flower",
         "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

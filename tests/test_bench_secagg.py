@@ -17,6 +17,7 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
         assert key in report, key
     assert (report["clients"], report["params"], report["rounds"]) == (4, 1000, 1)
     assert report["flower_separate_simulation"] is False
+    assert report["dispatch"] == "prompt"  # the default, as a run's sim.dispatch
     for key in TIME_KEYS:
         assert isinstance(report[key], float) and report[key] > 0, (key, report[key])
     for kind, times in report["rounds_s"].items():
@@ -38,3 +39,8 @@ def test_bench_secagg_rejects_too_few_clients():
 def test_bench_secagg_rejects_a_negative_poll_interval_naming_it():
     with pytest.raises(ValueError, match=r"pull_interval must be in \(0, 1\].*-0.5"):
         bench_secagg(clients=4, params=10, pull_interval=-0.5)
+
+
+def test_bench_secagg_rejects_an_unknown_dispatch_naming_it():
+    with pytest.raises(ValueError, match="dispatch must be prompt or flower.*'fast'"):
+        bench_secagg(clients=4, params=10, dispatch="fast")
