@@ -25,6 +25,9 @@ through only non-train messages), and the train handler tells the legacy fit req
 (``fitins.*`` records), our secure request (ConfigRecord "secagg") and a plain one apart.
 
 Times are wall-clock seconds per round (``time.perf_counter``), medians over R rounds.
+``secagg_client_cpu_ms`` is the CPU each of our clients spent on its masked reply,
+measured in its actor with ``time.thread_time`` (so time the actor waited for a core
+is not in it): median and max over all secure replies.
 The grid polls for replies every ``pull_interval`` seconds (0.01 here by default; a run
 polls at ``sim.poll_interval_s``, 0.02 by default; None keeps Flower's 0.1) for all three
 kinds alike: it is one grid. Likewise one engine: it hands messages to the clients as
@@ -83,6 +86,10 @@ WARMUP = "bench-warmup"  # in the untimed first round's config: clients draw the
 # busy while one actor waits; more actors would only add memory (each is a Python
 # process with torch loaded, a few hundred MB) and context switches.
 DEFAULT_CPUS_PER_CLIENT = 0.5
+
+# A record the bench's secure replies carry (the server reads only its own records): the
+# CPU the client spent on its masked reply, measured inside the actor.
+CLIENT_CPU = "bench.client_cpu"
 
 _delta_cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
@@ -146,8 +153,10 @@ def _train(msg: Message, context: Context) -> Message:
         values = decode_array(array, copy=False)
         new[name] = torch.from_numpy(values + _fixed_delta(name, values.shape))
     report = TrainReport(client_id=str(context.node_id), status="trained", num_examples=1)
-    return Message(SecAggClient(context).masked_content(report, secagg, old, new, ins.seed),
-                   reply_to=msg)
+    started = time.thread_time()  # this actor thread's CPU, whatever else shares the cores
+    content = SecAggClient(context).masked_content(report, secagg, old, new, ins.seed)
+    content[CLIENT_CPU] = MetricRecord({"ms": (time.thread_time() - started) * 1000})
+    return Message(content, reply_to=msg)
 
 
 @client_app.train("secagg_advertise")
@@ -169,6 +178,7 @@ class _TimedGrid:
     def __init__(self, grid):
         self._grid = grid
         self.exchanges: list[tuple[str, float]] = []
+        self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -176,6 +186,8 @@ class _TimedGrid:
         started = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.exchanges.append((kind, time.perf_counter() - started))
+        self.client_cpu_ms.extend(float(r.content[CLIENT_CPU]["ms"]) for r in replies
+                                  if not r.has_error() and CLIENT_CPU in r.content.metric_records)
         return replies
 
     def __getattr__(self, name):
@@ -351,6 +363,12 @@ def _descendant_peak_rss_mb() -> float:
     return total_kb / 1024
 
 
+def _median_and_max(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+
 BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-interval)
 
 
@@ -402,6 +420,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
                 times["secagg"].append(kinds.ours(r))
                 times["flower_secaggplus"].append(kinds.flower(r))
             extra["max_abs_error"] = kinds.errors
+            extra["client_cpu_ms"] = kinds.grid.client_cpu_ms
             extra["phases"] = kinds.phases
             extra["ray_peak_rss_mb"] = _descendant_peak_rss_mb()
         except BaseException as err:  # surfaced after the simulation ends
@@ -440,6 +459,8 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "phases_s": {k: round(statistics.median(v), 4) for k, v in extra["phases"].items()},
         "max_abs_error": {k: float(f"{v:.3g}") for k, v in extra["max_abs_error"].items()},
+        # Ours: CPU per masked reply inside the actors (thread_time), median and max.
+        "secagg_client_cpu_ms": _median_and_max(extra["client_cpu_ms"]),
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),

@@ -39,9 +39,11 @@ _ATTRIBUTES = ("lock", "message_ins_store", "_check_stored_messages", "store_mes
 
 
 def _engine():
+    """Flower's engine module, if it still has the function and the clock we rely on."""
     try:
         from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:  # pragma: no cover - a Flower that moved its engine
+        from flwr.supercore.date import now  # noqa: F401 - the timestamps Flower writes
+    except ImportError:  # pragma: no cover - a Flower that moved its engine or its clock
         return None
     return vce_api if callable(getattr(vce_api, "add_messages_to_queue", None)) else None
 
@@ -97,7 +99,14 @@ def _dispatch(state, queue, nodes_mapping, f_stop, *, flower_loop) -> None:
     stored = _wake_on_store(state)
     while not f_stop.is_set():
         stored.clear()  # before the pass: a message stored during it wakes the next wait
-        for message in take_undelivered(state, nodes):
+        try:
+            taken = take_undelivered(state, nodes)
+        except Exception:  # a link state that changed under us: never strand the run
+            log.exception("the prompt dispatcher could not read the link state; Flower's "
+                          "loop takes over")
+            flower_loop(state, queue, nodes_mapping, f_stop)
+            return
+        for message in taken:
             queue.put(message)
         stored.wait(MAX_WAIT_S)
 

@@ -18,6 +18,8 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
     assert (report["clients"], report["params"], report["rounds"]) == (4, 1000, 1)
     assert report["flower_separate_simulation"] is False
     assert report["dispatch"] == "prompt"  # the default, as a run's sim.dispatch
+    cpu = report["secagg_client_cpu_ms"]  # every masked reply measured its own CPU
+    assert 0 < cpu["median"] <= cpu["max"]
     for key in TIME_KEYS:
         assert isinstance(report[key], float) and report[key] > 0, (key, report[key])
     for kind, times in report["rounds_s"].items():

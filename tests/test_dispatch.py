@@ -93,3 +93,26 @@ def test_a_link_state_it_cannot_read_is_left_to_flowers_loop():
     dispatch._dispatch(state, None, {1: 0}, stop, flower_loop=flower_loop)
     assert calls == [(state, {1: 0})]
     assert not supported(state)
+
+
+def test_a_link_state_that_fails_to_read_hands_over_to_flowers_loop(caplog):
+    calls = []
+
+    class Changed:  # has what the dispatcher looks for, but reading it fails
+        lock = threading.RLock()
+        message_ins_store: dict = {}
+
+        def _check_stored_messages(self, ids):
+            raise AttributeError("no such field")
+
+        def store_message_ins(self, message):
+            return None
+
+    def flower_loop(state, queue, nodes_mapping, f_stop):
+        calls.append(state)
+
+    state = Changed()
+    with caplog.at_level("ERROR", logger="consortia.simulations"):
+        dispatch._dispatch(state, None, {1: 0}, threading.Event(), flower_loop=flower_loop)
+    assert calls == [state]
+    assert "Flower's loop takes over" in caplog.text
