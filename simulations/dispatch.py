@@ -17,10 +17,12 @@ messages validates each once (Flower's own ``_check_stored_messages``) and hands
 Flower does, at most one undelivered message per node per pass, oldest first; the thread
 wakes as soon as the server stores a message (and at least every 0.1 s, so expired
 messages are still dropped on time) instead of sleeping a fixed 0.1 s. What each
-client receives, and when relative to the others, is unchanged; only the waits go.
+client receives is unchanged; within a pass, nodes are served in the order the server
+sent their messages (Flower serves them in the order the nodes were registered).
 
-It needs Flower's in-memory link state (what simulations use); given any other state, or
-a Flower whose engine no longer has that function, it leaves Flower's loop in place.
+It needs Flower's in-memory link state (what simulations use); given any other state, a
+Flower whose engine no longer has that function, or a state it fails to read mid-run,
+it leaves the work to Flower's loop.
 """
 
 from __future__ import annotations
