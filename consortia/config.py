@@ -127,6 +127,10 @@ class FaultsConfig(_Section):
     straggler_s: float = Field(0.0, ge=0, description="each reply is delayed by up to this many seconds")
 
 
+# How a simulation's engine hands messages to the clients (simulations/dispatch.py).
+Dispatch = Literal["prompt", "flower"]
+
+
 class SimConfig(_Section):
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
@@ -137,7 +141,7 @@ class SimConfig(_Section):
         description="how often the server looks for replies in a simulation (Flower's "
                     "InMemoryGrid pull_interval, whose default is 0.1: every exchange "
                     "then waits up to 0.1 s after its last reply)")
-    dispatch: Literal["prompt", "flower"] = Field(
+    dispatch: Dispatch = Field(
         "prompt",
         description="how the simulation engine hands messages to the clients: prompt (one "
                     "pass over the queued messages, woken when the server sends; "

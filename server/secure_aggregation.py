@@ -149,7 +149,7 @@ class SecureAggregator:
         for n in participants:
             by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
-        responses: dict[int, bytes] = {}
+        answered: set[int] = set()  # sent an unmask response (spent, under distributed DP)
         try:
             requests = self.session.unmask_requests()
             self._mark_rejected(by_node)
@@ -163,11 +163,12 @@ class SecureAggregator:
                                 src, reply.error.reason)
                     continue
                 try:
-                    responses[src] = bytes(reply.content[SECAGG]["unmask"])
+                    response = bytes(reply.content[SECAGG]["unmask"])
                 except (KeyError, TypeError) as err:
                     log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
                     continue
-                self.session.add_unmask_response(src, responses[src])
+                answered.add(src)
+                self.session.add_unmask_response(src, response)
             result = self.session.aggregate()
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
@@ -178,7 +179,7 @@ class SecureAggregator:
                     # A client that answered the unmask request spent (distributed DP): it
                     # cannot know that too few others answered.
                     by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}",
-                                                  spent=n in responses)
+                                                  spent=n in answered)
             return self._abandon(outcomes + list(by_node.values()), str(abort),
                                  dropped=len(participants) - len(masked))
 

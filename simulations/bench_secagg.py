@@ -65,10 +65,11 @@ from consortia.messages import (
     TrainInstructions,
     TrainReport,
     decode_array,
+    record_of,
 )
 from consortia.server.aggregates import aggregate_reply
 from consortia.server.directory import poll_replies_every
-from consortia.simulations.dispatch import prompt_dispatch
+from consortia.simulations.dispatch import check_dispatch, prompt_dispatch
 
 PARAM_NAME = "w"
 DELTA_SCALE = 1e-3  # the fake update: L2 norm about 1e-3 * sqrt(D), under the clip (10)
@@ -186,8 +187,9 @@ class _TimedGrid:
         started = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.exchanges.append((kind, time.perf_counter() - started))
-        self.client_cpu_ms.extend(float(r.content[CLIENT_CPU]["ms"]) for r in replies
-                                  if not r.has_error() and CLIENT_CPU in r.content.metric_records)
+        cpu = (None if r.has_error() else record_of(r.content, CLIENT_CPU, MetricRecord)
+               for r in replies)
+        self.client_cpu_ms.extend(float(record["ms"]) for record in cpu if record is not None)
         return replies
 
     def __getattr__(self, name):
@@ -390,8 +392,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     if pull_interval is not None and not 0 < pull_interval <= 1:
         raise ValueError(f"pull_interval must be in (0, 1] seconds, or None for Flower's "
                          f"default; got {pull_interval}")
-    if dispatch not in ("prompt", "flower"):
-        raise ValueError(f"dispatch must be prompt or flower (as sim.dispatch), got {dispatch!r}")
+    check_dispatch(dispatch, "dispatch")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation

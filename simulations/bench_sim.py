@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from consortia.config import ConfigError, load_config
 from consortia.server.results import read_jsonl
-from consortia.simulations.dispatch import prompt_dispatch
+from consortia.simulations.dispatch import check_dispatch, prompt_dispatch
 from consortia.tasks import get_task
 
 TASK = "digits-mlp"
@@ -103,9 +103,7 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     if flower_poll_interval_s is not None and not 0 < flower_poll_interval_s <= 1:
         raise ConfigError(f"flower_poll_interval_s must be in (0, 1] seconds (as "
                           f"sim.poll_interval_s), got {flower_poll_interval_s}")
-    if flower_dispatch not in ("prompt", "flower"):
-        raise ConfigError(f"flower_dispatch must be prompt or flower (as sim.dispatch), got "
-                          f"{flower_dispatch!r}")
+    check_dispatch(flower_dispatch, "flower_dispatch")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},

@@ -31,8 +31,17 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from typing import get_args
+
+from consortia.config import ConfigError, Dispatch
+
+try:  # the timestamps Flower's link state writes; a Flower that moved it keeps its own loop
+    from flwr.supercore.date import now
+except ImportError:  # pragma: no cover
+    now = None
 
 log = logging.getLogger("consortia.simulations")
+DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 
 # The longest the thread sleeps with nothing stored: Flower's own period, so messages
 # whose time to live ran out are dropped no later than Flower drops them.
@@ -40,12 +49,21 @@ MAX_WAIT_S = 0.1
 _ATTRIBUTES = ("lock", "message_ins_store", "_check_stored_messages", "store_message_ins")
 
 
+def check_dispatch(value: str, what: str = "sim.dispatch") -> str:
+    """`value` if it names a dispatch (as `sim.dispatch` does), else a ConfigError naming it."""
+    if value not in DISPATCHES:
+        raise ConfigError(f"{what} must be {' or '.join(DISPATCHES)} (as sim.dispatch), got "
+                          f"{value!r}")
+    return value
+
+
 def _engine():
     """Flower's engine module, if it still has the function and the clock we rely on."""
+    if now is None:  # pragma: no cover
+        return None
     try:
         from flwr.server.superlink.fleet.vce import vce_api
-        from flwr.supercore.date import now  # noqa: F401 - the timestamps Flower writes
-    except ImportError:  # pragma: no cover - a Flower that moved its engine or its clock
+    except ImportError:  # pragma: no cover - a Flower that moved its engine
         return None
     return vce_api if callable(getattr(vce_api, "add_messages_to_queue", None)) else None
 
@@ -74,8 +92,6 @@ def take_undelivered(state, nodes) -> list:
     """Flower's `get_message_ins(node, limit=1)` for every node in `nodes`, in one pass:
     each stored message is validated once, and every node gets at most its oldest
     undelivered message, which is marked delivered."""
-    from flwr.supercore.date import now
-
     taken: dict[int, object] = {}
     with state.lock:
         state._check_stored_messages(set(state.message_ins_store))  # drops expired ones

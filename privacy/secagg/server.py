@@ -59,19 +59,19 @@ class ServerSecAggSession:
     def __init__(self, *, run_id: int) -> None:
         self.run_id = run_id
         self.registered: dict[int, ParticipantKeys] = {}
-        self.rejected: dict[int, str] = {}
         self._plan: RoundPlan | None = None
         self._stage = "idle"
-        self._total: np.ndarray | None = None
-        self._survivors: tuple[int, ...] = ()
         self._round_state()
 
     def _round_state(self) -> None:
         """Forget the last round's replies."""
+        self.rejected: dict[int, str] = {}
+        self._total: np.ndarray | None = None
+        self._survivors: tuple[int, ...] = ()
         self._sealed: dict[int, dict[int, bytes]] = {}  # sender -> its sealed shares
         self._self_mask_shares: dict[int, dict[int, bytes]] = {}  # owner -> point -> share
         self._pair_shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (owner, dropped)
-        self._responders: list[int] = []
+        self._responders: set[int] = set()
         self._to_remove: list[tuple[bytes, int]] = []  # (mask key, sign) rebuilt so far
         self._unmask_failure: str | None = None
 
@@ -145,9 +145,6 @@ class ServerSecAggSession:
         except SecAggProtocolError as exc:
             raise ValueError(exc.reason) from exc
         self._stage = "masking"
-        self.rejected = {}
-        self._total = None
-        self._survivors = ()
         self._round_state()
         return setup
 
@@ -271,7 +268,7 @@ class ServerSecAggSession:
             shares[point] = share
             if len(shares) == t:
                 complete.append((f"seed shared with dropped {gone}", owner, gone, shares))
-        self._responders.append(src)
+        self._responders.add(src)
         if self._unmask_failure is None:
             try:
                 for _, owner, gone, shares in complete:
