@@ -88,6 +88,11 @@ class SecAggConfig(_Section):
     bits: int | None = Field(
         None, ge=2, le=31,
         description="quantization bits per value; default the most that cannot wrap for n clients")
+    unmask: Literal["cover", "all"] = Field(
+        "cover",
+        description="whom the unmask request goes to: 'cover' asks only enough survivors to "
+                    "hold t shares of every secret (the others only if some of those fail to "
+                    "answer), 'all' asks every survivor; distributed DP always asks all")
 
 
 class StrategyConfig(_Section):

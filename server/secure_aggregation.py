@@ -3,7 +3,8 @@
 Flower's own SecAgg+ runs only on the legacy strategy path and derives masks from a
 32-bit seed (ANCHORS.md, flwr#7522), so the protocol is ours (`privacy/secagg/`) and this
 module drives it over the Grid: keys once per run, then per round the train exchange
-(which carries the round setup out and the masked updates back) and one unmask exchange.
+(which carries the round setup out and the masked updates back) and one unmask exchange
+(two when some of the clients asked first do not answer).
 The result is the weighted sum of the surviving clients' updates, which the workflow
 turns into one aggregate for the strategy, so any rule that needs only the weighted sum
 (FedAvg and the server optimizers) works unchanged.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,25 +152,26 @@ class SecureAggregator:
             by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
         answered: set[int] = set()  # sent an unmask response (spent, under distributed DP)
+        # Under distributed DP a client spends when it answers (client/secure_aggregation.py),
+        # so every survivor must be asked; otherwise a cover of them is enough at first.
+        cover = self.cfg.secagg.unmask == "cover" and self.dp_scale is None
         try:
-            requests = self.session.unmask_requests()
+            requests = self.session.unmask_requests(cover=cover)
             self._mark_rejected(by_node)
-            unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
-                              dst_node_id=n, message_type=SECAGG_UNMASK)
-                      for n, r in requests.items()]
-            for reply in exchange(grid, unmask, self.timeout):
-                src = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("secure aggregation: node %s failed to unmask: %s",
-                                src, reply.error.reason)
-                    continue
-                try:
-                    response = bytes(reply.content[SECAGG]["unmask"])
-                except (KeyError, TypeError) as err:
-                    log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
-                    continue
-                answered.add(src)
-                self.session.add_unmask_response(src, response)
+            # The survivors are fixed: their vectors go into the sum while the requests
+            # are out (the exchange mostly waits; numpy adds without the GIL).
+            with ThreadPoolExecutor(1) as pool:
+                summing = pool.submit(self.session.sum_masked_inputs)
+                answered |= self._unmask(grid, requests)
+                summing.result()
+            asked = len(requests)
+            if self.session.shares_missing():  # some of the cover did not answer
+                more = self.session.more_unmask_requests()
+                if more:
+                    log.info("round %d: %d of %d asked to unmask answered; asking %d more",
+                             server_round, len(answered), len(requests), len(more))
+                    answered |= self._unmask(grid, more)
+                    asked += len(more)
             result = self.session.aggregate()
         except SecAggAbort as abort:
             self._mark_rejected(by_node)
@@ -203,7 +206,8 @@ class SecureAggregator:
         bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
                                          num_summed=len(contributors))
         metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
-                   "secagg_participants": len(participants), "secagg_neighbours": k,
+                   "secagg_participants": len(participants), "secagg_unmask_asked": asked,
+                   "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
         if self.dp_scale is not None:  # each share is sized for t: more carry more noise
@@ -217,6 +221,27 @@ class SecureAggregator:
             expected_batch=sum(by_node[n].report.sample_rate * by_node[n].report.num_examples
                                for n in contributors) if self.dp_scale else 0.0)
         return SecureRoundResult(outcomes + list(by_node.values()), update_sum, metrics)
+
+    def _unmask(self, grid: Grid, requests: dict) -> set[int]:
+        """One unmask exchange; the nodes whose response the session took in."""
+        unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
+                          dst_node_id=n, message_type=SECAGG_UNMASK)
+                  for n, r in requests.items()]
+        answered = set()
+        for reply in exchange(grid, unmask, self.timeout):
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("secure aggregation: node %s failed to unmask: %s",
+                            src, reply.error.reason)
+                continue
+            try:
+                response = bytes(reply.content[SECAGG]["unmask"])
+            except (KeyError, TypeError) as err:
+                log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
+                continue
+            answered.add(src)
+            self.session.add_unmask_response(src, response)
+        return answered
 
     def _not_summed(self, outcome: ReplyOutcome, reason: str, spent: bool = False
                     ) -> ReplyOutcome:

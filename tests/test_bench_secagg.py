@@ -28,7 +28,12 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
         report["secagg_s"] / report["plain_s"], abs=0.001)
     assert report["flower_over_ours"] == pytest.approx(
         report["flower_secaggplus_s"] / report["secagg_s"], abs=0.001)
-    # Both secure rounds aggregated what the clients sent (ours to within its quantization).
+    # The two secure kinds' first rounds were run apart, untimed.
+    assert set(report["first_round_s"]) == {"secagg", "flower_secaggplus"}
+    assert all(t > 0 for t in report["first_round_s"].values())
+    # All three aggregated what the clients sent (ours to within its quantization): the
+    # plain clients' new weights too, not an echo of the old ones.
+    assert report["max_abs_error"]["plain"] < 1e-6
     assert report["max_abs_error"]["secagg"] < 1e-6
     assert report["max_abs_error"]["flower_secaggplus"] < 0.05
 

@@ -58,6 +58,9 @@ def test_unknown_task_and_partition_kind_list_what_is_accepted():
         load_config(None, ["task=cifar"])
     with pytest.raises(ConfigError, match="'iid', 'dirichlet' or 'natural'"):
         load_config(None, ["partition.kind=shards"])
+    with pytest.raises(ConfigError, match=r"secagg.unmask: Input should be 'cover' or 'all' "
+                                          r"\(got 'some'\)"):
+        load_config(None, ["secagg.enabled=true", "secagg.unmask=some"])
 
 
 def test_overrides_are_toml_values_with_dotted_sections(tmp_path):

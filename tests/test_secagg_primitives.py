@@ -73,6 +73,16 @@ def test_several_masks_in_one_pass_equal_adding_them_one_by_one():
     assert np.array_equal(together, vector)
 
 
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_masks_split_among_threads_equal_one_thread(workers):
+    vector = np.random.default_rng(3).integers(0, 2**32, size=300_001, dtype=np.uint32)
+    keyed_signs = [(os.urandom(32), 1 if i % 3 else -1) for i in range(13)]
+    one, split = vector.copy(), vector.copy()
+    add_masks(one, keyed_signs)
+    add_masks(split, keyed_signs, workers=workers)
+    assert np.array_equal(split, one)
+
+
 def test_mask_rejects_short_keys_and_wrong_dtypes():
     with pytest.raises(ValueError, match="32"):
         expand_mask(os.urandom(16), 10)
@@ -175,6 +185,18 @@ def test_x25519_agreement_is_symmetric_and_its_repr_hides_the_private_key():
         a.agree(b"short", peer_id=5)
     with pytest.raises(SecAggProtocolError, match="invalid"):
         a.agree(bytes(32), peer_id=5)  # the all-zero point has low order
+    with pytest.raises(SecAggProtocolError, match="invalid"):
+        a.agree(bytes(32), peer_id=5)  # a refused key is not remembered as agreed
+
+
+def test_remembered_agreements_are_the_key_pairs_own():
+    a, b, c = (X25519KeyPair.generate() for _ in range(3))
+    ab = a.agree(b.public_bytes)
+    # Another object for a's private key (as a client reloads its state) gets the same
+    # secret; another key pair agreeing with the same peer does not.
+    assert X25519KeyPair.from_private_bytes(a.private_bytes()).agree(b.public_bytes) == ab
+    assert c.agree(b.public_bytes) != ab
+    assert c.agree(b.public_bytes) == b.agree(c.public_bytes)
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 10, 30, 101])

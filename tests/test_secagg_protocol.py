@@ -435,3 +435,73 @@ def test_replies_one_at_a_time_give_the_sum_and_a_second_reply_changes_nothing()
     expected = np.sum([clip_l2(updates[i], CLIP) for i in ids], axis=0)
     bound = quantization_error_bound(clip=CLIP, bits=fed.bits, num_summed=len(ids))
     assert np.max(np.abs(decoded - expected)) <= bound + 1e-9
+
+
+def _holders_in(plan: RoundPlan, asked, owner: int) -> int:
+    return len(set(plan.holders(owner)) & set(asked))
+
+
+@pytest.mark.parametrize(("n", "drop"), [(5, 0), (10, 0), (30, 0), (30, 4), (100, 9)])
+def test_a_cover_asks_fewer_survivors_and_holds_t_shares_of_every_secret(n, drop):
+    fed = Federation(n)
+    setup = fed.setup(1, 40)
+    updates = {i: np.random.default_rng(i).normal(0.0, 0.1, size=40) for i in fed.ids()}
+    gone = set(fed.ids()[1 : 1 + 2 * drop : 2])  # every other one: the graph stays connected
+    for src, reply in fed.mask(setup, updates, gone).items():
+        fed.server.add_masked_input(src, reply)
+    requests = fed.server.unmask_requests(cover=True)
+    plan = RoundPlan.from_setup(setup)
+    survivors = [i for i in fed.ids() if i not in gone]
+    assert set(requests) <= set(survivors)
+    assert all(_holders_in(plan, requests, j) >= setup.threshold for j in survivors)
+    if n >= 10:
+        assert len(requests) < len(survivors)
+    # Those asked alone unmask the round: the sum of the survivors, within the bound.
+    result = fed.server.finish_round(fed.unmask(requests))
+    assert result.contributors == tuple(survivors)
+    assert result.unmask_responders == tuple(sorted(requests))
+    decoded = decode_sum(result.total, clip=CLIP, bits=fed.bits, num_summed=len(survivors))
+    expected = np.sum([clip_l2(updates[i], CLIP) for i in survivors], axis=0)
+    bound = quantization_error_bound(clip=CLIP, bits=fed.bits, num_summed=len(survivors))
+    assert np.max(np.abs(decoded - expected)) < bound
+
+
+def test_when_some_of_the_cover_do_not_answer_the_others_are_asked_and_the_sum_is_right():
+    fed = Federation(30)
+    setup = fed.setup(1, 60)
+    updates = {i: np.random.default_rng(i).normal(0.0, 0.1, size=60) for i in fed.ids()}
+    for src, reply in fed.mask(setup, updates).items():
+        fed.server.add_masked_input(src, reply)
+    first = fed.server.unmask_requests(cover=True)
+    silent = set(sorted(first)[:3])
+    for src, response in fed.unmask(first, skip=silent).items():
+        assert fed.server.add_unmask_response(src, response)
+    assert fed.server.shares_missing()
+    more = fed.server.more_unmask_requests()
+    assert more and not set(more) & set(first)  # nobody is asked twice
+    for src, response in fed.unmask(more).items():
+        assert fed.server.add_unmask_response(src, response)
+    assert not fed.server.shares_missing()
+    assert fed.server.more_unmask_requests() == {}
+    result = fed.server.aggregate()
+    assert result.contributors == tuple(fed.ids())
+    decoded = decode_sum(result.total, clip=CLIP, bits=fed.bits, num_summed=30)
+    expected = np.sum([clip_l2(updates[i], CLIP) for i in fed.ids()], axis=0)
+    assert np.max(np.abs(decoded - expected)) < quantization_error_bound(
+        clip=CLIP, bits=fed.bits, num_summed=30)
+
+
+def test_server_refuses_an_unmask_response_from_a_survivor_it_did_not_ask():
+    fed = Federation(30)
+    setup = fed.setup(1, 20)
+    updates = {i: np.zeros(20) for i in fed.ids()}
+    for src, reply in fed.mask(setup, updates).items():
+        fed.server.add_masked_input(src, reply)
+    asked = fed.server.unmask_requests(cover=True)
+    other = next(i for i in fed.ids() if i not in asked)
+    # The request it would have got, answered anyway (e.g. a replay of another's request).
+    request = next(iter(asked.values()))
+    forged = dataclasses.replace(request, encrypted_shares={})
+    response = fed.clients[other].unmask(forged)
+    assert not fed.server.add_unmask_response(other, response.to_bytes())
+    assert "not asked" in fed.server.rejected[other]

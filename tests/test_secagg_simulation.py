@@ -1,5 +1,6 @@
 """Secure aggregation inside a real Flower simulation: accuracy, dropouts, forgeries."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,48 @@ def test_dropouts_up_to_the_threshold_complete_and_forgeries_count_as_dropouts(t
     assert statuses == ["failed", "rejected", "trained", "trained", "trained", "trained"]
     rejected = next(p for p in by_client.values() if p["status"] == "rejected")
     assert "masked vector has shape (4809,)" in rejected["reason"]
+
+
+class FailFirstUnmasks:
+    """A client mod: the first `count` unmask requests of the run (whichever clients get
+    them) fail; a file per failure, created exclusively, counts them across Ray's actors."""
+
+    def __init__(self, slots: Path, count: int):
+        self.slots, self.count = slots, count
+
+    def __call__(self, msg, context, call_next):
+        from consortia.messages import SECAGG_UNMASK
+
+        if msg.metadata.message_type == SECAGG_UNMASK:
+            self.slots.mkdir(parents=True, exist_ok=True)
+            for i in range(self.count):
+                try:
+                    os.close(os.open(self.slots / str(i), os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+                raise ConnectionError("injected dropout of an asked client")
+        return call_next(msg, context)
+
+
+def test_unmasking_asks_a_cover_and_the_others_only_when_one_of_it_fails(tmp_path):
+    # 6 clients on a complete graph (k = 5), t = 3: any 3 clients hold 3 shares of every
+    # secret, so a cover is 3 clients; with one of them failing, the other 3 are asked.
+    base = ["clients=6", "clients_per_round=6", "rounds=2", "secagg.enabled=true",
+            "secagg.neighbours=5", "secagg.threshold=3", "privacy.enabled=false"]
+    run_simulation(load_config(SMOKE, [*base, "secagg.unmask=all"]), tmp_path / "all")
+    run_simulation(load_config(SMOKE, base), tmp_path / "cover")
+    run_simulation(load_config(SMOKE, base), tmp_path / "fail",
+                   client_mods=[FailFirstUnmasks(tmp_path / "slots", 1)])
+    rows = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("all", "cover", "fail")}
+    assert all(r["secagg_status"] == "ok" and r["secagg_dropped"] == 0
+               for runs in rows.values() for r in runs)
+    assert [r["secagg_unmask_asked"] for r in rows["all"]] == [6, 6]
+    assert [r["secagg_unmask_asked"] for r in rows["cover"]] == [3, 3]
+    assert [r["secagg_unmask_asked"] for r in rows["fail"]] == [6, 3]
+    # Whoever unmasks, the secure sum is the same exact integer sum: the same model.
+    a, b, c = (final_weights(tmp_path / name) for name in ("all", "cover", "fail"))
+    for name in a:
+        assert np.array_equal(a[name], b[name]) and np.array_equal(a[name], c[name])
 
 
 def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):

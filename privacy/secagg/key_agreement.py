@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -13,6 +16,15 @@ from cryptography.hazmat.primitives.serialization import (
 from .errors import SecAggProtocolError
 
 PUBLIC_KEY_LEN = 32
+
+# Long-term keys agree on the same secret every round (each round's keys are HKDF
+# outputs of it), so this process remembers the last agreements: keyed by (own public
+# key, peer public key), it saves a client about 20 X25519 operations (0.5 ms) a round.
+# The secrets stay in the memory of the process that holds the private keys anyway,
+# and never reach a log, a message or a file.
+AGREED_CACHE_SIZE = 1 << 14
+_agreed: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
+_agreed_lock = threading.Lock()
 
 
 class X25519KeyPair:
@@ -43,11 +55,22 @@ class X25519KeyPair:
                 f"X25519 public key has {len(peer_public)} bytes, expected {PUBLIC_KEY_LEN}",
                 node_id=peer_id,
             )
+        pair = (self.public_bytes, bytes(peer_public))
+        with _agreed_lock:
+            shared = _agreed.get(pair)
+            if shared is not None:
+                _agreed.move_to_end(pair)
+                return shared
         try:
             # cryptography raises ValueError when the result is all zeros (low-order point).
-            return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:
             raise SecAggProtocolError(f"invalid X25519 public key: {exc}", node_id=peer_id) from exc
+        with _agreed_lock:
+            _agreed[pair] = shared
+            if len(_agreed) > AGREED_CACHE_SIZE:
+                _agreed.popitem(last=False)
+        return shared
 
     def __repr__(self) -> str:
         return f"X25519KeyPair(public={self.public_bytes.hex()[:16]}..., private=<hidden>)"

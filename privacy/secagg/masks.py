@@ -18,6 +18,7 @@ the stream equals ``modes.CTR`` from that counter block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -58,12 +59,18 @@ def add_mask(acc: np.ndarray, key: bytes, *, sign: int) -> None:
     add_masks(acc, [(key, sign)])
 
 
-def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
+def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]], *,
+              workers: int = 1) -> None:
     """``acc += Σ sign * mask(key)`` modulo 2**32, in place, for each (key, sign).
 
     One pass over ``acc``: each chunk of it takes every mask while it is in cache, rather
     than one pass over the whole vector per mask (a client adds k + 1 masks, the server
     removes one self mask per survivor).
+
+    ``workers`` > 1 splits the masks among that many threads (the server's removal of
+    every survivor's self mask, when the clients are done and the cores are free):
+    OpenSSL and numpy release the GIL while they work. Each thread but the first sums
+    its masks into a buffer of its own, added into ``acc`` at the end.
     """
     if acc.dtype != np.uint32 or acc.ndim != 1 or not acc.flags.c_contiguous:
         raise ValueError("add_mask needs a contiguous 1-D uint32 array")
@@ -76,6 +83,25 @@ def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None
     if acc.nbytes > MAX_STREAM_BYTES:
         raise ValueError(f"a mask of {acc.size} values is longer than one key's stream allows; "
                          f"accepted: at most {MAX_STREAM_BYTES // 4} values")
+    workers = max(1, min(workers, len(keyed_signs) // _MIN_MASKS_PER_WORKER))
+    if workers == 1:
+        _add_masks(acc, keyed_signs)
+        return
+    groups = [keyed_signs[i::workers] for i in range(workers)]
+    partial = [acc] + [np.zeros_like(acc) for _ in groups[1:]]
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(_add_masks, a, g) for a, g in zip(partial, groups)]:
+            done.result()
+    for extra in partial[1:]:
+        np.add(acc, extra, out=acc)
+
+
+# Below this many masks per thread, a thread's own buffer and the final additions cost
+# about what the split saves.
+_MIN_MASKS_PER_WORKER = 4
+
+
+def _add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
     streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block more than it writes.

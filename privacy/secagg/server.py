@@ -5,6 +5,8 @@ Stage 1, every round:  :meth:`begin_round` gives the :class:`RoundSetup` to send
                        train request; :meth:`collect_masked_inputs` takes the replies and
                        gives one :class:`UnmaskRequest` per survivor
 Stage 2, every round:  :meth:`finish_round` takes the unmask replies and gives the sum
+                       (or, asking only a cover of the survivors, :meth:`shares_missing`
+                       and :meth:`more_unmask_requests` between the replies and the sum)
 
 Each of the last two also goes one reply at a time: :meth:`add_masked_input` then
 :meth:`unmask_requests`; :meth:`add_unmask_response` (it rebuilds a seed as soon as t
@@ -17,6 +19,7 @@ in :attr:`rejected`); too few survivors raises :class:`SecAggAbort`.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +41,9 @@ from .messages import (
 from .round_plan import RoundPlan, pairwise_sign
 
 
+_SUM_CHUNK = 1 << 16  # uint32 values: 256 KiB of the sum stays in cache while inputs go in
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     """The outcome of a round: the uint32 sum of the contributors' encoded updates.
@@ -56,22 +62,28 @@ class AggregateResult:
 class ServerSecAggSession:
     """The server's secure-aggregation state for one run (honest-but-curious server)."""
 
-    def __init__(self, *, run_id: int) -> None:
+    def __init__(self, *, run_id: int, mask_workers: int | None = None) -> None:
+        """``mask_workers``: threads that remove the masks from the sum (default: the
+        cores, at most 8)."""
         self.run_id = run_id
+        self.mask_workers = mask_workers or min(8, os.cpu_count() or 1)
         self.registered: dict[int, ParticipantKeys] = {}
         self._plan: RoundPlan | None = None
         self._stage = "idle"
+        self._sum_lock = threading.Lock()
         self._round_state()
 
     def _round_state(self) -> None:
         """Forget the last round's replies."""
         self.rejected: dict[int, str] = {}
         self._total: np.ndarray | None = None
+        self._inputs: list[np.ndarray] = []  # accepted masked vectors not yet in _total
         self._survivors: tuple[int, ...] = ()
         self._sealed: dict[int, dict[int, bytes]] = {}  # sender -> its sealed shares
         self._self_mask_shares: dict[int, dict[int, bytes]] = {}  # owner -> point -> share
         self._pair_shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (owner, dropped)
         self._responders: set[int] = set()
+        self._asked: set[int] = set()  # survivors sent an unmask request
         self._to_remove: list[tuple[bytes, int]] = []  # (mask key, sign) rebuilt so far
         self._unmask_failure: str | None = None
 
@@ -172,18 +184,42 @@ class ServerSecAggSession:
         except SecAggProtocolError as exc:
             self.rejected[src] = exc.reason
             return False
-        self._sealed[src] = msg.encrypted_shares  # the vector is summed, not kept
-        if self._total is None:
-            self._total = np.array(msg.masked, dtype=np.uint32)  # a copy of its own
-        else:
-            # uint32 addition wraps modulo 2**32: the masks live in that group.
-            np.add(self._total, msg.masked, out=self._total)
+        self._sealed[src] = msg.encrypted_shares
+        with self._sum_lock:
+            self._inputs.append(msg.masked)  # summed by sum_masked_inputs, then dropped
         return True
 
-    def unmask_requests(self) -> dict[int, UnmaskRequest]:
-        """Fix the survivors (every accepted masked input so far) and give each its request."""
+    def sum_masked_inputs(self) -> None:
+        """Add the masked vectors taken so far into the running sum, and let them go.
+
+        :meth:`aggregate` does it for any left; a caller may do it earlier, e.g. in a
+        thread while the unmask requests are out (the vectors are fixed by then, and
+        numpy releases the GIL while it adds). Chunk by chunk, so the sum's chunk stays
+        in cache while every vector's slice goes into it.
+        """
+        with self._sum_lock:
+            inputs, self._inputs = self._inputs, []
+            if not inputs:
+                return
+            if self._total is None:
+                self._total = np.array(inputs.pop(), dtype=np.uint32)  # a copy of its own
+            total = self._total
+            for start in range(0, total.size, _SUM_CHUNK):
+                chunk = total[start:start + _SUM_CHUNK]
+                for vector in inputs:
+                    # uint32 addition wraps modulo 2**32: the masks live in that group.
+                    np.add(chunk, vector[start:start + _SUM_CHUNK], out=chunk)
+
+    def unmask_requests(self, *, cover: bool = False) -> dict[int, UnmaskRequest]:
+        """Fix the survivors (every accepted masked input so far) and give each its request.
+
+        ``cover=True`` asks only enough of them: a subset holding at least t shares of
+        every survivor's secrets (:func:`_unmask_cover`), about t / (k + 1) of the
+        survivors. What the server learns is the same; fewer clients reveal shares and
+        fewer messages travel. Should some of them not answer, :meth:`shares_missing`
+        says so and :meth:`more_unmask_requests` asks the others.
+        """
         plan = self._require("masking")
-        setup = plan.setup
         survivors = tuple(sorted(self._sealed))
         self._check_enough(plan, survivors, "masked inputs")
         self._survivors = survivors
@@ -191,8 +227,31 @@ class ServerSecAggSession:
         dropped = set(plan.graph) - set(survivors)
         self._self_mask_shares = {j: {} for j in survivors}
         self._pair_shares = {(j, d): {} for j in survivors for d in plan.graph[j] if d in dropped}
+        asked = _unmask_cover(plan, survivors) if cover else survivors
+        return self._requests(plan, sorted(asked))
+
+    def shares_missing(self) -> bool:
+        """Whether some secret the sum needs has fewer than t shares so far."""
+        plan = self._require("unmasking")
+        return any(len(shares) < plan.threshold
+                   for shares in (*self._self_mask_shares.values(), *self._pair_shares.values()))
+
+    def more_unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Requests for the survivors not asked yet that hold shares of a secret still
+        short of t (after a cover, when some of those asked did not answer)."""
+        plan = self._require("unmasking")
+        t = plan.threshold
+        short = {j for j, shares in self._self_mask_shares.items() if len(shares) < t}
+        short |= {j for (j, _), shares in self._pair_shares.items() if len(shares) < t}
+        helpers = {h for j in short for h in plan.holders(j)}
+        return self._requests(plan, [h for h in self._survivors
+                                     if h in helpers and h not in self._asked])
+
+    def _requests(self, plan: RoundPlan, nodes: Sequence[int]) -> dict[int, UnmaskRequest]:
+        setup, survivors = plan.setup, self._survivors
+        self._asked.update(nodes)
         requests = {}
-        for h in survivors:
+        for h in nodes:
             shares = {j: self._sealed[j][h] for j in survivors if h in plan.holders(j)}
             requests[h] = UnmaskRequest(
                 setup.run_id, setup.round_num, setup.round_seed, survivors, shares
@@ -286,8 +345,9 @@ class ServerSecAggSession:
         """The sum, once every survivor's self mask and every mask it shared with a dropped
         client is out; :class:`SecAggAbort` if some seed has fewer than t shares."""
         plan = self._require("unmasking")
+        self.sum_masked_inputs()
         total = self._total
-        assert total is not None  # set by add_masked_input
+        assert total is not None  # unmask_requests needs at least t inputs
         self._total = None
         self._stage = "idle"  # success or abort, this round is over
         if self._unmask_failure is not None:
@@ -296,7 +356,8 @@ class ServerSecAggSession:
             self._check_share_count(owner, "self-mask seed", shares, plan)
         for (owner, gone), shares in self._pair_shares.items():
             self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
-        add_masks(total, self._to_remove)  # every mask in one pass over the sum
+        # Every mask in one pass over the sum, on every core (the clients are done).
+        add_masks(total, self._to_remove, workers=self.mask_workers)
         self._to_remove = []
         survivors = self._survivors
         return AggregateResult(
@@ -328,6 +389,8 @@ class ServerSecAggSession:
             raise SecAggProtocolError(
                 "UnmaskResponse from a node that is not a survivor", node_id=src
             )
+        if src not in self._asked:
+            raise SecAggProtocolError("UnmaskResponse from a node not asked", node_id=src)
         _check_round_binding("UnmaskResponse", msg, setup, src)
         for owner in msg.self_mask_shares:
             if owner not in survivors or src not in plan.holders(owner):
@@ -371,6 +434,34 @@ class ServerSecAggSession:
                 f"holders returned shares of client {owner}'s {what}, threshold "
                 f"t={plan.threshold}"
             )
+
+
+def _unmask_cover(plan: RoundPlan, survivors: Sequence[int]) -> set[int]:
+    """Survivors to ask for shares: at least t holders of every survivor's secrets.
+
+    Greedy, survivor by survivor in id order: while one is short of t chosen holders, add
+    the holder of its that would help the most survivors still short (ties: lower id).
+    O(n k^2). A survivor with fewer than t surviving holders gets all of them (the round
+    then fails when it aggregates, as it would with every survivor asked).
+    """
+    t, alive = plan.threshold, set(survivors)
+    holders = {j: [h for h in plan.holders(j) if h in alive] for j in survivors}
+    helps: dict[int, list[int]] = {h: [] for h in survivors}  # h holds shares for these
+    for j, hs in holders.items():
+        for h in hs:
+            helps[h].append(j)
+    need = dict.fromkeys(survivors, t)
+    chosen: set[int] = set()
+    for j in survivors:
+        while need[j] > 0:
+            candidates = [h for h in holders[j] if h not in chosen]
+            if not candidates:
+                break
+            best = max(candidates, key=lambda h: (sum(need[o] > 0 for o in helps[h]), -h))
+            chosen.add(best)
+            for o in helps[best]:
+                need[o] -= 1
+    return chosen
 
 
 def _check_round_binding(kind: str, msg, setup: RoundSetup, src: int) -> None:
