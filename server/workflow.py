@@ -51,6 +51,21 @@ def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
+def plain_exchange(grid: Grid, messages: list[Message], arrays: ArrayRecord, timeout: float
+                   ) -> tuple[list[ReplyOutcome], list[Message]]:
+    """A round's train exchange with updates in the clear: each reply is inspected
+    (server/validation.py) and the valid ones go on, in client order."""
+    replies = exchange(grid, messages, timeout)
+    outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
+    answered = {o.node_id for o in outcomes}
+    outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
+                 for m in messages if m.metadata.dst_node_id not in answered]
+    # Aggregate in client order: a float sum must not depend on who answered first.
+    trained = sorted((o for o in outcomes if o.status == "trained"),
+                     key=lambda o: natural_key(o.client_id))
+    return outcomes, [o.message for o in trained]
+
+
 def distributed_scale(cfg: RunConfig) -> float | None:
     """γ for distributed DP (privacy/dp/distributed.py), fixed for the run; None otherwise."""
     if cfg.privacy.mode != "distributed":
@@ -315,16 +330,7 @@ class RoundWorkflow:
 
     def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
                     ) -> tuple[list[ReplyOutcome], list[Message]]:
-        """Updates in the clear: each is inspected, the valid ones go on."""
-        replies = exchange(grid, messages, self.cfg.sim.reply_timeout_s)
-        outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
-        answered = {o.node_id for o in outcomes}
-        outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
-                     for m in messages if m.metadata.dst_node_id not in answered]
-        # Aggregate in client order: a float sum must not depend on who answered first.
-        trained = sorted((o for o in outcomes if o.status == "trained"),
-                         key=lambda o: natural_key(o.client_id))
-        return outcomes, [o.message for o in trained]
+        return plain_exchange(grid, messages, arrays, self.cfg.sim.reply_timeout_s)
 
     def check_user_clip(self, outcomes: list[ReplyOutcome], arrays: ArrayRecord) -> list[Message]:
         """Under user-level DP an update beyond the clip would break the sensitivity bound:

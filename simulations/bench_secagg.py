@@ -4,8 +4,10 @@ One process, one Flower simulation (Ray backend), N virtual clients that do no t
 and a benchmark ServerApp that runs three kinds of round in alternation, R times each:
 
 - ``plain``: Flower's Message API FedAvg (``flwr.serverapp.strategy``): configure_train,
-  one send_and_receive, aggregate_train. Clients reply as ``client/client_app.py`` does
-  without secure aggregation: a TrainReport "trained" and the new weights.
+  the train exchange as ``server/workflow.py`` runs it without secure aggregation (each
+  reply inspected by ``server/validation.py``, ``plain_exchange``), aggregate_train.
+  Clients reply as ``client/client_app.py`` does without secure aggregation: a
+  TrainReport "trained" and the new weights.
 - ``secagg``: consortia's ``SecureAggregator.run_round`` on the same FedAvg messages, its
   weighted sum turned into one aggregate reply and passed to ``aggregate_train``, as
   ``server/workflow.py`` does. Clients answer as ``client/client_app.py`` does under
@@ -75,6 +77,7 @@ from consortia.messages import (
 )
 from consortia.server.aggregates import aggregate_reply
 from consortia.server.directory import poll_replies_every
+from consortia.server.workflow import plain_exchange
 from consortia.simulations.dispatch import check_dispatch, prompt_dispatch
 
 PARAM_NAME = "w"
@@ -284,11 +287,12 @@ class _Rounds:
         started = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, self.arrays,
                                                       config or ConfigRecord(), self.grid))
-        replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        aggregated, _ = self.strategy.aggregate_train(server_round, replies)
+        _, accepted = plain_exchange(self.grid, messages, self.arrays, REPLY_TIMEOUT_S)
+        aggregated, _ = self.strategy.aggregate_train(server_round, accepted)
         elapsed = time.perf_counter() - started
-        if aggregated is None or len(replies) != self.clients:
-            raise RuntimeError(f"plain round {server_round}: {len(replies)} replies, no aggregate")
+        if aggregated is None or len(accepted) != self.clients:
+            raise RuntimeError(f"plain round {server_round}: {len(accepted)} valid replies, "
+                               "no aggregate")
         self._check("plain", server_round, aggregated[PARAM_NAME].numpy())
         exchange = sum(t for _, t in self.grid.exchanges)
         self.phases["plain_exchange"].append(exchange)
