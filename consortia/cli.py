@@ -222,6 +222,9 @@ def bench_secagg(
     dispatch: str = typer.Option(
         "prompt", "--dispatch",
         help="the engine's dispatch, all three kinds alike (a run: sim.dispatch): prompt or flower"),
+    unmask: str = typer.Option(
+        "cover", "--unmask",
+        help="ours: whom the unmask request goes to (a run: secagg.unmask): cover or all"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
@@ -230,7 +233,7 @@ def bench_secagg(
         result = run(clients=clients, params=params, rounds=rounds,
                      cpus_per_client=cpus_per_client,
                      pull_interval=None if pull_interval == 0 else pull_interval,
-                     dispatch=dispatch)
+                     dispatch=dispatch, unmask=unmask)
     except ValueError as err:  # sizes it cannot run with, named in the message
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -61,6 +61,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from consortia.client.secure_aggregation import SecAggClient
+from consortia.config import load_config
 from consortia.messages import (
     ARRAYS,
     CONFIG,
@@ -209,7 +210,7 @@ class _TimedGrid:
 class _Rounds:
     """The three round kinds, set up once inside the ServerApp."""
 
-    def __init__(self, grid, context: Context, clients: int, params: int):
+    def __init__(self, grid, context: Context, cfg, clients: int, params: int):
         from flwr.common import ndarrays_to_parameters
         from flwr.compat.common import recorddict_compat as compat
         from flwr.server import LegacyContext, ServerConfig
@@ -220,7 +221,6 @@ class _Rounds:
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
         from flwr.serverapp.strategy import FedAvg
 
-        from consortia.config import load_config
         from consortia.server.secure_aggregation import SecureAggregator
 
         self.grid = _TimedGrid(grid)
@@ -239,8 +239,7 @@ class _Rounds:
         self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=clients,
                                min_available_nodes=clients, fraction_evaluate=0.0,
                                min_evaluate_nodes=0, weighted_by_key=NUM_EXAMPLES)
-        self.cfg = load_config(None, ["secagg.enabled=true", f"clients={clients}",
-                                      f"clients_per_round={clients}", "privacy.enabled=false"])
+        self.cfg = cfg
         self.run_id = uuid.uuid4().hex[:12]
         self.secure = SecureAggregator(self.cfg, self.run_id, REPLY_TIMEOUT_S)
         cfg = self.cfg
@@ -398,12 +397,13 @@ BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-
 def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
                  pull_interval: float | None = BENCH_PULL_INTERVAL_S,
-                 dispatch: str = "prompt") -> dict[str, Any]:
+                 dispatch: str = "prompt", unmask: str = "cover") -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
     (a run's `sim.poll_interval_s`); None keeps Flower's default (0.1 s).
     `dispatch`: the engine's, for every kind alike (a run's `sim.dispatch`): prompt or flower.
+    `unmask`: ours, whom the unmask request goes to (a run's `secagg.unmask`): cover or all.
     """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
@@ -414,6 +414,10 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         raise ValueError(f"pull_interval must be in (0, 1] seconds, or None for Flower's "
                          f"default; got {pull_interval}")
     check_dispatch(dispatch, "dispatch")
+    # Ours as a run with these settings would be configured (a bad value fails here).
+    cfg = load_config(None, ["secagg.enabled=true", f"clients={clients}",
+                             f"clients_per_round={clients}", "privacy.enabled=false",
+                             f"secagg.unmask={unmask}"])
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation
@@ -431,7 +435,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
             if pull_interval is not None:
                 poll_replies_every(grid, pull_interval)
             extra["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)
-            kinds = _Rounds(grid, context, clients, params)
+            kinds = _Rounds(grid, context, cfg, clients, params)
             # Ray starts its actors and loads the ClientApp on first use: an untimed
             # plain round takes that cost (and the clients draw their fixed delta then),
             # so it lands in no kind's figure.
@@ -493,7 +497,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),
-        "dispatch": "prompt" if prompted else "flower",
+        "dispatch": "prompt" if prompted else "flower", "unmask": unmask,
         "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -18,6 +18,7 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
     assert (report["clients"], report["params"], report["rounds"]) == (4, 1000, 1)
     assert report["flower_separate_simulation"] is False
     assert report["dispatch"] == "prompt"  # the default, as a run's sim.dispatch
+    assert report["unmask"] == "cover"  # likewise secagg.unmask
     cpu = report["secagg_client_cpu_ms"]  # every masked reply measured its own CPU
     assert 0 < cpu["median"] <= cpu["max"]
     for key in TIME_KEYS:
@@ -51,3 +52,8 @@ def test_bench_secagg_rejects_a_negative_poll_interval_naming_it():
 def test_bench_secagg_rejects_an_unknown_dispatch_naming_it():
     with pytest.raises(ValueError, match="dispatch must be prompt or flower.*'fast'"):
         bench_secagg(clients=4, params=10, dispatch="fast")
+
+
+def test_bench_secagg_rejects_an_unknown_unmask_choice_at_start_naming_it():
+    with pytest.raises(ValueError, match=r"secagg.unmask: .*'cover' or 'all' \(got 'some'\)"):
+        bench_secagg(clients=4, params=10, unmask="some")
