@@ -48,6 +48,23 @@ def test_worst_case_inputs_at_the_largest_width_sum_without_wrapping():
     )
 
 
+@pytest.mark.parametrize("n", [1, 2, 30])  # 32 bits (a uint32 cast), 31 and 27 (int32)
+def test_the_extremes_encode_to_the_first_and_last_level_at_every_width(n):
+    bits, clip = max_bits(n), 1.0
+    top = 2**bits - 1
+    for value, level in ((clip, top), (-clip, 0)):
+        encoded = encode(np.full(1, value), clip=clip, bits=bits, num_clients=n,
+                         rng=np.random.default_rng(0))
+        assert encoded.dtype == np.uint32 and int(encoded[0]) == level
+    # In between, a random update's levels all lie in [0, 2**bits - 1] and round to
+    # within one level of their exact value.
+    update = np.random.default_rng(1).uniform(-clip, clip, 5000) / 100
+    encoded = encode(update, clip=clip, bits=bits, num_clients=n, rng=np.random.default_rng(2))
+    exact = (clip_l2(update, clip) + clip) / step_size(clip, bits)
+    assert encoded.max() <= top
+    assert np.all(np.abs(encoded.astype(np.float64) - exact) < 1.0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 40),

@@ -130,7 +130,13 @@ def encode(
     stream = keystream(rng.bytes(32))
     zeros = bytes(4 * chunk)
     words_buffer = bytearray(4 * chunk + 16)  # update_into wants a block of room more
-    words = np.frombuffer(words_buffer, dtype=np.uint32)
+    # The stream's words read as int32: w * 2**-32 is uniform on [-1/2, 1/2) in steps of
+    # 2**-32, so w * 2**-32 + 1/2 is the uniform u on [0, 1). (numpy converts int32 to
+    # float64 faster than uint32.)
+    words = np.frombuffer(words_buffer, dtype=np.int32)
+    # Levels below 2**31 are written through an int32 view of `out` (the same bits as
+    # uint32 for them; numpy casts float64 to int32 three times faster than to uint32).
+    target = out.view(np.int32) if top < 2**31 else out
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
         n = stop - start
@@ -139,14 +145,14 @@ def encode(
         # float32 loop, q near 2**bits would be off by several levels).
         np.multiply(x[start:stop], scale, out=qc, dtype=np.float64)
         stream.update_into(zeros[: 4 * n] if n < chunk else zeros, words_buffer)
-        np.multiply(words[:n], 2.0**-32, out=uc)  # u uniform on [0, 1) in steps of 2**-32
-        uc += offset
+        np.multiply(words[:n], 2.0**-32, out=uc)
+        uc += offset + 0.5  # u + offset
         qc += uc
         # Float rounding at exactly +-clip can step outside [0, 2**bits - 1]; clamp
-        # (changes nothing else). Then the cast to uint32 truncates, which for values
-        # in [0, 2**bits - 1] is the floor.
+        # (changes nothing else). Then the cast truncates, which for values in
+        # [0, 2**bits - 1] is the floor.
         np.clip(qc, 0.0, top, out=qc)
-        np.copyto(out[start:stop], qc, casting="unsafe")
+        np.copyto(target[start:stop], qc, casting="unsafe")
     return out
 
 
