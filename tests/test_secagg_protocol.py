@@ -410,6 +410,7 @@ def test_messages_reject_the_wrong_type_tag():
 def test_bench_masks_reports_speed_and_a_correct_round():
     report = bench_masks(20_000, 4, dropouts=1, repeats=1)
     assert report["mask_expand_gbps"] > 0 and report["mask_add_gbps"] > 0
+    assert report["encode_reused_buffer_s"] > 0
     assert report["round_compute_s"] > 0
     assert report["max_abs_error"] < report["error_bound"]
 
