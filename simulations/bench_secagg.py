@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -65,7 +65,6 @@ from consortia.config import load_config
 from consortia.messages import (
     ARRAYS,
     CONFIG,
-    METRICS,
     NUM_EXAMPLES,
     SECAGG,
     SECAGG_UNMASK,

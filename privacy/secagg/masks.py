@@ -90,7 +90,7 @@ def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]], *,
     groups = [keyed_signs[i::workers] for i in range(workers)]
     partial = [acc] + [np.zeros_like(acc) for _ in groups[1:]]
     with ThreadPoolExecutor(workers) as pool:
-        for done in [pool.submit(_add_masks, a, g) for a, g in zip(partial, groups)]:
+        for done in [pool.submit(_add_masks, a, g) for a, g in zip(partial, groups, strict=True)]:
             done.result()
     for extra in partial[1:]:
         np.add(acc, extra, out=acc)

@@ -40,7 +40,6 @@ from .messages import (
 )
 from .round_plan import RoundPlan, pairwise_sign
 
-
 _SUM_CHUNK = 1 << 16  # uint32 values: 256 KiB of the sum stays in cache while inputs go in
 
 
