@@ -165,13 +165,12 @@ class SecureAggregator:
                 answered |= self._unmask(grid, requests)
                 summing.result()
             asked = len(requests)
-            if self.session.shares_missing():  # some of the cover did not answer
-                more = self.session.more_unmask_requests()
-                if more:
-                    log.info("round %d: %d of %d asked to unmask answered; asking %d more",
-                             server_round, len(answered), len(requests), len(more))
-                    answered |= self._unmask(grid, more)
-                    asked += len(more)
+            more = self.session.more_unmask_requests()  # some of the cover did not answer
+            if more:
+                log.info("round %d: %d of %d asked to unmask answered; asking %d more",
+                         server_round, len(answered), len(requests), len(more))
+                answered |= self._unmask(grid, more)
+                asked += len(more)
             result = self.session.aggregate()
         except SecAggAbort as abort:
             self._mark_rejected(by_node)

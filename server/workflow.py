@@ -277,7 +277,8 @@ class RoundWorkflow:
             outcomes, summed, round_metrics = result.outcomes, result.summed, result.metrics
             accepted = []
         else:
-            outcomes, accepted = self.plain_round(grid, messages, arrays)
+            outcomes, accepted = plain_exchange(grid, messages, arrays,
+                                                 self.cfg.sim.reply_timeout_s)
             summed, round_metrics = None, {}
             if self.user_dp is not None:
                 accepted = self.check_user_clip(outcomes, arrays)
@@ -328,14 +329,10 @@ class RoundWorkflow:
             self.on_round(row)
         return arrays
 
-    def plain_round(self, grid: Grid, messages: list[Message], arrays: ArrayRecord
-                    ) -> tuple[list[ReplyOutcome], list[Message]]:
-        return plain_exchange(grid, messages, arrays, self.cfg.sim.reply_timeout_s)
-
     def check_user_clip(self, outcomes: list[ReplyOutcome], arrays: ArrayRecord) -> list[Message]:
         """Under user-level DP an update beyond the clip would break the sensitivity bound:
         reject it (a client that does not clip is faulty or malicious). Returns the kept
-        updates in client order, as plain_round does."""
+        updates in client order, as plain_exchange does."""
         limit = self.user_dp.clip * (1 + 1e-4)
         kept = []
         trained = sorted((i for i, o in enumerate(outcomes) if o.status == "trained"),

@@ -238,10 +238,8 @@ class _Rounds:
         self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=clients,
                                min_available_nodes=clients, fraction_evaluate=0.0,
                                min_evaluate_nodes=0, weighted_by_key=NUM_EXAMPLES)
-        self.cfg = cfg
         self.run_id = uuid.uuid4().hex[:12]
-        self.secure = SecureAggregator(self.cfg, self.run_id, REPLY_TIMEOUT_S)
-        cfg = self.cfg
+        self.secure = SecureAggregator(cfg, self.run_id, REPLY_TIMEOUT_S)
         self.instructions = TrainInstructions(
             run_id=self.run_id, task=cfg.task, model_activation=cfg.model.activation,
             local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,

@@ -41,6 +41,7 @@ from .messages import (
 from .round_plan import RoundPlan, pairwise_sign
 
 _SUM_CHUNK = 1 << 16  # uint32 values: 256 KiB of the sum stays in cache while inputs go in
+_MASK_WORKERS = min(8, os.cpu_count() or 1)  # threads removing the masks from the sum
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,8 @@ class AggregateResult:
 class ServerSecAggSession:
     """The server's secure-aggregation state for one run (honest-but-curious server)."""
 
-    def __init__(self, *, run_id: int, mask_workers: int | None = None) -> None:
-        """``mask_workers``: threads that remove the masks from the sum (default: the
-        cores, at most 8)."""
+    def __init__(self, *, run_id: int) -> None:
         self.run_id = run_id
-        self.mask_workers = mask_workers or min(8, os.cpu_count() or 1)
         self.registered: dict[int, ParticipantKeys] = {}
         self._plan: RoundPlan | None = None
         self._stage = "idle"
@@ -83,6 +81,8 @@ class ServerSecAggSession:
         self._pair_shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (owner, dropped)
         self._responders: set[int] = set()
         self._asked: set[int] = set()  # survivors sent an unmask request
+        self._holders: dict[int, list[int]] = {}  # survivor -> its surviving share holders
+        self._holds: dict[int, list[int]] = {}  # survivor -> whose shares it holds
         self._to_remove: list[tuple[bytes, int]] = []  # (mask key, sign) rebuilt so far
         self._unmask_failure: str | None = None
 
@@ -226,36 +226,42 @@ class ServerSecAggSession:
         dropped = set(plan.graph) - set(survivors)
         self._self_mask_shares = {j: {} for j in survivors}
         self._pair_shares = {(j, d): {} for j in survivors for d in plan.graph[j] if d in dropped}
-        asked = _unmask_cover(plan, survivors) if cover else survivors
+        # Who holds whose shares among the survivors, both ways, once per round: a request
+        # carries the shares its recipient holds (O(n k) in all, not n holder lists each).
+        alive = set(survivors)
+        self._holders = {j: [h for h in plan.holders(j) if h in alive] for j in survivors}
+        self._holds = {h: [] for h in survivors}
+        for j, hs in self._holders.items():
+            for h in hs:
+                self._holds[h].append(j)
+        asked = (_unmask_cover(plan.threshold, survivors, self._holders, self._holds)
+                 if cover else survivors)
         return self._requests(plan, sorted(asked))
 
     def shares_missing(self) -> bool:
         """Whether some secret the sum needs has fewer than t shares so far."""
-        plan = self._require("unmasking")
-        return any(len(shares) < plan.threshold
-                   for shares in (*self._self_mask_shares.values(), *self._pair_shares.values()))
+        return bool(self._short_owners())
 
     def more_unmask_requests(self) -> dict[int, UnmaskRequest]:
         """Requests for the survivors not asked yet that hold shares of a secret still
-        short of t (after a cover, when some of those asked did not answer)."""
-        plan = self._require("unmasking")
-        t = plan.threshold
+        short of t (after a cover, when some of those asked did not answer); none when
+        no secret is short."""
+        helpers = {h for j in self._short_owners() for h in self._holders[j]}
+        return self._requests(self._require("unmasking"),
+                              [h for h in self._survivors if h in helpers and h not in self._asked])
+
+    def _short_owners(self) -> set[int]:
+        """Survivors with a secret the sum needs that has fewer than t shares so far."""
+        t = self._require("unmasking").threshold
         short = {j for j, shares in self._self_mask_shares.items() if len(shares) < t}
-        short |= {j for (j, _), shares in self._pair_shares.items() if len(shares) < t}
-        helpers = {h for j in short for h in plan.holders(j)}
-        return self._requests(plan, [h for h in self._survivors
-                                     if h in helpers and h not in self._asked])
+        return short | {j for (j, _), shares in self._pair_shares.items() if len(shares) < t}
 
     def _requests(self, plan: RoundPlan, nodes: Sequence[int]) -> dict[int, UnmaskRequest]:
         setup, survivors = plan.setup, self._survivors
         self._asked.update(nodes)
-        requests = {}
-        for h in nodes:
-            shares = {j: self._sealed[j][h] for j in survivors if h in plan.holders(j)}
-            requests[h] = UnmaskRequest(
-                setup.run_id, setup.round_num, setup.round_seed, survivors, shares
-            )
-        return requests
+        return {h: UnmaskRequest(setup.run_id, setup.round_num, setup.round_seed, survivors,
+                                 {j: self._sealed[j][h] for j in self._holds[h]})
+                for h in nodes}
 
     def _check_masked_input(
         self, plan: RoundPlan, src: int, reply: MaskedInput | bytes
@@ -356,7 +362,7 @@ class ServerSecAggSession:
         for (owner, gone), shares in self._pair_shares.items():
             self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
         # Every mask in one pass over the sum, on every core (the clients are done).
-        add_masks(total, self._to_remove, workers=self.mask_workers)
+        add_masks(total, self._to_remove, workers=_MASK_WORKERS)
         self._to_remove = []
         survivors = self._survivors
         return AggregateResult(
@@ -435,20 +441,16 @@ class ServerSecAggSession:
             )
 
 
-def _unmask_cover(plan: RoundPlan, survivors: Sequence[int]) -> set[int]:
+def _unmask_cover(t: int, survivors: Sequence[int], holders: Mapping[int, list[int]],
+                  helps: Mapping[int, list[int]]) -> set[int]:
     """Survivors to ask for shares: at least t holders of every survivor's secrets.
+    ``holders[j]``: j's surviving share holders; ``helps[h]``: whose shares h holds.
 
     Greedy, survivor by survivor in id order: while one is short of t chosen holders, add
     the holder of its that would help the most survivors still short (ties: lower id).
     O(n k^2). A survivor with fewer than t surviving holders gets all of them (the round
     then fails when it aggregates, as it would with every survivor asked).
     """
-    t, alive = plan.threshold, set(survivors)
-    holders = {j: [h for h in plan.holders(j) if h in alive] for j in survivors}
-    helps: dict[int, list[int]] = {h: [] for h in survivors}  # h holds shares for these
-    for j, hs in holders.items():
-        for h in hs:
-            helps[h].append(j)
     need = dict.fromkeys(survivors, t)
     chosen: set[int] = set()
     for j in survivors:
