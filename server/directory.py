@@ -11,8 +11,9 @@ clients, and the console can name the site behind a node.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -40,20 +41,52 @@ def poll_replies_every(grid: Grid, seconds: float) -> None:
         grid.pull_interval = seconds
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """grid.send_and_receive, with every reply attributed to the node it was sent to.
+# A deployment's grid (Flower's HttpGrid) has no `pull_interval`: its own send_and_receive
+# sleeps 3 s between looks for replies (flwr 1.41), and `exchange_as_replied` keeps that.
+DEPLOYED_PULL_PAUSE_S = 3.0
+
+
+def exchange_as_replied(grid: Grid, messages: list[Message], timeout: float | None
+                        ) -> Iterator[list[Message]]:
+    """Push `messages`, then yield their replies as they arrive: one batch per look, each
+    reply attributed to the node it was sent to. Ends when every message has its reply, or
+    at the timeout (None: no limit).
+
+    The same pushes, pulls and pauses as Flower's `grid.send_and_receive` (which returns
+    only once the last reply is in), so the caller can work on the replies it has while
+    the others are out: the server checks and sums the updates that have come in, and
+    removes the masks it has rebuilt, instead of idling until the slowest client answers.
 
     In a deployment the SuperLink itself answers for a node that stopped heartbeating:
     an error reply whose source is the SuperLink (node 1), not the node. Matching the
     reply to its request keeps that failure on the node it belongs to.
     """
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    messages = list(messages)
+    # Flower sets each message's id as it pushes it; None stands for one it could not push
+    # (which then has no reply, as a node that never answered).
+    waiting = {i for i in grid.push_messages(messages) if i is not None}
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:
-        node = sent.get(reply.metadata.reply_to_message_id)
-        if node is not None and reply.metadata.src_node_id != node:
-            reply.metadata.__dict__["_src_node_id"] = node
-    return replies
+    del messages
+    pause = getattr(grid, "pull_interval", None)
+    pause = pause if isinstance(pause, (int, float)) else DEPLOYED_PULL_PAUSE_S
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    while waiting:
+        replies = list(grid.pull_messages(waiting))
+        for reply in replies:
+            waiting.discard(reply.metadata.reply_to_message_id)
+            node = sent.get(reply.metadata.reply_to_message_id)
+            if node is not None and reply.metadata.src_node_id != node:
+                reply.metadata.__dict__["_src_node_id"] = node
+        if replies:
+            yield replies
+        if not waiting or time.monotonic() >= deadline:
+            return
+        time.sleep(pause)
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Every reply `exchange_as_replied` gets, once the exchange is over."""
+    return [reply for batch in exchange_as_replied(grid, messages, timeout) for reply in batch]
 
 
 def natural_key(client_id: str) -> tuple:

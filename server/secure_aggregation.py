@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,10 +47,34 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
-from consortia.server.directory import exchange
+from consortia.server.directory import exchange, exchange_as_replied
 from consortia.server.validation import ReplyOutcome, report_outcome
 
 log = logging.getLogger("consortia.server")
+
+
+class _Background:
+    """One worker thread for the server's work on the sum while replies are still out,
+    done in the order given; :meth:`wait` returns once it is all done, and raises what
+    went wrong in it."""
+
+    def __enter__(self) -> _Background:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="consortia-secagg-sum")
+        self._pending: list[Future] = []
+        return self
+
+    def run(self, work: Callable[[], None]) -> None:
+        self._pending.append(self._pool.submit(work))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for done in pending:
+            done.result()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._pool.shutdown(wait=True)
+        if kind is None:
+            self.wait()
 
 
 @dataclass
@@ -141,49 +166,52 @@ class SecureAggregator:
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
             m.content = content
-        masked, by_node = set(), {}
-        for reply in exchange(grid, messages, self.timeout):
-            outcome, masked_input = self._inspect(reply)
-            by_node[outcome.node_id] = outcome
-            if masked_input is not None:
-                masked.add(outcome.node_id)
-                self.session.add_masked_input(outcome.node_id, masked_input)
-        for n in participants:
-            by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
+        # The server's work on the sum runs in this thread while replies are still out: the
+        # masked vectors go into the sum as they come in, and each mask comes out as soon
+        # as its seed is rebuilt (numpy and OpenSSL work without the GIL).
+        with _Background() as background:
+            masked, by_node = set(), {}
+            for replies in exchange_as_replied(grid, messages, self.timeout):
+                for reply in replies:
+                    outcome, masked_input = self._inspect(reply)
+                    by_node[outcome.node_id] = outcome
+                    if masked_input is not None:
+                        masked.add(outcome.node_id)
+                        self.session.add_masked_input(outcome.node_id, masked_input)
+                background.run(self.session.sum_masked_inputs)
+            for n in participants:
+                by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
-        answered: set[int] = set()  # sent an unmask response (spent, under distributed DP)
-        # Under distributed DP a client spends when it answers (client/secure_aggregation.py),
-        # so every survivor must be asked; otherwise a cover of them is enough at first.
-        cover = self.cfg.secagg.unmask == "cover" and self.dp_scale is None
-        try:
-            requests = self.session.unmask_requests(cover=cover)
-            self._mark_rejected(by_node)
-            # The survivors are fixed: their vectors go into the sum while the requests
-            # are out (the exchange mostly waits; numpy adds without the GIL).
-            with ThreadPoolExecutor(1) as pool:
-                summing = pool.submit(self.session.sum_masked_inputs)
-                answered |= self._unmask(grid, requests)
-                summing.result()
-            asked = len(requests)
-            more = self.session.more_unmask_requests()  # some of the cover did not answer
-            if more:
-                log.info("round %d: %d of %d asked to unmask answered; asking %d more",
-                         server_round, len(answered), len(requests), len(more))
-                answered |= self._unmask(grid, more)
-                asked += len(more)
-            result = self.session.aggregate()
-        except SecAggAbort as abort:
-            self._mark_rejected(by_node)
-            # Their updates were masked and sent (and, under local DP, their spend recorded),
-            # but none reaches the model: the round is abandoned for everyone.
-            for n, outcome in by_node.items():
-                if outcome.status == "trained":
-                    # A client that answered the unmask request spent (distributed DP): it
-                    # cannot know that too few others answered.
-                    by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}",
-                                                  spent=n in answered)
-            return self._abandon(outcomes + list(by_node.values()), str(abort),
-                                 dropped=len(participants) - len(masked))
+            answered: set[int] = set()  # sent an unmask response (spent, under distributed DP)
+            # Under distributed DP a client spends when it answers
+            # (client/secure_aggregation.py), so every survivor must be asked; otherwise a
+            # cover of them is enough at first.
+            cover = self.cfg.secagg.unmask == "cover" and self.dp_scale is None
+            try:
+                requests = self.session.unmask_requests(cover=cover)
+                self._mark_rejected(by_node)
+                answered |= self._unmask(grid, requests, background)
+                asked = len(requests)
+                more = self.session.more_unmask_requests()  # some of the cover did not answer
+                if more:
+                    log.info("round %d: %d of %d asked to unmask answered; asking %d more",
+                             server_round, len(answered), len(requests), len(more))
+                    answered |= self._unmask(grid, more, background)
+                    asked += len(more)
+                background.wait()
+                result = self.session.aggregate()
+            except SecAggAbort as abort:
+                self._mark_rejected(by_node)
+                # Their updates were masked and sent (and, under local DP, their spend recorded),
+                # but none reaches the model: the round is abandoned for everyone.
+                for n, outcome in by_node.items():
+                    if outcome.status == "trained":
+                        # A client that answered the unmask request spent (distributed DP): it
+                        # cannot know that too few others answered.
+                        by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}",
+                                                      spent=n in answered)
+                return self._abandon(outcomes + list(by_node.values()), str(abort),
+                                     dropped=len(participants) - len(masked))
 
         contributors = set(result.contributors)
         for n, outcome in by_node.items():
@@ -221,25 +249,29 @@ class SecureAggregator:
                                for n in contributors) if self.dp_scale else 0.0)
         return SecureRoundResult(outcomes + list(by_node.values()), update_sum, metrics)
 
-    def _unmask(self, grid: Grid, requests: dict) -> set[int]:
-        """One unmask exchange; the nodes whose response the session took in."""
+    def _unmask(self, grid: Grid, requests: dict, background: _Background) -> set[int]:
+        """One unmask exchange; the nodes whose response the session took in. The masks
+        whose seeds are rebuilt come out of the sum in the background as responses come."""
         unmask = [Message(RecordDict({SECAGG: ConfigRecord({"unmask_request": r.to_bytes()})}),
                           dst_node_id=n, message_type=SECAGG_UNMASK)
                   for n, r in requests.items()]
         answered = set()
-        for reply in exchange(grid, unmask, self.timeout):
-            src = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("secure aggregation: node %s failed to unmask: %s",
-                            src, reply.error.reason)
-                continue
-            try:
-                response = bytes(reply.content[SECAGG]["unmask"])
-            except (KeyError, TypeError) as err:
-                log.warning("secure aggregation: node %s sent no unmask response: %r", src, err)
-                continue
-            answered.add(src)
-            self.session.add_unmask_response(src, response)
+        for replies in exchange_as_replied(grid, unmask, self.timeout):
+            for reply in replies:
+                src = reply.metadata.src_node_id
+                if reply.has_error():
+                    log.warning("secure aggregation: node %s failed to unmask: %s",
+                                src, reply.error.reason)
+                    continue
+                try:
+                    response = bytes(reply.content[SECAGG]["unmask"])
+                except (KeyError, TypeError) as err:
+                    log.warning("secure aggregation: node %s sent no unmask response: %r",
+                                src, err)
+                    continue
+                answered.add(src)
+                self.session.add_unmask_response(src, response)
+            background.run(self.session.remove_rebuilt_masks)
         return answered
 
     def _not_summed(self, outcome: ReplyOutcome, reason: str, spent: bool = False

@@ -28,7 +28,7 @@ from consortia.privacy.dp.distributed import choose_scale, model_step
 from consortia.privacy.dp.user_level import UserLevelDP
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.directory import NodeDirectory, exchange, natural_key
+from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
@@ -54,9 +54,9 @@ def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
 def plain_exchange(grid: Grid, messages: list[Message], arrays: ArrayRecord, timeout: float
                    ) -> tuple[list[ReplyOutcome], list[Message]]:
     """A round's train exchange with updates in the clear: each reply is inspected
-    (server/validation.py) and the valid ones go on, in client order."""
-    replies = exchange(grid, messages, timeout)
-    outcomes = [inspect_train_reply(reply, arrays) for reply in replies]
+    (server/validation.py) as it comes in, and the valid ones go on, in client order."""
+    outcomes = [inspect_train_reply(reply, arrays)
+                for replies in exchange_as_replied(grid, messages, timeout) for reply in replies]
     answered = {o.node_id for o in outcomes}
     outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
                  for m in messages if m.metadata.dst_node_id not in answered]

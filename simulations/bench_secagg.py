@@ -43,6 +43,7 @@ kinds alike: it is one grid. Likewise one engine: it hands messages to the clien
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
@@ -184,12 +185,42 @@ def _unmask(msg: Message, context: Context) -> Message:
 
 # --- the server ----------------------------------------------------------------------
 class _TimedGrid:
-    """The Grid, with the seconds each send_and_receive took, by message type."""
+    """The Grid, with the seconds each exchange took (from its push to its last reply),
+    by message type. Flower's SecAgg+ goes through send_and_receive, ours and plain
+    through push_messages and pull_messages (server/directory.py): both are timed."""
 
     def __init__(self, grid):
         self._grid = grid
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
+        self._open: dict[str, int] = {}  # message id -> its exchange's number
+        self._pushed: dict[int, list] = {}  # exchange number -> [type, pushed at, replies out]
+        self._numbers = itertools.count()
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        started = time.perf_counter()
+        ids = [i for i in self._grid.push_messages(messages) if i is not None]
+        number = next(self._numbers)
+        self._pushed[number] = [kind, started, len(ids)]
+        self._open.update(dict.fromkeys(ids, number))
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = list(self._grid.pull_messages(message_ids))
+        now = time.perf_counter()
+        for reply in replies:
+            number = self._open.pop(reply.metadata.reply_to_message_id, None)
+            if number is None:
+                continue
+            pushed = self._pushed[number]
+            pushed[2] -= 1
+            if pushed[2] == 0:  # the exchange's last reply
+                del self._pushed[number]
+                self.exchanges.append((pushed[0], now - pushed[1]))
+        self._record_cpu(replies)
+        return replies
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -197,10 +228,13 @@ class _TimedGrid:
         started = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.exchanges.append((kind, time.perf_counter() - started))
+        self._record_cpu(replies)
+        return replies
+
+    def _record_cpu(self, replies) -> None:
         cpu = (None if r.has_error() else record_of(r.content, CLIENT_CPU, MetricRecord)
                for r in replies)
         self.client_cpu_ms.extend(float(record["ms"]) for record in cpu if record is not None)
-        return replies
 
     def __getattr__(self, name):
         return getattr(self._grid, name)

@@ -506,3 +506,43 @@ def test_server_refuses_an_unmask_response_from_a_survivor_it_did_not_ask():
     response = fed.clients[other].unmask(forged)
     assert not fed.server.add_unmask_response(other, response.to_bytes())
     assert "not asked" in fed.server.rejected[other]
+
+
+def test_summing_and_removing_masks_as_replies_come_in_a_thread_gives_the_exact_sum():
+    """What the server does while replies are out (server/secure_aggregation.py): each
+    masked vector into the sum as it comes, each rebuilt mask out as soon as its seed is
+    complete, in a worker thread, with dropouts at both stages. The total is exactly the
+    survivors' encoded vectors summed modulo 2**32."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fed = Federation(12)
+    size = 70_001  # several of the sum's chunks, and a partial last one
+    setup = fed.setup(1, size, num_neighbours=6, threshold=3)
+    rng = np.random.default_rng(3)
+    encoded = {i: rng.integers(0, 2**fed.bits, size=size, dtype=np.uint32) for i in fed.ids()}
+    gone = set(fed.ids()[2:9:6])  # two clients drop before masking
+    with ThreadPoolExecutor(1) as worker:
+        pending = []
+        for node in fed.ids():
+            if node in gone:
+                continue
+            reply = fed.clients[node].share_keys_and_mask_input(setup, encoded[node]).to_bytes()
+            assert fed.server.add_masked_input(node, reply)
+            pending.append(worker.submit(fed.server.sum_masked_inputs))
+        requests = fed.server.unmask_requests(cover=True)
+        pending.append(worker.submit(fed.server.remove_rebuilt_masks))  # nothing rebuilt yet
+        silent = sorted(requests)[0]  # one asked client drops before unmasking
+        for src, response in fed.unmask(requests, skip={silent}).items():
+            assert fed.server.add_unmask_response(src, response)
+            pending.append(worker.submit(fed.server.remove_rebuilt_masks))
+        for src, response in fed.unmask(fed.server.more_unmask_requests()).items():
+            assert fed.server.add_unmask_response(src, response)
+            pending.append(worker.submit(fed.server.remove_rebuilt_masks))
+        for done in pending:
+            done.result()
+    result = fed.server.aggregate()
+    assert set(result.dropped) == gone
+    expected = np.zeros(size, dtype=np.uint32)
+    for node in result.contributors:
+        expected += encoded[node]  # wraps modulo 2**32, as the masks do
+    assert np.array_equal(result.total, expected)

@@ -10,7 +10,9 @@ Stage 2, every round:  :meth:`finish_round` takes the unmask replies and gives t
 
 Each of the last two also goes one reply at a time: :meth:`add_masked_input` then
 :meth:`unmask_requests`; :meth:`add_unmask_response` (it rebuilds a seed as soon as t
-shares of it are in) then :meth:`aggregate` (every mask out in one pass).
+shares of it are in) then :meth:`aggregate` (every mask still in, out in one pass). In
+between, :meth:`sum_masked_inputs` and :meth:`remove_rebuilt_masks` do the work so far,
+e.g. in a thread while replies are still coming in.
 
 A message that fails validation counts as that client dropping out (its reason is kept
 in :attr:`rejected`); too few survivors raises :class:`SecAggAbort`.
@@ -67,7 +69,8 @@ class ServerSecAggSession:
         self.registered: dict[int, ParticipantKeys] = {}
         self._plan: RoundPlan | None = None
         self._stage = "idle"
-        self._sum_lock = threading.Lock()
+        self._sum_lock = threading.Lock()  # the lists of vectors and masks to take in
+        self._total_lock = threading.Lock()  # the running sum
         self._round_state()
 
     def _round_state(self) -> None:
@@ -196,18 +199,45 @@ class ServerSecAggSession:
         numpy releases the GIL while it adds). Chunk by chunk, so the sum's chunk stays
         in cache while every vector's slice goes into it.
         """
-        with self._sum_lock:
-            inputs, self._inputs = self._inputs, []
-            if not inputs:
-                return
-            if self._total is None:
-                self._total = np.array(inputs.pop(), dtype=np.uint32)  # a copy of its own
-            total = self._total
-            for start in range(0, total.size, _SUM_CHUNK):
-                chunk = total[start:start + _SUM_CHUNK]
-                for vector in inputs:
-                    # uint32 addition wraps modulo 2**32: the masks live in that group.
-                    np.add(chunk, vector[start:start + _SUM_CHUNK], out=chunk)
+        self._work(remove_masks=False)
+
+    def remove_rebuilt_masks(self) -> None:
+        """Take the masks whose seeds are rebuilt so far out of the sum (after summing the
+        masked vectors taken so far); :meth:`aggregate` removes the rest.
+
+        A caller may do it in a thread while other unmask responses are still out: the
+        sum is modulo 2**32, so the order of additions does not matter, and OpenSSL and
+        numpy release the GIL while they expand and add.
+        """
+        self._work(remove_masks=True)
+
+    def _work(self, *, remove_masks: bool, workers: int = 1) -> None:
+        """Sum the vectors taken so far (and remove the masks rebuilt so far) into _total.
+
+        Two locks: _sum_lock only guards the lists of what is to do, so that taking in a
+        reply never waits on the sum; _total_lock is held while the sum changes.
+        """
+        with self._total_lock:
+            with self._sum_lock:
+                inputs, self._inputs = self._inputs, []
+                masks: list[tuple[bytes, int]] = []
+                if remove_masks:
+                    masks, self._to_remove = self._to_remove, []
+            if inputs:
+                if self._total is None:
+                    self._total = np.array(inputs.pop(), dtype=np.uint32)  # its own copy
+                total = self._total
+                for start in range(0, total.size, _SUM_CHUNK):
+                    chunk = total[start:start + _SUM_CHUNK]
+                    for vector in inputs:
+                        # uint32 addition wraps modulo 2**32: the masks live in that group.
+                        np.add(chunk, vector[start:start + _SUM_CHUNK], out=chunk)
+            if masks:
+                if self._total is None:  # no vector in yet: keep them for later
+                    with self._sum_lock:
+                        self._to_remove = masks + self._to_remove
+                    return
+                add_masks(self._total, masks, workers=workers)
 
     def unmask_requests(self, *, cover: bool = False) -> dict[int, UnmaskRequest]:
         """Fix the survivors (every accepted masked input so far) and give each its request.
@@ -338,10 +368,12 @@ class ServerSecAggSession:
                 for _, owner, gone, shares in complete:
                     seed = shamir.combine(shares, threshold=t)
                     if gone is None:
-                        self._to_remove.append((plan.self_mask_key(seed, owner), -1))
+                        mask = (plan.self_mask_key(seed, owner), -1)
                     else:
                         # owner's input carries sign * mask that the absent peer never cancelled.
-                        self._to_remove.append((seed, -pairwise_sign(owner, gone)))
+                        mask = (seed, -pairwise_sign(owner, gone))
+                    with self._sum_lock:
+                        self._to_remove.append(mask)
             except SecAggProtocolError as exc:
                 self._unmask_failure = str(exc)  # the round is lost; aggregate() says why
         return True
@@ -351,9 +383,9 @@ class ServerSecAggSession:
         client is out; :class:`SecAggAbort` if some seed has fewer than t shares."""
         plan = self._require("unmasking")
         self.sum_masked_inputs()
-        total = self._total
+        with self._total_lock:
+            total, self._total = self._total, None
         assert total is not None  # unmask_requests needs at least t inputs
-        self._total = None
         self._stage = "idle"  # success or abort, this round is over
         if self._unmask_failure is not None:
             raise SecAggAbort(f"round {plan.setup.round_num}: {self._unmask_failure}")
@@ -361,9 +393,11 @@ class ServerSecAggSession:
             self._check_share_count(owner, "self-mask seed", shares, plan)
         for (owner, gone), shares in self._pair_shares.items():
             self._check_share_count(owner, f"seed shared with dropped {gone}", shares, plan)
-        # Every mask in one pass over the sum, on every core (the clients are done).
-        add_masks(total, self._to_remove, workers=_MASK_WORKERS)
-        self._to_remove = []
+        # The masks not removed yet in one pass over the sum, on every core (the clients
+        # are done).
+        with self._sum_lock:
+            to_remove, self._to_remove = self._to_remove, []
+        add_masks(total, to_remove, workers=_MASK_WORKERS)
         survivors = self._survivors
         return AggregateResult(
             round_num=plan.setup.round_num,
