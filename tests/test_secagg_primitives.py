@@ -192,11 +192,31 @@ def test_x25519_agreement_is_symmetric_and_its_repr_hides_the_private_key():
 def test_remembered_agreements_are_the_key_pairs_own():
     a, b, c = (X25519KeyPair.generate() for _ in range(3))
     ab = a.agree(b.public_bytes)
+    assert a.agreements() == {b.public_bytes: ab}
     # Another object for a's private key (as a client reloads its state) gets the same
-    # secret; another key pair agreeing with the same peer does not.
+    # secret, remembered or not; another key pair agreeing with the same peer does not.
     assert X25519KeyPair.from_private_bytes(a.private_bytes()).agree(b.public_bytes) == ab
-    assert c.agree(b.public_bytes) != ab
+    reloaded = X25519KeyPair.from_private_bytes(a.private_bytes(), public_bytes=a.public_bytes,
+                                                agreed=a.agreements())
+    assert reloaded.agree(b.public_bytes) == ab and reloaded.public_bytes == a.public_bytes
+    assert c.agree(b.public_bytes) != ab and c.agreements() == {b.public_bytes: c.agree(
+        b.public_bytes)}
     assert c.agree(b.public_bytes) == b.agree(c.public_bytes)
+
+
+def test_a_key_pair_remembers_its_latest_agreements_up_to_its_bound():
+    from consortia.privacy.secagg import key_agreement
+
+    a = X25519KeyPair.generate()
+    peers = [X25519KeyPair.generate() for _ in range(key_agreement.AGREEMENTS_KEPT + 5)]
+    for p in peers:
+        a.agree(p.public_bytes)
+    a.agree(peers[5].public_bytes)  # used again: the newest
+    kept = list(a.agreements())
+    assert len(kept) == key_agreement.AGREEMENTS_KEPT and kept[-1] == peers[5].public_bytes
+    assert peers[4].public_bytes not in kept and peers[6].public_bytes in kept  # 0 to 4 went
+    # What it remembers is what X25519 gives.
+    assert all(a.agreements()[p.public_bytes] == p.agree(a.public_bytes) for p in peers[7:])
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 10, 30, 101])

@@ -227,6 +227,32 @@ def test_client_state_survives_serialisation_between_masking_and_unmasking():
     assert result.contributors == tuple(fed.ids())
 
 
+def test_client_state_keeps_its_keys_agreements_and_round_and_reads_the_older_layout():
+    import struct
+
+    fed = Federation(5)
+    node = fed.ids()[0]
+    client = fed.clients[node]
+    setup = fed.setup(1, 8)
+    fed.mask(setup, {n: np.zeros(8) for n in fed.ids()})
+    state = client.to_state_bytes()
+    again = ClientSecAggSession.from_state_bytes(state)
+    assert again.to_state_bytes() == state  # keys, agreements, last round, pending setup
+    assert again.public_keys == client.public_keys
+    assert again._masking_keys.agreements() == client._masking_keys.agreements() != {}
+    # The layout before the agreements (CSAclient1): the private keys, the last round and
+    # its seed, the pending setup. Still read, the agreements then made afresh.
+    last_seed = client._last_round_seed
+    v1 = (b"CSAclient1" + struct.pack(">QQq", node, RUN_ID, 1)
+          + client._encryption_keys.private_bytes() + client._masking_keys.private_bytes()
+          + bytes([len(last_seed)]) + last_seed + setup.to_bytes())
+    old = ClientSecAggSession.from_state_bytes(v1)
+    assert old.public_keys == client.public_keys and old._masking_keys.agreements() == {}
+    assert old._last_round == 1 and old._pending == setup
+    with pytest.raises(ValueError, match="not a ClientSecAggSession state"):
+        ClientSecAggSession.from_state_bytes(b"CSAclient9" + state[10:])
+
+
 def test_repr_of_sessions_and_messages_hides_key_material():
     fed = Federation(3)
     client = fed.clients[fed.ids()[0]]

@@ -144,3 +144,25 @@ def test_weights_scale_each_clipped_update_and_nans_are_refused():
         encode(a, clip=clip, bits=bits, num_clients=n, weight=1.5)
     with pytest.raises(ValueError, match="NaN"):
         encode(np.array([np.nan]), clip=clip, bits=bits, num_clients=n)
+
+
+@pytest.mark.parametrize(("n", "size", "dtype"), [(30, 300_001, np.float32), (1, 1000, np.float64),
+                                                  (100, 5, np.float64)])
+def test_encoding_is_exactly_the_floor_of_the_scaled_update_plus_the_streams_uniform(n, size, dtype):
+    """Bit for bit, the documented formula in plain float64 numpy: floor(x * scale +
+    offset + u), u = w * 2**-32 + 1/2 for the stream's int32 words w, clamped to the top
+    level. Several chunks and a partial one; 32-bit levels (n = 1) as well."""
+    from consortia.privacy.secagg.masks import keystream
+
+    clip, bits = 2.0, max_bits(n)
+    update = np.random.default_rng(size).normal(0.0, 0.5, size=size).astype(dtype)
+    encoded = encode(update, clip=clip, bits=bits, num_clients=n, weight=0.75,
+                     rng=np.random.default_rng(11))
+    step, top = step_size(clip, bits), 2**bits - 1
+    norm = float(np.linalg.norm(update))
+    scale = 0.75 * (clip / norm if norm > clip else 1.0) / step
+    words = np.frombuffer(keystream(np.random.default_rng(11).bytes(32)).update(
+        bytes(4 * size)), dtype=np.int32)
+    u = words * 2.0**-32 + (clip / step + 0.5)
+    expected = np.floor(np.minimum(update.astype(np.float64) * scale + u, top))
+    assert np.array_equal(encoded, expected.astype(np.uint32))

@@ -33,7 +33,8 @@ from .messages import (
 from .round_plan import RoundPlan, pairwise_sign
 from .shamir import SHARE_LEN
 
-_STATE_MAGIC = b"CSAclient1"
+_STATE_MAGIC_V1 = b"CSAclient1"  # still read
+_STATE_MAGIC = b"CSAclient2"
 
 
 class ClientSecAggSession:
@@ -229,29 +230,52 @@ class ClientSecAggSession:
     # State for a ClientApp's node state ---------------------------------------------------
 
     def to_state_bytes(self) -> bytes:
-        """Everything the session needs to continue, private keys included: keep it local."""
+        """Everything the session needs to continue, private keys (and the agreements
+        they remember) included: keep it local."""
         pending = self._pending.to_bytes() if self._pending is not None else b""
         last = -1 if self._last_round is None else self._last_round
-        return (
-            _STATE_MAGIC
-            + struct.pack(">QQq", self.node_id, self.run_id, last)
-            + self._encryption_keys.private_bytes()
-            + self._masking_keys.private_bytes()
-            + struct.pack(">B", len(self._last_round_seed))
-            + self._last_round_seed
-            + pending
-        )
+        parts = [_STATE_MAGIC, struct.pack(">QQq", self.node_id, self.run_id, last)]
+        for keys in (self._encryption_keys, self._masking_keys):
+            agreed = keys.agreements()
+            parts += [keys.private_bytes(), keys.public_bytes, struct.pack(">H", len(agreed))]
+            parts += [peer + secret for peer, secret in agreed.items()]
+        parts += [struct.pack(">B", len(self._last_round_seed)), self._last_round_seed, pending]
+        return b"".join(parts)
 
     @classmethod
     def from_state_bytes(cls, data: bytes) -> ClientSecAggSession:
+        if data.startswith(_STATE_MAGIC_V1):
+            return cls._from_state_bytes_v1(data)
         if not data.startswith(_STATE_MAGIC):
             raise ValueError("not a ClientSecAggSession state")
         pos = len(_STATE_MAGIC)
         node_id, run_id, last = struct.unpack_from(">QQq", data, pos)
         pos += 24
+        pairs = []
+        for _ in range(2):
+            private, public = data[pos : pos + 32], data[pos + 32 : pos + 64]
+            (count,) = struct.unpack_from(">H", data, pos + 64)
+            pos += 66
+            agreed = {data[i : i + 32]: data[i + 32 : i + 64]
+                      for i in range(pos, pos + 64 * count, 64)}
+            pos += 64 * count
+            pairs.append(X25519KeyPair.from_private_bytes(private, public_bytes=public,
+                                                          agreed=agreed))
+        return cls._with_round_state(data, pos, node_id, run_id, last, *pairs)
+
+    @classmethod
+    def _from_state_bytes_v1(cls, data: bytes) -> ClientSecAggSession:
+        """A state written before the key pairs kept their public halves and agreements."""
+        pos = len(_STATE_MAGIC_V1)
+        node_id, run_id, last = struct.unpack_from(">QQq", data, pos)
+        pos += 24
         enc = X25519KeyPair.from_private_bytes(data[pos : pos + 32])
         mask = X25519KeyPair.from_private_bytes(data[pos + 32 : pos + 64])
-        pos += 64
+        return cls._with_round_state(data, pos + 64, node_id, run_id, last, enc, mask)
+
+    @classmethod
+    def _with_round_state(cls, data: bytes, pos: int, node_id: int, run_id: int, last: int,
+                          enc: X25519KeyPair, mask: X25519KeyPair) -> ClientSecAggSession:
         seed_len = data[pos]
         seed = data[pos + 1 : pos + 1 + seed_len]
         pos += 1 + seed_len

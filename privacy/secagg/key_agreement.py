@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -18,35 +18,46 @@ from .errors import SecAggProtocolError
 PUBLIC_KEY_LEN = 32
 
 # Long-term keys agree on the same secret every round (each round's keys are HKDF
-# outputs of it), so this process remembers the last agreements: keyed by (own public
-# key, peer public key), it saves a client about 20 X25519 operations (0.5 ms) a round.
-# The secrets stay in the memory of the process that holds the private keys anyway,
-# and never reach a log, a message or a file.
-AGREED_CACHE_SIZE = 1 << 14
-_agreed: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
-_agreed_lock = threading.Lock()
+# outputs of it), so a key pair remembers its last agreements, by peer public key: it
+# saves a client up to 2k + 1 X25519 operations (about 40 µs each) a round. The client
+# keeps them in its own state with its private keys (client.py), so they follow it from
+# process to process, as a simulated client moves between workers; they never reach a
+# log, a message or anyone else's file.
+AGREEMENTS_KEPT = 128
 
 
 class X25519KeyPair:
     """A long-term X25519 key pair; ``agree`` gives the raw 32-byte shared secret."""
 
-    __slots__ = ("_private", "public_bytes")
+    __slots__ = ("_agreed", "_private", "public_bytes")
 
-    def __init__(self, private: X25519PrivateKey) -> None:
+    def __init__(self, private: X25519PrivateKey, *, public_bytes: bytes | None = None,
+                 agreed: Mapping[bytes, bytes] | None = None) -> None:
         self._private = private
-        self.public_bytes: bytes = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        # The owner's own state may carry the public half, which saves deriving it.
+        self.public_bytes: bytes = (public_bytes if public_bytes is not None else
+                                    private.public_key().public_bytes(Encoding.Raw,
+                                                                      PublicFormat.Raw))
+        self._agreed: OrderedDict[bytes, bytes] = OrderedDict(agreed or {})
 
     @classmethod
     def generate(cls) -> X25519KeyPair:
         return cls(X25519PrivateKey.generate())
 
     @classmethod
-    def from_private_bytes(cls, data: bytes) -> X25519KeyPair:
-        return cls(X25519PrivateKey.from_private_bytes(data))
+    def from_private_bytes(cls, data: bytes, *, public_bytes: bytes | None = None,
+                           agreed: Mapping[bytes, bytes] | None = None) -> X25519KeyPair:
+        return cls(X25519PrivateKey.from_private_bytes(data), public_bytes=public_bytes,
+                   agreed=agreed)
 
     def private_bytes(self) -> bytes:
         """Raw private key, for the client's own state store only."""
         return self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def agreements(self) -> dict[bytes, bytes]:
+        """The agreements it remembers (peer public key -> secret), oldest first: for the
+        client's own state store only."""
+        return dict(self._agreed)
 
     def agree(self, peer_public: bytes, *, peer_id: int | None = None) -> bytes:
         """X25519(own private, peer public). Rejects malformed and low-order peer keys."""
@@ -55,21 +66,19 @@ class X25519KeyPair:
                 f"X25519 public key has {len(peer_public)} bytes, expected {PUBLIC_KEY_LEN}",
                 node_id=peer_id,
             )
-        pair = (self.public_bytes, bytes(peer_public))
-        with _agreed_lock:
-            shared = _agreed.get(pair)
-            if shared is not None:
-                _agreed.move_to_end(pair)
-                return shared
+        peer_public = bytes(peer_public)
+        shared = self._agreed.get(peer_public)
+        if shared is not None:
+            self._agreed.move_to_end(peer_public)
+            return shared
         try:
             # cryptography raises ValueError when the result is all zeros (low-order point).
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:
             raise SecAggProtocolError(f"invalid X25519 public key: {exc}", node_id=peer_id) from exc
-        with _agreed_lock:
-            _agreed[pair] = shared
-            if len(_agreed) > AGREED_CACHE_SIZE:
-                _agreed.popitem(last=False)
+        self._agreed[peer_public] = shared
+        if len(self._agreed) > AGREEMENTS_KEPT:
+            self._agreed.popitem(last=False)
         return shared
 
     def __repr__(self) -> str:

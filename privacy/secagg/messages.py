@@ -170,11 +170,17 @@ class RoundSetup:
     threshold: int
     vector_length: int
     participants: tuple[ParticipantKeys, ...]
+    # The bytes it was read from, if it was: written back as they are (a client stores
+    # its pending setup with its state every round). Not an init field, so a copy made
+    # with dataclasses.replace is serialized afresh.
+    _raw: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def participant_ids(self) -> list[int]:
         return [p.node_id for p in self.participants]
 
     def to_bytes(self) -> bytes:
+        if self._raw is not None:
+            return self._raw
         w = (
             _Writer(_ROUND_SETUP)
             .u64(self.run_id)
@@ -209,7 +215,9 @@ class RoundSetup:
         ids = [p.node_id for p in participants]
         if len(set(ids)) != len(ids):
             raise SecAggProtocolError("RoundSetup: a participant is listed twice")
-        return cls(run_id, round_num, seed, k, t, length, tuple(participants))
+        setup = cls(run_id, round_num, seed, k, t, length, tuple(participants))
+        object.__setattr__(setup, "_raw", data)
+        return setup
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,7 +8,7 @@ fewer reveal nothing about it (the polynomial's other coefficients are uniform).
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Iterable, Mapping
 
 from .errors import SecAggProtocolError
@@ -27,8 +27,14 @@ def split(secret: bytes, *, threshold: int, xs: Iterable[int]) -> dict[int, byte
         raise ValueError(f"share points must be distinct and in [1, PRIME): {points}")
     if not 1 <= threshold <= len(points):
         raise ValueError(f"threshold {threshold} must be in [1, {len(points)}] (the shares)")
+    # The other coefficients: uniform 256-bit integers, drawn in one call. They miss only
+    # the field's top 297 elements, so they are within statistical distance
+    # 297 / PRIME < 2**-247 of uniform over the field (secrets.randbelow(PRIME) would be
+    # exact, at about two 33-byte draws per coefficient).
+    draws = os.urandom(SECRET_LEN * (threshold - 1))
     coefficients = [int.from_bytes(secret, "big")]
-    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coefficients += [int.from_bytes(draws[i:i + SECRET_LEN], "big")
+                     for i in range(0, len(draws), SECRET_LEN)]
     shares = {}
     for x in points:
         y = 0
