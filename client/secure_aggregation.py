@@ -8,7 +8,6 @@ the client, turns the trained weights into a clipped, weighted, quantized update
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +27,10 @@ from consortia.messages import (
 )
 from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
+from consortia.privacy.secagg.scratch import scratch
 from consortia.privacy.storage import atomic_write_bytes
 
 STATE_KEY = "consortia.secagg"
-# Vectors up to this many values keep their working buffers between rounds (per thread):
-# a fresh buffer costs a page fault per 4 KiB on first touch, every round.
-_SCRATCH_MAX_VALUES = 1 << 26
-_scratch_buffers = threading.local()
-
-
-def _scratch(name: str, size: int, dtype) -> np.ndarray:
-    """A working buffer of `size` values, reused by this thread from round to round.
-
-    Its contents only live within one call: what leaves the client is copied out of it
-    (`encode_array`).
-    """
-    dtype = np.dtype(dtype)
-    if size > _SCRATCH_MAX_VALUES:
-        return np.empty(size, dtype=dtype)
-    buffers = _scratch_buffers.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(name)
-    if buffer is None or buffer.dtype != dtype or buffer.size < size:
-        buffer = buffers[name] = np.empty(size, dtype=dtype)
-    return buffer[:size]
 
 
 class SecAggClient:
@@ -97,8 +77,8 @@ class SecAggClient:
         olds = [decode_array(old[name], copy=False) for name in names]  # views: no copy of the model
         news = [new[name].numpy() for name in names]
         size = sum(o.size for o in olds) + int(ins.unweighted)
-        # The update (new − old) in one reused buffer, tensor by tensor.
-        update = _scratch("update", size, np.result_type(*olds, *news))
+        # The update (new − old) in this thread's reused buffer, tensor by tensor.
+        update = scratch("update", size, np.result_type(*olds, *news))
         offset = 0
         for o, n in zip(olds, news, strict=True):
             np.subtract(n.reshape(-1), o.reshape(-1), out=update[offset:offset + o.size])
@@ -110,7 +90,7 @@ class SecAggClient:
         # same sum in every run (node ids change from run to run; the client's id does not).
         rng = np.random.default_rng(stable_seed(seed, setup.round_num, client_id))
         encoded = encode(update, clip=ins.clip, bits=ins.bits, num_clients=len(setup.participants),
-                         weight=weight, rng=rng, out=_scratch("encoded", size, np.uint32))
+                         weight=weight, rng=rng, out=scratch("encoded", size, np.uint32))
         return self.mask_vector(ins, encoded)
 
     def mask_vector(self, ins: SecAggInstructions, encoded: np.ndarray

@@ -236,3 +236,28 @@ def test_neighbour_graph_is_shared_symmetric_regular_and_connected(n):
         assert k <= 2 * np.log2(n)  # grows with log n, not n
         other = neighbour_graph(nodes, num_neighbours=k, seed=os.urandom(32))
         assert other != graph
+
+
+def test_scratch_buffers_are_kept_per_thread_and_name_and_grow_when_asked_for_more():
+    import threading
+
+    from consortia.privacy.secagg import scratch as scratch_module
+    from consortia.privacy.secagg.scratch import scratch
+
+    a = scratch("t.a", 100, np.float64)
+    assert a.shape == (100,) and a.dtype == np.float64
+    assert np.shares_memory(scratch("t.a", 50, np.float64), a)  # the same buffer, reused
+    assert not np.shares_memory(scratch("t.b", 100, np.float64), a)  # another name
+    bigger = scratch("t.a", 200, np.float64)
+    assert bigger.shape == (200,) and np.shares_memory(scratch("t.a", 200, np.float64), bigger)
+    assert scratch("t.a", 10, np.int32).dtype == np.int32  # another dtype: a new one
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch("t.b", 100, np.float64)))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(other[0], scratch("t.b", 100, np.float64))
+    scratch_module.MAX_KEPT_VALUES, kept = 8, scratch_module.MAX_KEPT_VALUES
+    try:  # above the bound: a fresh buffer each time, nothing kept
+        assert not np.shares_memory(scratch("t.c", 9, np.uint8), scratch("t.c", 9, np.uint8))
+    finally:
+        scratch_module.MAX_KEPT_VALUES = kept

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .masks import keystream
+from .scratch import scratch
 
 _MODULUS_MAX = 2**32 - 1
 
@@ -86,6 +87,7 @@ def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
 # Values encoded per step (a float64 working chunk of 1 MiB): measured fastest on the
 # reference machine, against 32 Ki and 64 Ki (torch's cost per call is spread over more).
 _ENCODE_CHUNK = 1 << 17
+_ZEROS = memoryview(bytes(4 * _ENCODE_CHUNK))  # what the stream encrypts (sliced, not copied)
 
 
 def encode(
@@ -127,17 +129,18 @@ def encode(
     # arithmetic is torch's: for these casts and fused scaled adds its CPU kernels take
     # four passes over a chunk where numpy takes six (docs/secagg.md, Cost).
     chunk = min(_ENCODE_CHUNK, size) or 1
-    q = torch.empty(chunk, dtype=torch.float64)
+    q = torch.from_numpy(scratch("encode.q", chunk, np.float64))
     xs = torch.from_numpy(np.ascontiguousarray(x))
     # The rounding's uniforms: 32-bit words of an AES-256-CTR stream keyed by 32 bytes
     # drawn from `rng` (reproducible from its seed like rng.random, and several times
     # faster to draw: 4 bytes a value at the speed of the masks).
     stream = keystream(rng.bytes(32))
-    zeros = bytes(4 * chunk)
-    words_buffer = bytearray(4 * chunk + 16)  # update_into wants a block of room more
+    # update_into wants a block of room more than it writes.
+    words_buffer = scratch("encode.words", chunk + 4, np.int32)
     # The stream's words read as int32: w * 2**-32 is uniform on [-1/2, 1/2) in steps of
     # 2**-32, so w * 2**-32 + 1/2 is the uniform u on [0, 1).
-    words = torch.frombuffer(words_buffer, dtype=torch.int32)
+    words = torch.from_numpy(words_buffer)
+    into = memoryview(words_buffer).cast("B")
     # offset + 1/2 as a 0-dim float64 tensor: added to the int32 words, the sum is float64.
     shift = torch.tensor(offset + 0.5, dtype=torch.float64)
     # Levels below 2**31 are written through an int32 view of `out` (the same bits as
@@ -148,7 +151,7 @@ def encode(
         stop = min(start + chunk, size)
         n = stop - start
         qc = q[:n]
-        stream.update_into(zeros[: 4 * n] if n < chunk else zeros, words_buffer)
+        stream.update_into(_ZEROS[: 4 * n], into)
         torch.add(shift, words[:n], alpha=2.0**-32, out=qc)  # u + offset
         # float64: the product in float64 even when the update is float32 (in float32,
         # q near 2**bits would be off by several levels).
