@@ -225,6 +225,10 @@ def bench_secagg(
     unmask: str = typer.Option(
         "cover", "--unmask",
         help="ours: whom the unmask request goes to (a run: secagg.unmask): cover or all"),
+    cpu_split: bool = typer.Option(
+        False, "--cpu-split",
+        help="also report each exchange's CPU seconds by process (server, client actors, Ray); "
+             "adds a few ms a round, so not for the headline figures"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
@@ -233,7 +237,7 @@ def bench_secagg(
         result = run(clients=clients, params=params, rounds=rounds,
                      cpus_per_client=cpus_per_client,
                      pull_interval=None if pull_interval == 0 else pull_interval,
-                     dispatch=dispatch, unmask=unmask)
+                     dispatch=dispatch, unmask=unmask, cpu_split=cpu_split)
     except ValueError as err:  # sizes it cannot run with, named in the message
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -189,8 +189,13 @@ class _TimedGrid:
     by message type. Flower's SecAgg+ goes through send_and_receive, ours and plain
     through push_messages and pull_messages (server/directory.py): both are timed."""
 
-    def __init__(self, grid):
+    def __init__(self, grid, cpu_split: bool = False):
         self._grid = grid
+        # Per exchange: CPU seconds by process group (`_cpu_by_group`), when cpu_split. Read
+        # from /proc before the push and after the last reply, so it adds a few ms to the
+        # round (outside the exchange's time); the headline runs leave it off.
+        self.cpu_split = cpu_split
+        self.exchange_cpu: list[tuple[str, dict[str, float]]] = []
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
         self._open: dict[str, int] = {}  # message id -> its exchange's number
@@ -200,10 +205,11 @@ class _TimedGrid:
     def push_messages(self, messages):
         messages = list(messages)
         kind = messages[0].metadata.message_type if messages else ""
+        cpu = _cpu_by_group() if self.cpu_split else None
         started = time.perf_counter()
         ids = [i for i in self._grid.push_messages(messages) if i is not None]
         number = next(self._numbers)
-        self._pushed[number] = [kind, started, len(ids)]
+        self._pushed[number] = [kind, started, len(ids), cpu]
         self._open.update(dict.fromkeys(ids, number))
         return ids
 
@@ -219,6 +225,10 @@ class _TimedGrid:
             if pushed[2] == 0:  # the exchange's last reply
                 del self._pushed[number]
                 self.exchanges.append((pushed[0], now - pushed[1]))
+                if pushed[3] is not None:
+                    after = _cpu_by_group()
+                    self.exchange_cpu.append(
+                        (pushed[0], {g: after[g] - pushed[3][g] for g in after}))
         self._record_cpu(replies)
         return replies
 
@@ -243,7 +253,8 @@ class _TimedGrid:
 class _Rounds:
     """The three round kinds, set up once inside the ServerApp."""
 
-    def __init__(self, grid, context: Context, cfg, clients: int, params: int):
+    def __init__(self, grid, context: Context, cfg, clients: int, params: int,
+                 cpu_split: bool = False):
         from flwr.common import ndarrays_to_parameters
         from flwr.compat.common import recorddict_compat as compat
         from flwr.server import LegacyContext, ServerConfig
@@ -256,7 +267,10 @@ class _Rounds:
 
         from consortia.server.secure_aggregation import SecureAggregator
 
-        self.grid = _TimedGrid(grid)
+        self.grid = _TimedGrid(grid, cpu_split)
+        # Per timed round of ours and plain, when cpu_split: each exchange's CPU by group.
+        self.exchange_cpu: dict[str, list[dict[str, float]]] = {
+            "plain_exchange": [], "secagg_train_exchange": [], "secagg_unmask_exchange": []}
         self.clients = clients
         # Per timed round of ours and plain: seconds in each exchange, and the rest.
         self.phases: dict[str, list[float]] = {
@@ -314,6 +328,7 @@ class _Rounds:
 
     def plain(self, server_round: int, config: ConfigRecord | None = None) -> float:
         self.grid.exchanges.clear()
+        self.grid.exchange_cpu.clear()
         started = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, self.arrays,
                                                       config or ConfigRecord(), self.grid))
@@ -327,16 +342,18 @@ class _Rounds:
         exchange = sum(t for _, t in self.grid.exchanges)
         self.phases["plain_exchange"].append(exchange)
         self.phases["plain_other"].append(elapsed - exchange)
+        self.exchange_cpu["plain_exchange"] += [cpu for _, cpu in self.grid.exchange_cpu]
         return elapsed
 
     def forget_records(self) -> None:
         """Drop what the untimed first rounds recorded (phases, clients' CPU)."""
-        for values in self.phases.values():
+        for values in (*self.phases.values(), *self.exchange_cpu.values()):
             values.clear()
         self.grid.client_cpu_ms.clear()
 
     def ours(self, server_round: int) -> float:
         self.grid.exchanges.clear()
+        self.grid.exchange_cpu.clear()
         started = time.perf_counter()
         messages = list(self.strategy.configure_train(
             server_round, self.arrays, self.instructions.to_config_record(), self.grid))
@@ -354,6 +371,11 @@ class _Rounds:
         self.phases["secagg_train_exchange"].append(train)
         self.phases["secagg_unmask_exchange"].append(unmask)
         self.phases["secagg_other"].append(elapsed - train - unmask)
+        for kind, cpu in self.grid.exchange_cpu:
+            phase = {MessageType.TRAIN: "secagg_train_exchange",
+                     SECAGG_UNMASK: "secagg_unmask_exchange"}.get(kind)
+            if phase is not None:
+                self.exchange_cpu[phase].append(cpu)
         self._check("secagg", server_round, aggregated[PARAM_NAME].numpy())
         return elapsed
 
@@ -392,28 +414,55 @@ class _Rounds:
         return elapsed
 
 
-def _descendant_peak_rss_mb() -> float:
-    """Sum of the peak RSS (VmHWM) of this process's descendants (Ray's processes)."""
-    parents: dict[int, int] = {}
+def _descendants() -> dict[int, str]:
+    """This process's descendants (Ray's processes), pid -> command name, from /proc."""
+    parents: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                    stat = f.read()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), name)
             except (OSError, IndexError, ValueError):
                 continue
-    found, frontier = set(), {os.getpid()}
+    found, frontier = {}, {os.getpid()}
     while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
+        frontier = {p for p, (pp, _) in parents.items() if pp in frontier} - set(found)
+        found.update({p: parents[p][1] for p in frontier})
+    return found
+
+
+def _descendant_peak_rss_mb() -> float:
+    """Sum of the peak RSS (VmHWM) of this process's descendants (Ray's processes)."""
     total_kb = 0
-    for pid in found:
+    for pid in _descendants():
         try:
             with open(f"/proc/{pid}/status") as f:
                 total_kb += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
         except (OSError, ValueError):
             continue
     return total_kb / 1024
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _cpu_by_group() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process ("server": the ServerApp,
+    Flower's engine and Ray's driver), by the Ray actors that run the ClientApp
+    ("clients") and by Ray's other processes ("ray": raylet, GCS, ...). Linux only."""
+    groups = {"server": 0.0, "clients": 0.0, "ray": 0.0}
+    pids = {os.getpid(): "server", **{p: ("clients" if name.startswith("ray::ClientApp")
+                                          else "ray") for p, name in _descendants().items()}}
+    for pid, group in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            groups[group] += (int(fields[11]) + int(fields[12])) * _TICK_S
+        except (OSError, IndexError, ValueError):
+            continue
+    return groups
 
 
 def _median_and_max(values: list[float]) -> dict[str, float] | None:
@@ -428,13 +477,17 @@ BENCH_PULL_INTERVAL_S = 0.01  # the grid's polling for every kind alike (--pull-
 def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
                  pull_interval: float | None = BENCH_PULL_INTERVAL_S,
-                 dispatch: str = "prompt", unmask: str = "cover") -> dict[str, Any]:
+                 dispatch: str = "prompt", unmask: str = "cover",
+                 cpu_split: bool = False) -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
     (a run's `sim.poll_interval_s`); None keeps Flower's default (0.1 s).
     `dispatch`: the engine's, for every kind alike (a run's `sim.dispatch`): prompt or flower.
     `unmask`: ours, whom the unmask request goes to (a run's `secagg.unmask`): cover or all.
+    `cpu_split`: also report each exchange's CPU seconds by process (`exchange_cpu_s`:
+    the server's process, the client actors, Ray's other processes; Linux's /proc). The
+    readings add a few ms to each round, so leave it off for the headline figures.
     """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
@@ -466,7 +519,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
             if pull_interval is not None:
                 poll_replies_every(grid, pull_interval)
             extra["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)
-            kinds = _Rounds(grid, context, cfg, clients, params)
+            kinds = _Rounds(grid, context, cfg, clients, params, cpu_split)
             # Ray starts its actors and loads the ClientApp on first use: an untimed
             # plain round takes that cost (and the clients draw their fixed delta then),
             # so it lands in no kind's figure.
@@ -485,6 +538,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
             extra["max_abs_error"] = kinds.errors
             extra["client_cpu_ms"] = kinds.grid.client_cpu_ms
             extra["phases"] = kinds.phases
+            extra["exchange_cpu"] = kinds.exchange_cpu
             extra["ray_peak_rss_mb"] = _descendant_peak_rss_mb()
         except BaseException as err:  # surfaced after the simulation ends
             failure.append(err)
@@ -522,6 +576,11 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "first_round_s": {k: round(v, 4) for k, v in extra["first_round_s"].items()},
         "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "phases_s": {k: round(statistics.median(v), 4) for k, v in extra["phases"].items()},
+        # With cpu_split: per exchange kind, the median CPU seconds of each process group.
+        "exchange_cpu_s": ({phase: {g: round(statistics.median(c[g] for c in cpus), 3)
+                                    for g in ("server", "clients", "ray")}
+                            for phase, cpus in extra["exchange_cpu"].items() if cpus}
+                           if cpu_split else None),
         "max_abs_error": {k: float(f"{v:.3g}") for k, v in extra["max_abs_error"].items()},
         # Ours: CPU per masked reply inside the actors (thread_time), median and max.
         "secagg_client_cpu_ms": _median_and_max(extra["client_cpu_ms"]),

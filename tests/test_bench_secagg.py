@@ -19,6 +19,7 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
     assert report["flower_separate_simulation"] is False
     assert report["dispatch"] == "prompt"  # the default, as a run's sim.dispatch
     assert report["unmask"] == "cover"  # likewise secagg.unmask
+    assert report["exchange_cpu_s"] is None  # the CPU split is asked for, not the default
     cpu = report["secagg_client_cpu_ms"]  # every masked reply measured its own CPU
     assert 0 < cpu["median"] <= cpu["max"]
     for key in TIME_KEYS:
@@ -37,6 +38,19 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
     assert report["max_abs_error"]["plain"] < 1e-6
     assert report["max_abs_error"]["secagg"] < 1e-6
     assert report["max_abs_error"]["flower_secaggplus"] < 0.05
+
+
+def test_bench_secagg_splits_each_exchanges_cpu_by_process_when_asked():
+    report = bench_secagg(clients=4, params=1_000_000, rounds=1, cpu_split=True)
+    split = report["exchange_cpu_s"]
+    assert set(split) == {"plain_exchange", "secagg_train_exchange", "secagg_unmask_exchange"}
+    for phase, groups in split.items():
+        assert set(groups) == {"server", "clients", "ray"}, phase
+        assert all(seconds >= 0 for seconds in groups.values()), (phase, groups)
+    # A train exchange moves 4 MB to and from each client through Ray: the client actors
+    # spend CPU on it (read at the kernel's 10 ms ticks).
+    assert split["plain_exchange"]["clients"] > 0
+    assert split["secagg_train_exchange"]["clients"] > 0
 
 
 def test_bench_secagg_rejects_too_few_clients():
