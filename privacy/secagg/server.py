@@ -211,7 +211,7 @@ class ServerSecAggSession:
         """
         self._work(remove_masks=True)
 
-    def _work(self, *, remove_masks: bool, workers: int = 1) -> None:
+    def _work(self, *, remove_masks: bool) -> None:
         """Sum the vectors taken so far (and remove the masks rebuilt so far) into _total.
 
         Two locks: _sum_lock only guards the lists of what is to do, so that taking in a
@@ -237,7 +237,7 @@ class ServerSecAggSession:
                     with self._sum_lock:
                         self._to_remove = masks + self._to_remove
                     return
-                add_masks(self._total, masks, workers=workers)
+                add_masks(self._total, masks)
 
     def unmask_requests(self, *, cover: bool = False) -> dict[int, UnmaskRequest]:
         """Fix the survivors (every accepted masked input so far) and give each its request.
