@@ -23,13 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .scratch import scratch
+
 MASK_KEY_LEN = 32
 _CHUNK_BYTES = 1 << 18  # 256 KiB: measured fastest (7.4 GB/s) on the reference machine
 _ZERO_IV = bytes(12)  # GCM's 96-bit IV: counter blocks 0^96 || 2, 3, ...
 # GCM counts blocks with 32 bits: one stream is at most 2**32 - 2 blocks (OpenSSL refuses
 # more), 2**34 - 8 uint32 values, 64 GiB.
 MAX_STREAM_BYTES = (2**32 - 2) * 16
-_ZEROS = bytes(_CHUNK_BYTES)
+# The plaintext every keystream draw encrypts (here and in quantize.py): sliced as a
+# memoryview, so a short last chunk is not a copy.
+ZEROS = memoryview(bytes(1 << 19))
 
 
 def _check_key(key: bytes) -> None:
@@ -104,16 +108,16 @@ _MIN_MASKS_PER_WORKER = 4
 def _add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
     streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
-    # update_into wants room for one block more than it writes.
-    scratch = bytearray(min(_CHUNK_BYTES, total) + 16)
-    view = np.frombuffer(scratch, dtype=np.uint32)
+    # update_into wants room for one block (4 words) more than it writes.
+    view = scratch("masks.stream", min(_CHUNK_BYTES, total) // 4 + 4, np.uint32)
+    into = memoryview(view).cast("B")
     acc_bytes = acc.view(np.uint8)
     for start in range(0, total, _CHUNK_BYTES):
         size = min(_CHUNK_BYTES, total - start)
-        zeros = _ZEROS[:size] if size < _CHUNK_BYTES else _ZEROS
+        zeros = ZEROS[:size]
         words = size // 4
         chunk = acc_bytes[start : start + size].view(np.uint32)
         for encryptor, op in streams:
-            encryptor.update_into(zeros, scratch)
+            encryptor.update_into(zeros, into)
             # uint32 arithmetic in numpy wraps modulo 2**32, which is the group we mask in.
             op(chunk, view[:words], out=chunk)

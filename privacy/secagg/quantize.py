@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from .masks import keystream
+from .masks import ZEROS, keystream
 from .scratch import scratch
 
 _MODULUS_MAX = 2**32 - 1
@@ -84,10 +84,10 @@ def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
     return x
 
 
-# Values encoded per step (a float64 working chunk of 1 MiB): measured fastest on the
-# reference machine, against 32 Ki and 64 Ki (torch's cost per call is spread over more).
+# Values encoded per step (a float64 working chunk of 1 MiB): torch's cost per call is
+# spread over that many values, and the stream's words for them fit in masks.ZEROS.
 _ENCODE_CHUNK = 1 << 17
-_ZEROS = memoryview(bytes(4 * _ENCODE_CHUNK))  # what the stream encrypts (sliced, not copied)
+assert 4 * _ENCODE_CHUNK <= len(ZEROS)
 
 
 def encode(
@@ -130,7 +130,7 @@ def encode(
     # six; about as fast on one thread, faster on more (docs/secagg.md, Cost).
     chunk = min(_ENCODE_CHUNK, size) or 1
     q = torch.from_numpy(scratch("encode.q", chunk, np.float64))
-    xs = torch.from_numpy(np.ascontiguousarray(x))
+    xs = torch.from_numpy(x)  # ravel gave a contiguous vector
     # The rounding's uniforms: 32-bit words of an AES-256-CTR stream keyed by 32 bytes
     # drawn from `rng` (reproducible from its seed like rng.random, and several times
     # faster to draw: 4 bytes a value at the speed of the masks).
@@ -151,7 +151,7 @@ def encode(
         stop = min(start + chunk, size)
         n = stop - start
         qc = q[:n]
-        stream.update_into(_ZEROS[: 4 * n], into)
+        stream.update_into(ZEROS[: 4 * n], into)
         torch.add(shift, words[:n], alpha=2.0**-32, out=qc)  # u + offset
         # float64: the product in float64 even when the update is float32 (in float32,
         # q near 2**bits would be off by several levels).

@@ -1,10 +1,9 @@
 """Working buffers a thread reuses from call to call.
 
 A fresh buffer of a few hundred KiB or more comes from the kernel as untouched pages,
-and each 4 KiB page faults on first touch, every time: about a hundred faults per
-encoding of 1 M values (counted with ``resource.getrusage``). A client masks an update
-every round, so its buffers are kept per thread: whatever they hold lives only within
-one call, and what leaves the client is copied out of them.
+and each 4 KiB page faults on first touch, every time. A client masks an update every
+round, so its buffers are kept per thread: whatever they hold lives only within one
+call, and what leaves the client is copied out of them.
 """
 
 from __future__ import annotations

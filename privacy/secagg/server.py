@@ -232,11 +232,7 @@ class ServerSecAggSession:
                     for vector in inputs:
                         # uint32 addition wraps modulo 2**32: the masks live in that group.
                         np.add(chunk, vector[start:start + _SUM_CHUNK], out=chunk)
-            if masks:
-                if self._total is None:  # no vector in yet: keep them for later
-                    with self._sum_lock:
-                        self._to_remove = masks + self._to_remove
-                    return
+            if masks:  # rebuilt only while unmasking, when at least t vectors are in
                 add_masks(self._total, masks)
 
     def unmask_requests(self, *, cover: bool = False) -> dict[int, UnmaskRequest]:
