@@ -43,14 +43,14 @@ kinds alike: it is one grid. Likewise one engine: it hands messages to the clien
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import resource
 import statistics
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -184,6 +184,17 @@ def _unmask(msg: Message, context: Context) -> Message:
 
 
 # --- the server ----------------------------------------------------------------------
+@dataclass
+class _Pushed:
+    """One exchange pushed through _TimedGrid: its type, when, the CPU by process group
+    then (with cpu_split), and the message ids still without a reply."""
+
+    kind: str
+    started: float
+    cpu: dict[str, float] | None
+    waiting: set[str]
+
+
 class _TimedGrid:
     """The Grid, with the seconds each exchange took (from its push to its last reply),
     by message type. Flower's SecAgg+ goes through send_and_receive, ours and plain
@@ -198,37 +209,32 @@ class _TimedGrid:
         self.exchange_cpu: list[tuple[str, dict[str, float]]] = []
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
-        self._open: dict[str, int] = {}  # message id -> its exchange's number
-        self._pushed: dict[int, list] = {}  # exchange number -> [type, pushed at, replies out]
-        self._numbers = itertools.count()
+        self._open: dict[str, _Pushed] = {}  # message id -> its exchange
 
     def push_messages(self, messages):
         messages = list(messages)
-        kind = messages[0].metadata.message_type if messages else ""
         cpu = _cpu_by_group() if self.cpu_split else None
         started = time.perf_counter()
-        ids = [i for i in self._grid.push_messages(messages) if i is not None]
-        number = next(self._numbers)
-        self._pushed[number] = [kind, started, len(ids), cpu]
-        self._open.update(dict.fromkeys(ids, number))
+        ids = list(self._grid.push_messages(messages))
+        pushed = _Pushed(messages[0].metadata.message_type if messages else "", started, cpu,
+                         {i for i in ids if i is not None})
+        self._open.update(dict.fromkeys(pushed.waiting, pushed))
         return ids
 
     def pull_messages(self, message_ids):
         replies = list(self._grid.pull_messages(message_ids))
         now = time.perf_counter()
         for reply in replies:
-            number = self._open.pop(reply.metadata.reply_to_message_id, None)
-            if number is None:
+            pushed = self._open.pop(reply.metadata.reply_to_message_id, None)
+            if pushed is None:
                 continue
-            pushed = self._pushed[number]
-            pushed[2] -= 1
-            if pushed[2] == 0:  # the exchange's last reply
-                del self._pushed[number]
-                self.exchanges.append((pushed[0], now - pushed[1]))
-                if pushed[3] is not None:
+            pushed.waiting.discard(reply.metadata.reply_to_message_id)
+            if not pushed.waiting:  # the exchange's last reply
+                self.exchanges.append((pushed.kind, now - pushed.started))
+                if pushed.cpu is not None:
                     after = _cpu_by_group()
                     self.exchange_cpu.append(
-                        (pushed[0], {g: after[g] - pushed[3][g] for g in after}))
+                        (pushed.kind, {g: after[g] - pushed.cpu[g] for g in after}))
         self._record_cpu(replies)
         return replies
 
@@ -414,22 +420,33 @@ class _Rounds:
         return elapsed
 
 
-def _descendants() -> dict[int, str]:
-    """This process's descendants (Ray's processes), pid -> command name, from /proc."""
-    parents: dict[int, tuple[int, str]] = {}
+class _Proc(NamedTuple):
+    parent: int
+    name: str
+    cpu_s: float  # user + system so far
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _descendants() -> dict[int, _Proc]:
+    """This process's descendants (Ray's processes), from one read of /proc."""
+    procs: dict[int, _Proc] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     stat = f.read()
-                name = stat[stat.index("(") + 1:stat.rindex(")")]
-                parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), name)
+                fields = stat.rsplit(")", 1)[1].split()
+                procs[int(entry)] = _Proc(int(fields[1]), stat[stat.index("(") + 1:stat.rindex(")")],
+                                          (int(fields[11]) + int(fields[12])) * _TICK_S)
             except (OSError, IndexError, ValueError):
                 continue
-    found, frontier = {}, {os.getpid()}
+    found: dict[int, _Proc] = {}
+    frontier = {os.getpid()}
     while frontier:
-        frontier = {p for p, (pp, _) in parents.items() if pp in frontier} - set(found)
-        found.update({p: parents[p][1] for p in frontier})
+        frontier = {p for p, proc in procs.items() if proc.parent in frontier} - set(found)
+        found.update({p: procs[p] for p in frontier})
     return found
 
 
@@ -445,23 +462,14 @@ def _descendant_peak_rss_mb() -> float:
     return total_kb / 1024
 
 
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
-
-
 def _cpu_by_group() -> dict[str, float]:
     """CPU seconds (user + system) used so far by this process ("server": the ServerApp,
     Flower's engine and Ray's driver), by the Ray actors that run the ClientApp
     ("clients") and by Ray's other processes ("ray": raylet, GCS, ...). Linux only."""
-    groups = {"server": 0.0, "clients": 0.0, "ray": 0.0}
-    pids = {os.getpid(): "server", **{p: ("clients" if name.startswith("ray::ClientApp")
-                                          else "ray") for p, name in _descendants().items()}}
-    for pid, group in pids.items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            groups[group] += (int(fields[11]) + int(fields[12])) * _TICK_S
-        except (OSError, IndexError, ValueError):
-            continue
+    own = os.times()
+    groups = {"server": own.user + own.system, "clients": 0.0, "ray": 0.0}
+    for proc in _descendants().values():
+        groups["clients" if proc.name.startswith("ray::ClientApp") else "ray"] += proc.cpu_s
     return groups
 
 
@@ -498,6 +506,9 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         raise ValueError(f"pull_interval must be in (0, 1] seconds, or None for Flower's "
                          f"default; got {pull_interval}")
     check_dispatch(dispatch, "dispatch")
+    if cpu_split and not os.path.isfile("/proc/self/stat"):
+        raise ValueError("cpu_split reads each process's CPU from Linux's /proc, which this "
+                         "system does not have; run without --cpu-split")
     # Ours as a run with these settings would be configured (a bad value fails here).
     cfg = load_config(None, ["secagg.enabled=true", f"clients={clients}",
                              f"clients_per_round={clients}", "privacy.enabled=false",

@@ -71,3 +71,13 @@ def test_bench_secagg_rejects_an_unknown_dispatch_naming_it():
 def test_bench_secagg_rejects_an_unknown_unmask_choice_at_start_naming_it():
     with pytest.raises(ValueError, match=r"secagg.unmask: .*'cover' or 'all' \(got 'some'\)"):
         bench_secagg(clients=4, params=10, unmask="some")
+
+
+def test_bench_secagg_cpu_split_without_proc_fails_at_start_saying_why(monkeypatch):
+    from consortia.simulations import bench_secagg as module
+
+    real = module.os.path.isfile
+    monkeypatch.setattr(module.os.path, "isfile",
+                        lambda path: False if path == "/proc/self/stat" else real(path))
+    with pytest.raises(ValueError, match=r"/proc.*run without --cpu-split"):
+        bench_secagg(clients=4, params=10, cpu_split=True)

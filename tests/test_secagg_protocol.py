@@ -251,6 +251,10 @@ def test_client_state_keeps_its_keys_agreements_and_round_and_reads_the_older_la
     assert old._last_round == 1 and old._pending == setup
     with pytest.raises(ValueError, match="not a ClientSecAggSession state"):
         ClientSecAggSession.from_state_bytes(b"CSAclient9" + state[10:])
+    # A state cut short (a torn file) or with a damaged pending setup is refused, saying so.
+    for bad in (state[:40], state[:120], v1[:60], state[:-3]):
+        with pytest.raises(ValueError, match=r"state of \d+ bytes is truncated or corrupt"):
+            ClientSecAggSession.from_state_bytes(bad)
 
 
 def test_repr_of_sessions_and_messages_hides_key_material():

@@ -244,10 +244,19 @@ class ClientSecAggSession:
 
     @classmethod
     def from_state_bytes(cls, data: bytes) -> ClientSecAggSession:
-        if data.startswith(_STATE_MAGIC_V1):
-            return cls._from_state_bytes_v1(data)
-        if not data.startswith(_STATE_MAGIC):
+        if not data.startswith((_STATE_MAGIC, _STATE_MAGIC_V1)):
             raise ValueError("not a ClientSecAggSession state")
+        try:
+            if data.startswith(_STATE_MAGIC_V1):
+                return cls._from_state_bytes_v1(data)
+            return cls._from_state_bytes_v2(data)
+        except (struct.error, IndexError, ValueError, SecAggProtocolError) as err:
+            raise ValueError(f"ClientSecAggSession state of {len(data)} bytes is truncated or "
+                             f"corrupt ({err}); the client's state file (or node state) "
+                             "must be restored or removed, which starts new keys") from err
+
+    @classmethod
+    def _from_state_bytes_v2(cls, data: bytes) -> ClientSecAggSession:
         pos = len(_STATE_MAGIC)
         node_id, run_id, last = struct.unpack_from(">QQq", data, pos)
         pos += 24
