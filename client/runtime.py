@@ -27,28 +27,59 @@ from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
+from consortia.flower_exec import RETRYABLE_HTTP, runtime_client
+
 log = logging.getLogger("consortia.client")
 
 
 def _runtime_client(address: str, token: str | None):
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
 
     component = "SuperExec" if token is None else "flwr-clientapp"
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+    return runtime_client(address, interceptors)  # fails by exception, never by signal
+
+
+def task_heartbeat(client, gone: threading.Event) -> Callable[[], bool]:
+    """The task's heartbeat, for Flower's HeartbeatSender.
+
+    Flower's own (`make_task_heartbeat_fn_http`) raises SIGINT in its process when the
+    SuperNode says the task is no longer valid: right for flwr-clientapp, whose process
+    is the task, wrong here, where it would end `consortia client join`. This one sets
+    `gone` instead; the task runs to its end and its reply is refused.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        if gone.is_set():
+            return True
+        try:
+            valid = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+        except httpx.TransportError:
+            return False  # the SuperNode is away: HeartbeatSender tries again
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in RETRYABLE_HTTP:
+                return False
+            valid = False  # 401: the SuperNode (started again) does not know this task
+        if not valid:
+            log.warning("the SuperNode no longer knows this task (it was restarted or the "
+                        "run was stopped); its reply will not be delivered")
+            gone.set()
+        return True
+
+    return beat
 
 
 def run_task(address: str, token: str, client_app: ClientApp,
              on_bundle: Callable[[str, str], None] | None = None) -> str:
-    """Run one task with the installed ClientApp; returns Flower's sub-status."""
+    """Run one task with the installed ClientApp; returns Flower's sub-status. A task the
+    SuperNode no longer knows (it was restarted meanwhile) fails: its input cannot be
+    pulled or its reply cannot be pushed (httpx.HTTPStatusError, 401)."""
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supernode.runtime.run_clientapp import (
         pull_task_input,
         push_message,
@@ -56,34 +87,39 @@ def run_task(address: str, token: str, client_app: ClientApp,
     )
 
     client = _runtime_client(address, token)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client, threading.Event()))
     heartbeat.start()
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "the ClientApp raised an exception"
     try:
-        message, context, run, fab = pull_task_input(client)
-        # The bundle is read for its hash only: it is never installed or imported.
-        log.info("run %s: task %s (app bundle %s named by the server; not executed)",
-                 run.run_id, message.metadata.message_type, fab.hash_str[:12])
-        if on_bundle is not None:
-            on_bundle(str(run.run_id), fab.hash_str)
-        reply = client_app(message=message, context=context)
-        sub_status, details = SubStatus.COMPLETED, ""
-    except Exception as err:  # noqa: BLE001 - the server gets an error reply, not silence
-        log.exception("the ClientApp failed")
-        details = f"{type(err).__name__}: {err}"
-        if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
-                            reply_to=message)
-    finally:
         try:
-            if reply is not None and context is not None:
-                push_message(client, reply, context)
+            message, context, run, fab = pull_task_input(client)
+            # The bundle is read for its hash only: it is never installed or imported.
+            log.info("run %s: task %s (app bundle %s named by the server; not executed)",
+                     run.run_id, message.metadata.message_type, fab.hash_str[:12])
+            if on_bundle is not None:
+                on_bundle(str(run.run_id), fab.hash_str)
+            reply = client_app(message=message, context=context)
+            sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001 - the server gets an error reply, not silence
+            details = f"{type(err).__name__}: {err}"
+            if message is None:
+                log.warning("could not pull the task's input: %s", details)
+            else:
+                log.exception("the ClientApp failed")
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                                reply_to=message)
         finally:
-            push_task_output(client=client, context=context, sub_status=sub_status,
-                             details=details)
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            finally:
+                push_task_output(client=client, context=context, sub_status=sub_status,
+                                 details=details)
+    finally:
+        if heartbeat.is_running:  # not if its thread died of an unforeseen error
             heartbeat.stop()
-            client.close()
+        client.close()
     return sub_status
 
 

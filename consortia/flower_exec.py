@@ -106,3 +106,38 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             raise TimeoutError(f"{what}: not within {timeout:.0f} s"
                                + (f"; see {log_path}" if log_path else ""))
         time.sleep(interval)
+
+
+RUNTIME_RETRY_S = 30.0  # how long a Runtime API call retries a SuperLink or SuperNode that is away
+RETRYABLE_HTTP = frozenset({502, 503, 504})  # as Flower's invoker: the server is busy or restarting
+
+
+def runtime_client(address: str, interceptors: list, root_certificates: bytes | None = None,
+                   max_time: float | None = RUNTIME_RETRY_S):
+    """A client of a Flower Runtime API (the SuperLink's or a SuperNode's) whose failures
+    are exceptions raised to the caller, never signals.
+
+    Flower pairs its RuntimeHttpClient with `make_simple_http_retry_invoker`, written for
+    Flower's own one-task processes (flwr-clientapp, flwr-serverapp): on a 401 it sends
+    SIGINT to the process it runs in, so that the task's process ends. consortia runs
+    tasks inside `consortia client join` and acquires ServerApp tasks inside
+    `consortia server start`, where that signal would end the whole client or server: a
+    SuperNode started again after the server crashed no longer knows the token of the
+    task it was running and answers 401, and the partner's client would leave the
+    federation. So this invoker retries what Flower's retries (transport errors; 502, 503,
+    504), for at most `max_time` seconds, and raises everything else, a 401 included.
+    """
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    def give_up(err: Exception) -> bool:
+        return (isinstance(err, httpx.HTTPStatusError)
+                and err.response.status_code not in RETRYABLE_HTTP)
+
+    invoker = RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=5),
+                           recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+                           max_tries=None, max_time=max_time, should_giveup=give_up)
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None,
+        root_certificates=root_certificates, interceptors=interceptors, retry_invoker=invoker)

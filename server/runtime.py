@@ -23,7 +23,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from consortia.flower_exec import start_process
+from consortia.flower_exec import runtime_client, start_process
 
 log = logging.getLogger("consortia.server")
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
@@ -54,16 +54,13 @@ class ServerAppLauncher:
             RuntimeVersionHttpInterceptor,
             SuperExecAuthHttpInterceptor,
         )
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
 
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=False,
-            root_certificates=self.ca_cert.read_bytes(),
+        # Failures are exceptions, never the SIGINT of Flower's own invoker (flower_exec).
+        return runtime_client(
+            self.address, root_certificates=self.ca_cert.read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                           SuperExecAuthHttpInterceptor(master_secret=self.secret,
-                                                       protected_methods=frozenset({ACQUIRE_TASK}))],
-            retry_invoker=make_simple_http_retry_invoker())
+                                                       protected_methods=frozenset({ACQUIRE_TASK}))])
 
     def run(self, flower_run: int, stop: threading.Event, poll_s: float = 0.2) -> None:
         """Until `stop`: start the ServerApp of `flower_run` once; refuse every other run."""
@@ -77,7 +74,9 @@ class ServerAppLauncher:
                     res = client.AcquireTask(
                         AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
                 except Exception as err:  # noqa: BLE001 - retried; the SuperLink may be busy
-                    log.debug("AcquireTask failed: %s", err)
+                    # a refusal (an HTTP status, e.g. 401 for the secret) is worth a look
+                    log.log(logging.WARNING if hasattr(err, "response") else logging.DEBUG,
+                            "AcquireTask failed: %s", err)
                     stop.wait(1.0)
                     continue
                 if res.HasField("task") and res.token:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,8 +71,19 @@ def wait_until(predicate, timeout: float, what: str, logs: list[Path] = (),
             what = f"{what} (the process exited with {running.returncode})"
             break
         time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    tails = "\n".join(f"--- {p}\n{tail(p)}" for p in logs if p.exists())
     raise AssertionError(f"{what}: not within {timeout:.0f} s\n{tails}")
+
+
+# The server polls the Control API every second: lines that would fill a log's tail.
+POLLING = re.compile(r"ListRuns|ListNodes|list-runs|list-nodes")
+
+
+def tail(log: Path, chars: int = 3000) -> str:
+    """The end of a log, without the server's Control API polling."""
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if not POLLING.search(line)]
+    return "\n".join(lines)[-chars:]
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -186,13 +198,23 @@ task = "digits-mlp"
                                                env=env, start_new_session=True))
         return log
 
+    def supernode_pid(self, name: str) -> int:
+        """The pid of the flower-supernode that `consortia client join` runs for `name`."""
+        [pid] = [p for p in process_tree(self.clients[name].pid)
+                 if b"flower-supernode" in cmdline(p)]
+        return pid
+
     def stranger_key(self, name: str) -> Path:
         private, _ = generate_node_key(self.root / name)
         return private
 
     def logs(self) -> list[Path]:
+        """Every log a failed wait shows the tail of: the server's, the SuperLink's, the
+        ServerApp's, and each client's with its SuperNode's."""
         return [self.root / "server.out", self.out / "superlink" / "superlink.log",
-                *[self.root / f"{n}.out" for n in self.clients]]
+                self.out / "superlink" / "serverapp.log",
+                *[log for n in self.clients
+                  for log in (self.root / f"{n}.out", self.state(n) / "supernode.log")]]
 
     def metrics(self) -> list[dict]:
         return jsonl(self.out / "metrics.jsonl")

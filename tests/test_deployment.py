@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import ssl
 
 import pytest
-from deploy_harness import Federation, jsonl, kill_tree, wait_until
+from deploy_harness import Federation, jsonl, kill_tree, tail, wait_until
 
 from consortia.privacy.certs import generate_node_key, init_consortium
 from consortia.server.deploy import base_model_sha256
@@ -51,6 +53,29 @@ from consortia.tasks import get_task
 x, y = get_task("digits-mlp").load_data(None).train.tensors
 mine = np.array_split(np.random.default_rng(0).permutation(len(y)), 3)[0]
 join_federation("site-a.toml", dataset=TensorDataset(x[mine], y[mine]))
+"""
+
+# site-a through the Python API with a dataset that takes its time (10 ms a record, so a
+# round's training takes seconds): its SuperNode can be killed while a task is running.
+SLOW_CLIENT = """
+import time
+import numpy as np
+from torch.utils.data import Dataset
+from consortia.client import join_federation
+from consortia.tasks import get_task
+
+x, y = get_task("digits-mlp").load_data(None).train.tensors
+mine = np.array_split(np.random.default_rng(0).permutation(len(y)), 3)[0]
+
+class Slow(Dataset):
+    def __len__(self):
+        return len(mine)
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return x[mine[i]], y[mine[i]]
+
+join_federation("site-a.toml", dataset=Slow())
 """
 
 
@@ -243,6 +268,10 @@ def test_a_server_killed_mid_run_resumes_without_resetting_or_recounting_ledgers
 
     fed.start_server(resume=True)
     assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+    # No partner's client left the federation: each SuperNode was refused by the new
+    # SuperLink and started again, and a task it forgot failed without ending the client.
+    left = [name for name, proc in fed.clients.items() if proc.poll() is not None]
+    assert left == [], "\n".join(tail(fed.root / f"{name}.out") for name in left)
     rows = fed.metrics()
     assert [r["round"] for r in rows] == [1, 2]  # round 1 kept, round 2 run once more
     assert rows[1]["clients_trained"] == 3
@@ -254,3 +283,35 @@ def test_a_server_killed_mid_run_resumes_without_resetting_or_recounting_ledgers
         trained = [e for e in fed.audit(name) if e["decision"] == "trained"]
         assert len(after) == len(trained)  # one spend per training, none counted twice
         assert after[-1]["round"] == 2 and after[-1]["epsilon"] >= before[name][-1]["epsilon"]
+
+
+def test_a_supernode_restarted_mid_task_costs_that_reply_not_the_client(federation):
+    fed = federation(rounds=3)
+    for i, name in enumerate(SITES):
+        fed.write_site(name, i, 3)
+    fed.start_server()
+    fed.join_python("site-a", SLOW_CLIENT)
+    for name in SITES[1:]:
+        fed.join(name)
+    # site-a's SuperNode crashes while its ClientApp trains round 1. `client join` starts it
+    # again; the SuperLink refuses the new one until the old one's heartbeat has expired,
+    # and then it does not know the task that was running (401 to all its calls).
+    log = fed.state("site-a") / "supernode.log"
+    wait_until(lambda: log.exists() and "Receiving: train message" in log.read_text(),
+               240, "site-a's round-1 train request", fed.logs(), fed.server)
+    os.kill(fed.supernode_pid("site-a"), signal.SIGKILL)
+    assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
+
+    assert fed.clients["site-a"].poll() is None, tail(fed.root / "site-a.out")
+    out = (fed.root / "site-a.out").read_text()
+    assert "the SuperNode exited (-9); starting it again" in out
+    assert "could not be completed" in out or "no longer knows this task" in out, out
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["secagg_status"] == "ok" for r in rows)
+    assert rows[0]["clients_trained"] == 2 and rows[0]["secagg_dropped"] == 1  # its reply lost
+    assert rows[2]["clients_trained"] == 3  # and it is back
+    # Every training counts against its budget, the one whose reply was lost too.
+    trained = [e["round"] for e in fed.audit("site-a") if e["decision"] == "trained"]
+    assert trained[0] == 1 and 3 in trained
+    assert [e["round"] for e in spends(fed.ledger("site-a"))] == trained

@@ -1,0 +1,192 @@
+"""The client's task loop survives a SuperNode that forgot its task (it was restarted).
+
+After the server crashes, each partner's SuperNode is refused by the new SuperLink, ends,
+and `consortia client join` starts it again; a task that was running meanwhile holds a
+token the new SuperNode does not know, and every call with it gets 401. Flower's own
+retry invoker and task heartbeat answer that with SIGINT to their process, which here
+is the partner's whole client. A fake SuperNode Runtime API (protobuf over HTTP, as
+Flower's) plays the restarted SuperNode.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from flwr.proto.runtime_pb2 import AcquireTaskResponse, SendTaskHeartbeatResponse
+from flwr.proto.task_pb2 import Task
+
+from consortia.flower_exec import free_port, runtime_client
+
+STALE = "token-of-a-task-the-supernode-forgot"
+
+
+class FakeSuperNode:
+    """Hands out `tasks` tasks with a token it then refuses (401), as a SuperNode started
+    again does; `busy` first answers to any call are 503."""
+
+    def __init__(self, tasks: int = 0, busy: int = 0):
+        self.tasks, self.busy = tasks, busy
+        self.calls: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                fake.calls.append(self.path)
+                status, body = fake.answer(self.path)
+                self.send_response(status)
+                self.send_header("content-type", "application/protobuf")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path: str) -> tuple[int, bytes]:
+        if self.busy:
+            self.busy -= 1
+            return 503, b""
+        if path.endswith("/acquire-task"):
+            if self.tasks:
+                self.tasks -= 1
+                return 200, AcquireTaskResponse(task=Task(task_id=7, run_id=1),
+                                                token=STALE).SerializeToString()
+            return 200, AcquireTaskResponse().SerializeToString()
+        return 401, b'{"detail": "Authentication failed."}'
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sigint():
+    """Record SIGINT instead of raising KeyboardInterrupt: Flower's invoker sends it."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(time.monotonic()))
+    yield received
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def supernode():
+    made = []
+
+    def make(**kw) -> FakeSuperNode:
+        made.append(FakeSuperNode(**kw))
+        return made[-1]
+
+    yield make
+    for node in made:
+        node.close()
+
+
+def never_called(**_):
+    raise AssertionError("the ClientApp ran a task whose input could not be pulled")
+
+
+def test_a_task_the_supernode_forgot_fails_and_signals_nothing(supernode, sigint):
+    from flwr.common.constant import SubStatus
+
+    from consortia.client.runtime import run_task
+
+    node = supernode()
+    assert run_task(node.address, STALE, never_called) == SubStatus.FAILED
+    assert sigint == []
+    # it pulled the input, was refused, and still told the SuperNode the task failed
+    assert (node.calls.index("/v1/runtime/pull-task-input")
+            < node.calls.index("/v1/runtime/push-task-output"))
+
+
+def test_the_client_loop_goes_on_after_a_task_the_supernode_forgot(supernode, sigint):
+    from consortia.client.runtime import serve_client_app
+
+    node = supernode(tasks=1)
+    stop = threading.Event()
+    loop = threading.Thread(target=serve_client_app,
+                            args=(node.address, never_called, stop, 0.05))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            # asking for new tasks after the forgotten one failed: the loop went on
+            after = node.calls[node.calls.index("/v1/runtime/push-task-output") + 1:] \
+                if "/v1/runtime/push-task-output" in node.calls else []
+            if after.count("/v1/runtime/acquire-task") >= 2:
+                break
+            time.sleep(0.05)
+        assert after.count("/v1/runtime/acquire-task") >= 2, node.calls
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    assert sigint == []
+
+
+def test_runtime_calls_retry_a_busy_supernode_then_succeed(supernode):
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    node = supernode(busy=2)
+    client = runtime_client(node.address, [])
+    try:
+        res = client.AcquireTask(AcquireTaskRequest())
+    finally:
+        client.close()
+    assert not res.HasField("task")
+    assert node.calls == ["/v1/runtime/acquire-task"] * 3  # two 503s, then the answer
+
+
+def test_runtime_calls_to_an_absent_supernode_give_up_after_max_time():
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    client = runtime_client(f"127.0.0.1:{free_port()}", [], max_time=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(httpx.TransportError):
+            client.AcquireTask(AcquireTaskRequest())
+    finally:
+        client.close()
+    assert time.monotonic() - started < 20  # bounded (backoff waits up to 5 s past max_time)
+
+
+class StubClient:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def SendTaskHeartbeat(self, _req):  # noqa: N802 - Flower's name
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return SendTaskHeartbeatResponse(success=self.outcome)
+
+
+def status_error(code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1/v1/runtime/send-task-heartbeat")
+    return httpx.HTTPStatusError("refused", request=request,
+                                 response=httpx.Response(code, request=request))
+
+
+@pytest.mark.parametrize(("outcome", "returns", "gone"), [
+    (True, True, False),                                  # the task is alive
+    (False, True, True),                                  # the SuperNode says it is not
+    (status_error(401), True, True),                      # a SuperNode that never knew it
+    (status_error(503), False, False),                    # busy: HeartbeatSender retries
+    (httpx.ConnectError("refused"), False, False),        # away: HeartbeatSender retries
+])
+def test_the_task_heartbeat_marks_a_forgotten_task_and_signals_nothing(outcome, returns, gone,
+                                                                       sigint):
+    from consortia.client.runtime import task_heartbeat
+
+    flag = threading.Event()
+    assert task_heartbeat(StubClient(outcome), flag)() is returns
+    assert flag.is_set() is gone
+    assert sigint == []
