@@ -74,7 +74,7 @@ def serve(config_path: str | Path, *, resume: bool = False,
             f"{link.log_path}")
         launcher = link.launcher()
         threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
-        status = wait_for_run(link, flower_run, set(nodes.values()), stop, srv.out, log)
+        status = wait_for_run(link, flower_run, nodes, stop, srv.out, log)
     except KeyboardInterrupt:
         status = None
     finally:
@@ -112,16 +112,23 @@ def base_model_sha256(config_path: str | Path) -> str:
     return hashlib.sha256(weights_bytes(weights)).hexdigest()
 
 
-def wait_for_run(link: SuperLink, flower_run: int, nodes: set[int], stop: threading.Event,
-                 out: Path, log: Callable[[str], None]) -> tuple[str, str] | None:
+def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
+                 stop: threading.Event, out: Path,
+                 log: Callable[[str], None]) -> tuple[str, str] | None:
     """(sub_status, details) once the run has finished; None if stopped first. Meanwhile
-    keep the SuperLink to our run and our nodes, and report each round as it is recorded."""
-    rounds_seen = 0
+    keep the SuperLink to our run and our nodes, and report each round as it is recorded
+    and each enrolled node as it comes online or goes offline (a round waits for
+    run.clients nodes online: the operator sees which one is missing)."""
+    names = {node: name for name, node in nodes.items()}
+    rounds_seen, statuses = 0, {node: "registered" for node in names}
     while not stop.wait(POLL_S):
         if link.process is not None and link.process.poll() is not None:
             raise DeploymentError(f"the SuperLink exited ({link.process.returncode}); see "
                                   f"{link.log_path}")
-        link.guard(flower_run, nodes)
+        for node, status in sorted(link.guard(flower_run, set(names)).items()):
+            if status != statuses[node]:
+                log(f"{names[node]}: {status}")
+                statuses[node] = status
         rows = read_rows(out / METRICS_FILE)
         for row in rows[rounds_seen:]:
             log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "

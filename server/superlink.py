@@ -198,9 +198,10 @@ class SuperLink:
         return ServerAppLauncher(self.address, self.certs / CA_CERT, self.secret_path.read_bytes(),
                                  self.serverapp_exe, self.env(), self.work_dir / "serverapp.log")
 
-    def guard(self, flower_run: int, nodes: set[int]) -> None:
+    def guard(self, flower_run: int, nodes: set[int]) -> dict[int, str]:
         """Stop runs other than ours and unregister nodes other than the enrolled ones:
-        the open-source Control API does not authenticate who asks (server/runtime.py)."""
+        the open-source Control API does not authenticate who asks (server/runtime.py).
+        Returns the enrolled nodes' statuses (registered, online, offline)."""
         from flwr.proto.control_pb2 import (
             ListNodesRequest,
             ListRunsRequest,
@@ -213,11 +214,15 @@ class SuperLink:
             for run_id, run in client.ListRuns(ListRunsRequest()).run_dict.items():
                 if run_id != flower_run and run.status.status != "finished":
                     client.StopRun(StopRunRequest(run_id=run_id))
+            statuses = {}
             for info in client.ListNodes(ListNodesRequest()).nodes_info:
-                if info.node_id not in nodes and info.status != "unregistered":
+                if info.node_id in nodes:
+                    statuses[info.node_id] = info.status
+                elif info.status != "unregistered":
                     client.UnregisterNode(UnregisterNodeRequest(node_id=info.node_id))
         finally:
             client.close()
+        return statuses
 
     def run_status(self, run_id: int) -> tuple[str, str, str]:
         """(status, sub_status, details) of a Flower run."""

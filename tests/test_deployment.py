@@ -56,9 +56,11 @@ join_federation("site-a.toml", dataset=TensorDataset(x[mine], y[mine]))
 """
 
 # site-a through the Python API with a dataset that takes its time (10 ms a record, so a
-# round's training takes seconds): its SuperNode can be killed while a task is running.
+# round's training takes seconds) and says when training began (a file in the working
+# directory): its SuperNode can be killed while a task is running.
 SLOW_CLIENT = """
 import time
+from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 from consortia.client import join_federation
@@ -72,6 +74,7 @@ class Slow(Dataset):
         return len(mine)
 
     def __getitem__(self, i):
+        Path("site-a-training").touch()
         time.sleep(0.01)
         return x[mine[i]], y[mine[i]]
 
@@ -296,13 +299,13 @@ def test_a_supernode_restarted_mid_task_costs_that_reply_not_the_client(federati
     # site-a's SuperNode crashes while its ClientApp trains round 1. `client join` starts it
     # again; the SuperLink refuses the new one until the old one's heartbeat has expired,
     # and then it does not know the task that was running (401 to all its calls).
-    log = fed.state("site-a") / "supernode.log"
-    wait_until(lambda: log.exists() and "Receiving: train message" in log.read_text(),
-               240, "site-a's round-1 train request", fed.logs(), fed.server)
+    wait_until(lambda: (fed.root / "site-a-training").exists(), 240,
+               "site-a's round-1 training", fed.logs(), fed.server)
     os.kill(fed.supernode_pid("site-a"), signal.SIGKILL)
     assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
 
     assert fed.clients["site-a"].poll() is None, tail(fed.root / "site-a.out")
+    assert "site-a: online" in (fed.root / "server.out").read_text()  # what the operator saw
     out = (fed.root / "site-a.out").read_text()
     assert "the SuperNode exited (-9); starting it again" in out
     assert "could not be completed" in out or "no longer knows this task" in out, out

@@ -81,3 +81,42 @@ def test_base_hash_is_deterministic_and_depends_on_the_seed(tmp_path):
     assert base_model_sha256(path) == seed0
     path.write_text(path.read_text().replace('task = "digits-mlp"', 'task = "digits-mlp"\nseed = 1'))
     assert base_model_sha256(path) != seed0
+
+
+class ScriptedLink:
+    """A SuperLink whose guard and run status follow a script, one entry per poll."""
+
+    process = None
+    log_path = "superlink.log"
+
+    def __init__(self, statuses: list[dict[int, str]]):
+        self.statuses = statuses
+        self.polls = 0
+
+    def guard(self, flower_run, nodes):
+        assert nodes == {11, 12}  # the enrolled nodes, nothing else
+        self.polls += 1
+        return self.statuses[self.polls - 1]
+
+    def run_status(self, run_id):
+        return ("finished", "completed", "") if self.polls == len(self.statuses) else \
+            ("running", "", "")
+
+
+def test_the_operator_sees_each_enrolled_node_come_online_and_go_offline(tmp_path, monkeypatch):
+    import threading
+
+    from consortia.server import deploy
+
+    monkeypatch.setattr(deploy, "POLL_S", 0.001)
+    link = ScriptedLink([{11: "registered", 12: "registered"},
+                         {11: "online", 12: "registered"},
+                         {11: "online", 12: "online"},
+                         {11: "offline", 12: "online"},   # site-a's SuperNode died
+                         {11: "offline", 12: "online"},
+                         {11: "online", 12: "online"}])   # and is back
+    said = []
+    result = deploy.wait_for_run(link, 7, {"site-a": 11, "site-b": 12}, threading.Event(),
+                                 tmp_path, said.append)
+    assert result == ("completed", "")
+    assert said == ["site-a: online", "site-b: online", "site-a: offline", "site-a: online"]
