@@ -64,6 +64,7 @@ class ServerAppLauncher:
 
     def run(self, flower_run: int, stop: threading.Event, poll_s: float = 0.2) -> None:
         """Until `stop`: start the ServerApp of `flower_run` once; refuse every other run."""
+        import httpx
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
@@ -75,7 +76,8 @@ class ServerAppLauncher:
                         AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
                 except Exception as err:  # noqa: BLE001 - retried; the SuperLink may be busy
                     # a refusal (an HTTP status, e.g. 401 for the secret) is worth a look
-                    log.log(logging.WARNING if hasattr(err, "response") else logging.DEBUG,
+                    refused = isinstance(err, httpx.HTTPStatusError)
+                    log.log(logging.WARNING if refused else logging.DEBUG,
                             "AcquireTask failed: %s", err)
                     stop.wait(1.0)
                     continue

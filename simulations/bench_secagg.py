@@ -187,12 +187,12 @@ def _unmask(msg: Message, context: Context) -> Message:
 @dataclass
 class _Pushed:
     """One exchange pushed through _TimedGrid: its type, when, the CPU by process group
-    then (with cpu_split), and the message ids still without a reply."""
+    then (with cpu_split), and how many replies are still out."""
 
     kind: str
     started: float
     cpu: dict[str, float] | None
-    waiting: set[str]
+    left: int  # replies still out
 
 
 class _TimedGrid:
@@ -216,9 +216,10 @@ class _TimedGrid:
         cpu = _cpu_by_group() if self.cpu_split else None
         started = time.perf_counter()
         ids = list(self._grid.push_messages(messages))
+        waiting = {i for i in ids if i is not None}
         pushed = _Pushed(messages[0].metadata.message_type if messages else "", started, cpu,
-                         {i for i in ids if i is not None})
-        self._open.update(dict.fromkeys(pushed.waiting, pushed))
+                         len(waiting))
+        self._open.update(dict.fromkeys(waiting, pushed))
         return ids
 
     def pull_messages(self, message_ids):
@@ -228,8 +229,8 @@ class _TimedGrid:
             pushed = self._open.pop(reply.metadata.reply_to_message_id, None)
             if pushed is None:
                 continue
-            pushed.waiting.discard(reply.metadata.reply_to_message_id)
-            if not pushed.waiting:  # the exchange's last reply
+            pushed.left -= 1
+            if pushed.left == 0:  # the exchange's last reply
                 self.exchanges.append((pushed.kind, now - pushed.started))
                 if pushed.cpu is not None:
                     after = _cpu_by_group()
@@ -254,6 +255,11 @@ class _TimedGrid:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+
+# Our round's exchanges by message type, and the phase each is reported under.
+_OUR_EXCHANGES = {MessageType.TRAIN: "secagg_train_exchange",
+                  SECAGG_UNMASK: "secagg_unmask_exchange"}
 
 
 class _Rounds:
@@ -372,16 +378,16 @@ class _Rounds:
         aggregate = aggregate_reply(self.arrays, average, summed.num_examples)
         aggregated, _ = self.strategy.aggregate_train(server_round, [aggregate])
         elapsed = time.perf_counter() - started
-        train = sum(t for kind, t in self.grid.exchanges if kind == MessageType.TRAIN)
-        unmask = sum(t for kind, t in self.grid.exchanges if kind == SECAGG_UNMASK)
-        self.phases["secagg_train_exchange"].append(train)
-        self.phases["secagg_unmask_exchange"].append(unmask)
-        self.phases["secagg_other"].append(elapsed - train - unmask)
+        seconds = dict.fromkeys(_OUR_EXCHANGES.values(), 0.0)
+        for kind, t in self.grid.exchanges:
+            if kind in _OUR_EXCHANGES:
+                seconds[_OUR_EXCHANGES[kind]] += t
+        for phase, t in seconds.items():
+            self.phases[phase].append(t)
+        self.phases["secagg_other"].append(elapsed - sum(seconds.values()))
         for kind, cpu in self.grid.exchange_cpu:
-            phase = {MessageType.TRAIN: "secagg_train_exchange",
-                     SECAGG_UNMASK: "secagg_unmask_exchange"}.get(kind)
-            if phase is not None:
-                self.exchange_cpu[phase].append(cpu)
+            if kind in _OUR_EXCHANGES:
+                self.exchange_cpu[_OUR_EXCHANGES[kind]].append(cpu)
         self._check("secagg", server_round, aggregated[PARAM_NAME].numpy())
         return elapsed
 

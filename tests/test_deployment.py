@@ -44,30 +44,28 @@ def spends(ledger: dict) -> list[dict]:
     return [e for e in ledger["events"] if e["decision"] == "trained"]
 
 
-PYTHON_API_CLIENT = """
+# site-a's share of the digits (as its partition 0 of 3), in a partner's own script.
+SITE_A_SHARE = """
 import numpy as np
-from torch.utils.data import TensorDataset
 from consortia.client import join_federation
 from consortia.tasks import get_task
 
 x, y = get_task("digits-mlp").load_data(None).train.tensors
 mine = np.array_split(np.random.default_rng(0).permutation(len(y)), 3)[0]
+"""
+
+PYTHON_API_CLIENT = SITE_A_SHARE + """
+from torch.utils.data import TensorDataset
 join_federation("site-a.toml", dataset=TensorDataset(x[mine], y[mine]))
 """
 
 # site-a through the Python API with a dataset that takes its time (10 ms a record, so a
 # round's training takes seconds) and says when training began (a file in the working
 # directory): its SuperNode can be killed while a task is running.
-SLOW_CLIENT = """
+SLOW_CLIENT = SITE_A_SHARE + """
 import time
 from pathlib import Path
-import numpy as np
 from torch.utils.data import Dataset
-from consortia.client import join_federation
-from consortia.tasks import get_task
-
-x, y = get_task("digits-mlp").load_data(None).train.tensors
-mine = np.array_split(np.random.default_rng(0).permutation(len(y)), 3)[0]
 
 class Slow(Dataset):
     def __len__(self):
