@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -64,6 +65,21 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
                 secagg_state=state / SECAGG_STATE)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exit_reason(log: str) -> str:
+    """The reason a SuperNode gave for ending, from what it logged: Flower's coded exit
+    message ("[code: 2004] Failed to activate SuperNode.": the SuperLink refused it), else
+    its last error line; "" when it logged none (e.g. it was killed)."""
+    lines = [_ANSI.sub("", line).strip() for line in log.splitlines()]
+    coded = [line for line in lines if line.startswith("[code:")]
+    if coded:
+        return coded[-1]
+    errors = [line.split(":", 1)[1].strip() for line in lines if line.startswith("ERROR")]
+    return errors[-1] if errors else ""
+
+
 class SuperNodeProcess:
     """flower-supernode for this site, restarted whenever it ends until stopped."""
 
@@ -78,13 +94,19 @@ class SuperNodeProcess:
                      "--port", str(runtime_port), "--node-config", f'site-name="{s.name}"']
         self.process = None
 
-    def supervise(self, stop: threading.Event, on_restart: Callable[[int], None]) -> None:
+    def supervise(self, stop: threading.Event, on_restart: Callable[[int, str], None]) -> None:
+        """Run the SuperNode until `stop`; each time it ends, call on_restart with its exit
+        code and the reason it logged (or ""), and start it again."""
         while not stop.is_set():
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = start_process(self.argv, self.log_path, self.env)
             while self.process.poll() is None and not stop.wait(0.5):
                 pass
             if not stop.is_set():
-                on_restart(self.process.returncode)
+                with open(self.log_path, "rb") as f:  # what this start of it logged
+                    f.seek(logged)
+                    why = exit_reason(f.read().decode(errors="replace"))
+                on_restart(self.process.returncode, why)
                 stop.wait(RESTART_DELAY_S)
 
     def stop(self) -> None:
@@ -107,8 +129,9 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    def restarted(code: int) -> None:
-        log_fn(f"the SuperNode exited ({code}); starting it again (see {node.log_path})")
+    def restarted(code: int, why: str) -> None:
+        log_fn(f"the SuperNode exited ({code}); starting it again (see {node.log_path})"
+               + (f": {why}" if why else ""))
 
     def bundle_seen(run: str, fab_hash: str) -> None:
         seen = site.state_dir / "app-bundles.log"

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from consortia.config import ConfigError, config_to_dict, load_config
 from consortia.deploy_cli import certs_app, client_app, server_app
+from consortia.terminal import console, fail
 from consortia.version import __version__
 
 app = typer.Typer(help="consortia: federated learning with client-enforced differential privacy.",
@@ -24,8 +25,6 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")
 app.add_typer(client_app, name="client")
 
-console = Console(stderr=True)
-
 SetOption = typer.Option(None, "--set", help="Override a config key: key=value (dotted for sections).")
 
 
@@ -33,8 +32,7 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
 
 
 @app.command()
@@ -79,8 +77,7 @@ def sim_run(
         try:
             summary = run_simulation(cfg, out, resume=resume, on_round=on_round, verbose=verbose)
         except (ResultsDirError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+            raise fail(err) from None
         except KeyboardInterrupt:
             # Flower's ServerApp thread would wait for replies from Ray actors that are
             # gone; checkpoints and ledgers are written atomically, so leave at once.
@@ -105,8 +102,7 @@ def export(
     try:
         path = export_run(results_dir, out)
     except (ExportError, ConfigError, MissingPackage) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(f"exported: {path.resolve()}  (from_pretrained loads it; consortia-manifest.json "
                "says what it is)")
 
@@ -127,8 +123,7 @@ def sim_sweep(
     try:
         path = run_sweep(config, grid, out, overrides, on_cell=on_cell)
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(f"sweep: {path.resolve()}")
 
 
@@ -143,8 +138,7 @@ def sim_compare(
     try:
         path = write_comparison(runs, out)
     except FileNotFoundError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(f"comparison: {path.resolve()}")
 
 
@@ -156,8 +150,7 @@ def sim_report(run: Path = typer.Argument(..., help="run directory")) -> None:
     try:
         typer.echo(f"report: {write_report(run).resolve()}")
     except FileNotFoundError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
 
 
 @bench_app.command("sim")
@@ -185,8 +178,7 @@ def bench_sim(
                      flower_poll_interval_s=flower_poll_interval_s, dispatch=dispatch,
                      flower_dispatch=flower_dispatch)
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(json.dumps(result))
 
 
@@ -203,8 +195,7 @@ def bench_dp(
     try:
         result = run(task=task, batch_size=batch_size, steps=steps, repeats=repeats)
     except ValueError as err:  # an unknown task, sizes it cannot run with: named in the message
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(json.dumps(result))
 
 
@@ -239,8 +230,7 @@ def bench_secagg(
                      pull_interval=None if pull_interval == 0 else pull_interval,
                      dispatch=dispatch, unmask=unmask, cpu_split=cpu_split)
     except ValueError as err:  # sizes it cannot run with, named in the message
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     typer.echo(json.dumps(result))
 
 
@@ -280,8 +270,7 @@ def _open_store(store: str | None):
                              "simulation writes DIR/store.db: pass that file or DIR")
         return RunStore(str(url))
     except StoreError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
 
 
 def _resolve_run(run_store, run: str) -> str:
@@ -290,8 +279,7 @@ def _resolve_run(run_store, run: str) -> str:
     try:
         return run_store.resolve_run(run)
     except UnknownRun as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
+        raise fail(err, 1) from None
 
 
 def _when(t: float | None) -> str:
@@ -322,8 +310,7 @@ def console_serve(
     try:
         new = token.ensure()
     except TokenError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     shown_host = f"[{host}]" if ":" in host else host
     if new is not None:
         console.print(f"console token made; only its hash is kept, in {token.path} (0600). "
@@ -427,8 +414,7 @@ def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     try:
         info = run_store.request_stop(run_id, actor=f"cli:{getpass.getuser()}")
     except RunNotRunning as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
+        raise fail(err, 1) from None
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from consortia.terminal import console, fail, say
 
 certs_app = typer.Typer(help="Certificates and node keys (operators; partners: keygen).",
                         no_args_is_help=True)
@@ -18,12 +19,6 @@ server_app = typer.Typer(help="The federation's server: a SuperLink and the cons
 client_app = typer.Typer(help="A partner's client: a SuperNode running the installed ClientApp.",
                          no_args_is_help=True)
 
-console = Console(stderr=True)
-
-
-def _fail(err: Exception, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
-    return typer.Exit(code)
 
 
 @certs_app.command("init")
@@ -38,7 +33,7 @@ def certs_init(
     try:
         root = init_consortium(out, hosts)
     except CertsError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(f"CA and server certificate in {root.resolve()} (ca.pem, server.pem; "
                "keys ca.key and server.key are 0600: keep them on the server)")
 
@@ -57,7 +52,7 @@ def certs_enroll(
     try:
         keys = enroll_node(consortium, name, public_key)
     except CertsError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(f"enrolled {name}: {keys.enrolled}")
     if keys.private_key is not None:
         typer.echo(f"hand {keys.private_key.parent} (node.key, node.pub, ca.pem) to the partner "
@@ -73,7 +68,7 @@ def certs_keygen(out: Path = typer.Option(..., "--out", help="directory for node
     try:
         private, public = generate_node_key(out)
     except CertsError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(f"private key {private} (0600, stays here); send {public} to the operator")
 
 
@@ -88,9 +83,9 @@ def server_start(
     from consortia.server.deploy import DeploymentError, serve
 
     try:
-        summary = serve(config, resume=resume, log=console.print)
+        summary = serve(config, resume=resume, log=say)
     except (ConfigError, DeploymentError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     acc = summary.get("final_accuracy")
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
 
@@ -104,7 +99,7 @@ def server_base_hash(config: Path = typer.Option(..., "--config", help="server T
     try:
         typer.echo(base_model_sha256(config))
     except ConfigError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 @client_app.command("join")
@@ -114,9 +109,9 @@ def client_join(config: Path = typer.Option(..., "--config", help="site TOML")) 
     from consortia.config import ConfigError
 
     try:
-        join(config, log_fn=console.print)
+        join(config, log_fn=say)
     except (ConfigError, JoinError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 @client_app.command("status")
@@ -131,7 +126,7 @@ def client_status(config: Path = typer.Option(..., "--config", help="site TOML")
     try:
         status = site_status(config)
     except ConfigError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if as_json:
         typer.echo(json.dumps(status, indent=2))
         return

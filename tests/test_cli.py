@@ -38,3 +38,19 @@ def test_bench_dp_names_an_unknown_task_and_the_accepted_ones():
     result = runner.invoke(app, ["bench", "dp", "--task", "no-such-task"])
     assert result.exit_code == 2
     assert "unknown task 'no-such-task'" in result.output and "digits-mlp" in result.output
+
+
+def test_an_error_is_printed_as_it_is_brackets_included():
+    # rich would read "[lora]" as markup and print 'mytask': the value the user typed must
+    # come back as typed.
+    result = runner.invoke(app, ["sim", "config", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--set", "task=my[lora]task"])
+    assert result.exit_code == 2
+    assert "unknown task 'my[lora]task'" in result.output
+
+
+def test_a_rooms_report_is_printed_as_it_is(capsys):
+    from consortia.terminal import say
+
+    say("the SuperNode exited (1); starting it again: [code: 2004] Failed to activate SuperNode.")
+    assert "[code: 2004] Failed to activate SuperNode." in capsys.readouterr().err

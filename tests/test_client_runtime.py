@@ -190,3 +190,25 @@ def test_the_task_heartbeat_marks_a_forgotten_task_and_signals_nothing(outcome, 
     assert task_heartbeat(StubClient(outcome), flag)() is returns
     assert flag.is_set() is gone
     assert sigint == []
+
+
+# What flower-supernode logs when the SuperLink refuses it (ANSI colours as it writes them).
+REFUSED_LOG = """\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode
+INFO:     Uvicorn running on http://127.0.0.1:42105 (Press CTRL+C to quit)
+\x1b[91mERROR \x1b[0m:     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[code: 2004] Failed to activate SuperNode.
+The SuperNode could not establish a connection to the SuperLink.
+"""
+
+
+@pytest.mark.parametrize(("log", "reason"), [
+    (REFUSED_LOG, "[code: 2004] Failed to activate SuperNode."),
+    ("\x1b[91mERROR \x1b[0m:     SSL handshake failed: CERTIFICATE_VERIFY_FAILED\n",
+     "SSL handshake failed: CERTIFICATE_VERIFY_FAILED"),
+    ("\x1b[92mINFO \x1b[0m:      SuperNode ID: 7\n", ""),  # killed: it said nothing
+])
+def test_the_partner_is_told_why_the_supernode_ended(log, reason):
+    from consortia.client.join import exit_reason
+
+    assert exit_reason(log) == reason

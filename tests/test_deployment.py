@@ -306,6 +306,7 @@ def test_a_supernode_restarted_mid_task_costs_that_reply_not_the_client(federati
     assert "site-a: online" in (fed.root / "server.out").read_text()  # what the operator saw
     out = (fed.root / "site-a.out").read_text()
     assert "the SuperNode exited (-9); starting it again" in out
+    assert "[code: 2004] Failed to activate SuperNode." in out  # why the restarts were refused
     assert "could not be completed" in out or "no longer knows this task" in out, out
     rows = fed.metrics()
     assert [r["round"] for r in rows] == [1, 2, 3]
