@@ -35,6 +35,10 @@ actors; ``first_round_s`` for the two secure kinds).
 ``secagg_client_cpu_ms`` is the CPU each of our clients spent on its masked reply,
 measured in its actor with ``time.thread_time`` (so time the actor waited for a core
 is not in it): median and max over all secure replies.
+``secagg_unmask_asked`` is how many clients each of our unmask exchanges asked (median),
+and ``secagg_unmask_client_cpu_ms`` the CPU each spent answering, measured the same way:
+with both, the unmask exchange's seconds split into the clients' work and the engine's
+cost per message.
 The grid polls for replies every ``pull_interval`` seconds (0.01 here by default; a run
 polls at ``sim.poll_interval_s``, 0.02 by default; None keeps Flower's 0.1) for all three
 kinds alike: it is one grid. Likewise one engine: it hands messages to the clients as
@@ -101,6 +105,7 @@ DEFAULT_CPUS_PER_CLIENT = 0.5
 # A record the bench's secure replies carry (the server reads only its own records): the
 # CPU the client spent on its masked reply, measured inside the actor.
 CLIENT_CPU = "bench.client_cpu"
+UNMASK_CPU = "bench.unmask_cpu"  # likewise, on our unmask answers
 
 _delta_cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
@@ -179,8 +184,10 @@ def _advertise(msg: Message, context: Context) -> Message:
 
 @client_app.train("secagg_unmask")
 def _unmask(msg: Message, context: Context) -> Message:
-    request = msg.content[SECAGG]["unmask_request"]
-    return Message(SecAggClient(context).unmask(request), reply_to=msg)
+    started = time.thread_time()
+    content = SecAggClient(context).unmask(msg.content[SECAGG]["unmask_request"])
+    content[UNMASK_CPU] = MetricRecord({"ms": (time.thread_time() - started) * 1000})
+    return Message(content, reply_to=msg)
 
 
 # --- the server ----------------------------------------------------------------------
@@ -209,6 +216,8 @@ class _TimedGrid:
         self.exchange_cpu: list[tuple[str, dict[str, float]]] = []
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
+        self.unmask_cpu_ms: list[float] = []  # ours: each unmask answer's CPU in its actor
+        self.pushed: list[tuple[str, int]] = []  # each exchange: its type, how many messages
         self._open: dict[str, _Pushed] = {}  # message id -> its exchange
 
     def push_messages(self, messages):
@@ -219,6 +228,7 @@ class _TimedGrid:
         waiting = {i for i in ids if i is not None}
         pushed = _Pushed(messages[0].metadata.message_type if messages else "", started, cpu,
                          len(waiting))
+        self.pushed.append((pushed.kind, len(messages)))
         self._open.update(dict.fromkeys(waiting, pushed))
         return ids
 
@@ -249,9 +259,10 @@ class _TimedGrid:
         return replies
 
     def _record_cpu(self, replies) -> None:
-        cpu = (None if r.has_error() else record_of(r.content, CLIENT_CPU, MetricRecord)
-               for r in replies)
-        self.client_cpu_ms.extend(float(record["ms"]) for record in cpu if record is not None)
+        for name, into in ((CLIENT_CPU, self.client_cpu_ms), (UNMASK_CPU, self.unmask_cpu_ms)):
+            cpu = (None if r.has_error() else record_of(r.content, name, MetricRecord)
+                   for r in replies)
+            into.extend(float(record["ms"]) for record in cpu if record is not None)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -362,6 +373,8 @@ class _Rounds:
         for values in (*self.phases.values(), *self.exchange_cpu.values()):
             values.clear()
         self.grid.client_cpu_ms.clear()
+        self.grid.unmask_cpu_ms.clear()
+        self.grid.pushed.clear()
 
     def ours(self, server_round: int) -> float:
         self.grid.exchanges.clear()
@@ -554,6 +567,8 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
                 times["flower_secaggplus"].append(kinds.flower(r))
             extra["max_abs_error"] = kinds.errors
             extra["client_cpu_ms"] = kinds.grid.client_cpu_ms
+            extra["unmask_cpu_ms"] = kinds.grid.unmask_cpu_ms
+            extra["unmask_asked"] = [n for kind, n in kinds.grid.pushed if kind == SECAGG_UNMASK]
             extra["phases"] = kinds.phases
             extra["exchange_cpu"] = kinds.exchange_cpu
             extra["ray_peak_rss_mb"] = _descendant_peak_rss_mb()
@@ -601,6 +616,10 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "max_abs_error": {k: float(f"{v:.3g}") for k, v in extra["max_abs_error"].items()},
         # Ours: CPU per masked reply inside the actors (thread_time), median and max.
         "secagg_client_cpu_ms": _median_and_max(extra["client_cpu_ms"]),
+        # Ours: clients asked per unmask exchange (median), and each answer's CPU likewise.
+        "secagg_unmask_asked": (statistics.median(extra["unmask_asked"])
+                                if extra["unmask_asked"] else None),
+        "secagg_unmask_client_cpu_ms": _median_and_max(extra["unmask_cpu_ms"]),
         "flower_num_shares": FLOWER_NUM_SHARES, "flower_threshold": FLOWER_THRESHOLD,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),

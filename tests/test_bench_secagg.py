@@ -22,6 +22,10 @@ def test_bench_secagg_times_all_three_kinds_and_reports_ratios_that_match_them()
     assert report["exchange_cpu_s"] is None  # the CPU split is asked for, not the default
     cpu = report["secagg_client_cpu_ms"]  # every masked reply measured its own CPU
     assert 0 < cpu["median"] <= cpu["max"]
+    # Each unmask exchange asked some of the 4 clients, and each answer measured its CPU.
+    assert 1 <= report["secagg_unmask_asked"] <= 4
+    unmask_cpu = report["secagg_unmask_client_cpu_ms"]
+    assert 0 < unmask_cpu["median"] <= unmask_cpu["max"]
     for key in TIME_KEYS:
         assert isinstance(report[key], float) and report[key] > 0, (key, report[key])
     for kind, times in report["rounds_s"].items():
