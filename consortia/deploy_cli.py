@@ -38,6 +38,24 @@ def certs_init(
                "keys ca.key and server.key are 0600: keep them on the server)")
 
 
+@certs_app.command("server")
+def certs_server(
+    consortium: Path = typer.Option(..., "--dir", help="the consortium directory (certs init)"),
+    hosts: list[str] = typer.Option(..., "--host",
+                                    help="a DNS name or IP the server is reached at (repeat)"),
+) -> None:
+    """Issue a new server certificate from the consortium CA (lost key, new host names,
+    renewal); partners trust the CA and need nothing new."""
+    from consortia.privacy.certs import CertsError, issue_server_cert
+
+    try:
+        cert = issue_server_cert(consortium, hosts)
+    except CertsError as err:
+        raise fail(err) from None
+    typer.echo(f"server certificate {cert} (key server.key, 0600) for {', '.join(hosts)}; "
+               "the next `consortia server start` serves it")
+
+
 @certs_app.command("enroll")
 def certs_enroll(
     name: str = typer.Argument(..., help="the partner node's name"),

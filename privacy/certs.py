@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -94,7 +95,7 @@ def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consorti
     out = Path(out_dir)
     if (out / CA_KEY).exists() or (out / CA_CERT).exists():
         raise CertsError(f"{out} already holds a CA ({CA_CERT}); choose another --out")
-    san = _san(hosts)
+    _san(hosts)  # a bad host fails before anything is written
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
@@ -111,11 +112,30 @@ def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consorti
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
                        critical=False)
         .sign(ca_key, hashes.SHA384()))
+    write_private(out / CA_KEY, _pem_key(ca_key))
+    write_public(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    issue_server_cert(out, hosts)
+    (out / ENROLLED).mkdir(exist_ok=True)
+    return out
+
+
+def issue_server_cert(consortium_dir: str | Path, hosts: list[str]) -> Path:
+    """A new server certificate and key for `hosts`, signed by the consortium's CA, in
+    place of any there (a lost key, a new host name, or a renewal before the SERVER_DAYS
+    run out). Partners trust the CA, not this certificate: they need nothing new."""
+    root = Path(consortium_dir)
+    if not (root / CA_KEY).is_file() or not (root / CA_CERT).is_file():
+        raise CertsError(f"{root} holds no CA ({CA_CERT} and {CA_KEY}); create one with "
+                         f"`consortia certs init --out {root} --host HOST`")
+    san = _san(hosts)
+    ca_key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((root / CA_CERT).read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0].strip())]))
+        .issuer_name(ca_cert.subject).public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
@@ -125,12 +145,15 @@ def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consorti
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
         .sign(ca_key, hashes.SHA384()))
-    write_private(out / CA_KEY, _pem_key(ca_key))
-    write_public(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_private(out / SERVER_KEY, _pem_key(server_key))
-    write_public(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
-    (out / ENROLLED).mkdir(exist_ok=True)
-    return out
+    # Written beside, then moved into place: a server never reads a half-written pair.
+    fresh_key = root / (SERVER_KEY + ".new")
+    fresh_key.unlink(missing_ok=True)
+    write_private(fresh_key, _pem_key(server_key))
+    fresh_cert = root / (SERVER_CERT + ".new")
+    write_public(fresh_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(fresh_key, root / SERVER_KEY)
+    os.replace(fresh_cert, root / SERVER_CERT)
+    return root / SERVER_CERT
 
 
 def check_name(name: str) -> str:
@@ -158,11 +181,18 @@ def public_key_line(key: ec.EllipticCurvePublicKey) -> bytes:
 def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     path = Path(path)
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CertsError(f"public key file not found: {path}") from None
-    except (ValueError, TypeError) as err:
-        raise CertsError(f"{path} is not an OpenSSH public key: {err}") from None
+    if b"PRIVATE KEY" in data:
+        raise CertsError(f"{path} is a private key; enroll the public half (node.pub). A "
+                         "private key that left its site should be replaced: the partner runs "
+                         "`consortia certs keygen` again and sends the new node.pub")
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise CertsError(f"{path} is not an OpenSSH public key: {err}; accepted: the node.pub "
+                         "line `consortia certs keygen` writes (ecdsa-sha2-nistp384 ...)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CertsError(f"{path} holds a {type(key).__name__}; accepted: a NIST EC key "
                          "(e.g. from `consortia certs keygen`)")

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from consortia.flower_exec import FlowerExecutableMissing
 from consortia.privacy.certs import CertsError, enrolled_keys
 from consortia.privacy.storage import atomic_write_json
@@ -45,6 +47,8 @@ def serve(config_path: str | Path, *, resume: bool = False,
     cfg, srv = deployment.run, deployment.server
     if cfg.store.url:
         RunStore(cfg.store.url).close()  # a store that cannot be opened fails here
+    link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
+    link.check_port_free()  # before the results directory is touched: a busy port costs nothing
     try:
         keys = enrolled_keys(srv.certs)
         run_id = prepare_out_dir(cfg, srv.out, resume)
@@ -56,15 +60,18 @@ def serve(config_path: str | Path, *, resume: bool = False,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
     launcher = None
     try:
         link.start(srv.start_timeout_s)
     except FlowerExecutableMissing as err:
         raise DeploymentError(str(err)) from None
     try:
-        nodes = link.register_nodes(keys)
-        flower_run = link.submit(config_path, resume)
+        try:
+            nodes = link.register_nodes(keys)
+            flower_run = link.submit(config_path, resume)
+        except httpx.HTTPError as err:  # the Control API refused, or went away
+            raise DeploymentError(f"the SuperLink at {link.address} did not take the run: "
+                                  f"{err}; see {link.log_path}") from None
         atomic_write_json(srv.out / DEPLOYMENT_FILE, {
             "run_id": run_id, "flower_run_id": flower_run, "superlink": link.address,
             "nodes": {name: str(node) for name, node in nodes.items()}, "resumed": resume,

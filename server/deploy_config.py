@@ -47,10 +47,14 @@ class ServerDeployConfig(BaseModel):
     def check_files(self) -> None:
         """Fail at start, naming the file, if a certificate or key is missing."""
         certs = self.server.certs
-        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        if not (certs / CA_CERT).is_file():
+            raise ConfigError(f"server.certs: {certs / CA_CERT} is missing; create it with "
+                              f"`consortia certs init --out {certs} --host HOST`")
+        for name in (SERVER_CERT, SERVER_KEY):
             if not (certs / name).is_file():
-                raise ConfigError(f"server.certs: {certs / name} is missing; create it with "
-                                  f"`consortia certs init --out {certs} --host HOST`")
+                raise ConfigError(f"server.certs: {certs / name} is missing; issue a new one "
+                                  f"from the CA with `consortia certs server --dir {certs} "
+                                  "--host HOST`")
         if not list((certs / ENROLLED).glob("*.pub")):
             raise ConfigError(f"server.certs: no enrolled node in {certs / ENROLLED}; enroll "
                               f"partners with `consortia certs enroll NAME --dir {certs}`")

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import os
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -95,7 +96,26 @@ class SuperLink:
     def secret_path(self) -> Path:
         return self.work_dir / "superexec.secret"
 
+    def check_port_free(self) -> None:
+        """Fail, naming the address, if something already listens on our port. Without
+        this a second server on a busy port would find the first one's Control API ready
+        and register its nodes there, while its own SuperLink failed to bind."""
+        host = self.host or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR as servers set it: a port left in TIME_WAIT is free to take, one
+            # with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, self.port))
+            except OSError as err:
+                raise DeploymentError(
+                    f"server.port {self.port} on {host} is not free ({err.strerror}): another "
+                    "server or program listens there; stop it or choose another server.port"
+                ) from None
+
     def start(self, timeout: float) -> None:
+        self.check_port_free()
         env = self.env()
         exe = require_executables(["flower-superlink", "flwr-serverapp"], env)
         self.serverapp_exe = exe["flwr-serverapp"]
@@ -118,6 +138,11 @@ class SuperLink:
         except (RuntimeError, TimeoutError) as err:
             self.stop()
             raise DeploymentError(str(err)) from None
+        if self.process.poll() is not None:  # a Control API answered, but not ours
+            code = self.process.returncode
+            self.stop()
+            raise DeploymentError(f"the SuperLink exited ({code}) while another server answered "
+                                  f"at {self.address}; see {self.log_path}")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -7,7 +7,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from typer.testing import CliRunner
 
 from consortia.cli import app
-from consortia.privacy.certs import CertsError, enroll_node, enrolled_keys, init_consortium
+from consortia.privacy.certs import (
+    CertsError,
+    enroll_node,
+    enrolled_keys,
+    init_consortium,
+    issue_server_cert,
+)
 
 runner = CliRunner()
 
@@ -68,3 +74,32 @@ def test_bad_host_and_existing_ca_fail_clearly(tmp_path):
     init_consortium(tmp_path / "d", ["127.0.0.1"])
     with pytest.raises(CertsError, match="already holds a CA"):
         init_consortium(tmp_path / "d", ["127.0.0.1"])
+
+
+def test_a_new_server_certificate_comes_from_the_same_ca(tmp_path):
+    root = init_consortium(tmp_path / "c", ["127.0.0.1"])
+    ca = x509.load_pem_x509_certificate((root / "ca.pem").read_bytes())
+    old_key = (root / "server.key").read_bytes()
+    (root / "server.pem").unlink()  # lost, or a new host name is needed
+    result = runner.invoke(app, ["certs", "server", "--dir", str(root), "--host", "127.0.0.1",
+                                 "--host", "fl.example.org"])
+    assert result.exit_code == 0, result.output
+    server = x509.load_pem_x509_certificate((root / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # partners' ca.pem still verifies it
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert (root / "server.key").read_bytes() != old_key and mode(root / "server.key") == 0o600
+    assert not list(root.glob("*.new"))
+    with pytest.raises(CertsError, match="holds no CA.*consortia certs init"):
+        issue_server_cert(tmp_path / "elsewhere", ["127.0.0.1"])
+
+
+def test_enrolling_a_private_key_is_refused_saying_so(tmp_path):
+    root = init_consortium(tmp_path / "c", ["127.0.0.1"])
+    runner.invoke(app, ["certs", "keygen", "--out", str(tmp_path / "site")])
+    result = runner.invoke(app, ["certs", "enroll", "site-x", "--dir", str(root),
+                                 "--public-key", str(tmp_path / "site" / "node.key")])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())  # the terminal wraps long lines
+    assert "node.key is a private key; enroll the public half (node.pub)" in said
+    assert "site-x" not in enrolled_keys(root)

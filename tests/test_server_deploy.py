@@ -43,6 +43,10 @@ def test_paths_are_read_from_the_configs_folder_and_files_are_checked(tmp_path):
         cfg.check_files()
     enroll_node(tmp_path / "consortium", "site-a")
     cfg.check_files()
+    (tmp_path / "consortium" / "server.pem").unlink()  # the CA stays: a new certificate from it
+    with pytest.raises(ConfigError, match="server.pem is missing; issue a new one from the CA "
+                                          "with `consortia certs server --dir"):
+        cfg.check_files()
 
 
 @pytest.mark.parametrize("port, extra, message", [
@@ -120,3 +124,20 @@ def test_the_operator_sees_each_enrolled_node_come_online_and_go_offline(tmp_pat
                                  tmp_path, said.append)
     assert result == ("completed", "")
     assert said == ["site-a: online", "site-b: online", "site-a: offline", "site-a: online"]
+
+
+def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
+    import socket
+
+    from consortia.server.deploy import DeploymentError, serve
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_node(tmp_path / "consortium", "site-a")
+    with socket.socket() as busy:  # another server already listens there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(DeploymentError, match=rf"server\.port {port} on 127\.0\.0\.1 is not free"):
+            serve(server_toml(tmp_path, port))
+    # Nothing was prepared: the same config starts once the port is free.
+    assert not (tmp_path / "results").exists()
