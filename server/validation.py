@@ -35,10 +35,13 @@ class ReplyOutcome:
     reason: str = ""
     report: TrainReport | None = None
     message: Message | None = None  # kept only for replies that go into the aggregate
+    known_as: str = ""  # the client's id from the node directory, for a reply with no report
 
     @property
     def client_id(self) -> str:
-        return self.report.client_id if self.report else f"node-{self.node_id}"
+        if self.report is not None:
+            return self.report.client_id
+        return self.known_as or f"node-{self.node_id}"
 
 
 def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | None:

@@ -53,3 +53,8 @@ def test_sign_flippers_wreck_fedavg_but_not_the_median(tmp_path):
     assert sum(failed) > 0  # dropouts happened and the rounds completed without them
     assert all(r["clients_trained"] + r["clients_failed"] == 8 for r in rows)
     assert np.isfinite([r["accuracy"] for r in rows]).all()
+    # A client whose request failed is named as it identified itself, not by its node id.
+    participation = read_jsonl(tmp_path / "median" / "participation.jsonl")
+    clients = {p["client_id"] for p in participation if p["status"] == "trained"}
+    failed_ids = {p["client_id"] for p in participation if p["status"] == "failed"}
+    assert failed_ids and failed_ids <= clients, failed_ids
