@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,16 +69,42 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# The specific line of Flower's exit message: "[code: 2004] Failed to activate SuperNode."
+# (the SuperLink refused the node) or an SSL error ("[SSL: CERTIFICATE_VERIFY_FAILED] ...").
+_SPECIFIC = re.compile(r"^\[(code: \d+|SSL[^\]]*)\]")
+
+
 def exit_reason(log: str) -> str:
-    """The reason a SuperNode gave for ending, from what it logged: Flower's coded exit
-    message ("[code: 2004] Failed to activate SuperNode.": the SuperLink refused it), else
-    its last error line; "" when it logged none (e.g. it was killed)."""
+    """The reason a SuperNode gave for ending, from what it logged: the specific line of
+    Flower's exit message, else its last error line; "" when it logged none (e.g. it was
+    killed)."""
     lines = [_ANSI.sub("", line).strip() for line in log.splitlines()]
-    coded = [line for line in lines if line.startswith("[code:")]
-    if coded:
-        return coded[-1]
+    specific = [line for line in lines if _SPECIFIC.match(line)]
+    if specific:
+        return specific[-1]
     errors = [line.split(":", 1)[1].strip() for line in lines if line.startswith("ERROR")]
     return errors[-1] if errors else ""
+
+
+def what_to_do(reason: str, cfg: SiteConfig) -> str:
+    """What a partner can do about a SuperNode's exit `reason` (exit_reason), or ""."""
+    s = cfg.site
+    if reason.startswith("[code: 2004]"):
+        return (f"the server at {s.superlink} refused this node's key: either it is not enrolled "
+                f"(send {s.node_key.with_name('node.pub')} to the operator for `consortia certs "
+                "enroll`), or this node's previous SuperNode still counts as connected (it is "
+                "let in once that one's heartbeat runs out, within about a minute)")
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        return (f"the server's certificate did not verify against site.ca_cert ({s.ca_cert}): "
+                f"either that is not the consortium's ca.pem, or the certificate does not name "
+                f"the host in site.superlink ({s.superlink}); ask the operator")
+    return ""
+
+
+# flower-supernode retries a SuperLink it cannot reach, forever, logging this each time.
+UNREACHABLE = "Connection attempt failed"
+CONNECTED = "Connection successful"
+UNREACHABLE_NOTE_S = 15.0  # how long it may try before the partner is told
 
 
 class SuperNodeProcess:
@@ -94,20 +121,36 @@ class SuperNodeProcess:
                      "--port", str(runtime_port), "--node-config", f'site-name="{s.name}"']
         self.process = None
 
-    def supervise(self, stop: threading.Event, on_restart: Callable[[int, str], None]) -> None:
+    def supervise(self, stop: threading.Event, on_restart: Callable[[int, str], None],
+                  on_note: Callable[[str], None] = lambda note: None) -> None:
         """Run the SuperNode until `stop`; each time it ends, call on_restart with its exit
-        code and the reason it logged (or ""), and start it again."""
+        code and the reason it logged (or ""), and start it again. on_note hears "unreachable"
+        when a start of it has tried to reach the SuperLink for UNREACHABLE_NOTE_S in vain,
+        then "connected" once it does."""
         while not stop.is_set():
             logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = start_process(self.argv, self.log_path, self.env)
+            started, watch = time.monotonic(), "watching"  # then "told" or "done"
             while self.process.poll() is None and not stop.wait(0.5):
-                pass
+                if watch == "done" or time.monotonic() - started < UNREACHABLE_NOTE_S:
+                    continue
+                text = self._logged_since(logged)
+                if CONNECTED in text:
+                    if watch == "told":
+                        on_note("connected")
+                    watch = "done"
+                elif watch == "watching" and UNREACHABLE in text:
+                    on_note("unreachable")
+                    watch = "told"
             if not stop.is_set():
-                with open(self.log_path, "rb") as f:  # what this start of it logged
-                    f.seek(logged)
-                    why = exit_reason(f.read().decode(errors="replace"))
-                on_restart(self.process.returncode, why)
+                on_restart(self.process.returncode, exit_reason(self._logged_since(logged)))
                 stop.wait(RESTART_DELAY_S)
+
+    def _logged_since(self, offset: int) -> str:
+        """What the SuperNode logged from byte `offset` on (this start of it)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -130,15 +173,24 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def restarted(code: int, why: str) -> None:
+        advice = what_to_do(why, cfg)
         log_fn(f"the SuperNode exited ({code}); starting it again (see {node.log_path})"
-               + (f": {why}" if why else ""))
+               + (f": {why}" if why else "") + (f"\n  {advice}" if advice else ""))
+
+    def noted(note: str) -> None:
+        if note == "unreachable":
+            log_fn(f"the server at {cfg.site.superlink} does not answer yet; still trying (is it "
+                   "started, and is site.superlink its address?)")
+        else:
+            log_fn(f"connected to {cfg.site.superlink}")
 
     def bundle_seen(run: str, fab_hash: str) -> None:
         seen = site.state_dir / "app-bundles.log"
         with open(seen, "a") as f:  # which bundle the server named, for the site's records
             f.write(f"{run} {fab_hash}\n")
 
-    supervisor = threading.Thread(target=node.supervise, args=(stop, restarted), daemon=True)
+    supervisor = threading.Thread(target=node.supervise, args=(stop, restarted, noted),
+                                  daemon=True)
     supervisor.start()
     log_fn(f"{cfg.site.name}: joining {cfg.site.superlink} ({len(site.dataset)} records, state "
            f"in {site.state_dir}, SuperNode log {node.log_path})")

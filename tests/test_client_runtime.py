@@ -202,8 +202,21 @@ The SuperNode could not establish a connection to the SuperLink.
 """
 
 
+# What it logs when the server's certificate does not verify against site.ca_cert.
+UNTRUSTED_LOG = """\x1b[91mERROR \x1b[0m:     SSL/TLS handshake error detected.
+\x1b[91mERROR \x1b[0m:     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer \
+certificate (_ssl.c:1006)
+The SuperNode could not establish a connection to the SuperLink.
+For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/305.html>
+"""
+
+
 @pytest.mark.parametrize(("log", "reason"), [
     (REFUSED_LOG, "[code: 2004] Failed to activate SuperNode."),
+    (UNTRUSTED_LOG, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get "
+                    "local issuer certificate (_ssl.c:1006)"),
     ("\x1b[91mERROR \x1b[0m:     SSL handshake failed: CERTIFICATE_VERIFY_FAILED\n",
      "SSL handshake failed: CERTIFICATE_VERIFY_FAILED"),
     ("\x1b[92mINFO \x1b[0m:      SuperNode ID: 7\n", ""),  # killed: it said nothing
@@ -212,3 +225,61 @@ def test_the_partner_is_told_why_the_supernode_ended(log, reason):
     from consortia.client.join import exit_reason
 
     assert exit_reason(log) == reason
+
+
+def site_config(tmp_path):
+    from consortia.client.site_config import site_config_from_dict
+
+    return site_config_from_dict({
+        "site": {"name": "site-a", "superlink": "fl.example.org:9093", "ca_cert": "keys/ca.pem",
+                 "node_key": "keys/node.key", "state_dir": "state", "task": "digits-mlp"},
+        "data": {"kind": "partition", "index": 0, "count": 2},
+        "policy": {"tasks": ["digits-mlp"], "epsilon_budget": 3.0, "delta": 1e-5}},
+        tmp_path, "site.toml")
+
+
+def test_the_partner_is_told_what_to_do_about_a_refusal_or_an_untrusted_server(tmp_path):
+    from consortia.client.join import exit_reason, what_to_do
+
+    cfg = site_config(tmp_path)
+    refused = what_to_do(exit_reason(REFUSED_LOG), cfg)
+    assert "refused this node's key" in refused and "consortia certs enroll" in refused
+    assert str(tmp_path / "keys" / "node.pub") in refused  # the file to send
+    untrusted = what_to_do(exit_reason(UNTRUSTED_LOG), cfg)
+    assert f"site.ca_cert ({tmp_path / 'keys' / 'ca.pem'})" in untrusted
+    assert "fl.example.org:9093" in untrusted
+    assert what_to_do("", cfg) == ""  # killed: nothing to advise
+
+
+@pytest.mark.parametrize(("tries_s", "notes"), [
+    (2.0, ["unreachable", "connected"]),  # the server came up late: told, then told again
+    (0.0, []),  # connected at once: nothing said
+])
+def test_the_partner_is_told_while_the_server_does_not_answer(tmp_path, monkeypatch, tries_s,
+                                                             notes):
+    import os
+    import sys
+
+    from consortia.client import join
+
+    monkeypatch.setattr(join, "UNREACHABLE_NOTE_S", 0.5)
+    # A stand-in for flower-supernode: it fails to connect for `tries_s`, then connects.
+    script = (f"import time; print('WARNING : {join.UNREACHABLE}, retrying', flush=True); "
+              f"time.sleep({tries_s}); print('INFO : {join.CONNECTED} after 2 tries', "
+              "flush=True); time.sleep(60)")
+    node = object.__new__(join.SuperNodeProcess)
+    node.log_path, node.env, node.process = tmp_path / "supernode.log", dict(os.environ), None
+    node.argv = [sys.executable, "-c", script]
+    stop, heard = threading.Event(), []
+    supervisor = threading.Thread(target=node.supervise,
+                                  args=(stop, lambda code, why: heard.append(code), heard.append))
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + tries_s + 3.0
+        while time.monotonic() < deadline and len(heard) < len(notes) + 1:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        supervisor.join(timeout=10)
+        node.stop()
+    assert heard == notes
