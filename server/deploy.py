@@ -81,7 +81,7 @@ def serve(config_path: str | Path, *, resume: bool = False,
             f"{link.log_path}")
         launcher = link.launcher()
         threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
-        status = wait_for_run(link, flower_run, nodes, stop, srv.out, log)
+        status = wait_for_run(link, flower_run, nodes, stop, srv.out, log, needed=cfg.clients)
     except KeyboardInterrupt:
         status = None
     finally:
@@ -120,14 +120,15 @@ def base_model_sha256(config_path: str | Path) -> str:
 
 
 def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
-                 stop: threading.Event, out: Path,
-                 log: Callable[[str], None]) -> tuple[str, str] | None:
+                 stop: threading.Event, out: Path, log: Callable[[str], None],
+                 needed: int = 0) -> tuple[str, str] | None:
     """(sub_status, details) once the run has finished; None if stopped first. Meanwhile
     keep the SuperLink to our run and our nodes, and report each round as it is recorded
-    and each enrolled node as it comes online or goes offline (a round waits for
-    run.clients nodes online: the operator sees which one is missing)."""
+    and each enrolled node as it comes online or goes offline. Rounds start only with
+    `needed` nodes online (run.clients): while fewer are, say whom the run waits for."""
     names = {node: name for name, node in nodes.items()}
     rounds_seen, statuses = 0, {node: "registered" for node in names}
+    missing_said: list[str] = []
     while not stop.wait(POLL_S):
         if link.process is not None and link.process.poll() is not None:
             raise DeploymentError(f"the SuperLink exited ({link.process.returncode}); see "
@@ -136,6 +137,12 @@ def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
             if status != statuses[node]:
                 log(f"{names[node]}: {status}")
                 statuses[node] = status
+        online = sum(status == "online" for status in statuses.values())
+        missing = sorted(names[n] for n, status in statuses.items() if status != "online")
+        if online < needed and missing != missing_said:
+            log(f"waiting: {online} of run.clients = {needed} partners online; not online: "
+                f"{', '.join(missing)}")
+        missing_said = missing if online < needed else []
         rows = read_rows(out / METRICS_FILE)
         for row in rows[rounds_seen:]:
             log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "

@@ -121,9 +121,17 @@ def test_the_operator_sees_each_enrolled_node_come_online_and_go_offline(tmp_pat
                          {11: "online", 12: "online"}])   # and is back
     said = []
     result = deploy.wait_for_run(link, 7, {"site-a": 11, "site-b": 12}, threading.Event(),
-                                 tmp_path, said.append)
+                                 tmp_path, said.append, needed=2)
     assert result == ("completed", "")
-    assert said == ["site-a: online", "site-b: online", "site-a: offline", "site-a: online"]
+    # While fewer than run.clients are online, whom the run waits for; said again only when
+    # that changes.
+    assert said == ["waiting: 0 of run.clients = 2 partners online; not online: site-a, site-b",
+                    "site-a: online",
+                    "waiting: 1 of run.clients = 2 partners online; not online: site-b",
+                    "site-b: online",
+                    "site-a: offline",
+                    "waiting: 1 of run.clients = 2 partners online; not online: site-a",
+                    "site-a: online"]
 
 
 def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
