@@ -56,7 +56,7 @@ class SiteSection(_Section):
     def _host_port(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"expected host:port (e.g. fl.example.org:9093), got {value!r}")
+            raise ValueError("expected host:port (e.g. fl.example.org:9093)")
         return value
 
     @field_validator("task")

@@ -92,7 +92,7 @@ def certs_keygen(out: Path = typer.Option(..., "--out", help="directory for node
 
 @server_app.command("start")
 def server_start(
-    config: Path = typer.Option(..., "--config", help="server TOML ([server] and [run])"),
+    config: Path = typer.Option(..., "--config", help="server TOML (its server and run tables)"),
     resume: bool = typer.Option(False, "--resume",
                                 help="continue the run in the configured out directory"),
 ) -> None:

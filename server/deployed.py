@@ -29,6 +29,6 @@ def main(grid: Grid, context: Context) -> None:
     store = RunStore(cfg.store.url or default_store_url(out))
     try:
         run_federation(grid, cfg, out, run_id=run_id, resume=bool(context.run_config["resume"]),
-                       store=store)
+                       store=store, kind="deployment")
     finally:
         store.close()

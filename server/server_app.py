@@ -21,10 +21,11 @@ from consortia.tasks import get_task
 
 def run_federation(grid: Grid, cfg: RunConfig, out_dir: str | Path, *, run_id: str,
                    resume: bool = False, on_round: RoundCallback | None = None,
-                   store: RunStore | None = None) -> None:
-    """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes."""
+                   store: RunStore | None = None, kind: str = "simulation") -> None:
+    """The run, on whatever grid Flower gives: simulated nodes or deployed SuperNodes
+    (`kind` "deployment", as the run store records it)."""
     workflow = RoundWorkflow(cfg, get_task(cfg.task, cfg.task_options()), build_strategy(cfg),
-                             Path(out_dir), run_id, on_round, store)
+                             Path(out_dir), run_id, on_round, store, kind)
     workflow.run(grid, resume=resume)
 
 

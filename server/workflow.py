@@ -102,6 +102,7 @@ class RoundWorkflow:
     # The run store (optional): rounds, checkpoints and the run's status are recorded in it,
     # and a stop requested there ends the run after the current round.
     store: RunStore | None = None
+    kind: str = "simulation"  # or "deployment": what the run store and the audit log call it
     checkpoints: CheckpointStore = field(init=False)
     recorder: RunRecorder = field(init=False)
 
@@ -227,7 +228,8 @@ class RoundWorkflow:
             self.run_rounds(grid, resume)
             return
         self.store.start_run(self.run_id, task=self.cfg.task, rounds_total=self.cfg.rounds,
-                             config=config_to_dict(self.cfg), out_dir=self.out_dir.resolve())
+                             config=config_to_dict(self.cfg), out_dir=self.out_dir.resolve(),
+                             kind=self.kind)
         try:
             stopped = self.run_rounds(grid, resume)
         except BaseException as err:

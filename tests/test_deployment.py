@@ -17,6 +17,7 @@ from deploy_harness import Federation, jsonl, kill_tree, tail, wait_until
 
 from consortia.privacy.certs import generate_node_key, init_consortium
 from consortia.server.deploy import base_model_sha256
+from consortia.server.store import RunStore, default_store_url
 from consortia.server.superlink import SuperLink
 
 pytestmark = pytest.mark.slow
@@ -203,6 +204,14 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
         assert row["clients_trained"] == 3 and row["clients_refused"] == 1
     assert checkpoint_sha(fed, 2) != checkpoint_sha(fed, 0)  # the global model changed
     assert checkpoint_sha(fed, 0) == base
+    store = RunStore(default_store_url(fed.out))  # the operator's records call it a deployment
+    try:
+        (run,) = store.list_runs()
+        assert run["kind"] == "deployment" and run["status"] == "completed"
+        started = [e for e in store.audit_log(run["run_id"]) if e["event"] == "run-started"]
+        assert started and started[0]["detail"].startswith("deployment of ")
+    finally:
+        store.close()
     for name in SITES:
         events = spends(fed.ledger(name))
         assert [e["round"] for e in events] == [1, 2]

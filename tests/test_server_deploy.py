@@ -149,3 +149,25 @@ def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
             serve(server_toml(tmp_path, port))
     # Nothing was prepared: the same config starts once the port is free.
     assert not (tmp_path / "results").exists()
+
+
+def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
+    from consortia.server.deploy import mark_interrupted
+    from consortia.server.store import RunStore, default_store_url
+
+    url = default_store_url(tmp_path)
+    store = RunStore(url)
+    try:
+        store.start_run("r1", task="digits-mlp", rounds_total=5, config={})
+        store.start_run("r2", task="digits-mlp", rounds_total=5, config={})
+        store.finish_run("r2", "completed")
+        mark_interrupted(url, "r1")  # SIGTERM: the ServerApp's process had no time to say
+        mark_interrupted(url, "r2")  # a run that ended keeps how it ended
+        mark_interrupted(url, "r3")  # stopped before the ServerApp registered the run
+        assert store.get_run("r1")["status"] == "stopped"
+        assert "--resume" in store.audit_log("r1")[0]["detail"]
+        assert store.get_run("r2")["status"] == "completed"
+        store.start_run("r1", task="digits-mlp", rounds_total=5, config={})  # --resume
+        assert store.get_run("r1")["status"] == "running"
+    finally:
+        store.close()

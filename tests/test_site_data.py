@@ -110,7 +110,8 @@ def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
 
 
 @pytest.mark.parametrize("replace, message", [
-    ({'superlink = "127.0.0.1:9093"': 'superlink = "nowhere"'}, "expected host:port"),
+    ({'superlink = "127.0.0.1:9093"': 'superlink = "nowhere"'},
+     "site.superlink: expected host:port (e.g. fl.example.org:9093) (got 'nowhere')"),
     ({'count = 3': 'count = 0'}, "data.count: Input should be greater than or equal to 1"),
     ({'index = 0': 'index = 5'}, "data.index (5) must be below data.count (3)"),
     ({'tasks = ["digits-mlp"]': 'tasks = ["fashion-mnist-cnn"]'}, "would refuse every request"),
