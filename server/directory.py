@@ -62,6 +62,14 @@ def exchange_as_replied(grid: Grid, messages: list[Message], timeout: float | No
     reply to its request keeps that failure on the node it belongs to.
     """
     messages = list(messages)
+    if timeout is not None:
+        # Each request lives only as long as this exchange waits for it (Flower's default is
+        # 12 h): the SuperLink drops one not yet delivered when the exchange gives up, so a
+        # node that comes back later does not act on it. A partner would otherwise train for
+        # a round that is over and spend privacy budget on an update nobody reads.
+        now = time.time()
+        for m in messages:
+            m.metadata.ttl = min(m.metadata.ttl, now - m.metadata.created_at + timeout)
     # Flower sets each message's id as it pushes it; None stands for one it could not push
     # (which then has no reply, as a node that never answered).
     waiting = {i for i in grid.push_messages(messages) if i is not None}

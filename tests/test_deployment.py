@@ -260,6 +260,8 @@ def test_a_client_killed_during_a_round_drops_and_the_run_goes_on(federation):
     assert rows[2]["clients_trained"] == 3
     trained = [e["round"] for e in fed.audit("site-c") if e["decision"] == "trained"]
     assert 3 in trained and [e["round"] for e in spends(fed.ledger("site-c"))] == trained
+    # Round 1's request expired with the round: back, site-c did not train for it.
+    assert 1 not in [e["round"] for e in fed.audit("site-c")]
 
 
 def test_a_server_killed_mid_run_resumes_without_resetting_or_recounting_ledgers(federation):

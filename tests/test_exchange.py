@@ -108,3 +108,19 @@ def test_it_pauses_between_looks_as_the_grid_would(monkeypatch, interval, expect
     grid = ScriptedGrid({50: (3, False)}, pull_interval=interval)
     assert len(list(exchange_as_replied(grid, requests([50]), timeout=None))) == 1
     assert pauses == [expected, expected]
+
+
+def test_a_request_lives_only_as_long_as_its_exchange_waits():
+    """Flower keeps an undelivered request 12 h by default: a node back after its round
+    gave up would still get it (and a partner train, and spend, for nothing)."""
+    old = requests([60])[0]
+    old.metadata.__dict__["_created_at"] -= 5.0  # made 5 s before the exchange began
+    fresh = requests([61])[0]
+    grid = ScriptedGrid({60: (1, False), 61: (1, False)})
+    list(exchange_as_replied(grid, [old, fresh], timeout=30))
+    # Expiry is created_at + ttl: 30 s after the push for both.
+    assert old.metadata.ttl == pytest.approx(35.0, abs=1.0)
+    assert fresh.metadata.ttl == pytest.approx(30.0, abs=1.0)
+    unlimited = requests([62])[0]
+    list(exchange_as_replied(ScriptedGrid({62: (1, False)}), [unlimited], timeout=None))
+    assert unlimited.metadata.ttl == 43200  # no timeout: Flower's own
