@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from consortia.config import ConfigError, config_to_dict, load_config
 from consortia.deploy_cli import certs_app, client_app, server_app
-from consortia.terminal import console, fail
+from consortia.terminal import console, fail, say
 from consortia.version import __version__
 
 app = typer.Typer(help="consortia: federated learning with client-enforced differential privacy.",
@@ -33,6 +34,14 @@ def _load(config: Path | None, overrides: list[str] | None):
         return load_config(config, overrides or [])
     except ConfigError as err:
         raise fail(err) from None
+
+
+def resume_command(config: Path, out: Path, overrides: list[str] | None) -> str:
+    """The command that continues an interrupted `sim run`: the same config and --set
+    values (a resumed run must match the stored one), plus --resume; quoted for a shell."""
+    sets = [arg for value in overrides or [] for arg in ("--set", value)]
+    return shlex.join(["consortia", "sim", "run", str(config), "--out", str(out), *sets,
+                       "--resume"])
 
 
 @app.command()
@@ -82,8 +91,7 @@ def sim_run(
             # Flower's ServerApp thread would wait for replies from Ray actors that are
             # gone; checkpoints and ledgers are written atomically, so leave at once.
             progress.stop()
-            console.print(f"interrupted; continue with: consortia sim run {config} --out {out} "
-                          "--resume")
+            say(f"interrupted; continue with: {resume_command(config, out, overrides)}")
             os._exit(130)
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
@@ -135,6 +143,14 @@ def sim_compare(
     """Overlay runs (accuracy, loss, largest client ε) in one self-contained HTML page."""
     from consortia.simulations.report import write_comparison
 
+    # A shell glob over a sweep's folder (results/sweep/*) also names its sweep.csv: files
+    # are passed over, saying so; a folder that is not a run still fails.
+    files = [r for r in runs if r.is_file()]
+    if files:
+        say(f"not run directories, left out: {', '.join(str(f) for f in files)}")
+    runs = [r for r in runs if not r.is_file()]
+    if not runs:
+        raise fail("no run directory given (a run directory holds metrics.jsonl)")
     try:
         path = write_comparison(runs, out)
     except FileNotFoundError as err:

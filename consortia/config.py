@@ -156,6 +156,16 @@ class SimConfig(_Section):
         None, description="attach to this running Ray cluster (e.g. 127.0.0.1:6379) instead "
                           "of starting one on this machine")
 
+    @field_validator("ray_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("expected host:port of a Ray cluster's head (e.g. 127.0.0.1:6379)")
+        return value
+
 
 class StoreConfig(_Section):
     """The run store that `consortia console` and `consortia runs` read (server/store/)."""
@@ -330,6 +340,15 @@ class RunConfig(_Section):
         if t is not None and t >= 1 and t != int(t):
             raise ValueError(f"secagg.threshold = {t}: a count must be a whole number "
                              "(or give a fraction below 1)")
+        if t is not None and t >= 1:
+            from consortia.privacy.secagg import default_num_neighbours
+
+            holders = min(k if k is not None else default_num_neighbours(n), n - 1) + 1
+            if not 2 <= t <= holders:
+                raise ValueError(
+                    f"secagg.threshold = {int(t)}: a count must lie in [2, {holders}], the share "
+                    f"holders each client has (itself and its k = {holders - 1} neighbours at "
+                    f"clients_per_round = {n}); or give a fraction in (0, 1)")
 
     @property
     def planned_rounds_per_client(self) -> int:

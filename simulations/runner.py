@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,22 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
                              "num_gpus": cfg.sim.num_gpus_per_client},
         "init_args": init_args,
     }
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_head(address: str) -> None:
+    """Fail at start if nothing answers at the Ray cluster's address: Ray itself would try
+    to reach it for minutes, and not always give up on SIGTERM."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ValueError(f"sim.ray_address = {address!r}: no Ray cluster answers there "
+                         f"({err.strerror or err}); start one with `ray start --head --port "
+                         f"{port}`, or leave sim.ray_address unset to run on this machine"
+                         ) from None
 
 
 def check_model_fits(cfg: RunConfig) -> int:
@@ -78,6 +95,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     started = time.monotonic()
     out_dir = Path(out_dir)
     partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
+    if cfg.sim.ray_address:
+        check_ray_head(cfg.sim.ray_address)
     check_model_fits(cfg)  # and so does a model whose messages gRPC would refuse
     # A store that cannot be opened fails here, before the results directory or Ray.
     own_store = store is None

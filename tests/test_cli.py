@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -54,3 +55,18 @@ def test_a_rooms_report_is_printed_as_it_is(capsys):
 
     say("the SuperNode exited (1); starting it again: [code: 2004] Failed to activate SuperNode.")
     assert "[code: 2004] Failed to activate SuperNode." in capsys.readouterr().err
+
+
+def test_an_interrupted_run_is_told_the_command_that_continues_it(tmp_path):
+    """The same config and --set values (a resume with other values is refused), quoted."""
+    import shlex
+
+    from consortia.cli import resume_command
+
+    sets = ["rounds=3", "task=digits-mlp", "run_name=a b"]
+    command = resume_command(Path("exp.toml"), tmp_path / "out", sets)
+    argv = shlex.split(command)
+    assert argv[:6] == ["consortia", "sim", "run", "exp.toml", "--out", str(tmp_path / "out")]
+    assert argv[-1] == "--resume"
+    given = argv[6:-1]
+    assert given[0::2] == ["--set"] * 3 and given[1::2] == sets  # "a b" survives the shell

@@ -111,3 +111,28 @@ def test_the_poll_interval_applies_to_a_grid_that_has_one_and_leaves_others_alon
     from consortia.simulations.bench_sim import flower_default_poll_interval
 
     assert flower_default_poll_interval() == 0.1
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # 4 clients a round: k = 2 neighbours, so 3 share holders per client.
+    (["secagg.threshold=1"], "secagg.threshold = 1: a count must lie in [2, 3]"),
+    (["secagg.threshold=7"], "secagg.threshold = 7: a count must lie in [2, 3]"),
+    (["secagg.threshold=5", "secagg.neighbours=3"], "must lie in [2, 4]"),
+])
+def test_a_secagg_threshold_no_client_can_meet_fails_at_start(sets, message):
+    base = ["clients=4", "clients_per_round=4", "secagg.enabled=true"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base + sets)
+    assert message in str(err.value)
+    for fine in (["secagg.threshold=2"], ["secagg.threshold=3"], ["secagg.threshold=0.5"]):
+        load_config(None, base + fine)
+
+
+def test_a_ray_address_must_be_host_and_port_and_must_answer():
+    from consortia.simulations.runner import check_ray_head
+
+    with pytest.raises(ConfigError, match="sim.ray_address: expected host:port"):
+        load_config(None, ["sim.ray_address=notanaddress"])
+    cfg = load_config(None, ["sim.ray_address=127.0.0.1:9"])  # the discard port: nobody there
+    with pytest.raises(ValueError, match="no Ray cluster answers there"):
+        check_ray_head(cfg.sim.ray_address)

@@ -60,3 +60,16 @@ def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, mon
     assert "lr=0.05" in html and "lr=0.3" in html and "data:image/png;base64," in html
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         write_comparison([tmp_path], tmp_path / "x.html")
+
+    # As docs/simulations.md runs it: `sim compare results/sweep/*`, which names sweep.csv too.
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+
+    everything = [str(p) for p in sorted(tmp_path.iterdir()) if p.suffix != ".html"]
+    assert str(path) in everything
+    result = CliRunner().invoke(app, ["sim", "compare", *everything, "--out",
+                                      str(tmp_path / "all.html")])
+    assert result.exit_code == 0, result.output
+    assert "left out" in result.output and "sweep.csv" in result.output
+    assert "lr=0.3" in (tmp_path / "all.html").read_text()
