@@ -21,11 +21,14 @@ client_app = typer.Typer(help="A partner's client: a SuperNode running the insta
 
 
 
+# The server certificate's names (certs init, certs server): what partners dial.
+HostsOption = typer.Option(..., "--host", help="a DNS name or IP the server is reached at (repeat)")
+
+
 @certs_app.command("init")
 def certs_init(
     out: Path = typer.Option(..., "--out", help="consortium directory to create"),
-    hosts: list[str] = typer.Option(..., "--host",
-                                    help="a DNS name or IP the server is reached at (repeat)"),
+    hosts: list[str] = HostsOption,
 ) -> None:
     """Create the consortium CA and the server's TLS certificate (private keys 0600)."""
     from consortia.privacy.certs import CertsError, init_consortium
@@ -41,8 +44,7 @@ def certs_init(
 @certs_app.command("server")
 def certs_server(
     consortium: Path = typer.Option(..., "--dir", help="the consortium directory (certs init)"),
-    hosts: list[str] = typer.Option(..., "--host",
-                                    help="a DNS name or IP the server is reached at (repeat)"),
+    hosts: list[str] = HostsOption,
 ) -> None:
     """Issue a new server certificate from the consortium CA (lost key, new host names,
     renewal); partners trust the CA and need nothing new."""
