@@ -6,6 +6,8 @@ Thin: each command parses its options and calls the room that does the work
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -21,6 +23,17 @@ client_app = typer.Typer(help="A partner's client: a SuperNode running the insta
 
 
 
+@contextlib.contextmanager
+def certs_errors() -> Iterator[None]:
+    """A refused certificate or key request ends the command with its reason (exit 2)."""
+    from consortia.privacy.certs import CertsError
+
+    try:
+        yield
+    except CertsError as err:
+        raise fail(err) from None
+
+
 # The server certificate's names (certs init, certs server): what partners dial.
 HostsOption = typer.Option(..., "--host", help="a DNS name or IP the server is reached at (repeat)")
 
@@ -31,12 +44,10 @@ def certs_init(
     hosts: list[str] = HostsOption,
 ) -> None:
     """Create the consortium CA and the server's TLS certificate (private keys 0600)."""
-    from consortia.privacy.certs import CertsError, init_consortium
+    from consortia.privacy.certs import init_consortium
 
-    try:
+    with certs_errors():
         root = init_consortium(out, hosts)
-    except CertsError as err:
-        raise fail(err) from None
     typer.echo(f"CA and server certificate in {root.resolve()} (ca.pem, server.pem; "
                "keys ca.key and server.key are 0600: keep them on the server)")
 
@@ -48,12 +59,10 @@ def certs_server(
 ) -> None:
     """Issue a new server certificate from the consortium CA (lost key, new host names,
     renewal); partners trust the CA and need nothing new."""
-    from consortia.privacy.certs import CertsError, issue_server_cert
+    from consortia.privacy.certs import issue_server_cert
 
-    try:
+    with certs_errors():
         cert = issue_server_cert(consortium, hosts)
-    except CertsError as err:
-        raise fail(err) from None
     typer.echo(f"server certificate {cert} (key server.key, 0600) for {', '.join(hosts)}; "
                "the next `consortia server start` serves it")
 
@@ -67,12 +76,10 @@ def certs_enroll(
                                    "`consortia certs keygen`) instead of generating a pair"),
 ) -> None:
     """Enroll a partner node: the server will accept it (Flower node authentication)."""
-    from consortia.privacy.certs import CertsError, enroll_node
+    from consortia.privacy.certs import enroll_node
 
-    try:
+    with certs_errors():
         keys = enroll_node(consortium, name, public_key)
-    except CertsError as err:
-        raise fail(err) from None
     typer.echo(f"enrolled {name}: {keys.enrolled}")
     if keys.private_key is not None:
         typer.echo(f"hand {keys.private_key.parent} (node.key, node.pub, ca.pem) to the partner "
@@ -83,12 +90,10 @@ def certs_enroll(
 def certs_keygen(out: Path = typer.Option(..., "--out", help="directory for node.key / node.pub")
                  ) -> None:
     """Generate this site's node key pair; send only node.pub to the operator."""
-    from consortia.privacy.certs import CertsError, generate_node_key
+    from consortia.privacy.certs import generate_node_key
 
-    try:
+    with certs_errors():
         private, public = generate_node_key(out)
-    except CertsError as err:
-        raise fail(err) from None
     typer.echo(f"private key {private} (0600, stays here); send {public} to the operator")
 
 
