@@ -22,7 +22,6 @@ client_app = typer.Typer(help="A partner's client: a SuperNode running the insta
                          no_args_is_help=True)
 
 
-
 @contextlib.contextmanager
 def certs_errors() -> Iterator[None]:
     """A refused certificate or key request ends the command with its reason (exit 2)."""
