@@ -172,10 +172,14 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
+    advised = [""]  # the advice last given: said again only when it changes
+
     def restarted(code: int, why: str) -> None:
         advice = what_to_do(why, cfg)
         log_fn(f"the SuperNode exited ({code}); starting it again (see {node.log_path})"
-               + (f": {why}" if why else "") + (f"\n  {advice}" if advice else ""))
+               + (f": {why}" if why else "")
+               + (f"\n  {advice}" if advice and advice != advised[0] else ""))
+        advised[0] = advice
 
     def noted(note: str) -> None:
         if note == "unreachable":
