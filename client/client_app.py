@@ -123,6 +123,19 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         site = load_site(context)
         server_round, ins = TrainInstructions.from_content(msg.content)
         secagg = SecAggInstructions.from_content(msg.content)
+        try:
+            return answer(site, context, msg, server_round, ins, secagg)
+        except Exception as err:
+            # The server sees Flower's error reply; the site's own records say so too.
+            if site.audit is not None:
+                site.audit.record(run=ins.run_id, server_round=server_round,
+                                  asked=asked(ins, server_round, secagg is not None),
+                                  decision="failed", reason=f"{type(err).__name__}: {err}")
+            raise
+
+    def answer(site: Site, context: Context, msg: Message, server_round: int,
+               ins: TrainInstructions, secagg: SecAggInstructions | None) -> Message:
+        """The train request's answer: refused, or trained (in the clear or masked)."""
         trainer = LocalTrainer(site.client_id, site.task, site.dataset,
                                site.open_ledger() if ins.dp_enabled else None, site.device)
         refusal = None

@@ -135,6 +135,55 @@ def task_partition(task: Task, index: int, count: int) -> Dataset:
     return Subset(train, np.array_split(order, count)[index].tolist())
 
 
+PROBE_RECORDS = 8  # records put through the task's model at start
+
+
+def check_records(dataset: Dataset, task: Task) -> None:
+    """Fail at start, not at the first training request, when the site's records do not
+    fit the task: none at all, not (features, label) pairs, or a batch of them that the
+    task's model and loss cannot take (shape, dtype, a label beyond the model's classes)."""
+    if len(dataset) == 0:
+        raise DataError("the site's dataset is empty")
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)) or len(first) != 2:
+        raise DataError(f"each record must be a (features, label) pair; record 0 is a "
+                        f"{type(first).__name__}")
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        labels = dataset.tensors[1]  # all of them, cheaply
+        if labels.is_floating_point():
+            raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
+        model = task.build_model()
+        classes = _classes(task, model, dataset)
+        if classes is not None and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(f"labels must lie in [0, {classes - 1}] (task {task.name!r} has "
+                            f"{classes} classes); found {int(labels.min())} to "
+                            f"{int(labels.max())}")
+    else:
+        model = task.build_model()
+    probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
+    try:
+        batch = next(iter(torch.utils.data.DataLoader(probe, batch_size=len(probe))))
+        with torch.no_grad():
+            task.criterion()(*task.forward(model, batch, torch.device("cpu")))
+    except Exception as err:  # whatever the model and loss refuse, said in their words
+        raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
+                        f"{type(err).__name__}: {err} (records are (features, label): "
+                        "features as the model takes them, float32; labels class indices, "
+                        "int64)") from None
+
+
+def _classes(task: Task, model: torch.nn.Module, dataset: TensorDataset) -> int | None:
+    """How many classes the model scores, from its output on one record (None if its
+    output is not one score per class)."""
+    try:
+        with torch.no_grad():
+            out, _ = task.forward(model, tuple(t[:1] for t in dataset.tensors),
+                                  torch.device("cpu"))
+    except Exception:  # noqa: BLE001 - the probe in check_records says what is wrong
+        return None
+    return int(out.shape[-1]) if out.dim() == 2 else None
+
+
 def load_site_data(data: DataSection, task: Task) -> Dataset:
     if data.kind == "csv":
         dataset = read_csv(data.path, data.label_column)
@@ -146,6 +195,4 @@ def load_site_data(data: DataSection, task: Task) -> Dataset:
         dataset = call_hook(data.hook)
     else:
         dataset = task_partition(task, data.index, data.count)
-    if len(dataset) == 0:
-        raise DataError("the site's dataset is empty")
     return dataset

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from consortia.client.client_app import build_client_app
-from consortia.client.data import DataError, load_site_data
+from consortia.client.data import DataError, check_records, load_site_data
 from consortia.client.policy import AuditLog
 from consortia.client.runtime import serve_client_app
 from consortia.client.site import Site, SitePrivacy
@@ -50,8 +50,12 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
     """The Site this node serves: its data (read now, so bad data fails at start), its
     state directory (0700), its privacy terms and policy, its audit log."""
     task = get_task(cfg.site.task)
+    if dataset is None and cfg.data is None:
+        raise JoinError("site.toml has no [data] section: give one, or pass your Dataset "
+                        "(join_federation(config, dataset=...))")
     try:
         data = dataset if dataset is not None else load_site_data(cfg.data, task)
+        check_records(data, task)
     except DataError as err:
         raise JoinError(str(err)) from None
     state = cfg.site.state_dir
@@ -169,8 +173,9 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
         node = SuperNodeProcess(cfg, port)
     except FlowerExecutableMissing as err:
         raise JoinError(str(err)) from None
+    on_sigterm = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        on_sigterm = signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     advised = [""]  # the advice last given: said again only when it changes
 
@@ -207,4 +212,6 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
         stop.set()
         supervisor.join(timeout=5)
         node.stop()
+        if on_sigterm is not None:  # the caller's process answers SIGTERM as before again
+            signal.signal(signal.SIGTERM, on_sigterm)
         log_fn(f"{cfg.site.name}: left the federation")

@@ -90,7 +90,7 @@ class DataSection(_Section):
 
 class SiteConfig(_Section):
     site: SiteSection
-    data: DataSection
+    data: DataSection | None = None  # none: the Python API's join_federation(dataset=...)
     policy: SitePolicy
 
     @model_validator(mode="after")
@@ -129,7 +129,7 @@ def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site 
     s = cfg.site
     s.ca_cert, s.node_key, s.state_dir = ((base / p).resolve()
                                           for p in (s.ca_cert, s.node_key, s.state_dir))
-    if cfg.data.path is not None:
+    if cfg.data is not None and cfg.data.path is not None:
         cfg.data.path = (base / cfg.data.path).resolve()
     return cfg
 

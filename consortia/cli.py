@@ -36,6 +36,18 @@ def _load(config: Path | None, overrides: list[str] | None):
         raise fail(err) from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def resume_command(config: Path, out: Path, overrides: list[str] | None) -> str:
     """The command that continues an interrupted `sim run`: the same config and --set
     values (a resumed run must match the stored one), plus --resume; quoted for a shell."""
@@ -335,7 +347,7 @@ def console_serve(
     else:
         console.print(f"token from {token.path} (forgot it? `consortia console token` makes a new one)")
         console.print(f"open http://{shown_host}:{port}/?token=YOUR_TOKEN")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host):
         console.print(f"[yellow]warning:[/yellow] bound to {host}: reachable from other machines, "
                       "over plain HTTP; put a TLS proxy in front")
     console.print(f"console on http://{shown_host}:{port}, store {run_store.display_url}")

@@ -37,6 +37,27 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def ship_task_by_value(name: str) -> None:
+    """A task registered from the caller's own module (not consortia's) goes to the Ray
+    actors with its code, pickled by value: the actors need not be able to import that
+    module (a script, a notebook, a package only on this machine's path)."""
+    import functools
+    import sys
+
+    import cloudpickle
+
+    from consortia.tasks import BUILT_IN, get_task
+
+    if name in BUILT_IN:
+        return
+    build = get_task(name).build_model
+    while isinstance(build, functools.partial):
+        build = build.func
+    module = sys.modules.get(getattr(build, "__module__", None) or "")
+    if module is not None and module.__name__ != "__main__":  # __main__ travels by value anyway
+        cloudpickle.register_pickle_by_value(module)
+
+
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -94,6 +115,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     started = time.monotonic()
     out_dir = Path(out_dir)
+    ship_task_by_value(cfg.task)
     partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
     if cfg.sim.ray_address:
         check_ray_head(cfg.sim.ray_address)

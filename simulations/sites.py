@@ -23,7 +23,7 @@ from consortia.client.site import Site, SitePrivacy
 from consortia.config import RunConfig
 from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
-from consortia.tasks import TaskOptions, default_device, get_task
+from consortia.tasks import TASKS, TaskOptions, default_device, get_task, register_task
 
 
 @lru_cache(maxsize=4)
@@ -70,9 +70,14 @@ class SimulationSites:
     def __init__(self, cfg: RunConfig, out_dir: str | Path):
         self.cfg = cfg
         self.state_root = Path(out_dir) / "clients"
+        # The task travels with us: one the caller registered (register_task) in this
+        # process is unknown to a Ray actor's registry until registered there.
+        self.task = TASKS[cfg.task]
 
     def __call__(self, context: Context) -> Site:
         cfg = self.cfg
+        if cfg.task not in TASKS:
+            register_task(self.task)
         torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
         partition_id = int(context.node_config["partition-id"])
         task = get_task(cfg.task, cfg.task_options())

@@ -7,6 +7,7 @@ from consortia.tasks.reviews import TASK as REVIEWS
 from consortia.tasks.shakespeare import TASK as SHAKESPEARE
 
 TASKS: dict[str, Task] = {task.name: task for task in (DIGITS, FASHION_MNIST, REVIEWS, SHAKESPEARE)}
+BUILT_IN = frozenset(TASKS)  # the tasks consortia itself brings
 
 
 def register_task(task: Task) -> Task:
@@ -44,5 +45,5 @@ def get_task(name: str, options: TaskOptions | None = None) -> Task:
     return task if options is None else task.with_options(options)
 
 
-__all__ = ["TASKS", "Task", "TaskData", "TaskOptions", "WeightsMismatch", "default_device",
+__all__ = ["BUILT_IN", "TASKS", "Task", "TaskData", "TaskOptions", "WeightsMismatch", "default_device",
            "get_task", "import_task_modules", "register_task"]

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from consortia.cli import app
@@ -70,3 +71,12 @@ def test_an_interrupted_run_is_told_the_command_that_continues_it(tmp_path):
     assert argv[-1] == "--resume"
     given = argv[6:-1]
     assert given[0::2] == ["--set"] * 3 and given[1::2] == sets  # "a b" survives the shell
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("10.0.0.5", False), ("fl.example.org", False)])
+def test_the_console_warns_only_for_an_address_other_machines_can_reach(host, loopback):
+    from consortia.cli import is_loopback
+
+    assert is_loopback(host) is loopback

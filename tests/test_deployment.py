@@ -69,11 +69,15 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 class Slow(Dataset):
+    reads = 0
+
     def __len__(self):
         return len(mine)
 
     def __getitem__(self, i):
-        Path("site-a-training").touch()
+        Slow.reads += 1
+        if Slow.reads > 50:  # training, not the few records joining checks at start
+            Path("site-a-training").touch()
         time.sleep(0.01)
         return x[mine[i]], y[mine[i]]
 

@@ -117,3 +117,16 @@ def test_a_bad_policy_fails_naming_the_value(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         policy(**override)
+
+
+def test_a_request_whose_training_fails_is_logged_as_failed(tmp_path):
+    """The server sees Flower's error reply; the site's audit log has the line too."""
+    s = site(tmp_path, policy())
+    labels = torch.full((20,), 12)  # beyond digits-mlp's 10 classes: the loss refuses
+    s.dataset = torch.utils.data.TensorDataset(torch.zeros(20, 64), labels)
+    app = build_client_app(lambda ctx: s)
+    with pytest.raises(Exception, match="out of bounds"):
+        ask(app, instructions())
+    [entry] = AuditLog(tmp_path).entries()
+    assert entry["decision"] == "failed" and "IndexError" in entry["reason"]
+    assert entry["run"] == "0123456789ab" and entry["asked"]["task"] == "digits-mlp"

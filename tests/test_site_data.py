@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from consortia.cli import app
@@ -173,3 +174,45 @@ def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
     path = site_toml(tmp_path, **{'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = 12.5'})
     site = build_site(load_site_config(path))
     assert site.privacy.max_epsilon_if_secagg_fails == 12.5
+
+
+class DictRecords(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"x": torch.zeros(64), "y": 0}
+
+
+def records(n=20, width=64, features=torch.float32, labels=torch.int64, top=10):
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, width, generator=gen).to(features),
+                         torch.randint(0, top, (n,), generator=gen).to(labels))
+
+
+@pytest.mark.parametrize(("dataset", "message"), [
+    (records(top=12), "labels must lie in [0, 9] (task 'digits-mlp' has 10 classes); found"),
+    (records(width=7), "do not fit task 'digits-mlp''s model: RuntimeError: mat1 and mat2"),
+    (records(features=torch.float64), "do not fit task 'digits-mlp''s model: RuntimeError"),
+    (records(labels=torch.float32), "labels must be class indices (int64), got torch.float32"),
+    (DictRecords(), "each record must be a (features, label) pair; record 0 is a dict"),
+    (records(n=0), "the site's dataset is empty"),
+])
+def test_a_partners_own_dataset_that_does_not_fit_the_task_fails_at_start(tmp_path, dataset,
+                                                                         message):
+    cfg = load_site_config(site_toml(tmp_path))
+    with pytest.raises(JoinError) as err:
+        build_site(cfg, dataset)
+    assert message in str(err.value)
+    assert build_site(cfg, records()).dataset is not None  # one that fits joins
+
+
+def test_without_a_data_section_the_dataset_comes_from_the_python_api(tmp_path):
+    path = site_toml(tmp_path)
+    text = path.read_text()
+    path.write_text(text[:text.index("[data]")] + text[text.index("[policy]"):])
+    cfg = load_site_config(path)
+    assert cfg.data is None
+    with pytest.raises(JoinError, match=r"no \[data\] section: give one, or pass your Dataset"):
+        build_site(cfg)
+    assert len(build_site(cfg, records()).dataset) == 20
