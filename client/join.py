@@ -173,8 +173,8 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
         node = SuperNodeProcess(cfg, port)
     except FlowerExecutableMissing as err:
         raise JoinError(str(err)) from None
-    on_sigterm = None
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         on_sigterm = signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     advised = [""]  # the advice last given: said again only when it changes
@@ -212,6 +212,6 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
         stop.set()
         supervisor.join(timeout=5)
         node.stop()
-        if on_sigterm is not None:  # the caller's process answers SIGTERM as before again
-            signal.signal(signal.SIGTERM, on_sigterm)
+        if main_thread:  # the caller's process answers SIGTERM as before again
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_sigterm is None else on_sigterm)
         log_fn(f"{cfg.site.name}: left the federation")

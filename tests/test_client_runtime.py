@@ -283,3 +283,38 @@ def test_the_partner_is_told_while_the_server_does_not_answer(tmp_path, monkeypa
         supervisor.join(timeout=10)
         node.stop()
     assert heard == notes
+
+
+def test_join_gives_sigterm_back_to_the_callers_handler_when_it_returns(tmp_path, monkeypatch):
+    import signal as signals
+
+    from consortia.client import join as joining
+
+    cfg = site_config(tmp_path)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "ca.pem").write_text("x")
+    (tmp_path / "keys" / "node.key").write_text("x")
+    (tmp_path / "keys" / "node.key").chmod(0o600)
+
+    class NoSuperNode:  # the SuperNode and the task loop are not what this test is about
+        log_path = tmp_path / "supernode.log"
+
+        def __init__(self, *args):
+            pass
+
+        def supervise(self, stop, on_restart, on_note):
+            stop.wait()
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(joining, "SuperNodeProcess", NoSuperNode)
+    monkeypatch.setattr(joining, "serve_client_app", lambda *args, **kwargs: None)
+    mine = []
+    before = signals.signal(signals.SIGTERM, lambda *_: mine.append("caller"))
+    try:
+        joining.join(cfg, log_fn=lambda line: None)
+        signals.raise_signal(signals.SIGTERM)  # the caller's own handler answers again
+        assert mine == ["caller"]
+    finally:
+        signals.signal(signals.SIGTERM, before)
