@@ -145,21 +145,20 @@ def check_records(dataset: Dataset, task: Task) -> None:
     if len(dataset) == 0:
         raise DataError("the site's dataset is empty")
     first = dataset[0]
-    if not isinstance(first, (tuple, list)) or len(first) != 2:
-        raise DataError(f"each record must be a (features, label) pair; record 0 is a "
-                        f"{type(first).__name__}")
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        labels = dataset.tensors[1]  # all of them, cheaply
+    if not isinstance(first, (tuple, list)):  # the task's forward takes a tuple of tensors
+        raise DataError(f"each record must be a tuple such as (features, label); record 0 is "
+                        f"a {type(first).__name__}")
+    model = task.build_model()
+    tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
+    if len(tensors) == 2 and tensors[1].dim() == 1:  # (features, label): all labels, cheaply
+        labels = tensors[1]
         if labels.is_floating_point():
             raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
-        model = task.build_model()
         classes = _classes(task, model, dataset)
         if classes is not None and (labels.min() < 0 or labels.max() >= classes):
             raise DataError(f"labels must lie in [0, {classes - 1}] (task {task.name!r} has "
                             f"{classes} classes); found {int(labels.min())} to "
                             f"{int(labels.max())}")
-    else:
-        model = task.build_model()
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
     try:
         batch = next(iter(torch.utils.data.DataLoader(probe, batch_size=len(probe))))

@@ -195,7 +195,7 @@ def records(n=20, width=64, features=torch.float32, labels=torch.int64, top=10):
     (records(width=7), "do not fit task 'digits-mlp''s model: RuntimeError: mat1 and mat2"),
     (records(features=torch.float64), "do not fit task 'digits-mlp''s model: RuntimeError"),
     (records(labels=torch.float32), "labels must be class indices (int64), got torch.float32"),
-    (DictRecords(), "each record must be a (features, label) pair; record 0 is a dict"),
+    (DictRecords(), "each record must be a tuple such as (features, label); record 0 is a dict"),
     (records(n=0), "the site's dataset is empty"),
 ])
 def test_a_partners_own_dataset_that_does_not_fit_the_task_fails_at_start(tmp_path, dataset,
@@ -216,3 +216,19 @@ def test_without_a_data_section_the_dataset_comes_from_the_python_api(tmp_path):
     with pytest.raises(JoinError, match=r"no \[data\] section: give one, or pass your Dataset"):
         build_site(cfg)
     assert len(build_site(cfg, records()).dataset) == 20
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "fashion-mnist-cnn", "reviews-minilm-lora",
+                                  "shakespeare-smollm2-lora"])
+def test_every_built_in_tasks_own_records_pass_the_start_check(name):
+    """Records are whatever the task's forward takes: (features, label), (ids, mask,
+    label) for the reviews, (ids, mask) for next-token prediction."""
+    from consortia.client.data import check_records
+    from consortia.tasks import get_task
+
+    task = get_task(name)
+    try:
+        train = task.load_data(None).train
+    except FileNotFoundError as err:  # Fashion-MNIST is a Debian package (make installs it)
+        pytest.skip(str(err))
+    check_records(torch.utils.data.Subset(train, range(16)), task)
