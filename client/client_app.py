@@ -61,13 +61,19 @@ def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions) -> float | None
 
 
 def audit(site: Site, ins: TrainInstructions, server_round: int,
-          secagg: SecAggInstructions | None, report: TrainReport) -> None:
-    """A line in the site's audit log (deployed sites keep one) for this request."""
-    if site.audit is not None:
-        site.audit.record(run=ins.run_id, server_round=server_round,
-                          asked=asked(ins, server_round, secagg is not None),
-                          decision=report.status, reason=report.reason,
-                          epsilon=report.epsilon, noise_multiplier=report.noise_multiplier)
+          secagg: SecAggInstructions | None, report: TrainReport | None = None, *,
+          failure: Exception | None = None) -> None:
+    """A line in the site's audit log (deployed sites keep one) for this request: what
+    the report says, or that answering it failed (`failure`)."""
+    if site.audit is None:
+        return
+    if failure is not None:
+        said = {"decision": "failed", "reason": f"{type(failure).__name__}: {failure}"}
+    else:
+        said = {"decision": report.status, "reason": report.reason, "epsilon": report.epsilon,
+                "noise_multiplier": report.noise_multiplier}
+    site.audit.record(run=ins.run_id, server_round=server_round,
+                      asked=asked(ins, server_round, secagg is not None), **said)
 
 
 def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
@@ -127,10 +133,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             return answer(site, context, msg, server_round, ins, secagg)
         except Exception as err:
             # The server sees Flower's error reply; the site's own records say so too.
-            if site.audit is not None:
-                site.audit.record(run=ins.run_id, server_round=server_round,
-                                  asked=asked(ins, server_round, secagg is not None),
-                                  decision="failed", reason=f"{type(err).__name__}: {err}")
+            audit(site, ins, server_round, secagg, failure=err)
             raise
 
     def answer(site: Site, context: Context, msg: Message, server_round: int,

@@ -148,39 +148,31 @@ def check_records(dataset: Dataset, task: Task) -> None:
     if not isinstance(first, (tuple, list)):  # the task's forward takes a tuple of tensors
         raise DataError(f"each record must be a tuple such as (features, label); record 0 is "
                         f"a {type(first).__name__}")
-    model = task.build_model()
     tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
-    if len(tensors) == 2 and tensors[1].dim() == 1:  # (features, label): all labels, cheaply
-        labels = tensors[1]
-        if labels.is_floating_point():
-            raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
-        classes = _classes(task, model, dataset)
-        if classes is not None and (labels.min() < 0 or labels.max() >= classes):
-            raise DataError(f"labels must lie in [0, {classes - 1}] (task {task.name!r} has "
-                            f"{classes} classes); found {int(labels.min())} to "
-                            f"{int(labels.max())}")
+    labels = tensors[1] if len(tensors) == 2 and tensors[1].dim() == 1 else None
+    if labels is not None and labels.is_floating_point():  # (features, label) records
+        raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
+    model = task.build_model()
     try:
         batch = next(iter(torch.utils.data.DataLoader(probe, batch_size=len(probe))))
         with torch.no_grad():
-            task.criterion()(*task.forward(model, batch, torch.device("cpu")))
+            outputs, targets = task.forward(model, batch, torch.device("cpu"))
+            # All labels, cheaply, against the classes the model scores (one score each).
+            classes = int(outputs.shape[-1]) if outputs.dim() == 2 else None
+            if labels is not None and classes is not None and \
+                    (labels.min() < 0 or labels.max() >= classes):
+                raise DataError(f"labels must lie in [0, {classes - 1}] (task {task.name!r} "
+                                f"has {classes} classes); found {int(labels.min())} to "
+                                f"{int(labels.max())}")
+            task.criterion()(outputs, targets)
+    except DataError:
+        raise
     except Exception as err:  # whatever the model and loss refuse, said in their words
         raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
                         f"{type(err).__name__}: {err} (records are (features, label): "
                         "features as the model takes them, float32; labels class indices, "
                         "int64)") from None
-
-
-def _classes(task: Task, model: torch.nn.Module, dataset: TensorDataset) -> int | None:
-    """How many classes the model scores, from its output on one record (None if its
-    output is not one score per class)."""
-    try:
-        with torch.no_grad():
-            out, _ = task.forward(model, tuple(t[:1] for t in dataset.tensors),
-                                  torch.device("cpu"))
-    except Exception:  # noqa: BLE001 - the probe in check_records says what is wrong
-        return None
-    return int(out.shape[-1]) if out.dim() == 2 else None
 
 
 def load_site_data(data: DataSection, task: Task) -> Dataset:

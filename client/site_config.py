@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consortia.client.policy import SitePolicy
-from consortia.config import ConfigError, _format_errors, known_task, read_toml
+from consortia.config import ConfigError, _format_errors, known_task, read_toml, split_host_port
 from consortia.privacy.certs import NAME_PATTERN
 from consortia.tasks import import_task_modules
 
@@ -54,9 +54,7 @@ class SiteSection(_Section):
     @field_validator("superlink")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError("expected host:port (e.g. fl.example.org:9093)")
+        split_host_port(value)
         return value
 
     @field_validator("task")

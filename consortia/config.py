@@ -27,6 +27,15 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names each bad key and what is accepted."""
 
 
+def split_host_port(value: str, what: str = "(e.g. fl.example.org:9093)") -> tuple[str, int]:
+    """(host, port) of "host:port" ("[::1]:9093" for IPv6); a ValueError saying what is
+    expected otherwise (a validator's message, which names the key and the value)."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port {what}")
+    return host.strip("[]"), int(port)
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `privacy.epsilon_budjet` must not be ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -159,11 +168,8 @@ class SimConfig(_Section):
     @field_validator("ray_address")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError("expected host:port of a Ray cluster's head (e.g. 127.0.0.1:6379)")
+        if value is not None:
+            split_host_port(value, "of a Ray cluster's head (e.g. 127.0.0.1:6379)")
         return value
 
 
@@ -341,9 +347,9 @@ class RunConfig(_Section):
             raise ValueError(f"secagg.threshold = {t}: a count must be a whole number "
                              "(or give a fraction below 1)")
         if t is not None and t >= 1:
-            from consortia.privacy.secagg import default_num_neighbours
+            from consortia.privacy.secagg import num_neighbours
 
-            holders = min(k if k is not None else default_num_neighbours(n), n - 1) + 1
+            holders = num_neighbours(n, k) + 1
             if not 2 <= t <= holders:
                 raise ValueError(
                     f"secagg.threshold = {int(t)}: a count must lie in [2, {holders}], the share "

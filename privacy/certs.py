@@ -124,9 +124,12 @@ def issue_server_cert(consortium_dir: str | Path, hosts: list[str]) -> Path:
     place of any there (a lost key, a new host name, or a renewal before the SERVER_DAYS
     run out). Partners trust the CA, not this certificate: they need nothing new."""
     root = Path(consortium_dir)
-    if not (root / CA_KEY).is_file() or not (root / CA_CERT).is_file():
+    if not (root / CA_CERT).is_file():
         raise CertsError(f"{root} holds no CA ({CA_CERT} and {CA_KEY}); create one with "
                          f"`consortia certs init --out {root} --host HOST`")
+    if not (root / CA_KEY).is_file():
+        raise CertsError(f"{root / CA_KEY} is missing: signing a server certificate needs the "
+                         "CA's private key; bring it back from where it is kept offline")
     san = _san(hosts)
     ca_key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((root / CA_CERT).read_bytes())

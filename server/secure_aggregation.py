@@ -41,9 +41,9 @@ from consortia.privacy.secagg import (
     SecAggError,
     ServerSecAggSession,
     decode_sum,
-    default_num_neighbours,
     default_threshold,
     max_bits,
+    num_neighbours,
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
@@ -87,8 +87,7 @@ class SecureRoundResult:
 def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, int]:
     """(k neighbours, t threshold, bits) for a round with `participants` clients."""
     sa = cfg.secagg
-    k = sa.neighbours if sa.neighbours is not None else default_num_neighbours(participants)
-    k = min(k, participants - 1)
+    k = num_neighbours(participants, sa.neighbours)
     if sa.threshold is None:
         t = default_threshold(k)
     elif sa.threshold < 1:

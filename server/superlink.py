@@ -115,7 +115,8 @@ class SuperLink:
                 ) from None
 
     def start(self, timeout: float) -> None:
-        self.check_port_free()
+        """Start the SuperLink (after check_port_free: a busy port is the caller's to
+        report before it prepares anything) and wait for its Control API."""
         env = self.env()
         exe = require_executables(["flower-superlink", "flwr-serverapp"], env)
         self.serverapp_exe = exe["flwr-serverapp"]

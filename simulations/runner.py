@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from consortia.config import RunConfig
+from consortia.config import RunConfig, split_host_port
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir
 from consortia.server.store import RunStore, default_store_url
@@ -37,36 +37,15 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def ship_task_by_value(name: str) -> None:
-    """A task registered from the caller's own module (not consortia's) goes to the Ray
-    actors with its code, pickled by value: the actors need not be able to import that
-    module (a script, a notebook, a package only on this machine's path)."""
-    import functools
-    import sys
-
-    import cloudpickle
-
-    from consortia.tasks import BUILT_IN, get_task
-
-    if name in BUILT_IN:
-        return
-    build = get_task(name).build_model
-    while isinstance(build, functools.partial):
-        build = build.func
-    module = sys.modules.get(getattr(build, "__module__", None) or "")
-    if module is not None and module.__name__ != "__main__":  # __main__ travels by value anyway
-        cloudpickle.register_pickle_by_value(module)
-
-
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
 def check_ray_head(address: str) -> None:
     """Fail at start if nothing answers at the Ray cluster's address: Ray itself would try
     to reach it for minutes, and not always give up on SIGTERM."""
-    host, _, port = address.rpartition(":")
+    host, port = split_host_port(address)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), RAY_CONNECT_TIMEOUT_S).close()
     except OSError as err:
         raise ValueError(f"sim.ray_address = {address!r}: no Ray cluster answers there "
                          f"({err.strerror or err}); start one with `ray start --head --port "
@@ -115,7 +94,6 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    ship_task_by_value(cfg.task)
     partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
     if cfg.sim.ray_address:
         check_ray_head(cfg.sim.ray_address)

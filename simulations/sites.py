@@ -11,9 +11,11 @@ pretrained weights, which a client checks by hash on every call).
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache, partial
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import torch
 from flwr.app import Context
@@ -23,7 +25,15 @@ from consortia.client.site import Site, SitePrivacy
 from consortia.config import RunConfig
 from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
-from consortia.tasks import TASKS, TaskOptions, default_device, get_task, register_task
+from consortia.tasks import (
+    BUILT_IN,
+    TASKS,
+    Task,
+    TaskOptions,
+    default_device,
+    get_task,
+    register_task,
+)
 
 
 @lru_cache(maxsize=4)
@@ -64,6 +74,17 @@ def partitions_for(cfg: RunConfig) -> tuple[np.ndarray, ...]:
                       cfg.seed, p.min_samples)
 
 
+def pickle_module_by_value(task: Task) -> None:
+    """Have cloudpickle (what ships the ClientApp to the actors) copy the code of the
+    module that defines `task`'s model rather than name it for import."""
+    build = task.build_model
+    while isinstance(build, partial):
+        build = build.func
+    module = sys.modules.get(getattr(build, "__module__", None) or "")
+    if module is not None and module.__name__ != "__main__":  # __main__ goes by value anyway
+        cloudpickle.register_pickle_by_value(module)
+
+
 class SimulationSites:
     """Picklable (it travels to Ray actors): builds the Site for a virtual node's context."""
 
@@ -71,8 +92,11 @@ class SimulationSites:
         self.cfg = cfg
         self.state_root = Path(out_dir) / "clients"
         # The task travels with us: one the caller registered (register_task) in this
-        # process is unknown to a Ray actor's registry until registered there.
+        # process is unknown to a Ray actor's registry until registered there, and its
+        # module may not be importable there (a script, a notebook): its code goes along.
         self.task = TASKS[cfg.task]
+        if cfg.task not in BUILT_IN:
+            pickle_module_by_value(self.task)
 
     def __call__(self, context: Context) -> Site:
         cfg = self.cfg

@@ -92,6 +92,10 @@ def test_a_new_server_certificate_comes_from_the_same_ca(tmp_path):
     assert not list(root.glob("*.new"))
     with pytest.raises(CertsError, match="holds no CA.*consortia certs init"):
         issue_server_cert(tmp_path / "elsewhere", ["127.0.0.1"])
+    (root / "ca.key").rename(tmp_path / "offline.key")  # kept offline, as advised
+    with pytest.raises(CertsError, match="ca.key is missing: signing a server certificate "
+                                         "needs the CA's private key"):
+        issue_server_cert(root, ["127.0.0.1"])
 
 
 def test_enrolling_a_private_key_is_refused_saying_so(tmp_path):

@@ -35,7 +35,7 @@ Why two exchanges per round suffice, and why it is sound:
 
 from .client import ClientSecAggSession
 from .errors import SecAggAbort, SecAggError, SecAggProtocolError
-from .graph import default_num_neighbours, default_threshold
+from .graph import default_num_neighbours, default_threshold, num_neighbours
 from .messages import (
     AdvertiseKeys,
     MaskedInput,
@@ -73,6 +73,7 @@ __all__ = [
     "default_threshold",
     "encode",
     "max_bits",
+    "num_neighbours",
     "quantization_error_bound",
     "step_size",
 ]

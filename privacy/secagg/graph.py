@@ -32,6 +32,13 @@ def default_num_neighbours(num_participants: int) -> int:
     return min(max(k, 2), num_participants - 1)
 
 
+def num_neighbours(num_participants: int, requested: int | None = None) -> int:
+    """k for a round of `num_participants`: the requested k (secagg.neighbours) or the
+    default, at most n - 1."""
+    k = requested if requested is not None else default_num_neighbours(num_participants)
+    return min(k, num_participants - 1)
+
+
 def default_threshold(num_neighbours: int) -> int:
     """t: a strict majority of the k + 1 share holders (the client and its k neighbours)."""
     return (num_neighbours + 1) // 2 + 1
