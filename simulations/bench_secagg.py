@@ -217,7 +217,7 @@ class _TimedGrid:
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
         self.unmask_cpu_ms: list[float] = []  # ours: each unmask answer's CPU in its actor
-        self.pushed: list[tuple[str, int]] = []  # each exchange: its type, how many messages
+        self.unmask_asked: list[int] = []  # ours: each unmask exchange's message count
         self._open: dict[str, _Pushed] = {}  # message id -> its exchange
 
     def push_messages(self, messages):
@@ -228,7 +228,8 @@ class _TimedGrid:
         waiting = {i for i in ids if i is not None}
         pushed = _Pushed(messages[0].metadata.message_type if messages else "", started, cpu,
                          len(waiting))
-        self.pushed.append((pushed.kind, len(messages)))
+        if pushed.kind == SECAGG_UNMASK:
+            self.unmask_asked.append(len(messages))
         self._open.update(dict.fromkeys(waiting, pushed))
         return ids
 
@@ -374,7 +375,7 @@ class _Rounds:
             values.clear()
         self.grid.client_cpu_ms.clear()
         self.grid.unmask_cpu_ms.clear()
-        self.grid.pushed.clear()
+        self.grid.unmask_asked.clear()
 
     def ours(self, server_round: int) -> float:
         self.grid.exchanges.clear()
@@ -568,7 +569,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
             extra["max_abs_error"] = kinds.errors
             extra["client_cpu_ms"] = kinds.grid.client_cpu_ms
             extra["unmask_cpu_ms"] = kinds.grid.unmask_cpu_ms
-            extra["unmask_asked"] = [n for kind, n in kinds.grid.pushed if kind == SECAGG_UNMASK]
+            extra["unmask_asked"] = kinds.grid.unmask_asked
             extra["phases"] = kinds.phases
             extra["exchange_cpu"] = kinds.exchange_cpu
             extra["ray_peak_rss_mb"] = _descendant_peak_rss_mb()
