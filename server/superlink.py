@@ -12,6 +12,7 @@ installed consortia.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -109,10 +110,14 @@ class SuperLink:
             try:
                 probe.bind((host, self.port))
             except OSError as err:
-                raise DeploymentError(
-                    f"server.port {self.port} on {host} is not free ({err.strerror}): another "
-                    "server or program listens there; stop it or choose another server.port"
-                ) from None
+                if err.errno == errno.EADDRINUSE:
+                    raise DeploymentError(
+                        f"server.port {self.port} on {host} is not free ({err.strerror}): "
+                        "another server or program listens there; stop it or choose another "
+                        "server.port") from None
+                raise DeploymentError(  # an unknown name, an address of another machine
+                    f"server.host {host!r}: cannot listen there ({err.strerror or err}); "
+                    "accepted: an address of this machine, or 0.0.0.0 for all") from None
 
     def start(self, timeout: float) -> None:
         """Start the SuperLink (after check_port_free: a busy port is the caller's to

@@ -171,3 +171,12 @@ def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_
         assert store.get_run("r1")["status"] == "running"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("host", ["203.0.113.7", "no-such-host.invalid"])
+def test_a_host_this_machine_cannot_listen_on_fails_naming_it(tmp_path, host):
+    from consortia.server.superlink import DeploymentError, SuperLink
+
+    link = SuperLink(tmp_path, host, 9093, tmp_path / "superlink")
+    with pytest.raises(DeploymentError, match=rf"server\.host '{host}': cannot listen there"):
+        link.check_port_free()
