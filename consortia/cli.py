@@ -296,7 +296,7 @@ def _open_store(store: str | None):
                 and not Path(url.database).is_file():
             raise StoreError(f"no run store at {url.database} (from --store {store!r}); a "
                              "simulation writes DIR/store.db: pass that file or DIR")
-        return RunStore(str(url))
+        return RunStore(str(url), create=False)
     except StoreError as err:
         raise fail(err) from None
 

@@ -179,6 +179,23 @@ def test_cli_runs_ls_show_stop_json(world):
     assert nostore.exit_code == 2 and "nope.db" in nostore.output
 
 
+def test_cli_reads_a_store_without_writing_to_the_wrong_file(tmp_path):
+    # An operator who points --store at the wrong file is told so, and the file is left as
+    # it was: not given the store's tables, not even a database header.
+    runner = CliRunner()
+    empty, text = tmp_path / "empty.db", tmp_path / "notes.db"
+    empty.touch()
+    text.write_text("not a database")
+    for path, why in ((empty, "not a consortia run store"), (text, "not a database")):
+        before = path.read_bytes()
+        for args in (["runs", "ls"], ["runs", "show", "x"]):
+            result = runner.invoke(cli, [*args, "--store", str(path)])
+            flat = "".join(result.output.split())  # the terminal wraps long lines
+            assert result.exit_code == 2, result.output
+            assert "".join(why.split()) in flat and str(path) in flat and "Traceback" not in flat
+        assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == sorted([empty, text])
+
+
 def test_cli_console_token_rotates_and_prints_once(tmp_path):
     runner = CliRunner()
     path = tmp_path / "tok"

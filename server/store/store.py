@@ -11,16 +11,17 @@ than fail halfway through a transaction.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import create_engine, delete, event, func, inspect, select
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -108,6 +109,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_tables(path: Path) -> list[str]:
+    """The tables in a SQLite file, read without writing to it (read-only connection)."""
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        return [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+
+
 def _sqlite_engine(url: URL, begin: str) -> Engine:
     memory = url.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False,
@@ -127,9 +134,13 @@ def _sqlite_engine(url: URL, begin: str) -> Engine:
 
 
 class RunStore:
-    """The run store behind one SQLAlchemy URL (see `resolve_store_url`)."""
+    """The run store behind one SQLAlchemy URL (see `resolve_store_url`).
 
-    def __init__(self, url: str | Path):
+    ``create=False`` opens a store that must already exist (what the operator's `runs` and
+    `console` commands read): a database without the store's tables is refused instead of
+    being given them, so pointing them at the wrong file changes nothing in it."""
+
+    def __init__(self, url: str | Path, *, create: bool = True):
         self.url = resolve_store_url(url)
         parsed = make_url(self.url)
         self.display_url = _masked(parsed)
@@ -140,25 +151,41 @@ class RunStore:
                     if not folder.is_dir():
                         raise StoreError(f"store URL {self.display_url!r}: folder {folder} "
                                          "does not exist")
+                    if not create:  # before the engine's pragmas write to the file
+                        self._require_tables(_sqlite_tables(Path(parsed.database)))
                 self._read_engine = _sqlite_engine(parsed, "BEGIN")
                 self._write_engine = (self._read_engine if parsed.database in (None, "", ":memory:")
                                       else _sqlite_engine(parsed, "BEGIN IMMEDIATE"))
             else:
                 self._read_engine = self._write_engine = create_engine(parsed, pool_pre_ping=True)
-            Base.metadata.create_all(self._write_engine)
+            if create:
+                Base.metadata.create_all(self._write_engine)
+            else:
+                self._require_tables(inspect(self._read_engine).get_table_names())
         except (NoSuchModuleError, ModuleNotFoundError) as err:
             raise StoreError(f"store URL {self.display_url!r} needs a database driver that is "
                              f"not installed ({err}); for PostgreSQL: pip install 'psycopg[binary]'"
                              ) from None
         except StoreError:
             raise
-        except Exception as err:  # connection refused, bad file, bad credentials...
+        except DBAPIError as err:  # connection refused, not a database, bad credentials...
+            raise StoreError(f"cannot open store {self.display_url!r}: {err.orig}") from None
+        except sqlite3.Error as err:  # the read-only look at a file that is not a database
+            raise StoreError(f"cannot open store {self.display_url!r}: {err}") from None
+        except Exception as err:
             raise StoreError(f"cannot open store {self.display_url!r}: {err}") from None
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
         self._stats_lock = threading.Lock()
         self.write_count = 0
         self.longest_write_s = 0.0
+
+    def _require_tables(self, tables: list[str]) -> None:
+        missing = set(Base.metadata.tables) - set(tables)
+        if missing:
+            raise StoreError(f"{self.display_url!r} is not a consortia run store (it has no "
+                             f"{', '.join(sorted(missing))} table); a run writes its store to "
+                             "DIR/store.db, or to the URL in [store] url")
 
     def close(self) -> None:
         self._read_engine.dispose()
