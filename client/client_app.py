@@ -89,13 +89,18 @@ def distributed_round(site: Site, context: Context, msg: Message, model: torch.n
         report = TrainReport(client_id=site.client_id, status="refused-policy",
                              reason="distributed DP asked but this site has no privacy terms")
         return Message(report.to_content(), reply_to=msg)
+    if secagg.dp_noise_floor is None:
+        report = TrainReport(client_id=site.client_id, status="refused-policy",
+                             reason="distributed DP asked without the round's noise floor: "
+                                    "this client cannot count on the others' noise")
+        return Message(report.to_content(), reply_to=msg)
     setup = RoundSetup.from_bytes(secagg.setup)
     step = DistributedStep(site.client_id, site.task, site.dataset, ledger, site.device,
                            site.privacy.max_epsilon_if_secagg_fails, site.seeded_noise)
     report, vector = step.run(model, ins, server_round,
                               names=update_vector_order(msg.content[ARRAYS].keys()),
                               scale=secagg.dp_scale, threshold=setup.threshold,
-                              run_key=setup.run_id)
+                              floor=secagg.dp_noise_floor)
     if vector is None:
         return Message(report.to_content(), reply_to=msg)
     client = SecAggClient(context, site.secagg_state)
@@ -210,9 +215,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         request = msg.content[SECAGG]["unmask_request"]
-        site = load_site(context)  # distributed DP spends at unmasking
-        return Message(SecAggClient(context, site.secagg_state).unmask(request, site.open_ledger()),
-                       reply_to=msg)
+        site = load_site(context)
+        return Message(SecAggClient(context, site.secagg_state).unmask(request), reply_to=msg)
 
     return app
 

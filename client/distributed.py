@@ -1,9 +1,10 @@
 """Distributed DP on the client: one DP-SGD step's clipped gradient sum with a noise share.
 
 The mechanism and its analysis are in privacy/dp/distributed.py. This is the client's
-round: size σ (as instructed or from the budget), ask the ledger, Poisson-sample the
-records (Opacus's sampler), compute per-example gradients (Opacus's GradSampleModule),
-round and sum them with a Skellam share, and reserve the spend before the share leaves.
+round: size σ (as instructed or from the budget, never below the round's floor), ask the
+ledger, Poisson-sample the records (Opacus's sampler), compute per-example gradients
+(Opacus's GradSampleModule), round and sum them with a Skellam share, and spend before
+the share leaves.
 Only secure aggregation ever carries the result.
 """
 
@@ -41,51 +42,50 @@ class DistributedStep:
         """q = expected batch / records: the rate the sampler uses and the ledger records."""
         return min(1.0, batch_size / len(self.dataset))
 
-    def noise_multiplier(self, ins: TrainInstructions, rate: float, share: NoiseShare) -> float:
-        """σ as instructed, or sized so that the *charged* σ̂ (a relative 1e-10 below σ)
-        fits the planned rounds: the last planned round is then not refused by a hair."""
+    def noise_share(self, ins: TrainInstructions, rate: float, share: NoiseShare) -> NoiseShare:
+        """This client's share: σ as instructed, or sized so that the charged σ̂ fits the
+        planned rounds (the last planned round is then not refused by a hair); never below
+        the round's floor, which is all it counts on from the others (`share` carries it)."""
         if ins.noise_multiplier is not None:
-            return ins.noise_multiplier
+            return replace(share, noise_multiplier=max(ins.noise_multiplier,
+                                                       share.floor_multiplier))
         target = noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
                                   ins.planned_rounds, self.ledger.accountant_kind)
-        probe = replace(share, noise_multiplier=target)
-        return target * target / probe.charged_multiplier(share.threshold)
+        return share.sized_for(target)
 
     def run(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int, *,
-            names: list[str], scale: float, threshold: int, run_key: int
+            names: list[str], scale: float, threshold: int, floor: float
             ) -> tuple[TrainReport, np.ndarray | None]:
-        """The report and the uint32 vector to mask (None when this client refuses)."""
-        self.ledger.release_stale(run_id=ins.run_id, server_round=server_round)
+        """The report and the uint32 vector to mask (None when this client refuses).
+        `floor`: the round's σ_floor, the least every client of the round adds."""
         rate = self.sample_rate(ins.batch_size)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         dimension = sum(int(np.prod(shapes[name])) for name in names)
-        share = NoiseShare(1.0, ins.max_grad_norm, scale, threshold, dimension)
-        sigma = self.noise_multiplier(ins, rate, share)
-        share = replace(share, noise_multiplier=sigma)
+        share = self.noise_share(ins, rate, NoiseShare(
+            floor, ins.max_grad_norm, scale, threshold, dimension, floor_multiplier=floor))
         entry = (share.charged_multiplier(threshold), rate, 1)
         own = (share.charged_multiplier(1), rate, 1)
 
         decision = self.ledger.check_round(*entry)
         if not decision.allowed:
             self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
-            return self._report("refused-budget", decision.reason, sigma, rate), None
+            return self._report("refused-budget", decision.reason, share, rate), None
         cap = self.max_epsilon_if_secagg_fails
         if cap is not None and (after := self.ledger.fallback_after(own)) > cap:
             reason = (f"epsilon if secure aggregation fails would reach {after:.4f}, above this "
                       f"site's cap {cap:.4f} (threshold t = {threshold} makes each share "
                       f"carry 1/{threshold} of the noise variance)")
-            return self._report("refused-policy", reason, sigma, rate), None
+            return self._report("refused-policy", reason, share, rate), None
 
         seed = stable_seed(ins.seed, server_round, self.client_id, "distributed-dp")
         seed_generators(seed, self.device)
         per_example = self._per_example_gradients(model, rate, names, shapes, seed)
         rng = np.random.default_rng(seed if self.seeded_noise else None)
         vector = to_ring(noisy_integer_sum(per_example, share, rng))
-        # Written before the share leaves: the own-share ε now, the sum's at unmasking.
-        self.ledger.reserve(entry, own, run_id=ins.run_id, server_round=server_round,
-                            run_key=run_key)
-        report = self._report("trained", "", sigma, rate).model_copy(update={
-            "epsilon": decision.epsilon_after, "steps": self.ledger.steps + 1})
+        # Both accounts are spent before the share leaves: once it has, the server may
+        # reveal a sum holding it without this client's help (t answers of others suffice).
+        self.ledger.spend_share(entry, own, run_id=ins.run_id, server_round=server_round)
+        report = self._report("trained", "", share, rate)
         return report, vector
 
     def _per_example_gradients(self, model: torch.nn.Module, rate: float, names: list[str],
@@ -117,11 +117,12 @@ class DistributedStep:
             gsm._close()
         return np.concatenate(blocks, axis=1)
 
-    def _report(self, status: str, reason: str, sigma: float, rate: float) -> TrainReport:
+    def _report(self, status: str, reason: str, share: NoiseShare, rate: float) -> TrainReport:
         return TrainReport(
             client_id=self.client_id, status=status, reason=reason,
             num_examples=len(self.dataset), dp_enabled=True, privacy_mode="distributed",
             accountant=self.ledger.accountant_kind, delta=self.ledger.delta,
             epsilon=self.ledger.epsilon, epsilon_budget=self.ledger.epsilon_budget,
             epsilon_if_secagg_fails=self.ledger.epsilon_if_secagg_fails,
-            noise_multiplier=sigma, sample_rate=rate, steps=self.ledger.steps)
+            noise_multiplier=share.noise_multiplier, noise_floor=share.floor_multiplier,
+            sample_rate=rate, steps=self.ledger.steps)

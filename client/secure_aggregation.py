@@ -25,7 +25,6 @@ from consortia.messages import (
     secagg_run_id,
     update_vector_order,
 )
-from consortia.privacy.dp import PrivacyLedger
 from consortia.privacy.secagg import ClientSecAggSession, RoundSetup, UnmaskRequest, encode
 from consortia.privacy.secagg.scratch import scratch
 from consortia.privacy.storage import atomic_write_bytes
@@ -118,16 +117,13 @@ class SecAggClient:
         content[MASKED], content[SECAGG] = vector, header
         return content
 
-    def unmask(self, request_bytes: bytes, ledger: PrivacyLedger | None = None) -> RecordDict:
-        """Answer an unmask request. Under distributed DP the request is the moment this
-        client's share joins a revealed sum: the ledger spends it before the answer leaves
-        (the session has checked by then that the sum holds at least t shares)."""
+    def unmask(self, request_bytes: bytes) -> RecordDict:
+        """Answer an unmask request. (Under distributed DP the ledger spent before the
+        share left: the server can reveal a sum holding it without this answer.)"""
         request = UnmaskRequest.from_bytes(request_bytes)
         session = self._load(request.run_id)
         response = session.unmask(request)
         self._save(session)
-        if ledger is not None:
-            ledger.commit(run_key=request.run_id, server_round=request.round_num)
         return RecordDict({SECAGG: ConfigRecord({"unmask": response.to_bytes()})})
 
 

@@ -101,7 +101,7 @@ class SecAggConfig(_Section):
         "cover",
         description="whom the unmask request goes to: 'cover' asks only enough survivors to "
                     "hold t shares of every secret (the others only if some of those fail to "
-                    "answer), 'all' asks every survivor; distributed DP always asks all")
+                    "answer), 'all' asks every survivor")
 
 
 class StrategyConfig(_Section):

@@ -126,6 +126,9 @@ class TrainReport(_Record):
     # Distributed DP: ε from this client's own noise shares alone (`epsilon` is against
     # everyone while secure aggregation holds).
     epsilon_if_secagg_fails: float | None = None
+    # Distributed DP: the round's σ_floor; the ledger charges this client's share
+    # (noise_multiplier) plus t − 1 shares at the floor (privacy/dp/distributed.NoiseShare).
+    noise_floor: float | None = None
     grad_sample_mode: str | None = None  # DP: which Opacus mode computed the clipping
 
     def to_content(self, arrays=None) -> RecordDict:
@@ -167,6 +170,8 @@ class SecAggInstructions(_Record):
     # with the client's clipping indicator (its share of the clipped count)
     dp_scale: float | None = Field(None, gt=0)  # distributed DP: γ, integer units per unit
     # of gradient; the vector is the client's noisy integer sum, not an encoded update
+    dp_noise_floor: float | None = Field(None, gt=0)  # distributed DP: σ_floor, the least
+    # noise multiplier every client of the round adds (privacy/dp/distributed.NoiseShare)
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:

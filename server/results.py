@@ -97,12 +97,14 @@ class RunRecorder:
             c = clients.setdefault(p["client_id"], {
                 "id": p["client_id"], "epsilon": None, "epsilon_if_secagg_fails": None,
                 "epsilon_budget": None, "delta": None,
-                "noise_multiplier": None, "sample_rate": None, "steps": 0, "accountant": None,
+                "noise_multiplier": None, "noise_floor": None, "sample_rate": None, "steps": 0,
+                "accountant": None,
                 "rounds_participated": [], "refused_rounds": [], "rejected_rounds": [],
                 "failed_rounds": []})
             c[ROUNDS_FIELD[p["status"]]].append(p["round"])
             for field in ("epsilon", "epsilon_if_secagg_fails", "epsilon_budget", "delta",
-                          "noise_multiplier", "sample_rate", "accountant", "privacy_mode"):
+                          "noise_multiplier", "noise_floor", "sample_rate", "accountant",
+                          "privacy_mode"):
                 if p.get(field) is not None:
                     c[field] = p[field]
             if p.get("steps"):

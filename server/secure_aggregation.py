@@ -34,6 +34,7 @@ from consortia.messages import (
     secagg_run_id,
     update_vector_order,
 )
+from consortia.privacy.dp import noise_for_budget
 from consortia.privacy.dp.distributed import from_ring
 from consortia.privacy.secagg import (
     MaskedInput,
@@ -107,6 +108,21 @@ class SecureAggregator:
         self.session = ServerSecAggSession(run_id=secagg_run_id(run_id))
         self.examples: dict[int, int] = {}  # node -> dataset size it advertised
 
+    def noise_floor(self) -> float | None:
+        """Distributed DP: σ_floor, the least noise multiplier every client of a round adds
+        (one value for all of them; a client whose own budget needs more adds more, and
+        counts on the others for the floor only: NoiseShare). The configured σ, or the σ
+        that fits privacy.epsilon_budget over the planned rounds at the highest sampling
+        rate among the registered clients (batch / the fewest records advertised)."""
+        if self.dp_scale is None:
+            return None
+        p = self.cfg.privacy
+        if p.noise_multiplier is not None:
+            return p.noise_multiplier
+        rate = min(1.0, self.cfg.batch_size / min(self.examples.values()))
+        return noise_for_budget(p.epsilon_budget, p.delta, rate,
+                                self.cfg.planned_rounds_per_client, p.accountant)
+
     # -- stage 0: keys, once per node and run --------------------------------------------
     def register(self, grid: Grid, node_ids: list[int]) -> dict[int, str]:
         """Ask nodes without keys to advertise theirs; returns node -> why it failed."""
@@ -160,7 +176,8 @@ class SecureAggregator:
         scale = max(self.examples[n] for n in participants)
         instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
                                           bits=bits, weight_scale=scale, unweighted=unweighted,
-                                          dp_scale=self.dp_scale).to_config_record()
+                                          dp_scale=self.dp_scale,
+                                          dp_noise_floor=self.noise_floor()).to_config_record()
         for m in messages:  # strategies share one RecordDict among messages: copy per node
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
@@ -181,21 +198,16 @@ class SecureAggregator:
             for n in participants:
                 by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
 
-            answered: set[int] = set()  # sent an unmask response (spent, under distributed DP)
-            # Under distributed DP a client spends when it answers
-            # (client/secure_aggregation.py), so every survivor must be asked; otherwise a
-            # cover of them is enough at first.
-            cover = self.cfg.secagg.unmask == "cover" and self.dp_scale is None
             try:
-                requests = self.session.unmask_requests(cover=cover)
+                requests = self.session.unmask_requests(cover=self.cfg.secagg.unmask == "cover")
                 self._mark_rejected(by_node)
-                answered |= self._unmask(grid, requests, background)
+                answered = self._unmask(grid, requests, background)
                 asked = len(requests)
                 more = self.session.more_unmask_requests()  # some of the cover did not answer
                 if more:
                     log.info("round %d: %d of %d asked to unmask answered; asking %d more",
                              server_round, len(answered), len(requests), len(more))
-                    answered |= self._unmask(grid, more, background)
+                    self._unmask(grid, more, background)
                     asked += len(more)
                 background.wait()
                 result = self.session.aggregate()
@@ -205,10 +217,7 @@ class SecureAggregator:
                 # but none reaches the model: the round is abandoned for everyone.
                 for n, outcome in by_node.items():
                     if outcome.status == "trained":
-                        # A client that answered the unmask request spent (distributed DP): it
-                        # cannot know that too few others answered.
-                        by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}",
-                                                      spent=n in answered)
+                        by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}")
                 return self._abandon(outcomes + list(by_node.values()), str(abort),
                                      dropped=len(participants) - len(masked))
 
@@ -273,16 +282,11 @@ class SecureAggregator:
             background.run(self.session.remove_rebuilt_masks)
         return answered
 
-    def _not_summed(self, outcome: ReplyOutcome, reason: str, spent: bool = False
-                    ) -> ReplyOutcome:
-        """A trained client whose share reached no revealed sum. Under distributed DP it
-        spent nothing unless it answered an unmask request (its ledger spends then), so
-        otherwise its report's ε is not kept."""
-        report = outcome.report
-        if self.dp_scale is not None and report is not None and not spent:
-            report = report.model_copy(update={"epsilon": None, "steps": 0})
-            reason += " (distributed DP: nothing spent)"
-        return ReplyOutcome(outcome.node_id, "failed", reason, report)
+    @staticmethod
+    def _not_summed(outcome: ReplyOutcome, reason: str) -> ReplyOutcome:
+        """A trained client whose share reached no revealed sum: its report stays as sent
+        (under DP it spent before sending, whatever became of the share)."""
+        return ReplyOutcome(outcome.node_id, "failed", reason, outcome.report)
 
     def _inspect(self, reply: Message) -> tuple[ReplyOutcome, MaskedInput | None]:
         outcome = report_outcome(reply)

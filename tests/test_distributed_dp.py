@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,13 +87,15 @@ def test_the_charged_gaussian_dominates_the_skellam_rdp_and_is_sigma_at_our_scal
         assert sigma_hat < 1.93 * math.sqrt(shares / 9)
 
 
-def independent_sigma_hat(sigma: float, clip: float, scale: float, t: int, d: int, shares: int
-                          ) -> float:
-    """σ̂ from the formulas as published, written out again here (not the module's code)."""
+def independent_sigma_hat(sigma: float, clip: float, scale: float, t: int, d: int, shares: int,
+                          floor: float | None = None) -> float:
+    """σ̂ from the formulas as published, written out again here (not the module's code):
+    a sum of one share at `sigma` and shares − 1 at `floor` (default: `sigma`)."""
+    floor = sigma if floor is None else floor
     c = scale * clip
     l2 = min(math.sqrt(c * c + d / 4 + math.sqrt(2 * 0.5) * (c + math.sqrt(d) / 2)), c + math.sqrt(d))
     l1 = min(l2 * l2, math.sqrt(d) * l2)
-    mu = shares * (sigma * l2) ** 2 / (2 * t)
+    mu = (sigma**2 + (shares - 1) * floor**2) * l2 * l2 / (2 * t)
     # Agarwal et al. 2021, Thm 3.5, bounded for α ≥ 1 by α·(Δ₂²/(4μ) + (2Δ₂² + 6Δ₁)/(16μ²))
     return (2 * (l2 * l2 / (4 * mu) + (2 * l2 * l2 + 6 * l1) / (16 * mu * mu))) ** -0.5
 
@@ -104,9 +107,8 @@ def test_ledger_epsilon_equals_opacus_and_dp_accounting_for_the_sampled_gaussian
     share = NoiseShare(sigma, clip, scale, t, d)
     ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=100)
     for r in range(1, rounds + 1):
-        ledger.reserve((share.charged_multiplier(t), q, 1), (share.charged_multiplier(1), q, 1),
-                       run_id="r", server_round=r, run_key=7)
-        assert ledger.commit(run_key=7, server_round=r)
+        ledger.spend_share((share.charged_multiplier(t), q, 1), (share.charged_multiplier(1), q, 1),
+                           run_id="r", server_round=r)
     for shares, got in ((t, ledger.epsilon), (1, ledger.epsilon_if_secagg_fails)):
         sigma_hat = independent_sigma_hat(sigma, clip, scale, t, d, shares)
         opacus = RDPAccountant()
@@ -119,18 +121,26 @@ def test_ledger_epsilon_equals_opacus_and_dp_accounting_for_the_sampled_gaussian
     assert ledger.epsilon_if_secagg_fails > ledger.epsilon
 
 
-def test_an_unmasked_share_is_released_and_spends_nothing(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=3)
-    ledger.reserve((1.5, 0.1, 1), (0.5, 0.1, 1), run_id="r", server_round=1, run_key=7)
-    assert ledger.epsilon == 0.0 and ledger.epsilon_if_secagg_fails > 0
-    assert not ledger.commit(run_key=7, server_round=2)  # not the pending round
-    assert not ledger.commit(run_key=8, server_round=1)  # not the pending run
-    reopened = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, epsilon_budget=3)
-    assert reopened.pending["round"] == 1  # survives a restart
-    reopened.release_stale(run_id="r", server_round=2)
-    assert reopened.pending is None and reopened.epsilon == 0.0
-    assert not reopened.commit(run_key=7, server_round=1)  # too late: nothing to spend
-    assert reopened.events[-1]["decision"] == "abandoned"
+def test_a_share_is_spent_when_it_leaves_and_a_held_one_of_an_old_ledger_counts(tmp_path):
+    # The server can reveal a sum holding a client's share with t answers of others, so
+    # the spend cannot wait for this client's unmask answer: both accounts spend at once.
+    ledger = PrivacyLedger.open(tmp_path / "a", accountant="rdp", delta=1e-5, epsilon_budget=3)
+    ledger.spend_share((1.5, 0.1, 1), (0.5, 0.1, 1), run_id="r", server_round=1)
+    reopened = PrivacyLedger.open(tmp_path / "a", accountant="rdp", delta=1e-5, epsilon_budget=3)
+    assert reopened.history == [(1.5, 0.1, 1)] and reopened.epsilon > 0
+    assert reopened.epsilon_if_secagg_fails > reopened.epsilon
+    assert reopened.events[-1]["decision"] == "trained"
+    # A ledger written by the version that held the spend until unmasking: what it held
+    # counts on opening, once.
+    old = tmp_path / "old"
+    PrivacyLedger.open(old, accountant="rdp", delta=1e-5, epsilon_budget=3).save()
+    data = json.loads((old / "privacy_ledger.json").read_text())
+    data["pending"] = {"run": "r", "run_key": 7, "round": 4, "entry": [1.5, 0.1, 1]}
+    (old / "privacy_ledger.json").write_text(json.dumps(data))
+    counted = PrivacyLedger.open(old, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    assert counted.history == [(1.5, 0.1, 1)] and counted.events[-1]["round"] == 4
+    again = PrivacyLedger.open(old, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    assert again.history == [(1.5, 0.1, 1)]
 
 
 # --- the noise survives secure aggregation and dropouts -------------------------------------
@@ -228,24 +238,28 @@ def test_a_round_below_the_threshold_changes_nothing_and_spends_nothing(tmp_path
     for cid in "0123":
         ledger = PrivacyLedger.open(tmp_path / "clients" / cid, accountant="rdp", delta=1e-5,
                                     epsilon_budget=4)
-        # Three revealed sums: three steps against the server, whoever sent a share in 2.
-        assert ledger.steps == 3
-        sent = 4 if cid in "23" else 3  # 2 and 3 sent a share in round 2 that was never unmasked
+        # Every share sent is spent, in both accounts: 2 and 3 also sent one in round 2,
+        # which was never unmasked (they could not know it would not be).
+        sent = 4 if cid in "23" else 3
+        assert ledger.steps == sent
         assert sum(h[2] for h in ledger._fallback["history"]) == sent
-        assert [e["decision"] for e in ledger.events].count("abandoned") == (cid in "23")
         assert clients[cid]["epsilon"] == pytest.approx(ledger.epsilon)
         assert clients[cid]["epsilon_if_secagg_fails"] == pytest.approx(
             ledger.epsilon_if_secagg_fails)
         # The ledger charges exactly the sampled Gaussian at σ̂ (Opacus, recomputed).
+        # Its share, and t − 1 others at the round's floor (each client adds at least that).
         sigma, q = clients[cid]["noise_multiplier"], clients[cid]["sample_rate"]
-        sigma_hat = independent_sigma_hat(sigma, 1.0, 2.0**16, 3, 4810, 3)
+        floor = clients[cid]["noise_floor"]
+        assert 0 < floor <= sigma
+        sigma_hat = independent_sigma_hat(sigma, 1.0, 2.0**16, 3, 4810, 3, floor)
         opacus = RDPAccountant()
-        opacus.history = [(sigma_hat, q, 3)]
+        opacus.history = [(sigma_hat, q, sent)]
         assert ledger.epsilon == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-9)
         assert ledger.epsilon <= 4
     participation = read_jsonl(tmp_path / "participation.jsonl")
     abandoned = [p for p in participation if p["round"] == 2 and p["client_id"] in "23"]
-    assert all("nothing spent" in p["reason"] and p["epsilon"] is None for p in abandoned)
+    assert len(abandoned) == 2
+    assert all("round abandoned" in p["reason"] and p["epsilon"] > 0 for p in abandoned)
 
 
 @pytest.mark.slow
@@ -289,6 +303,46 @@ def client_step(tmp_path, cap=None, budget=3.0, **overrides):
     return step, model, ins, names, ledger
 
 
+def test_clients_that_add_different_noise_each_charge_no_less_than_the_worst_sum(tmp_path):
+    """Sites of different sizes and budgets size different shares. A revealed sum holds a
+    client's share and at least t − 1 others: charged as if those were the least any
+    client of the round adds, its ledger ε is never below the ε of the thinnest sum that
+    could hold its share (computed here from the σ the clients actually used)."""
+    from torch.utils.data import Subset
+
+    from consortia.privacy.dp import noise_for_budget
+
+    t, sizes, budgets = 3, (90, 200, 400, 600), (3.0, 1.0, 8.0, 3.0)
+    full = client_step(tmp_path / "x")[0].dataset
+    # The round's floor, as the server sizes it: its budget at the highest sampling rate.
+    floor = noise_for_budget(3.0, 1e-5, 64 / min(sizes), 10, "rdp")
+    used = []
+    for i, (n, budget) in enumerate(zip(sizes, budgets, strict=True)):
+        step, model, ins, names, ledger = client_step(tmp_path / str(i), budget=budget)
+        step.dataset = Subset(full, range(n))
+        report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=t,
+                                  floor=floor)
+        assert report.status == "trained" and report.noise_multiplier >= floor
+        used.append((report.noise_multiplier, report.sample_rate, ledger))
+    sigmas = sorted(u[0] for u in used)
+    assert sigmas[-1] > sigmas[0] * 1.5  # the budget-1 site adds much more than the others
+    d = sum(int(np.prod(p.shape)) for p in model.state_dict().values())
+    for i, (sigma, q, ledger) in enumerate(used):
+        others = sorted(u[0] for j, u in enumerate(used) if j != i)[: t - 1]
+        c = 2.0**10 * 1.0
+        l2 = min(math.sqrt(c * c + d / 4 + math.sqrt(2 * 0.5) * (c + math.sqrt(d) / 2)),
+                 c + math.sqrt(d))
+        l1 = min(l2 * l2, math.sqrt(d) * l2)
+        mu = (sigma**2 + sum(o**2 for o in others)) * l2 * l2 / (2 * t)
+        thinnest = (2 * (l2 * l2 / (4 * mu) + (2 * l2 * l2 + 6 * l1) / (16 * mu * mu))) ** -0.5
+        opacus = RDPAccountant()
+        opacus.history = [(thinnest, q, 1)]
+        assert ledger.epsilon >= opacus.get_epsilon(delta=1e-5) * (1 - 1e-9), i
+        # and the planned 10 rounds fit its own budget, the last by a hair at most.
+        charged, rate, _ = ledger.history[0]
+        assert ledger.check_round(charged, rate, 9).epsilon_after <= budgets[i]
+
+
 def test_per_example_gradients_are_the_gradients_of_each_record(tmp_path):
     import torch
 
@@ -312,18 +366,18 @@ def test_per_example_gradients_are_the_gradients_of_each_record(tmp_path):
 
 def test_the_client_refuses_beyond_its_budget_or_its_cap_on_the_fallback_epsilon(tmp_path):
     step, model, ins, names, ledger = client_step(tmp_path / "a", cap=0.5)
-    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, floor=0.8)
     assert vector is None and report.status == "refused-policy"
     assert "above this site's cap 0.5000" in report.reason
-    assert ledger.epsilon_if_secagg_fails is None and ledger.pending is None
+    assert ledger.epsilon_if_secagg_fails is None and ledger.epsilon == 0.0
 
     step, model, ins, names, ledger = client_step(tmp_path / "b", noise_multiplier=0.3, budget=1.0)
-    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, floor=0.8)
     assert vector is None and report.status == "refused-budget"
     assert ledger.events[-1]["decision"] == "refused-budget"
 
     step, model, ins, names, ledger = client_step(tmp_path / "c")
-    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, run_key=1)
+    report, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, floor=0.8)
     assert report.status == "trained" and vector.dtype == np.uint32
-    assert ledger.pending["round"] == 1 and ledger.epsilon == 0.0  # spent at unmasking
-    assert report.epsilon == pytest.approx(ledger.check_round(*ledger.pending["entry"]).epsilon_after)
+    assert ledger.steps == 1 and report.epsilon == ledger.epsilon > 0  # spent before it left
+    assert report.noise_floor == 0.8 and report.noise_multiplier >= 0.8

@@ -39,7 +39,7 @@ RDP curve dominates it (docs/privacy.md states it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -104,19 +104,31 @@ def choose_scale(clip: float, expected_batch_sum: float, noise_multiplier: float
 
 @dataclass(frozen=True)
 class NoiseShare:
-    """One client's share of the round's noise, and what it means for privacy."""
+    """One client's share of the round's noise, and what it means for privacy.
 
-    noise_multiplier: float  # σ: the noise of a sum of t shares is σ·Δ₂ per coordinate
+    Clients may add different shares: one whose own budget asks for more noise than the
+    round's floor adds more. What a client may count on from the others is only the
+    floor: every client of the round adds at least the share of σ_floor (the server
+    sends one floor to all; a client never adds less). So a revealed sum of ≥ t shares
+    holds this share plus at least t − 1 shares of σ_floor, and that is what is charged.
+    """
+
+    noise_multiplier: float  # σ of this share: t such shares sum to noise σ·Δ₂ per coordinate
     clip: float  # C, per example
     scale: float  # γ
     threshold: int  # t: the fewest shares any revealed sum contains
     dimension: int  # d
+    floor_multiplier: float | None = None  # σ_floor the others add at least; None: σ
 
     def __post_init__(self) -> None:
         if self.threshold < 1:
             raise ValueError(f"threshold must be at least 1, got {self.threshold}")
         if not self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+        if self.floor_multiplier is not None and not (
+                0 < self.floor_multiplier <= self.noise_multiplier):
+            raise ValueError(f"floor_multiplier must be in (0, noise_multiplier = "
+                             f"{self.noise_multiplier}], got {self.floor_multiplier}")
 
     @property
     def l2(self) -> float:
@@ -129,12 +141,38 @@ class NoiseShare:
     @property
     def mu(self) -> float:
         """This client's Skellam parameter: variance 2μ = σ²Δ₂²/t."""
-        return (self.noise_multiplier * self.l2) ** 2 / (2 * self.threshold)
+        return self._mu(self.noise_multiplier)
+
+    def _mu(self, sigma: float) -> float:
+        return (sigma * self.l2) ** 2 / (2 * self.threshold)
 
     def charged_multiplier(self, shares: int) -> float:
-        """σ̂ the accountant charges for a sum of `shares` shares (t: secure aggregation
-        holds; 1: this client's own share alone)."""
-        return gaussian_equivalent(shares * self.mu, self.l1, self.l2)
+        """σ̂ the accountant charges for a sum of this share and `shares` − 1 others at
+        the floor (t: secure aggregation holds; 1: this client's own share alone)."""
+        floor = self.noise_multiplier if self.floor_multiplier is None else self.floor_multiplier
+        return gaussian_equivalent(self.mu + (shares - 1) * self._mu(floor), self.l1, self.l2)
+
+    def sized_for(self, target: float) -> NoiseShare:
+        """This share with σ raised, if need be, so that a sum of t shares (the others at
+        the floor) is charged at least `target`; never below the floor.
+
+        A sum of σᵢ and t − 1 floors has variance V·Δ₂²/t with V = σᵢ² + (t − 1)·σ_floor²,
+        so σᵢ = √(t·target² − (t − 1)·σ_floor²). The charged σ̂ is a relative 10⁻¹⁰ below
+        the Gaussian σ of that variance: V is then scaled by (target / σ̂)², so a client's
+        last planned round is not refused by a hair.
+        """
+        floor = self.noise_multiplier if self.floor_multiplier is None else self.floor_multiplier
+        t = self.threshold
+        sigma = max(floor, math.sqrt(max(0.0, t * target * target - (t - 1) * floor * floor)))
+        share = replace(self, noise_multiplier=sigma, floor_multiplier=floor)
+        for _ in range(3):
+            charged = share.charged_multiplier(t)
+            if charged >= target:
+                return share
+            variance = (share.noise_multiplier ** 2 + (t - 1) * floor * floor) * (target / charged) ** 2
+            sigma = math.sqrt(variance - (t - 1) * floor * floor) * (1 + 1e-15)
+            share = replace(share, noise_multiplier=sigma)
+        return share
 
 
 # --- the client's side -----------------------------------------------------------------

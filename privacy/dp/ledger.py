@@ -59,10 +59,8 @@ class PrivacyLedger:
 
     Distributed DP (privacy/dp/distributed.py) keeps two accounts: `epsilon`, against
     the server and everyone else while secure aggregation holds (the noise of ≥ t shares),
-    and `epsilon_if_secagg_fails`, from this client's own noise share alone. The second is
-    spent when the masked share leaves (`reserve`); the first only when this client helps
-    unmask a sum that contains it (`commit`): a round abandoned before that reveals
-    nothing and is released (`release_stale`).
+    and `epsilon_if_secagg_fails`, from this client's own noise share alone. Both are
+    spent when the masked share leaves (`spend_share`).
     """
 
     def __init__(self, path: Path, accountant: str, delta: float, epsilon_budget: float,
@@ -74,9 +72,10 @@ class PrivacyLedger:
         self.epsilon_budget = epsilon_budget
         self._state = state or accountant_state(new_accountant(accountant))
         self.events: list[dict[str, Any]] = events or []
-        # Distributed DP: the own-share account, and the round awaiting its unmasking.
+        # Distributed DP: the own-share account.
         self._fallback = fallback or accountant_state(new_accountant(accountant))
-        self.pending = pending
+        if pending:
+            self._count_pending(pending)
 
     @classmethod
     def open(cls, state_dir: str | Path, *, accountant: str, delta: float,
@@ -153,47 +152,30 @@ class PrivacyLedger:
         self.save()
         return epsilon
 
-    def reserve(self, entry: tuple[float, float, int], own_entry: tuple[float, float, int], *,
-                run_id: str, server_round: int, run_key: int) -> None:
-        """Distributed DP, before the masked share leaves: spend the own-share account now
-        (should secure aggregation fail, the share alone is what protects the records)
-        and hold `entry` until the sum is unmasked."""
+    def spend_share(self, entry: tuple[float, float, int], own_entry: tuple[float, float, int],
+                    *, run_id: str, server_round: int) -> None:
+        """Distributed DP, before the masked share leaves: spend both accounts. `entry`
+        is the sum's (≥ t shares, secure aggregation holding), `own_entry` this share's
+        alone (should secure aggregation fail). Both are spent now, not when the sum is
+        unmasked: the server needs only t answers, not this client's, to reveal a sum
+        that holds its share; a round abandoned before unmasking is spent all the same."""
         self._fallback = {**self._fallback,
                           "history": _merged(self._fallback["history"], own_entry)}
-        # run_key: the secure-aggregation run id the unmask request names
-        self.pending = {"run": run_id, "run_key": run_key, "round": server_round,
-                        "entry": list(entry)}
-        self.events.append({"time": time.time(), "run": run_id, "round": server_round,
-                            "decision": "share-sent", "steps": 0, "epsilon": self.epsilon,
-                            "epsilon_if_secagg_fails": self.epsilon_if_secagg_fails})
-        self.save()
-
-    def commit(self, *, run_key: int, server_round: int) -> bool:
-        """The sum containing this client's share is about to be unmasked: spend it.
-        False when no share of that run and round is pending (nothing to spend)."""
-        p = self.pending
-        if p is None or p["run_key"] != run_key or p["round"] != server_round:
-            return False
-        run_id = p["run"]
-        entry = tuple(p["entry"])
         self._state = {**self._state, "history": _merged(self._state["history"], entry)}
-        self.pending = None
         self.events.append({"time": time.time(), "run": run_id, "round": server_round,
                             "decision": "trained", "steps": int(entry[2]),
                             "epsilon": self.epsilon,
                             "epsilon_if_secagg_fails": self.epsilon_if_secagg_fails})
         self.save()
-        return True
 
-    def release_stale(self, *, run_id: str, server_round: int) -> None:
-        """A new round (or run) began: an older share was never unmasked, and the client's
-        secure-aggregation session no longer holds what would unmask it."""
-        p = self.pending
-        if p is None or (p["run"] == run_id and p["round"] >= server_round):
-            return
-        self.pending = None
-        self.events.append({"time": time.time(), "run": p["run"], "round": p["round"],
-                            "decision": "abandoned", "steps": 0, "epsilon": self.epsilon})
+    def _count_pending(self, pending: dict[str, Any]) -> None:
+        """A ledger written by an earlier version held a sent share's spend until its
+        unmasking: the share may have been revealed without this client, so it counts."""
+        entry = tuple(pending["entry"])
+        self._state = {**self._state, "history": _merged(self._state["history"], entry)}
+        self.events.append({"time": time.time(), "run": pending["run"], "round": pending["round"],
+                            "decision": "trained", "steps": int(entry[2]), "epsilon": self.epsilon,
+                            "note": "a share sent before this version, counted as spent"})
         self.save()
 
     def record_refusal(self, decision: BudgetDecision, *, run_id: str, server_round: int) -> None:
@@ -212,5 +194,4 @@ class PrivacyLedger:
             "accountant_state": self._state,
             "events": self.events,
             "fallback_state": self._fallback,
-            "pending": self.pending,
         }, mode=0o600)
