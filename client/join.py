@@ -35,6 +35,7 @@ from consortia.flower_exec import (
     start_process,
     stop_process,
 )
+from consortia.privacy.dp.preflight import check_delta, check_dp_model
 from consortia.tasks import default_device, get_task
 
 log = logging.getLogger("consortia.client")
@@ -58,10 +59,19 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
         check_records(data, task)
     except DataError as err:
         raise JoinError(str(err)) from None
+    p = cfg.policy
+    try:  # privacy terms that cannot mean anything for these records, or this model
+        check_delta(p.delta, len(data), f"site {cfg.site.name!r}")
+    except ValueError as err:
+        raise JoinError(f"[policy] {err}") from None
+    if p.require_dp:
+        try:
+            check_dp_model(task.build_model(), f"task {task.name!r}")
+        except ValueError as err:
+            raise JoinError(str(err)) from None
     state = cfg.site.state_dir
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
-    p = cfg.policy
     return Site(client_id=cfg.site.name, task=task, dataset=data, state_dir=state,
                 privacy=SitePrivacy(epsilon_budget=p.epsilon_budget, delta=p.delta,
                                     accountant=p.accountant, require_dp=p.require_dp,

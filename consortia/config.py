@@ -270,6 +270,10 @@ class RunConfig(_Section):
             self._check_secagg()
         if self.user_dp.enabled:
             self._check_user_dp()
+        if self.privacy.enabled and self.privacy.noise_multiplier == 0:
+            raise ValueError("privacy.noise_multiplier = 0 adds no noise: ε would be infinite; "
+                             "accepted: σ > 0, or leave it unset to derive σ from the budget "
+                             "(to train without DP: privacy.enabled = false)")
         if self.privacy.mode == "distributed":
             self._check_distributed()
         return self
@@ -284,9 +288,6 @@ class RunConfig(_Section):
         if self.user_dp.enabled:
             raise ValueError('privacy.mode = "distributed" (record-level DP, noise split among '
                              "clients) cannot be combined with user_dp.enabled = true")
-        if self.privacy.noise_multiplier == 0:
-            raise ValueError('privacy.mode = "distributed" needs noise: privacy.noise_multiplier '
-                             "= 0 is not accepted (leave it unset to derive it from the budget)")
         from consortia.privacy.dp.distributed import choose_scale
 
         choose_scale(self.privacy.max_grad_norm, self.batch_size * self.clients_per_round,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from consortia.config import RunConfig, split_host_port
+from consortia.privacy.dp.preflight import check_delta, check_dp_model, check_first_round
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir
 from consortia.server.store import RunStore, default_store_url
@@ -64,7 +65,24 @@ def check_model_fits(cfg: RunConfig) -> int:
 
     task = get_task(cfg.task, cfg.task_options())
     model = task.build_model(cfg.model.activation)
+    if cfg.privacy.enabled:  # and one Opacus cannot make private
+        check_dp_model(model, f"task {cfg.task!r}")
     return check_message_size(ArrayRecord(task.travelling_weights(model)), f"task {cfg.task!r}")
+
+
+def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
+    """Per virtual client (its partition's records): δ below 1/n, and with an explicit σ
+    one round within the budget (privacy/dp/preflight.py)."""
+    p = cfg.privacy
+    if not p.enabled:
+        return
+    for i, n in enumerate(sizes):
+        check_delta(p.delta, n, f"client {i}")
+        if p.noise_multiplier is not None:
+            check_first_round(noise_multiplier=p.noise_multiplier, records=n,
+                              batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                              mode=p.mode, epsilon_budget=p.epsilon_budget, delta=p.delta,
+                              accountant=p.accountant, who=f"client {i}")
 
 
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
@@ -94,7 +112,9 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    partitions_for(cfg)  # a partition that cannot be drawn fails here, before Ray starts
+    # A partition that cannot be drawn fails here, before Ray starts; so do privacy terms
+    # that cannot mean anything for its clients' record counts.
+    check_privacy_terms(cfg, [len(p) for p in partitions_for(cfg)])
     if cfg.sim.ray_address:
         check_ray_head(cfg.sim.ray_address)
     check_model_fits(cfg)  # and so does a model whose messages gRPC would refuse

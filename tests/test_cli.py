@@ -80,3 +80,39 @@ def test_the_console_warns_only_for_an_address_other_machines_can_reach(host, lo
     from consortia.cli import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("privacy.delta=0.5", "delta = 0.5 is not below 1/n for client 0's 360 records"),
+    ("privacy.noise_multiplier=0.2", "one round costs client 0 ε = 94"),
+    ("privacy.noise_multiplier=0", "privacy.noise_multiplier = 0 adds no noise"),
+])
+def test_privacy_terms_that_protect_nothing_fail_before_the_run_starts(tmp_path, setting, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--out", str(out), "--set", "rounds=1", "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
+
+
+def test_a_model_opacus_cannot_make_private_fails_before_the_run_starts(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from consortia.tasks import TASKS, get_task, register_task
+
+    digits = get_task("digits-mlp")
+    register_task(dataclasses.replace(digits, name="bn-digits", build_model=(
+        lambda activation="tanh": torch.nn.Sequential(
+            torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 10)))))
+    try:
+        out = tmp_path / "run"
+        result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml",
+                                     "--out", str(out), "--set", "task=bn-digits"])
+    finally:
+        del TASKS["bn-digits"]
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "task 'bn-digits''s model cannot be trained with DP" in flat and "BatchNorm" in flat
+    assert not out.exists()

@@ -232,3 +232,28 @@ def test_every_built_in_tasks_own_records_pass_the_start_check(name):
     except FileNotFoundError as err:  # Fashion-MNIST is a Debian package (make installs it)
         pytest.skip(str(err))
     check_records(torch.utils.data.Subset(train, range(16)), task)
+
+
+def test_privacy_terms_that_protect_nothing_fail_when_the_site_joins(tmp_path):
+    # δ at or above 1/n: the ε beside it means nothing for this site's 7 records.
+    data = TensorDataset(torch.rand(7, 64), torch.zeros(7, dtype=torch.long))
+    cfg = load_site_config(site_toml(tmp_path, **{"delta = 1e-5": "delta = 0.2"}))
+    with pytest.raises(JoinError, match=r"\[policy\] delta = 0.2 is not below 1/n for site "
+                                        r"'site-a''s 7 records"):
+        build_site(cfg, dataset=data)
+    # A model Opacus cannot make private (BatchNorm mixes the records of a batch).
+    bn = Task(name="bn-mlp", description="", load_data=TASK.load_data,
+              build_model=lambda activation="tanh": torch.nn.Sequential(
+                  torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 10)))
+    try:
+        register_task(bn)
+        cfg = load_site_config(site_toml(tmp_path, task="bn-mlp"))
+        with pytest.raises(JoinError, match="cannot be trained with DP: .*BatchNorm.*GroupNorm"):
+            build_site(cfg, dataset=TensorDataset(torch.rand(16, 64),
+                                                  torch.zeros(16, dtype=torch.long)))
+        # A site that does not require DP may serve it (a run without DP).
+        lax = load_site_config(site_toml(tmp_path, task="bn-mlp",
+                                         **{"delta = 1e-5": "delta = 1e-5\nrequire_dp = false"}))
+        build_site(lax, dataset=TensorDataset(torch.rand(16, 64), torch.zeros(16, dtype=torch.long)))
+    finally:
+        TASKS.pop("bn-mlp", None)

@@ -1,0 +1,71 @@
+"""Privacy terms that cannot mean anything fail at start, not as a run of refusals.
+
+Three checks, each where the values first meet (a simulation before Ray starts, a
+partner's site when it joins):
+
+* δ must be below 1/n for a holder of n records: at δ ≥ 1/n a mechanism that publishes
+  one record in the clear is (0, δ)-DP, so the ε beside it protects nothing.
+* A model Opacus cannot make private (BatchNorm mixes records of a batch, so per-example
+  gradients do not exist) is refused with Opacus's own reasons (`ModuleValidator`).
+* An explicit σ with which not even one round fits the budget: every request would be
+  refused and the run would train nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from consortia.privacy.dp.accounting import epsilon_for, noise_for_budget
+
+
+def check_delta(delta: float, records: int, who: str) -> None:
+    """`who` holds `records` records; δ must be below 1/records."""
+    if records > 0 and delta >= 1.0 / records:
+        raise ValueError(
+            f"delta = {delta:g} is not below 1/n for {who}'s {records} records (1/n = "
+            f"{1.0 / records:.3g}): at such a δ, publishing one record in the clear is "
+            f"(0, δ)-DP, so ε protects nothing; accepted: delta < 1/n, commonly at most "
+            f"1/n^1.1 (here {records ** -1.1:.2g})")
+
+
+def check_dp_model(model: torch.nn.Module, what: str) -> None:
+    """Opacus must be able to compute per-example gradients of `model`."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        reasons = "; ".join(sorted({str(e) for e in errors}))
+        raise ValueError(
+            f"{what}'s model cannot be trained with DP: {reasons}. Replace those layers "
+            "(BatchNorm by GroupNorm or LayerNorm: Opacus's ModuleValidator.fix does it), or "
+            "train without DP (privacy.enabled = false)")
+
+
+def round_steps(records: int, batch_size: int, local_epochs: int, mode: str
+                ) -> tuple[float, int]:
+    """(sampling rate, DP steps) of one round for a holder of `records` records, as the
+    client's trainer takes them (client/trainer.py, client/distributed.py)."""
+    if mode == "distributed":  # one step per round at q = B/n
+        return min(1.0, batch_size / records), 1
+    per_epoch = math.ceil(records / batch_size)  # Opacus's Poisson loader: rate 1/per_epoch
+    return 1.0 / per_epoch, per_epoch * local_epochs
+
+
+def check_first_round(*, noise_multiplier: float, records: int, batch_size: int,
+                      local_epochs: int, mode: str, epsilon_budget: float, delta: float,
+                      accountant: str, who: str) -> None:
+    """With an explicit σ, one round must fit the budget, or the client never trains."""
+    rate, steps = round_steps(records, batch_size, local_epochs, mode)
+    with warnings.catch_warnings():  # Opacus's note that a larger RDP order would be tighter
+        warnings.simplefilter("ignore", UserWarning)
+        spent = epsilon_for(accountant, [(noise_multiplier, rate, steps)], delta)
+    if spent > epsilon_budget:
+        least = noise_for_budget(epsilon_budget, delta, rate, steps, accountant)
+        raise ValueError(
+            f"privacy.noise_multiplier = {noise_multiplier:g}: one round costs {who} "
+            f"ε = {spent:.3g} ({steps} steps at rate {rate:.3g}), above privacy.epsilon_budget"
+            f" = {epsilon_budget:g}, so it could never train; accepted: σ ≥ {least:.3g} "
+            "(one round fits), or leave it unset to derive σ from the budget")
