@@ -255,7 +255,7 @@ class RoundWorkflow:
             extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
             extra["user_dp"] = {"noise_multiplier": self.user_dp.noise_multiplier,
                                 "sample_rate": self.user_dp.sample_rate,
-                                "rounds": len(self.user_dp.history),
+                                "rounds": sum(int(h[2]) for h in self.user_dp.history),
                                 "history": [list(h) for h in self.user_dp.history],
                                 "final_clip": self.user_dp.clip, "accountant": "rdp"}
         self.recorder.write_summary(

@@ -127,3 +127,4 @@ def test_user_dp_split_among_clients_under_secure_aggregation(tmp_path):
     acc = RDPAccountant()
     acc.history = [tuple(h) for h in summary["user_dp"]["history"]]
     assert summary["user_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert summary["user_dp"]["rounds"] == 3  # rounds, not history entries (one here)
