@@ -105,7 +105,7 @@ def mark_interrupted(store_url: str, run_id: str) -> None:
     run ended: record it as stopped here, so the store does not show it running."""
     store = RunStore(store_url)
     try:
-        if store.get_run(run_id)["status"] == "running":
+        if store.get_run(run_id)["status"] in ("running", "lost"):
             store.finish_run(run_id, "stopped", "the server was stopped (SIGTERM or Ctrl-C); "
                                                 "continue with consortia server start --resume")
     except KeyError:  # stopped before the ServerApp registered the run

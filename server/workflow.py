@@ -31,6 +31,7 @@ from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
 from consortia.server.results import RunRecorder
 from consortia.server.secure_aggregation import SecureAggregator
+from consortia.server.store import Heartbeat
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
 from consortia.tasks import Task, default_device
 
@@ -231,7 +232,8 @@ class RoundWorkflow:
                              config=config_to_dict(self.cfg), out_dir=self.out_dir.resolve(),
                              kind=self.kind)
         try:
-            stopped = self.run_rounds(grid, resume)
+            with Heartbeat(self.store, self.run_id):  # so a killed run reads "lost", not running
+                stopped = self.run_rounds(grid, resume)
         except BaseException as err:
             self.store.finish_run(self.run_id, "failed", f"{type(err).__name__}: {err}")
             raise

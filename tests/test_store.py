@@ -192,3 +192,71 @@ def test_store_never_shows_a_database_password(tmp_path):
                 config={"store": {"url": "postgresql://op:hunter2@db/runs"}})
     assert "hunter2" not in json.dumps(s.get_run("r"))
     s.close()
+
+
+def test_a_running_run_whose_process_stops_beating_reads_lost(store, monkeypatch):
+    from consortia.server.store import LOST_AFTER_S, Heartbeat
+    from consortia.server.store import store as store_module
+
+    assert store.get_run("run1")["status"] == "running"
+    # The heartbeat touches the row while its block runs, and only then.
+    before = store.get_run("run1")["updated_at"]
+    with Heartbeat(store, "run1", interval=0.05):
+        time.sleep(0.3)
+    touched = store.get_run("run1")["updated_at"]
+    assert touched > before
+    time.sleep(0.2)
+    assert store.get_run("run1")["updated_at"] == touched
+    # LOST_AFTER_S later (the reader's clock), the run reads lost, in every view.
+    later = touched + LOST_AFTER_S + 1
+    monkeypatch.setattr(store_module.time, "time", lambda: later)
+    assert store.get_run("run1")["status"] == "lost"
+    assert [r["status"] for r in store.list_runs()] == ["lost"]
+    with pytest.raises(RunNotRunning, match="lost, not running .*killed.*--resume"):
+        store.request_stop("run1", actor="console")
+    # A beat (the process was only stalled) or a resume makes it running again.
+    store.heartbeat("run1")
+    assert store.get_run("run1")["status"] == "running"
+    store.finish_run("run1", "completed")
+    monkeypatch.setattr(store_module.time, "time", lambda: later + 10 * LOST_AFTER_S)
+    assert store.get_run("run1")["status"] == "completed"  # a finished run is never lost
+
+
+@pytest.mark.slow
+def test_a_simulation_killed_with_sigkill_reads_lost_not_running(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from consortia.server.store import LOST_AFTER_S
+    from consortia.server.store import store as store_module
+
+    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "consortia.cli", "sim", "run", str(smoke),
+                             "--out", str(out), "--set", "rounds=50"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (out / "store.db").exists():
+                runs = RunStore(out / "store.db", create=False).list_runs()
+                if runs and runs[0]["rounds_completed"] >= 1:
+                    break
+            assert proc.poll() is None, "the simulation ended before it was killed"
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no round recorded within 240 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing in the process can record this
+        proc.wait()
+    reader = RunStore(out / "store.db", create=False)
+    [run] = reader.list_runs()
+    assert run["status"] == "running"  # just killed: within the heartbeat's margin
+    later = run["updated_at"] + LOST_AFTER_S + 1
+    monkeypatch.setattr(store_module.time, "time", lambda: later)
+    assert reader.get_run(run["run_id"])["status"] == "lost"
+    reader.close()

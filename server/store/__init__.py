@@ -1,7 +1,9 @@
 """The run store (SQLAlchemy): runs, rounds, participation, ε, checkpoints, audit log."""
 
 from consortia.server.store.store import (
+    LOST_AFTER_S,
     STORE_FILE,
+    Heartbeat,
     RunNotRunning,
     RunStore,
     StoreError,
@@ -10,5 +12,5 @@ from consortia.server.store.store import (
     resolve_store_url,
 )
 
-__all__ = ["STORE_FILE", "RunNotRunning", "RunStore", "StoreError", "UnknownRun",
+__all__ = ["LOST_AFTER_S", "STORE_FILE", "Heartbeat", "RunNotRunning", "RunStore", "StoreError", "UnknownRun",
            "default_store_url", "resolve_store_url"]

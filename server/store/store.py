@@ -314,13 +314,20 @@ class RunStore:
             self._audit(s, run_id, f"run-{status}",
                         detail or f"after round {run.rounds_completed} of {run.rounds_total}", at=now)
 
+    def heartbeat(self, run_id: str) -> None:
+        """The running run's process is alive (see `Heartbeat`)."""
+        with self._write() as s:
+            run = self._run(s, run_id)
+            if run.status == "running":
+                run.updated_at = _now_in_lock_order()
+
     def request_stop(self, run_id: str, actor: str) -> dict[str, Any]:
         """Ask the server to stop after the current round (recorded in the audit log)."""
         with self._write() as s:
             run = self._run(s, run_id)
             now = _now_in_lock_order()
-            if run.status != "running":
-                raise RunNotRunning(run_id, run.status)
+            if _shown_status(run) != "running":
+                raise RunNotRunning(run_id, _shown_status(run))
             if run.stop_requested_at is None:
                 run.stop_requested_at, run.stop_requested_by = now, actor
                 self._audit(s, run_id, "stop-requested",
@@ -483,9 +490,46 @@ def _now_in_lock_order() -> float:
     return time.time()
 
 
+# A running run's process touches its row every HEARTBEAT_S (`Heartbeat`); a reader that
+# sees no touch for LOST_AFTER_S calls the run "lost": its process ended without recording
+# how (SIGKILL, an out-of-memory kill, a machine that went down). Derived when read, never
+# stored: a resume makes the run running again. The margin allows for a loaded machine
+# and for clocks of a writer and a reader on different machines a little apart.
+HEARTBEAT_S = 10.0
+LOST_AFTER_S = 60.0
+
+
+class Heartbeat:
+    """While the `with` block runs, touch the run's row every `interval` seconds from a
+    daemon thread (a store write failing is logged and retried at the next beat)."""
+
+    def __init__(self, store: RunStore, run_id: str, interval: float = HEARTBEAT_S):
+        self.store, self.run_id, self.interval = store, run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"consortia-heartbeat-{run_id}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.heartbeat(self.run_id)
+            except Exception as err:  # a busy or briefly unreachable store: the next beat
+                log.warning("run store heartbeat failed: %s", err)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class RunNotRunning(ValueError):
     def __init__(self, run_id: str, status: str):
-        super().__init__(f"run {run_id} is {status}, not running: there is nothing to stop")
+        why = (" (its process stopped without recording how: killed, or its machine went "
+               "down; continue it with --resume)" if status == "lost" else "")
+        super().__init__(f"run {run_id} is {status}, not running{why}: there is nothing to stop")
         self.run_id, self.status = run_id, status
 
 
@@ -501,8 +545,15 @@ def _redacted(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "store": {**config["store"], "url": shown}}
 
 
+def _shown_status(run: Run) -> str:
+    """The stored status, or "lost" for a running run whose process stopped beating."""
+    if run.status == "running" and time.time() - run.updated_at > LOST_AFTER_S:
+        return "lost"
+    return run.status
+
+
 def _run_dict(run: Run, with_config: bool = True) -> dict[str, Any]:
-    d = {"run_id": run.id, "kind": run.kind, "task": run.task, "status": run.status,
+    d = {"run_id": run.id, "kind": run.kind, "task": run.task, "status": _shown_status(run),
          "rounds_total": run.rounds_total, "rounds_completed": run.rounds_completed,
          "out_dir": run.out_dir, "created_at": run.created_at, "updated_at": run.updated_at,
          "finished_at": run.finished_at, "stop_requested_at": run.stop_requested_at,

@@ -169,8 +169,12 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
   stopButton.disabled = run.stop_requested_at !== null;
   stopButton.textContent = run.stop_requested_at ? "Stop requested" : "Stop after this round";
   const note = $("stop-note");
-  note.hidden = !run.stop_requested_at;
-  if (run.stop_requested_at) {
+  note.hidden = !run.stop_requested_at && run.status !== "lost";
+  if (run.status === "lost") {
+    note.textContent = `No sign of life from the run's process since ${fmt.clock(run.updated_at)}: ` +
+      "it was killed or its machine went down, without recording how the run ended. " +
+      "Its last checkpoint is intact: continue it with --resume.";
+  } else if (run.stop_requested_at) {
     note.textContent = run.status === "running"
       ? `Stop requested by ${run.stop_requested_by} at ${fmt.clock(run.stop_requested_at)}: ` +
         "the server stops after the current round, its checkpoint intact."
