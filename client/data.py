@@ -146,8 +146,8 @@ def check_records(dataset: Dataset, task: Task) -> None:
         raise DataError("the site's dataset is empty")
     first = dataset[0]
     if not isinstance(first, (tuple, list)):  # the task's forward takes a tuple of tensors
-        raise DataError(f"each record must be a tuple such as (features, label); record 0 is "
-                        f"a {type(first).__name__}")
+        raise DataError(f"each record must be a tuple; record 0 is a {type(first).__name__}; "
+                        f"task {task.name!r} takes records {task.records}")
     tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
     labels = tensors[1] if len(tensors) == 2 and tensors[1].dim() == 1 else None
     if labels is not None and labels.is_floating_point():  # (features, label) records
@@ -170,9 +170,8 @@ def check_records(dataset: Dataset, task: Task) -> None:
         raise
     except Exception as err:  # whatever the model and loss refuse, said in their words
         raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
-                        f"{type(err).__name__}: {err} (records are (features, label): "
-                        "features as the model takes them, float32; labels class indices, "
-                        "int64)") from None
+                        f"{type(err).__name__}: {err}; task {task.name!r} takes records "
+                        f"{task.records}") from None
 
 
 def load_site_data(data: DataSection, task: Task) -> Dataset:

@@ -37,6 +37,7 @@ from consortia.flower_exec import (
 )
 from consortia.privacy.dp.preflight import check_delta, check_dp_model
 from consortia.tasks import default_device, get_task
+from consortia.tasks.adapters import MissingPackage
 
 log = logging.getLogger("consortia.client")
 RESTART_DELAY_S = 2.0
@@ -57,7 +58,7 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
     try:
         data = dataset if dataset is not None else load_site_data(cfg.data, task)
         check_records(data, task)
-    except DataError as err:
+    except (DataError, MissingPackage) as err:  # MissingPackage: the task's model or data
         raise JoinError(str(err)) from None
     p = cfg.policy
     try:  # privacy terms that cannot mean anything for these records, or this model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 from pathlib import Path
 
 import typer
@@ -68,6 +69,18 @@ def sim_config(config: Path | None = typer.Argument(None), overrides: list[str] 
     typer.echo(json.dumps(config_to_dict(_load(config, overrides)), indent=2))
 
 
+def _quiet_interrupt(signum, frame) -> None:
+    """Ctrl-C: Ray's actors get it too and die mid-task, and Flower's threads would log each
+    death with its traceback before the interrupt reaches `sim run`; silence them first."""
+    import logging
+    import threading
+
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    threading.excepthook = lambda args: None
+    raise KeyboardInterrupt
+
+
 @sim_app.command("run")
 def sim_run(
     config: Path = typer.Argument(..., help="experiment TOML"),
@@ -83,8 +96,10 @@ def sim_run(
     cfg = _load(config, overrides)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    previous = signal.signal(signal.SIGINT, _quiet_interrupt)
     with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(f"{cfg.task}", total=cfg.rounds, status="starting Ray...")
+        bar = progress.add_task(f"{cfg.task}", total=cfg.rounds,
+                                status="checking data, model and privacy terms...")
 
         def on_round(row: dict) -> None:
             eps = row["epsilon_max"]
@@ -96,8 +111,11 @@ def sim_run(
             progress.update(bar, completed=row["round"], status=status)
 
         try:
-            summary = run_simulation(cfg, out, resume=resume, on_round=on_round, verbose=verbose)
+            summary = run_simulation(cfg, out, resume=resume, on_round=on_round, verbose=verbose,
+                                     on_status=lambda text: progress.update(bar, status=text))
         except (ResultsDirError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
+            if not progress.tasks[0].completed:  # no round ran: no bar saying it started
+                progress.remove_task(bar)
             raise fail(err) from None
         except KeyboardInterrupt:
             # Flower's ServerApp thread would wait for replies from Ray actors that are
@@ -105,6 +123,8 @@ def sim_run(
             progress.stop()
             say(f"interrupted; continue with: {resume_command(config, out, overrides)}")
             os._exit(130)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")

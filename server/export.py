@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,4 +78,10 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
         "config": run["config"],
     }
     atomic_write_json(out / MANIFEST, manifest)
+    # An export is for sharing; safetensors writes its files 0600 whatever the umask says.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     return out

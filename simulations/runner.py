@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,15 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
 
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
-                   client_mods: list | None = None, store: RunStore | None = None
-                   ) -> dict[str, Any]:
+                   client_mods: list | None = None, store: RunStore | None = None,
+                   on_status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the federation described by `cfg`; return its summary (also in out_dir).
 
     `client_mods` are Flower client mods wrapped around every virtual client (fault
     injection uses them); like the ClientApp, an actor process reuses them for all the
     clients it serves (simulations/shipping.py), so they must keep no per-client state.
-    `on_round` gets each round's metrics row as it is recorded.
+    `on_round` gets each round's metrics row as it is recorded; `on_status` a line when the
+    checks are done and Ray starts.
     The run is recorded in `store` if given (the caller closes it), else in the store that
     `cfg.store.url` names (default: store.db in out_dir).
     """
@@ -128,6 +130,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         # Flower warns that run_simulation is deprecated and that federated evaluation is
         # off (we evaluate on the server): both expected; our own log keeps its warnings.
         logging.getLogger("flwr").setLevel(logging.ERROR)
+    if on_status is not None:
+        on_status("starting Ray...")
     try:
         with prompt_dispatch(cfg.sim.dispatch == "prompt"):
             flwr.simulation.run_simulation(

@@ -71,6 +71,9 @@ class Task:
     options: TaskOptions = field(default_factory=TaskOptions)
     # Rebuilds the task for other options; tasks that use none keep the default (self).
     configure: Callable[[TaskOptions], Task] | None = None
+    # What one record is, for a partner preparing its own data (and the record check's hint).
+    records: str = ("(features, label): features as the model takes them, float32; the label "
+                    "a class index, int64")
 
     def with_options(self, options: TaskOptions) -> Task:
         return self.configure(options) if self.configure is not None else \

@@ -38,4 +38,6 @@ TASK = Task(
     description="scikit-learn digits (1,437 train / 360 test), MLP 64-64-10",
     build_model=build_model,
     load_data=load_data,
+    records="(features, label): features float32 of shape [64] (an 8x8 image, 0 to 16); the "
+            "label a digit, int64 in 0..9",
 )

@@ -79,4 +79,6 @@ TASK = Task(
     description="Fashion-MNIST (60,000 train / 10,000 test), Papernot et al.'s tanh CNN",
     build_model=build_model,
     load_data=load_data,
+    records="(image, label): image float32 of shape [1, 28, 28], scaled to [0, 1]; the label "
+            "a class index, int64 in 0..9",
 )

@@ -92,7 +92,10 @@ def make_task(options: TaskOptions = TaskOptions()) -> ReviewsTask:
                     "all-MiniLM-L6-v2 + LoRA on query/value + a linear head on the mean of its token states",
         build_model=partial(build_model, options=options),
         load_data=partial(load_data, options=options),
-        grad_sample_mode="ghost", options=options, configure=make_task)
+        grad_sample_mode="ghost", options=options, configure=make_task,
+        records="(input_ids, attention_mask, label): the task's tokenizer's (task.tokenizer()) "
+                "input_ids and attention_mask, int64 of shape [length], padded to one length "
+                "(the run's model.max_length, or yours); the label int64, 1 for 'great', 0 other")
 
 
 TASK = make_task()

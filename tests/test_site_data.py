@@ -195,7 +195,8 @@ def records(n=20, width=64, features=torch.float32, labels=torch.int64, top=10):
     (records(width=7), "do not fit task 'digits-mlp''s model: RuntimeError: mat1 and mat2"),
     (records(features=torch.float64), "do not fit task 'digits-mlp''s model: RuntimeError"),
     (records(labels=torch.float32), "labels must be class indices (int64), got torch.float32"),
-    (DictRecords(), "each record must be a tuple such as (features, label); record 0 is a dict"),
+    (DictRecords(), "each record must be a tuple; record 0 is a dict; task 'digits-mlp' takes "
+                    "records (features, label): features float32 of shape [64]"),
     (records(n=0), "the site's dataset is empty"),
 ])
 def test_a_partners_own_dataset_that_does_not_fit_the_task_fails_at_start(tmp_path, dataset,
@@ -234,6 +235,20 @@ def test_every_built_in_tasks_own_records_pass_the_start_check(name):
     check_records(torch.utils.data.Subset(train, range(16)), task)
 
 
+def test_a_text_task_given_feature_label_pairs_says_what_its_records_are(tmp_path):
+    """A partner who gives the reviews task (ids, label) pairs, as for a tabular task, is
+    told the task's own record format, not the tabular one."""
+    from consortia.client.data import DataError, check_records
+    from consortia.tasks import get_task
+
+    task = get_task("reviews-minilm-lora")
+    pairs = TensorDataset(torch.randint(0, 1000, (8, 16)), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(DataError) as err:
+        check_records(pairs, task)
+    assert "takes records (input_ids, attention_mask, label)" in str(err.value)
+    assert "float32" not in str(err.value)
+
+
 def test_privacy_terms_that_protect_nothing_fail_when_the_site_joins(tmp_path):
     # δ at or above 1/n: the ε beside it means nothing for this site's 7 records.
     data = TensorDataset(torch.rand(7, 64), torch.zeros(7, dtype=torch.long))
@@ -257,3 +272,20 @@ def test_privacy_terms_that_protect_nothing_fail_when_the_site_joins(tmp_path):
         build_site(lax, dataset=TensorDataset(torch.rand(16, 64), torch.zeros(16, dtype=torch.long)))
     finally:
         TASKS.pop("bn-mlp", None)
+
+
+def test_a_missing_model_package_is_said_at_join_not_as_a_traceback(tmp_path):
+    from consortia.tasks.adapters import MissingPackage
+
+    def build_model(activation="tanh"):
+        raise MissingPackage("the my-llm task's model needs the Python package 'llm-x==1.0', "
+                             "which is not installed")
+
+    try:
+        register_task(Task(name="my-llm", description="", build_model=build_model,
+                           load_data=TASK.load_data))
+        cfg = load_site_config(site_toml(tmp_path, task="my-llm"))
+        with pytest.raises(JoinError, match="needs the Python package 'llm-x==1.0'"):
+            build_site(cfg, dataset=TensorDataset(torch.rand(4, 64), torch.zeros(4, dtype=torch.long)))
+    finally:
+        TASKS.pop("my-llm", None)
