@@ -121,7 +121,7 @@ def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site 
                             "site.task_modules")
         cfg = SiteConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, SiteConfig)) from None
     except ValueError as err:
         raise ConfigError(f"invalid configuration ({source}): {err}") from None
     s = cfg.site

@@ -7,6 +7,7 @@ start, not at round 7.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -367,7 +368,20 @@ class RunConfig(_Section):
         return -(-self.rounds * self.clients_per_round // self.clients)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str] | None:
+    """The keys accepted beside the one at `loc` (a path into `model`), or None."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return sorted(model.model_fields) if model is not None else None
+
+
+def _format_errors(err: ValidationError, source: str, model: type[BaseModel] | None = None
+                   ) -> str:
+    """One line per error, naming the key; an unknown key with the keys accepted there
+    (`model`: the validated class) and the likeliest one meant."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
@@ -375,7 +389,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             continue
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            known = _known_keys(model, e["loc"])
+            line = f"  {key}: unknown key"
+            if known:
+                close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+                line += (f" (did you mean {close[0]!r}?)" if close else "") + \
+                    f"; accepted here: {', '.join(known)}"
+            lines.append(line)
             continue
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
@@ -420,7 +440,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, RunConfig)) from None
 
 
 def read_toml(path: Path, what: str, overrides: list[str] | None = None) -> dict[str, Any]:

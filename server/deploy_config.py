@@ -68,7 +68,7 @@ def load_server_config(path: str | Path, overrides: list[str] | None = None) -> 
                             "server.task_modules")
         cfg = ServerDeployConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, str(path))) from None
+        raise ConfigError(_format_errors(err, str(path), ServerDeployConfig)) from None
     except ValueError as err:
         raise ConfigError(f"invalid configuration ({path}): {err}") from None
     base = path.resolve().parent

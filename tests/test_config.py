@@ -136,3 +136,12 @@ def test_a_ray_address_must_be_host_and_port_and_must_answer():
     cfg = load_config(None, ["sim.ray_address=127.0.0.1:9"])  # the discard port: nobody there
     with pytest.raises(ValueError, match="no Ray cluster answers there"):
         check_ray_head(cfg.sim.ray_address)
+
+
+def test_an_unknown_key_is_answered_with_the_keys_accepted_there():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.lora_target_modules=['q']", "roundz=3"])
+    text = " ".join(str(err.value).split())
+    assert "model.lora_target_modules: unknown key; accepted here: activation, lora_alpha, " \
+           "lora_rank, max_length" in text
+    assert "roundz: unknown key (did you mean 'rounds'?)" in text
