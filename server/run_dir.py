@@ -21,6 +21,18 @@ class ResultsDirError(ValueError):
     pass
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append((f"{prefix}{key}", a, b))
+    return found
+
+
 def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
     """Create the results directory, or check that a resumed run is the same run."""
     run_file = out_dir / RUN_FILE
@@ -34,9 +46,12 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
         # defaults) do not count as differences.
         old, new = config_to_dict(validate_config(stored["config"], str(run_file))), config_to_dict(cfg)
         if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = ", ".join(f"{key} ({was!r} stored, {now!r} now)"
+                             for key, was, now in _differences(old, new))
             raise ResultsDirError(
-                f"--resume with a config that differs from the stored run in: {', '.join(diff)}")
+                f"--resume with a config that differs from the stored run in: {diff}; a "
+                "resumed run is the same run (to run longer or otherwise, start a new --out "
+                "from its final weights)")
         return stored["run_id"]
     if resume:
         raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")

@@ -107,6 +107,10 @@ def test_resume_after_a_crash_continues_with_the_next_round(tmp_path):
 
     with pytest.raises(ResultsDirError, match="differs from the stored run in: rounds"):
         run_simulation(load_config(SMOKE, ["rounds=5"]), tmp_path, resume=True)
+    # Each differing key is named with both values, a nested one by its dotted key.
+    with pytest.raises(ResultsDirError,
+                       match=r"in: privacy.delta \(1e-05 stored, 1e-06 now\); a resumed run"):
+        run_simulation(load_config(SMOKE, ["privacy.delta=1e-6"]), tmp_path, resume=True)
 
 
 def test_malformed_updates_are_rejected_and_budgets_enforced(tmp_path):
