@@ -28,7 +28,7 @@ from consortia.messages import (
     torch_to_arrays,
     update_vector_order,
 )
-from consortia.privacy.dp import PrivacyLedger
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -144,8 +144,14 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     def answer(site: Site, context: Context, msg: Message, server_round: int,
                ins: TrainInstructions, secagg: SecAggInstructions | None) -> Message:
         """The train request's answer: refused, or trained (in the clear or masked)."""
-        trainer = LocalTrainer(site.client_id, site.task, site.dataset,
-                               site.open_ledger() if ins.dp_enabled else None, site.device)
+        try:
+            ledger = site.open_ledger() if ins.dp_enabled else None
+        except LedgerMismatchError as err:  # damaged, or kept under other terms: no spend
+            report = TrainReport(client_id=site.client_id, status="refused-policy",
+                                 reason=f"this site's privacy ledger: {err}")
+            audit(site, ins, server_round, secagg, report)
+            return Message(report.to_content(), reply_to=msg)
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device)
         refusal = None
         if site.policy is not None:  # a deployed site's own policy (client/policy.py)
             refusal = site.policy.refusal(

@@ -69,9 +69,22 @@ def sim_config(config: Path | None = typer.Argument(None), overrides: list[str] 
     typer.echo(json.dumps(config_to_dict(_load(config, overrides)), indent=2))
 
 
+def record_stopped(cfg, out: Path, resume_with: str) -> None:
+    """An interrupted run is recorded as stopped in its store, with how to continue it."""
+    from consortia.server.run_dir import RUN_FILE
+    from consortia.server.store import StoreError, default_store_url, mark_interrupted
+
+    try:
+        run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
+        mark_interrupted(cfg.store.url or default_store_url(out), run_id, resume_with)
+    except (OSError, ValueError, KeyError, StoreError):  # interrupted before the run began
+        pass
+
+
 def _quiet_interrupt(signum, frame) -> None:
-    """Ctrl-C: Ray's actors get it too and die mid-task, and Flower's threads would log each
-    death with its traceback before the interrupt reaches `sim run`; silence them first."""
+    """Ctrl-C or SIGTERM: Ray's actors get it too and die mid-task, and Flower's threads
+    would log each death with its traceback before the interrupt reaches `sim run`;
+    silence them first."""
     import logging
     import threading
 
@@ -96,7 +109,8 @@ def sim_run(
     cfg = _load(config, overrides)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-    previous = signal.signal(signal.SIGINT, _quiet_interrupt)
+    previous = {sig: signal.signal(sig, _quiet_interrupt)  # Ctrl-C, and what `timeout`,
+                for sig in (signal.SIGINT, signal.SIGTERM)}    # systemd and schedulers send
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(f"{cfg.task}", total=cfg.rounds,
                                 status="checking data, model and privacy terms...")
@@ -119,12 +133,16 @@ def sim_run(
             raise fail(err) from None
         except KeyboardInterrupt:
             # Flower's ServerApp thread would wait for replies from Ray actors that are
-            # gone; checkpoints and ledgers are written atomically, so leave at once.
+            # gone; checkpoints and ledgers are written atomically, so leave at once,
+            # with the run recorded as stopped rather than running.
             progress.stop()
-            say(f"interrupted; continue with: {resume_command(config, out, overrides)}")
+            resume_with = resume_command(config, out, overrides)
+            record_stopped(cfg, out, resume_with)
+            say(f"interrupted; continue with: {resume_with}")
             os._exit(130)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")

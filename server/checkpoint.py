@@ -45,6 +45,7 @@ class CheckpointStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._last: Checkpoint | None = None
+        self.problems: list[str] = []  # what the last all() / latest() passed over, and why
 
     def _paths(self, server_round: int) -> tuple[Path, Path]:
         stem = self.directory / f"round-{server_round:05d}"
@@ -69,18 +70,26 @@ class CheckpointStore:
         return self._last
 
     def all(self) -> list[Checkpoint]:
-        found = []
+        """Every checkpoint whose manifest can be read; what cannot is in `problems`."""
+        found, self.problems = [], []
         for manifest_path in sorted(self.directory.glob("round-*.json")):
-            manifest = json.loads(manifest_path.read_text())
-            weights_path = self.directory / manifest["weights"]
-            found.append(Checkpoint(manifest["round"], manifest["sha256"],
-                                    manifest["parent_sha256"], weights_path, manifest))
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                weights_path = self.directory / manifest["weights"]
+                found.append(Checkpoint(manifest["round"], manifest["sha256"],
+                                        manifest["parent_sha256"], weights_path, manifest))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                self.problems.append(f"{manifest_path.name}: manifest unreadable ({err!r})")
         return sorted(found, key=lambda c: c.round)
 
     def latest(self) -> Checkpoint | None:
-        """The newest checkpoint whose weights match their recorded hash."""
-        for ckpt in reversed(self.all()):
+        """The newest checkpoint whose weights match their recorded hash. What was passed
+        over on the way (newer ones that do not verify) is in `problems`."""
+        checkpoints = self.all()
+        for ckpt in reversed(checkpoints):
             if ckpt.weights_path.is_file() and \
                     hashlib.sha256(ckpt.weights_path.read_bytes()).hexdigest() == ckpt.sha256:
                 return ckpt
+            why = "missing" if not ckpt.weights_path.is_file() else "do not match their hash"
+            self.problems.append(f"round {ckpt.round}: weights {ckpt.weights_path.name} {why}")
         return None

@@ -28,7 +28,7 @@ from consortia.privacy.storage import atomic_write_json
 from consortia.server.deploy_config import load_server_config
 from consortia.server.results import METRICS_FILE, SUMMARY_FILE
 from consortia.server.run_dir import ResultsDirError, prepare_out_dir
-from consortia.server.store import RunStore, default_store_url
+from consortia.server.store import RunStore, default_store_url, mark_interrupted
 from consortia.server.superlink import DeploymentError, SuperLink
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -90,28 +90,15 @@ def serve(config_path: str | Path, *, resume: bool = False,
             launcher.stop()
         link.stop()
     if status is None:
-        mark_interrupted(cfg.store.url or default_store_url(srv.out), run_id)
-        log(f"stopped; continue with: consortia server start --config {config_path} --resume")
+        resume = f"consortia server start --config {config_path} --resume"
+        mark_interrupted(cfg.store.url or default_store_url(srv.out), run_id, resume)
+        log(f"stopped; continue with: {resume}")
         sys.exit(130)
     sub_status, details = status
     if sub_status != "completed":
         raise DeploymentError(f"the run ended {sub_status}: {details or 'no details'}; see "
                               f"{link.log_path} and the run store")
     return json.loads((srv.out / SUMMARY_FILE).read_text())
-
-
-def mark_interrupted(store_url: str, run_id: str) -> None:
-    """The ServerApp's process was stopped with the server, before it could record how the
-    run ended: record it as stopped here, so the store does not show it running."""
-    store = RunStore(store_url)
-    try:
-        if store.get_run(run_id)["status"] in ("running", "lost"):
-            store.finish_run(run_id, "stopped", "the server was stopped (SIGTERM or Ctrl-C); "
-                                                "continue with consortia server start --resume")
-    except KeyError:  # stopped before the ServerApp registered the run
-        pass
-    finally:
-        store.close()
 
 
 def base_model_sha256(config_path: str | Path) -> str:

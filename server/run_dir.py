@@ -13,8 +13,10 @@ from pathlib import Path
 
 from consortia.config import RunConfig, config_to_dict, validate_config
 from consortia.privacy.storage import atomic_write_json
+from consortia.server.checkpoint import CheckpointStore
 
 RUN_FILE = "run.json"
+CHECKPOINTS_DIR = "checkpoints"  # in a results directory: server/checkpoint.py
 
 
 class ResultsDirError(ValueError):
@@ -52,6 +54,12 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
                 f"--resume with a config that differs from the stored run in: {diff}; a "
                 "resumed run is the same run (to run longer or otherwise, start a new --out "
                 "from its final weights)")
+        checkpoints = CheckpointStore(out_dir / CHECKPOINTS_DIR)
+        if checkpoints.latest() is None:  # resuming would silently start again from round 0
+            found = "; ".join(checkpoints.problems) or "none there"
+            raise ResultsDirError(f"--resume: no checkpoint in {checkpoints.directory} verifies "
+                                  f"({found}); the run cannot continue where it stopped: "
+                                  "restore checkpoints/ from a copy, or start a new --out")
         return stored["run_id"]
     if resume:
         raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")

@@ -30,6 +30,7 @@ from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
 from consortia.server.results import RunRecorder
+from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.store import Heartbeat
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
@@ -108,7 +109,7 @@ class RoundWorkflow:
     recorder: RunRecorder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.checkpoints = CheckpointStore(self.out_dir / "checkpoints")
+        self.checkpoints = CheckpointStore(self.out_dir / CHECKPOINTS_DIR)
         self.recorder = RunRecorder(self.out_dir, self.store,
                                     self.run_id if self.store is not None else None)
         self.test_set = self.task.load_data(self.cfg.data_dir).test
@@ -180,8 +181,23 @@ class RoundWorkflow:
         return self.task.evaluate(model, self.test_set, self.device)
 
     def start_state(self, resume: bool) -> tuple[int, ArrayRecord]:
-        """Round 0 is the initial model; resuming continues from the latest checkpoint."""
+        """Round 0 is the initial model; resuming continues from the latest verified
+        checkpoint, and says so when it passes over newer ones that do not verify (their
+        rounds run again, and the clients spend for them again)."""
         latest = self.checkpoints.latest() if resume else None
+        if resume and latest is None:  # not a silent restart from round 0
+            found = "; ".join(self.checkpoints.problems) or "none there"
+            raise ResultsDirError(f"--resume: no checkpoint in {self.checkpoints.directory} "
+                                  f"verifies ({found}); the run cannot continue where it "
+                                  "stopped: restore checkpoints/ or start a new --out")
+        if latest is not None and self.checkpoints.problems:
+            passed = "; ".join(self.checkpoints.problems)
+            log.warning("resuming after round %d, the latest checkpoint that verifies (%s): "
+                        "the rounds after it run again, and clients spend ε for them again",
+                        latest.round, passed)
+            if self.store is not None:
+                self.store.audit(self.run_id, "resume-passed-over-checkpoints",
+                                 f"resumed after round {latest.round}: {passed}")
         if latest is not None:
             self.base_model_sha256 = next((c.sha256 for c in self.checkpoints.all()
                                            if c.round == 0), None)
@@ -239,11 +255,20 @@ class RoundWorkflow:
             raise
         self.store.finish_run(self.run_id, "stopped" if stopped else "completed")
 
+    def check_out_dir(self, server_round: int) -> None:
+        """The results directory is still there: one deleted while the run goes on would be
+        made anew with none of its history (in a simulation, the clients' ledgers live in
+        it, and fresh ones would under-report what was spent)."""
+        if not (self.out_dir / RUN_FILE).is_file():
+            raise ResultsDirError(f"{self.out_dir / RUN_FILE} is gone (the results directory "
+                                  f"was removed?): stopping before round {server_round}")
+
     def run_rounds(self, grid: Grid, resume: bool) -> bool:
         """Run the rounds; True when an operator's stop request ended the run early."""
         start_round, arrays = self.start_state(resume)
         stopped = False
         for server_round in range(start_round + 1, self.cfg.rounds + 1):
+            self.check_out_dir(server_round)
             config = self.instructions().to_config_record()
             arrays = self.run_round(grid, server_round, arrays, config)
             if server_round < self.cfg.rounds and self.stop_requested():

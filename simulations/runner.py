@@ -14,7 +14,8 @@ from typing import Any
 from consortia.config import RunConfig, split_host_port
 from consortia.privacy.dp.preflight import check_delta, check_dp_model, check_first_round
 from consortia.privacy.storage import atomic_write_json
-from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir
+from consortia.server.checkpoint import CheckpointStore
+from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError, prepare_out_dir
 from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
@@ -86,6 +87,16 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
                               accountant=p.accountant, who=f"client {i}")
 
 
+def resume_checks(cfg: RunConfig, out_dir: Path) -> bool:
+    """Before a resume, beyond prepare_out_dir's: the virtual clients' ledgers (they live in
+    the results directory) hold what the run records; True when the run already finished."""
+    from consortia.simulations.sites import check_ledgers_kept
+
+    check_ledgers_kept(cfg, out_dir)
+    latest = CheckpointStore(out_dir / CHECKPOINTS_DIR).latest()
+    return latest.round >= cfg.rounds and (out_dir / "summary.json").is_file()
+
+
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
                    client_mods: list | None = None, store: RunStore | None = None,
@@ -124,7 +135,19 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     own_store = store is None
     if store is None and cfg.store.url:
         store = RunStore(cfg.store.url)
-    run_id = prepare_out_dir(cfg, out_dir, resume)
+    try:
+        run_id = prepare_out_dir(cfg, out_dir, resume)
+        finished = resume and resume_checks(cfg, out_dir)
+    except BaseException:
+        if own_store and store is not None:
+            store.close()
+        raise
+    if finished:
+        if own_store and store is not None:
+            store.close()
+        if on_status is not None:
+            on_status(f"already completed all {cfg.rounds} rounds: nothing to run")
+        return json.loads((out_dir / "summary.json").read_text())
     store = store or RunStore(default_store_url(out_dir))
     if not verbose:
         # Flower warns that run_simulation is deprecated and that federated evaluation is

@@ -23,6 +23,11 @@ from torch.utils.data import Subset
 
 from consortia.client.site import Site, SitePrivacy
 from consortia.config import RunConfig
+from consortia.privacy.dp import PrivacyLedger
+from consortia.privacy.dp.ledger import LEDGER_FILE
+from consortia.server.directory import natural_key
+from consortia.server.results import PARTICIPATION_FILE, read_jsonl
+from consortia.server.run_dir import ResultsDirError
 from consortia.simulations.faults import ByzantineUpdate, byzantine_clients
 from consortia.simulations.partition import partition
 from consortia.tasks import (
@@ -85,12 +90,40 @@ def pickle_module_by_value(task: Task) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+CLIENTS_DIR = "clients"  # in the results directory: one state folder per virtual client
+
+
+def check_ledgers_kept(cfg: RunConfig, out_dir: Path) -> None:
+    """Before a resume: every virtual client that spent (its rows in participation.jsonl)
+    still has a ledger holding at least that spend. A ledger missing, or older than the
+    run's record of it, would restart or lower that client's ε."""
+    recorded: dict[str, int] = {}  # client -> the most steps a row of it reports
+    for row in read_jsonl(out_dir / PARTICIPATION_FILE):
+        if row.get("dp_enabled") and row.get("steps"):
+            recorded[row["client_id"]] = max(recorded.get(row["client_id"], 0), row["steps"])
+    for client, steps in sorted(recorded.items(), key=lambda kv: natural_key(kv[0])):
+        folder = out_dir / CLIENTS_DIR / client
+        if not (folder / LEDGER_FILE).is_file():
+            raise ResultsDirError(
+                f"--resume: client {client} spent {steps} DP steps by the run's records, but "
+                f"its ledger {folder / LEDGER_FILE} is missing: its ε would start again from "
+                "0; restore the clients/ folder from a copy, or start a new --out")
+        p = cfg.privacy
+        kept = PrivacyLedger.open(folder, accountant=p.accountant, delta=p.delta,
+                                  epsilon_budget=p.epsilon_budget).steps
+        if kept < steps:
+            raise ResultsDirError(
+                f"--resume: client {client}'s ledger {folder / LEDGER_FILE} holds {kept} DP "
+                f"steps, the run's records {steps}: it is older than the run; restore the "
+                "clients/ folder from a copy, or start a new --out")
+
+
 class SimulationSites:
     """Picklable (it travels to Ray actors): builds the Site for a virtual node's context."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path):
         self.cfg = cfg
-        self.state_root = Path(out_dir) / "clients"
+        self.state_root = Path(out_dir) / CLIENTS_DIR
         # The task travels with us: one the caller registered (register_task) in this
         # process is unknown to a Ray actor's registry until registered there, and its
         # module may not be importable there (a script, a notebook): its code goes along.

@@ -130,3 +130,15 @@ def test_a_request_whose_training_fails_is_logged_as_failed(tmp_path):
     [entry] = AuditLog(tmp_path).entries()
     assert entry["decision"] == "failed" and "IndexError" in entry["reason"]
     assert entry["run"] == "0123456789ab" and entry["asked"]["task"] == "digits-mlp"
+
+
+def test_a_damaged_ledger_refuses_with_a_short_reason_and_is_kept_as_it_is(tmp_path):
+    s = site(tmp_path, policy())
+    (tmp_path / "privacy_ledger.json").write_text('{"version": 1, "accountant": "rd')
+    report = ask(build_client_app(lambda ctx: s), instructions())
+    assert report.status == "refused-policy"
+    assert "privacy_ledger.json cannot be read" in report.reason and "restored" in report.reason
+    assert len(report.reason) < 400 and "Traceback" not in report.reason
+    assert (tmp_path / "privacy_ledger.json").read_text() == '{"version": 1, "accountant": "rd'
+    [entry] = AuditLog(tmp_path).entries()
+    assert entry["decision"] == "refused-policy"

@@ -152,8 +152,7 @@ def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
 
 
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
-    from consortia.server.deploy import mark_interrupted
-    from consortia.server.store import RunStore, default_store_url
+    from consortia.server.store import RunStore, default_store_url, mark_interrupted
 
     url = default_store_url(tmp_path)
     store = RunStore(url)
@@ -161,9 +160,10 @@ def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_
         store.start_run("r1", task="digits-mlp", rounds_total=5, config={})
         store.start_run("r2", task="digits-mlp", rounds_total=5, config={})
         store.finish_run("r2", "completed")
-        mark_interrupted(url, "r1")  # SIGTERM: the ServerApp's process had no time to say
-        mark_interrupted(url, "r2")  # a run that ended keeps how it ended
-        mark_interrupted(url, "r3")  # stopped before the ServerApp registered the run
+        resume = "consortia server start --config s.toml --resume"
+        mark_interrupted(url, "r1", resume)  # SIGTERM: the ServerApp's process had no time to say
+        mark_interrupted(url, "r2", resume)  # a run that ended keeps how it ended
+        mark_interrupted(url, "r3", resume)  # stopped before the ServerApp registered the run
         assert store.get_run("r1")["status"] == "stopped"
         assert "--resume" in store.audit_log("r1")[0]["detail"]
         assert store.get_run("r2")["status"] == "completed"

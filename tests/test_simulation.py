@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 from opacus.accountants import RDPAccountant
@@ -79,6 +80,66 @@ def test_same_results_dir_needs_resume(smoke_run):
     cfg, out, _ = smoke_run
     with pytest.raises(ResultsDirError, match="--resume"):
         run_simulation(cfg, out)
+
+
+def test_a_resume_that_would_lose_history_is_refused_and_a_finished_run_is_left_alone(
+        smoke_run, tmp_path):
+    import shutil
+
+    cfg, out, summary = smoke_run
+    # A finished run: nothing to run, nothing rewritten.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert run_simulation(cfg, out, resume=True) == summary
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+
+    def copy(name):
+        shutil.copytree(out, tmp_path / name)
+        return tmp_path / name
+
+    # Without its checkpoints a resume would start again from round 0.
+    gone = copy("no-checkpoints")
+    shutil.rmtree(gone / "checkpoints")
+    with pytest.raises(ResultsDirError, match="no checkpoint in .* verifies .none there"):
+        run_simulation(cfg, gone, resume=True)
+    # Without the clients' ledgers, or with one older than the run, ε would restart.
+    gone = copy("no-ledgers")
+    shutil.rmtree(gone / "clients")
+    with pytest.raises(ResultsDirError, match="client 0 spent .* ledger .* is missing"):
+        run_simulation(cfg, gone, resume=True)
+    older = copy("older-ledger")
+    ledger = json.loads((older / "clients" / "1" / "privacy_ledger.json").read_text())
+    ledger["accountant_state"]["history"][-1][2] -= 1
+    (older / "clients" / "1" / "privacy_ledger.json").write_text(json.dumps(ledger))
+    with pytest.raises(ResultsDirError, match="client 1's ledger .* holds .* steps, the run's"):
+        run_simulation(cfg, older, resume=True)
+
+
+def test_a_results_directory_removed_under_a_running_run_stops_it(tmp_path):
+    # A directory deleted mid-run would be made anew, its clients' ledgers fresh: the run
+    # stops at the next round instead, and says why.
+    def remove_after_round_one(row):
+        if row["round"] == 1:
+            (tmp_path / "run.json").unlink()
+
+    cfg = load_config(SMOKE, ["rounds=3"])
+    with pytest.raises(ResultsDirError, match="run.json is gone .*stopping before round 2"):
+        run_simulation(cfg, tmp_path, on_round=remove_after_round_one)
+    assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_checkpoints_that_do_not_verify_are_named_and_passed_over(tmp_path):
+    from consortia.server.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path)
+    for r in range(3):
+        store.save(r, {"w": np.full(2, r, np.float32)}, {})
+    (tmp_path / "round-00002.safetensors").write_bytes(b"cut")
+    (tmp_path / "round-00001.json").write_text('{"round": 1, "sha')
+    reader = CheckpointStore(tmp_path)
+    assert reader.latest().round == 0
+    assert any("round-00001.json: manifest unreadable" in p for p in reader.problems)
+    assert any("round 2: weights round-00002.safetensors do not match their hash" in p
+               for p in reader.problems)
 
 
 def test_resume_after_a_crash_continues_with_the_next_round(tmp_path):

@@ -88,9 +88,15 @@ class PrivacyLedger:
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
             return cls(path, accountant, delta, epsilon_budget)
-        data = json.loads(path.read_text())
-        if data.get("version") != FORMAT_VERSION:
-            raise LedgerMismatchError(f"{path}: unknown ledger format {data.get('version')!r}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise LedgerMismatchError(
+                f"{path} cannot be read ({err}): it holds this client's privacy spend, so the "
+                "client trains nothing until it is restored from a copy") from None
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise LedgerMismatchError(f"{path}: unknown ledger format {version!r}")
         if data["accountant"] != accountant or data["delta"] != delta:
             raise LedgerMismatchError(
                 f"{path} was kept with accountant={data['accountant']!r}, delta={data['delta']}; "

@@ -9,8 +9,9 @@ from consortia.server.store.store import (
     StoreError,
     UnknownRun,
     default_store_url,
+    mark_interrupted,
     resolve_store_url,
 )
 
-__all__ = ["LOST_AFTER_S", "STORE_FILE", "Heartbeat", "RunNotRunning", "RunStore", "StoreError", "UnknownRun",
-           "default_store_url", "resolve_store_url"]
+__all__ = ["LOST_AFTER_S", "STORE_FILE", "Heartbeat", "RunNotRunning", "RunStore", "StoreError",
+           "UnknownRun", "default_store_url", "mark_interrupted", "resolve_store_url"]

@@ -525,6 +525,21 @@ class Heartbeat:
         self._thread.join()
 
 
+def mark_interrupted(store_url: str, run_id: str, resume_with: str) -> None:
+    """The process running `run_id` was stopped (SIGTERM or Ctrl-C) before the run could
+    record how it ended: record it as stopped, with the command that continues it. A run
+    that ended keeps how it ended; one the store never saw is left alone."""
+    store = RunStore(store_url)
+    try:
+        if store.get_run(run_id)["status"] in ("running", "lost"):
+            store.finish_run(run_id, "stopped", f"stopped by SIGTERM or Ctrl-C; continue with "
+                                                f"{resume_with}")
+    except KeyError:  # stopped before the run was registered
+        pass
+    finally:
+        store.close()
+
+
 class RunNotRunning(ValueError):
     def __init__(self, run_id: str, status: str):
         why = (" (its process stopped without recording how: killed, or its machine went "
