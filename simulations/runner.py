@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,26 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
                               accountant=p.accountant, who=f"client {i}")
 
 
+@contextmanager
+def callers_sigterm_kept():
+    """ray.init replaces the process's SIGTERM handler with sys.exit, which leaves Flower's
+    threads waiting on actors that are gone (the process hangs). A caller that installed
+    its own (sim run: record the run stopped, print the resume command) keeps it: Ray has
+    no option for this, so its private helper is bypassed while the simulation runs."""
+    import ray._private.utils as ray_utils
+
+    ours = signal.getsignal(signal.SIGTERM)
+    replace = getattr(ray_utils, "set_sigterm_handler", None)
+    if not callable(ours) or replace is None:  # no handler of the caller's to keep
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = replace
+
+
 def resume_checks(cfg: RunConfig, out_dir: Path) -> bool:
     """Before a resume, beyond prepare_out_dir's: the virtual clients' ledgers (they live in
     the results directory) hold what the run records; True when the run already finished."""
@@ -114,6 +136,9 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray notice
+    # Ray's driver would answer SIGTERM with a C++ stack dump and an abort (exit 134): the
+    # caller's own handler (sim run records the run stopped and prints the resume command).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import flwr.simulation
 
     from consortia.client import build_client_app
@@ -156,7 +181,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     if on_status is not None:
         on_status("starting Ray...")
     try:
-        with prompt_dispatch(cfg.sim.dispatch == "prompt"):
+        with prompt_dispatch(cfg.sim.dispatch == "prompt"), callers_sigterm_kept():
             flwr.simulation.run_simulation(
                 server_app=build_server_app(cfg, out_dir, run_id=run_id, resume=resume,
                                             on_round=on_round, store=store),

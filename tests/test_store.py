@@ -260,3 +260,39 @@ def test_a_simulation_killed_with_sigkill_reads_lost_not_running(tmp_path, monke
     monkeypatch.setattr(store_module.time, "time", lambda: later)
     assert reader.get_run(run["run_id"])["status"] == "lost"
     reader.close()
+
+
+@pytest.mark.slow
+def test_sim_run_stopped_by_sigterm_is_recorded_stopped_with_its_resume_command(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "consortia.cli", "sim", "run", str(smoke),
+                             "--out", str(out), "--set", "rounds=500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (out / "store.db").exists():
+                runs = RunStore(out / "store.db", create=False).list_runs()
+                if runs and runs[0]["rounds_completed"] >= 1:
+                    break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # to the main process only, as `timeout` does
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert f"continue with: consortia sim run {smoke} --out {out} --set rounds=500 --resume" \
+        in " ".join(output.split())
+    [run] = RunStore(out / "store.db", create=False).list_runs()
+    assert run["status"] == "stopped" and 1 <= run["rounds_completed"] < 500
+    assert "Traceback" not in output
