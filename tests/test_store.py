@@ -1,9 +1,14 @@
 """The run store: what a writer records is what readers get back, and a stop request sticks."""
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -222,37 +227,37 @@ def test_a_running_run_whose_process_stops_beating_reads_lost(store, monkeypatch
     assert store.get_run("run1")["status"] == "completed"  # a finished run is never lost
 
 
+SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+
+
+def sim_run_until_a_round(out, rounds, log):
+    """`consortia sim run` in a process of its own (its own session), once its first round
+    is in the store; its output goes to `log`."""
+    proc = subprocess.Popen([sys.executable, "-m", "consortia.cli", "sim", "run", str(SMOKE),
+                             "--out", str(out), "--set", f"rounds={rounds}"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (out / "store.db").exists():
+            runs = RunStore(out / "store.db", create=False).list_runs()
+            if runs and runs[0]["rounds_completed"] >= 1:
+                return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"the simulation ended first: {log.read_text()}")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("no round recorded within 240 s")
+
+
 @pytest.mark.slow
 def test_a_simulation_killed_with_sigkill_reads_lost_not_running(tmp_path, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from consortia.server.store import LOST_AFTER_S
     from consortia.server.store import store as store_module
 
-    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "consortia.cli", "sim", "run", str(smoke),
-                             "--out", str(out), "--set", "rounds=50"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if (out / "store.db").exists():
-                runs = RunStore(out / "store.db", create=False).list_runs()
-                if runs and runs[0]["rounds_completed"] >= 1:
-                    break
-            assert proc.poll() is None, "the simulation ended before it was killed"
-            time.sleep(0.5)
-        else:
-            raise AssertionError("no round recorded within 240 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # nothing in the process can record this
-        proc.wait()
+    proc = sim_run_until_a_round(out, 50, tmp_path / "log")
+    os.killpg(proc.pid, signal.SIGKILL)  # nothing in the process can record this
+    proc.wait()
     reader = RunStore(out / "store.db", create=False)
     [run] = reader.list_runs()
     assert run["status"] == "running"  # just killed: within the heartbeat's margin
@@ -264,35 +269,19 @@ def test_a_simulation_killed_with_sigkill_reads_lost_not_running(tmp_path, monke
 
 @pytest.mark.slow
 def test_sim_run_stopped_by_sigterm_is_recorded_stopped_with_its_resume_command(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "consortia.cli", "sim", "run", str(smoke),
-                             "--out", str(out), "--set", "rounds=500"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = sim_run_until_a_round(out, 500, log)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if (out / "store.db").exists():
-                runs = RunStore(out / "store.db", create=False).list_runs()
-                if runs and runs[0]["rounds_completed"] >= 1:
-                    break
-            time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # to the main process only, as `timeout` does
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    output = " ".join(log.read_text().split())
     assert proc.returncode == 130, output
-    assert f"continue with: consortia sim run {smoke} --out {out} --set rounds=500 --resume" \
-        in " ".join(output.split())
+    assert f"continue with: consortia sim run {SMOKE} --out {out} --set rounds=500 --resume" \
+        in output
     [run] = RunStore(out / "store.db", create=False).list_runs()
     assert run["status"] == "stopped" and 1 <= run["rounds_completed"] < 500
     assert "Traceback" not in output
