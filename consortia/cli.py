@@ -143,6 +143,7 @@ def sim_run(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        progress.update(bar, completed=summary.get("rounds_completed", cfg.rounds))
     acc = summary["final_accuracy"]
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
