@@ -66,10 +66,18 @@ class RunRecorder:
                 self.epsilon[p["client_id"]] = p["epsilon"]
 
     def restore(self, last_round: int) -> None:
-        """Keep what was recorded up to `last_round` (the checkpoint being resumed)."""
+        """Keep what was recorded up to `last_round` (the checkpoint being resumed). A file
+        that lost rows (deleted, cut short) is rebuilt from the run store, which keeps
+        each row verbatim."""
         self.rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= last_round]
         self.participation = [p for p in read_jsonl(self.participation_path)
                               if p["round"] <= last_round]
+        if self.store is not None and len(self.rows) < last_round:
+            stored = [r for r in self.store.metrics_rows(self.run_id) if r["round"] <= last_round]
+            if len(stored) > len(self.rows):
+                self.rows = stored
+                self.participation = [p for p in self.store.participation_rows(self.run_id)
+                                      if p["round"] <= last_round]
         self.epsilon = {}
         self._note_epsilons(self.participation)
         self._rewrite(self.metrics_path, self.rows)

@@ -138,6 +138,13 @@ def test_recorder_mirrors_into_the_store_and_a_resume_truncates_both(tmp_path, s
     assert store.metrics_rows("run1") == read_jsonl(tmp_path / "metrics.jsonl")
     assert store.participation_rows("run1") == read_jsonl(tmp_path / "participation.jsonl")
     assert store.checkpoints("run1") == []  # round 3's checkpoint is gone with the round
+    # Files lost (or cut short) since: the store, which keeps each row verbatim, rebuilds them.
+    kept_metrics, kept_participation = store.metrics_rows("run1"), store.participation_rows("run1")
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "participation.jsonl").write_text("")
+    RunRecorder(tmp_path, store, "run1").restore(2)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == kept_metrics
+    assert read_jsonl(tmp_path / "participation.jsonl") == kept_participation
 
 
 def test_a_reader_does_not_block_the_writer(store, tmp_path):
