@@ -104,6 +104,14 @@ class AdapterTask(Task):
 def lora_model(model: nn.Module, task_type: str, rank: int, alpha: float,
                target_modules: list[str], modules_to_save: list[str] | None = None) -> nn.Module:
     peft = require("peft", "peft", "LoRA fine-tuning")
+    # A rank above a layer's smaller side adds parameters, not expressiveness (the update
+    # B·A then has at most that rank): a config asking for it is a mistake, said at start.
+    widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
+    if widths and rank > min(widths):
+        raise ValueError(f"model.lora_rank = {rank} is above the smaller side ({min(widths)}) "
+                         f"of the adapted layers ({', '.join(target_modules)}); accepted: 1 to "
+                         f"{min(widths)}")
     config = peft.LoraConfig(task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=0.0,
                              target_modules=target_modules, modules_to_save=modules_to_save)
     with warnings.catch_warnings():  # peft calls a transformers API that is being renamed

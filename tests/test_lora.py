@@ -157,6 +157,15 @@ def test_other_base_weights_are_refused_with_both_hashes(task):
     assert base in reason and task.base_sha256(model) in reason
 
 
+def test_a_lora_rank_above_the_adapted_layers_width_fails_naming_the_range():
+    from consortia.tasks.base import TaskOptions
+
+    task = get_task("reviews-minilm-lora").with_options(TaskOptions(lora_rank=385))
+    with pytest.raises(ValueError, match=r"model.lora_rank = 385 is above the smaller side "
+                                         r"\(384\) .*accepted: 1 to 384"):
+        task.build_model()
+
+
 def test_a_message_over_grpcs_limit_fails_with_its_size():
     from flwr.common import GRPC_MAX_MESSAGE_LENGTH
 
