@@ -16,7 +16,7 @@ from consortia.client.distributed import DistributedStep
 from consortia.client.policy import asked
 from consortia.client.secure_aggregation import SecAggClient
 from consortia.client.site import Site
-from consortia.client.trainer import LocalTrainer, stable_seed
+from consortia.client.trainer import LocalTrainer, round_seed
 from consortia.messages import (
     ARRAYS,
     CONFIG,
@@ -151,7 +151,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
                                  reason=f"this site's privacy ledger: {err}")
             audit(site, ins, server_round, secagg, report)
             return Message(report.to_content(), reply_to=msg)
-        trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device)
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device,
+                               seeded=site.seeded_noise)
         refusal = None
         if site.policy is not None:  # a deployed site's own policy (client/policy.py)
             refusal = site.policy.refusal(
@@ -191,9 +192,9 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             weights = site.tamper_update(global_weights, weights)
         indicator = None
         if ins.user_clip is not None:
-            weights, within, indicator = protect_update(ins, global_weights, weights,
-                                                        stable_seed(ins.seed, server_round,
-                                                                    site.client_id, "user-dp"))
+            weights, within, indicator = protect_update(
+                ins, global_weights, weights,
+                round_seed(site.seeded_noise, ins.seed, server_round, site.client_id, "user-dp"))
             report = report.model_copy(update={"within_clip": within})
         if secagg is None:
             return Message(report.to_content(torch_to_arrays(weights)), reply_to=msg)

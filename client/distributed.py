@@ -18,7 +18,7 @@ from opacus import GradSampleModule
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import Dataset, default_collate
 
-from consortia.client.trainer import seed_generators, stable_seed
+from consortia.client.trainer import round_seed, seed_generators
 from consortia.messages import TrainInstructions, TrainReport
 from consortia.privacy.dp import PrivacyLedger, noise_for_budget
 from consortia.privacy.dp.distributed import NoiseShare, noisy_integer_sum, to_ring
@@ -34,8 +34,8 @@ class DistributedStep:
     device: torch.device
     # Site policy: the most ε_if_secagg_fails this site accepts (None: no cap).
     max_epsilon_if_secagg_fails: float | None = None
-    # Simulations draw the noise from a seed for reproducible runs; a real site must not
-    # (whoever knows the seed could subtract the noise), and draws it from OS entropy.
+    # Simulations draw the round's sample and noise from a seed for reproducible runs; a
+    # real site must not (round_seed), and draws them from OS entropy.
     seeded_noise: bool = False
 
     def sample_rate(self, batch_size: int) -> float:
@@ -77,10 +77,13 @@ class DistributedStep:
                       f"carry 1/{threshold} of the noise variance)")
             return self._report("refused-policy", reason, share, rate), None
 
-        seed = stable_seed(ins.seed, server_round, self.client_id, "distributed-dp")
+        # The Poisson sample, the rounding and the noise: none of it from a seed the server
+        # knows (round_seed), or it could recompute the batch and subtract the noise.
+        seed = round_seed(self.seeded_noise, ins.seed, server_round, self.client_id,
+                          "distributed-dp")
         seed_generators(seed, self.device)
         per_example = self._per_example_gradients(model, rate, names, shapes, seed)
-        rng = np.random.default_rng(seed if self.seeded_noise else None)
+        rng = np.random.default_rng(seed)
         vector = to_ring(noisy_integer_sum(per_example, share, rng))
         # Both accounts are spent before the share leaves: once it has, the server may
         # reveal a sum holding it without this client's help (t answers of others suffice).

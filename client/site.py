@@ -43,8 +43,9 @@ class Site:
     audit: AuditLog | None = None
     # Where a deployed site keeps its secure-aggregation session (None: the node's context).
     secagg_state: Path | None = None
-    # Draw distributed-DP noise from a seed (simulations: reproducible runs). A real site
-    # leaves it False: whoever knows the seed could subtract the noise.
+    # Draw the rounds' randomness (sampling, DP noise) from seeds the run's config gives
+    # (simulations: reproducible runs). A real site leaves it False: the server knows those
+    # seeds, and could recompute the batches and subtract the noise (trainer.round_seed).
     seeded_noise: bool = False
     # The model a request's weights are loaded into, by activation: None builds a fresh
     # one for every request. A simulation passes its actor process's instance, shared by

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +27,17 @@ from consortia.tasks import Task
 def stable_seed(*parts: object) -> int:
     # Python's hash() of a str changes with every process; a run must not.
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def round_seed(seeded: bool, *parts: object) -> int:
+    """The seed of a round's randomness (Poisson sampling, shuffling, DP noise, rounding).
+
+    Seeded (simulations): from `parts`, so a run is reproducible from its config. Otherwise
+    (a real site) from the OS's entropy: `parts` (the run's seed, the round, the client's
+    id) are all known to the server, which could then recompute the site's batches and
+    subtract its noise.
+    """
+    return stable_seed(*parts) if seeded else secrets.randbits(63)
 
 
 def seed_generators(seed: int, device: torch.device) -> None:
@@ -84,6 +96,7 @@ class LocalTrainer:
     dataset: Dataset
     ledger: PrivacyLedger | None  # None: this client trains without DP
     device: torch.device
+    seeded: bool = False  # round_seed: a simulation's reproducible randomness
 
     def steps_per_epoch(self, batch_size: int) -> int:
         # Opacus's Poisson loader runs ceil(n / B) steps at rate 1 / ceil(n / B).
@@ -100,7 +113,8 @@ class LocalTrainer:
 
     def train(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int
               ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:
-        seed_generators(stable_seed(ins.seed, server_round, self.client_id), self.device)
+        seed_generators(round_seed(self.seeded, ins.seed, server_round, self.client_id),
+                        self.device)
         model.to(self.device).train()
         # Only the trainable parameters (all of them, or a pretrained model's adapters and
         # head) are optimised, and so only they are clipped, noised and accounted.

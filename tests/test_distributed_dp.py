@@ -381,3 +381,22 @@ def test_the_client_refuses_beyond_its_budget_or_its_cap_on_the_fallback_epsilon
     assert report.status == "trained" and vector.dtype == np.uint32
     assert ledger.steps == 1 and report.epsilon == ledger.epsilon > 0  # spent before it left
     assert report.noise_floor == 0.8 and report.noise_multiplier >= 0.8
+
+
+def test_a_real_sites_poisson_sample_and_noise_are_drawn_afresh(tmp_path):
+    """The server knows every part of a simulation's seed; a real site (seeded_noise
+    False) must not let it recompute which records were sampled, nor the noise."""
+    from consortia.client.trainer import stable_seed
+
+    vectors, samplers = [], []
+    for name, seeded in (("a", True), ("b", True), ("c", False), ("d", False)):
+        step, model, ins, names, _ = client_step(tmp_path / name)
+        step.seeded_noise = seeded
+        draw = step._per_example_gradients
+        step._per_example_gradients = lambda *a, draw=draw: (samplers.append(a[-1]), draw(*a))[1]
+        _, vector = step.run(model, ins, 1, names=names, scale=2.0**10, threshold=4, floor=0.8)
+        vectors.append(vector)
+    known = stable_seed(0, 1, "7", "distributed-dp")  # what the server can compute
+    assert samplers[:2] == [known, known] and np.array_equal(vectors[0], vectors[1])
+    assert known not in samplers[2:] and samplers[2] != samplers[3]
+    assert not np.array_equal(vectors[2], vectors[3])

@@ -155,3 +155,25 @@ def test_prv_accountant_ledger_matches_opacus_prv(tmp_path):
     assert open_ledger(tmp_path, accountant="prv").epsilon == pytest.approx(eps, rel=1e-6)
     # PRV is tighter than RDP for the same history.
     assert eps < independent_rdp_epsilon(1.2, 0.02, 200)
+
+
+def test_a_real_sites_sample_and_noise_are_not_the_servers_to_recompute(tmp_path):
+    """Every part of a simulation's seed (the run's seed, the round, the client id) is
+    known to the server. A real site (seeded=False) draws its batches and DP noise from the
+    OS instead: the same request twice gives different noise; a simulation's, the same."""
+    task = get_task("digits-mlp")
+    data = torch.utils.data.Subset(task.load_data(None).train, range(300))
+
+    def round_weights(folder, seeded):
+        torch.manual_seed(0)
+        model = task.build_model("tanh")
+        trainer = LocalTrainer("7", task, data, open_ledger(tmp_path / folder, 50.0),
+                               torch.device("cpu"),
+                               seeded=seeded)
+        _, weights = trainer.train(model, instructions(noise_multiplier=1.0), server_round=1)
+        return weights
+
+    same = round_weights("s1", True), round_weights("s2", True)
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    real = round_weights("r1", False), round_weights("r2", False)
+    assert not any(torch.equal(real[0][k], real[1][k]) for k in real[0])

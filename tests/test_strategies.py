@@ -110,7 +110,7 @@ def test_fedprox_sends_mu_and_the_client_pulls_toward_the_global_model(tmp_path)
     def distance(mu):
         model = task.build_model("tanh")
         model.load_state_dict(start.state_dict())
-        t = LocalTrainer("0", task, data, None, torch.device("cpu"))
+        t = LocalTrainer("0", task, data, None, torch.device("cpu"), seeded=True)
         _, weights = t.train(model, ins.model_copy(update={"proximal_mu": mu}), 1)
         return sum(float((weights[k] - v).norm() ** 2) for k, v in start.state_dict().items())
 

@@ -21,7 +21,7 @@ def train_once(tmp_path, **overrides):
     values.update(overrides)
     torch.manual_seed(0)
     model = task.build_model("tanh")
-    report, weights = LocalTrainer("3", task, data, ledger, torch.device("cpu")).train(
+    report, weights = LocalTrainer("3", task, data, ledger, torch.device("cpu"), seeded=True).train(
         model, TrainInstructions(**values), server_round=1)
     return report, weights
 
