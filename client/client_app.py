@@ -28,7 +28,7 @@ from consortia.messages import (
     torch_to_arrays,
     update_vector_order,
 )
-from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, noise_for_budget
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -50,14 +50,26 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
     return new, within, indicator
 
 
-def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions) -> float | None:
+def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions,
+                  secagg: SecAggInstructions | None = None) -> float | None:
     """The σ this request would train with: the server's, or the one the client derives
-    (local DP-SGD); under distributed DP the σ of the sum, when the server states it."""
-    if ins.privacy_mode == "distributed":
-        return ins.noise_multiplier
+    (local DP-SGD). Under distributed DP, the σ of the thinnest sum that may hold this
+    client's share (its share and t − 1 at the round's floor, NoiseShare), the noise that
+    actually protects it: at least the floor, and what its own budget asks if more."""
     if not ins.dp_enabled or trainer.ledger is None or ins.local_epochs == 0:
         return None
-    return trainer.noise_multiplier(ins)
+    if ins.privacy_mode != "distributed":
+        return trainer.noise_multiplier(ins)
+    if secagg is None or secagg.dp_noise_floor is None:
+        return None  # refused further on, with its reason
+    floor, t = secagg.dp_noise_floor, RoundSetup.from_bytes(secagg.setup).threshold
+    if ins.noise_multiplier is None:  # the client tops its share up to what it needs
+        ledger = trainer.ledger
+        rate = min(1.0, ins.batch_size / len(trainer.dataset))
+        return max(floor, noise_for_budget(ledger.epsilon_budget, ledger.delta, rate,
+                                           ins.planned_rounds, ledger.accountant_kind))
+    own = max(ins.noise_multiplier, floor)
+    return ((own * own + (t - 1) * floor * floor) / t) ** 0.5
 
 
 def audit(site: Site, ins: TrainInstructions, server_round: int,
@@ -156,7 +168,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         refusal = None
         if site.policy is not None:  # a deployed site's own policy (client/policy.py)
             refusal = site.policy.refusal(
-                ins, secagg=secagg is not None, noise_multiplier=planned_sigma(trainer, ins),
+                ins, secagg=secagg is not None,
+                noise_multiplier=planned_sigma(trainer, ins, secagg),
                 rounds_trained=site.audit.rounds_trained(ins.run_id) if site.audit else 0)
         refusal = refusal or site.policy_refusal(ins.task, ins.dp_enabled)
         if refusal is None and ins.dp_enabled and ins.local_epochs == 0:

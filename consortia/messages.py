@@ -168,10 +168,11 @@ class SecAggInstructions(_Record):
     weight_scale: int = Field(ge=1)  # client weight = num_examples / weight_scale, in (0, 1]
     unweighted: bool = False  # user-level DP: every client weighs 1, and the vector ends
     # with the client's clipping indicator (its share of the clipped count)
-    dp_scale: float | None = Field(None, gt=0)  # distributed DP: γ, integer units per unit
-    # of gradient; the vector is the client's noisy integer sum, not an encoded update
-    dp_noise_floor: float | None = Field(None, gt=0)  # distributed DP: σ_floor, the least
-    # noise multiplier every client of the round adds (privacy/dp/distributed.NoiseShare)
+    # Distributed DP: γ, integer units per unit of gradient (the vector is the client's
+    # noisy integer sum, not an encoded update), and σ_floor, the least noise multiplier
+    # every client of the round adds (privacy/dp/distributed.NoiseShare).
+    dp_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    dp_noise_floor: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @classmethod
     def from_content(cls, content: RecordDict) -> SecAggInstructions | None:

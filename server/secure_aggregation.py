@@ -85,6 +85,15 @@ class SecureRoundResult:
     metrics: dict = field(default_factory=dict)
 
 
+def noise_std_ratio(reports: list, threshold: int, floor: float) -> float:
+    """Distributed DP: the sum's noise std over the target σ_floor·Δ₂: √(Σ σᵢ² / t) / σ_floor
+    with each contributor's σᵢ as reported (a client above the floor topped its share up;
+    one that reports none counts at the floor). √(m/t) when all sit at the floor."""
+    sigmas = [r.noise_multiplier if r is not None and r.noise_multiplier else floor
+              for r in reports]
+    return (sum(max(s, floor) ** 2 for s in sigmas) / threshold) ** 0.5 / floor
+
+
 def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, int]:
     """(k neighbours, t threshold, bits) for a round with `participants` clients."""
     sa = cfg.secagg
@@ -245,8 +254,9 @@ class SecureAggregator:
                    "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
-        if self.dp_scale is not None:  # each share is sized for t: more carry more noise
-            metrics["dp_noise_std_ratio"] = (len(contributors) / t) ** 0.5
+        if self.dp_scale is not None:
+            metrics["dp_noise_std_ratio"] = noise_std_ratio(
+                [by_node[n].report for n in contributors], t, self.noise_floor())
         log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
                  len(contributors), len(result.dropped))
         update_sum = UpdateSum(

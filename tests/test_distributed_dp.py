@@ -141,6 +141,18 @@ def test_a_share_is_spent_when_it_leaves_and_a_held_one_of_an_old_ledger_counts(
     assert counted.history == [(1.5, 0.1, 1)] and counted.events[-1]["round"] == 4
     again = PrivacyLedger.open(old, accountant="rdp", delta=1e-5, epsilon_budget=3)
     assert again.history == [(1.5, 0.1, 1)]
+    # A share that version released ("abandoned") may have been revealed all the same: it
+    # counts once, at the least noise the client's own shares had (more ε, never less).
+    released = tmp_path / "released"
+    ledger = PrivacyLedger.open(released, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    ledger._fallback = {**ledger._fallback, "history": [[0.6, 0.03, 2], [0.5, 0.04, 1]]}
+    ledger.events = [{"time": 0, "run": "r", "round": 4, "decision": "abandoned", "steps": 0,
+                      "epsilon": 0.0}]
+    ledger.save()
+    counted = PrivacyLedger.open(released, accountant="rdp", delta=1e-5, epsilon_budget=3)
+    assert counted.history == [(0.5, 0.04, 1)] and counted.events[-1]["round"] == 4
+    assert PrivacyLedger.open(released, accountant="rdp", delta=1e-5,
+                              epsilon_budget=3).history == [(0.5, 0.04, 1)]
 
 
 # --- the noise survives secure aggregation and dropouts -------------------------------------
@@ -400,3 +412,33 @@ def test_a_real_sites_poisson_sample_and_noise_are_drawn_afresh(tmp_path):
     assert samplers[:2] == [known, known] and np.array_equal(vectors[0], vectors[1])
     assert known not in samplers[2:] and samplers[2] != samplers[3]
     assert not np.array_equal(vectors[2], vectors[3])
+
+
+def test_the_sums_noise_and_the_policys_sigma_count_each_clients_actual_share(tmp_path):
+    """Shares above the floor add noise: the round's noise ratio counts them, and a site's
+    minimum σ is checked against the thinnest sum its share can be in, not the σ the
+    server states."""
+    from consortia.client.client_app import planned_sigma
+    from consortia.client.trainer import LocalTrainer
+    from consortia.messages import SecAggInstructions, TrainReport
+    from consortia.server.secure_aggregation import noise_std_ratio
+
+    at = [TrainReport(client_id=str(i), status="trained", noise_multiplier=s)
+          for i, s in enumerate((0.8, 0.8, 0.8, 2.0))]
+    assert noise_std_ratio(at, 3, 0.8) == pytest.approx(((3 * 0.64 + 4.0) / 3) ** 0.5 / 0.8)
+    assert noise_std_ratio(at[:3], 3, 0.8) == pytest.approx(1.0)
+
+    step, model, ins, names, ledger = client_step(tmp_path, noise_multiplier=5.0)
+    trainer = LocalTrainer("7", step.task, step.dataset, ledger, step.device)
+    server = ServerSecAggSession(run_id=1)
+    sessions = {n: ClientSecAggSession(node_id=n, run_id=1) for n in range(1, 6)}
+    server.collect_advertisements({n: s.advertise_keys() for n, s in sessions.items()})
+    setup = server.begin_round(1, list(sessions), vector_length=10, num_neighbours=4,
+                               threshold=4)
+    secagg = SecAggInstructions(setup=setup.to_bytes(), clip=1.0, bits=20, weight_scale=1,
+                                dp_scale=2.0**10, dp_noise_floor=0.8)
+    assert planned_sigma(trainer, ins, secagg) == pytest.approx(((25 + 3 * 0.64) / 4) ** 0.5)
+    # A floor that is not a number is refused with the rest of the instructions.
+    with pytest.raises(ValueError):
+        SecAggInstructions(setup=b"", clip=1.0, bits=20, weight_scale=1, dp_scale=2.0**10,
+                           dp_noise_floor=float("inf"))

@@ -76,6 +76,7 @@ class PrivacyLedger:
         self._fallback = fallback or accountant_state(new_accountant(accountant))
         if pending:
             self._count_pending(pending)
+        self._count_abandoned()
 
     @classmethod
     def open(cls, state_dir: str | Path, *, accountant: str, delta: float,
@@ -182,6 +183,26 @@ class PrivacyLedger:
         self.events.append({"time": time.time(), "run": pending["run"], "round": pending["round"],
                             "decision": "trained", "steps": int(entry[2]), "epsilon": self.epsilon,
                             "note": "a share sent before this version, counted as spent"})
+        self.save()
+
+    def _count_abandoned(self) -> None:
+        """An earlier version released a sent share whose round it saw no unmask request
+        for ("abandoned"); the server may have revealed it without this client. What the
+        sum's entry was is not in the event, so it is charged as this client's own share
+        alone (the least noise it had, at the highest rate): more ε than the sum's, never
+        less. Each such event is counted once."""
+        owed = [e for e in self.events if e.get("decision") == "abandoned" and not e.get("counted")]
+        own = self._fallback["history"]
+        if not owed or not own:
+            return
+        entry = (min(h[0] for h in own), max(h[1] for h in own), 1)
+        for e in owed:
+            self._state = {**self._state, "history": _merged(self._state["history"], entry)}
+            e["counted"] = True
+            self.events.append({"time": time.time(), "run": e["run"], "round": e["round"],
+                                "decision": "trained", "steps": 1, "epsilon": self.epsilon,
+                                "note": "a share an earlier version released, counted as "
+                                        "spent at its own-share noise"})
         self.save()
 
     def record_refusal(self, decision: BudgetDecision, *, run_id: str, server_round: int) -> None:
