@@ -28,7 +28,7 @@ from consortia.messages import (
     torch_to_arrays,
     update_vector_order,
 )
-from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, noise_for_budget
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -62,14 +62,9 @@ def planned_sigma(trainer: LocalTrainer, ins: TrainInstructions,
         return trainer.noise_multiplier(ins)
     if secagg is None or secagg.dp_noise_floor is None:
         return None  # refused further on, with its reason
-    floor, t = secagg.dp_noise_floor, RoundSetup.from_bytes(secagg.setup).threshold
-    if ins.noise_multiplier is None:  # the client tops its share up to what it needs
-        ledger = trainer.ledger
-        rate = min(1.0, ins.batch_size / len(trainer.dataset))
-        return max(floor, noise_for_budget(ledger.epsilon_budget, ledger.delta, rate,
-                                           ins.planned_rounds, ledger.accountant_kind))
-    own = max(ins.noise_multiplier, floor)
-    return ((own * own + (t - 1) * floor * floor) / t) ** 0.5
+    step = DistributedStep(trainer.client_id, trainer.task, trainer.dataset, trainer.ledger,
+                           trainer.device)
+    return step.sum_sigma(ins, secagg.dp_noise_floor, RoundSetup.from_bytes(secagg.setup).threshold)
 
 
 def audit(site: Site, ins: TrainInstructions, server_round: int,

@@ -138,7 +138,7 @@ def task_partition(task: Task, index: int, count: int) -> Dataset:
 PROBE_RECORDS = 8  # records put through the task's model at start
 
 
-def check_records(dataset: Dataset, task: Task) -> None:
+def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = None) -> None:
     """Fail at start, not at the first training request, when the site's records do not
     fit the task: none at all, not (features, label) pairs, or a batch of them that the
     task's model and loss cannot take (shape, dtype, a label beyond the model's classes)."""
@@ -153,7 +153,7 @@ def check_records(dataset: Dataset, task: Task) -> None:
     if labels is not None and labels.is_floating_point():  # (features, label) records
         raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
-    model = task.build_model()
+    model = model if model is not None else task.build_model()
     try:
         batch = next(iter(torch.utils.data.DataLoader(probe, batch_size=len(probe))))
         with torch.no_grad():

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, default_collate
 
 from consortia.client.trainer import round_seed, seed_generators
 from consortia.messages import TrainInstructions, TrainReport
-from consortia.privacy.dp import PrivacyLedger, noise_for_budget
+from consortia.privacy.dp import PrivacyLedger, noise_for_budget, round_steps
 from consortia.privacy.dp.distributed import NoiseShare, noisy_integer_sum, to_ring
 from consortia.tasks import Task
 
@@ -40,18 +40,30 @@ class DistributedStep:
 
     def sample_rate(self, batch_size: int) -> float:
         """q = expected batch / records: the rate the sampler uses and the ledger records."""
-        return min(1.0, batch_size / len(self.dataset))
+        return round_steps(len(self.dataset), batch_size, 1, "distributed")[0]
 
-    def noise_share(self, ins: TrainInstructions, rate: float, share: NoiseShare) -> NoiseShare:
+    def target(self, ins: TrainInstructions) -> float:
+        """The σ of the sum that fits this client's budget over the planned rounds."""
+        return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta,
+                                self.sample_rate(ins.batch_size), ins.planned_rounds,
+                                self.ledger.accountant_kind)
+
+    def noise_share(self, ins: TrainInstructions, share: NoiseShare) -> NoiseShare:
         """This client's share: σ as instructed, or sized so that the charged σ̂ fits the
         planned rounds (the last planned round is then not refused by a hair); never below
         the round's floor, which is all it counts on from the others (`share` carries it)."""
         if ins.noise_multiplier is not None:
             return replace(share, noise_multiplier=max(ins.noise_multiplier,
                                                        share.floor_multiplier))
-        target = noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
-                                  ins.planned_rounds, self.ledger.accountant_kind)
-        return share.sized_for(target)
+        return share.sized_for(self.target(ins))
+
+    def sum_sigma(self, ins: TrainInstructions, floor: float, threshold: int) -> float:
+        """σ of the thinnest sum that may hold this client's share (its share and t − 1 at
+        the floor), the noise that protects it, before the Skellam correction."""
+        if ins.noise_multiplier is None:  # the share is topped up to the target
+            return max(floor, self.target(ins))
+        own = max(ins.noise_multiplier, floor)
+        return ((own * own + (threshold - 1) * floor * floor) / threshold) ** 0.5
 
     def run(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int, *,
             names: list[str], scale: float, threshold: int, floor: float
@@ -61,7 +73,7 @@ class DistributedStep:
         rate = self.sample_rate(ins.batch_size)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         dimension = sum(int(np.prod(shapes[name])) for name in names)
-        share = self.noise_share(ins, rate, NoiseShare(
+        share = self.noise_share(ins, NoiseShare(
             floor, ins.max_grad_norm, scale, threshold, dimension, floor_multiplier=floor))
         entry = (share.charged_multiplier(threshold), rate, 1)
         own = (share.charged_multiplier(1), rate, 1)

@@ -57,7 +57,8 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
                         "(join_federation(config, dataset=...))")
     try:
         data = dataset if dataset is not None else load_site_data(cfg.data, task)
-        check_records(data, task)
+        model = task.build_model()  # once, for the record check and the DP check
+        check_records(data, task, model)
     except (DataError, MissingPackage) as err:  # MissingPackage: the task's model or data
         raise JoinError(str(err)) from None
     p = cfg.policy
@@ -67,7 +68,7 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
         raise JoinError(f"[policy] {err}") from None
     if p.require_dp:
         try:
-            check_dp_model(task.build_model(), f"task {task.name!r}")
+            check_dp_model(model, f"task {task.name!r}")
         except ValueError as err:
             raise JoinError(str(err)) from None
     state = cfg.site.state_dir

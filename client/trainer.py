@@ -9,7 +9,6 @@ steps, so ε is Opacus's own figure.
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
 
 from consortia.messages import TrainInstructions, TrainReport
-from consortia.privacy.dp import PrivacyLedger, noise_for_budget
+from consortia.privacy.dp import PrivacyLedger, noise_for_budget, round_steps
 from consortia.tasks import Task
 
 
@@ -98,18 +97,13 @@ class LocalTrainer:
     device: torch.device
     seeded: bool = False  # round_seed: a simulation's reproducible randomness
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        # Opacus's Poisson loader runs ceil(n / B) steps at rate 1 / ceil(n / B).
-        return math.ceil(len(self.dataset) / batch_size)
-
     def noise_multiplier(self, ins: TrainInstructions) -> float:
         """σ as instructed, or the smallest σ that fits the client's planned participation."""
         if ins.noise_multiplier is not None:
             return ins.noise_multiplier
-        per_epoch = self.steps_per_epoch(ins.batch_size)
-        return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, 1.0 / per_epoch,
-                                per_epoch * ins.local_epochs * ins.planned_rounds,
-                                self.ledger.accountant_kind)
+        rate, steps = round_steps(len(self.dataset), ins.batch_size, ins.local_epochs, "local")
+        return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
+                                steps * ins.planned_rounds, self.ledger.accountant_kind)
 
     def train(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int
               ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:

@@ -183,10 +183,11 @@ class SecureAggregator:
         setup = self.session.begin_round(server_round, participants, vector_length=length,
                                          num_neighbours=k, threshold=t)
         scale = max(self.examples[n] for n in participants)
+        floor = self.noise_floor()  # a σ search: once a round
         instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
                                           bits=bits, weight_scale=scale, unweighted=unweighted,
                                           dp_scale=self.dp_scale,
-                                          dp_noise_floor=self.noise_floor()).to_config_record()
+                                          dp_noise_floor=floor).to_config_record()
         for m in messages:  # strategies share one RecordDict among messages: copy per node
             content = RecordDict(dict(m.content.items()))
             content[SECAGG] = instructions
@@ -256,7 +257,7 @@ class SecureAggregator:
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
         if self.dp_scale is not None:
             metrics["dp_noise_std_ratio"] = noise_std_ratio(
-                [by_node[n].report for n in contributors], t, self.noise_floor())
+                [by_node[n].report for n in contributors], t, floor)
         log.info("round %d: secure sum of %d clients (%d dropped)", server_round,
                  len(contributors), len(result.dropped))
         update_sum = UpdateSum(

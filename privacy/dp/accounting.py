@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -80,3 +81,13 @@ def noise_for_budget(
             f"no noise multiplier fits epsilon_budget={epsilon_budget} at delta={delta} over "
             f"{steps} steps at sample rate {sample_rate:.4g}: {err}"
         ) from None
+
+
+def round_steps(records: int, batch_size: int, local_epochs: int, mode: str
+                ) -> tuple[float, int]:
+    """(sampling rate, DP steps) of one round for a holder of `records` records: the one
+    rule the trainers (client/trainer.py, client/distributed.py) and the start checks use."""
+    if mode == "distributed":  # one step per round at q = B/n
+        return min(1.0, batch_size / records), 1
+    per_epoch = math.ceil(records / batch_size)  # Opacus's Poisson loader: rate 1/per_epoch
+    return 1.0 / per_epoch, per_epoch * local_epochs

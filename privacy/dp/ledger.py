@@ -168,21 +168,23 @@ class PrivacyLedger:
         that holds its share; a round abandoned before unmasking is spent all the same."""
         self._fallback = {**self._fallback,
                           "history": _merged(self._fallback["history"], own_entry)}
-        self._state = {**self._state, "history": _merged(self._state["history"], entry)}
-        self.events.append({"time": time.time(), "run": run_id, "round": server_round,
-                            "decision": "trained", "steps": int(entry[2]),
-                            "epsilon": self.epsilon,
-                            "epsilon_if_secagg_fails": self.epsilon_if_secagg_fails})
+        self._charge(entry, run_id, server_round,
+                     epsilon_if_secagg_fails=self.epsilon_if_secagg_fails)
         self.save()
+
+    def _charge(self, entry: tuple[float, float, int], run: str, server_round: int,
+                **said: Any) -> None:
+        """Add `entry` to the main account, with its "trained" event (saved by the caller)."""
+        self._state = {**self._state, "history": _merged(self._state["history"], entry)}
+        self.events.append({"time": time.time(), "run": run, "round": server_round,
+                            "decision": "trained", "steps": int(entry[2]),
+                            "epsilon": self.epsilon, **said})
 
     def _count_pending(self, pending: dict[str, Any]) -> None:
         """A ledger written by an earlier version held a sent share's spend until its
         unmasking: the share may have been revealed without this client, so it counts."""
-        entry = tuple(pending["entry"])
-        self._state = {**self._state, "history": _merged(self._state["history"], entry)}
-        self.events.append({"time": time.time(), "run": pending["run"], "round": pending["round"],
-                            "decision": "trained", "steps": int(entry[2]), "epsilon": self.epsilon,
-                            "note": "a share sent before this version, counted as spent"})
+        self._charge(tuple(pending["entry"]), pending["run"], pending["round"],
+                     note="a share sent before this version, counted as spent")
         self.save()
 
     def _count_abandoned(self) -> None:
@@ -197,12 +199,9 @@ class PrivacyLedger:
             return
         entry = (min(h[0] for h in own), max(h[1] for h in own), 1)
         for e in owed:
-            self._state = {**self._state, "history": _merged(self._state["history"], entry)}
             e["counted"] = True
-            self.events.append({"time": time.time(), "run": e["run"], "round": e["round"],
-                                "decision": "trained", "steps": 1, "epsilon": self.epsilon,
-                                "note": "a share an earlier version released, counted as "
-                                        "spent at its own-share noise"})
+            self._charge(entry, e["run"], e["round"], note="a share an earlier version "
+                         "released, counted as spent at its own-share noise")
         self.save()
 
     def record_refusal(self, decision: BudgetDecision, *, run_id: str, server_round: int) -> None:

@@ -13,12 +13,11 @@ partner's site when it joins):
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from consortia.privacy.dp.accounting import epsilon_for, noise_for_budget
+from consortia.privacy.dp.accounting import epsilon_for, noise_for_budget, round_steps
 
 
 def check_delta(delta: float, records: int, who: str) -> None:
@@ -42,16 +41,6 @@ def check_dp_model(model: torch.nn.Module, what: str) -> None:
             f"{what}'s model cannot be trained with DP: {reasons}. Replace those layers "
             "(BatchNorm by GroupNorm or LayerNorm: Opacus's ModuleValidator.fix does it), or "
             "train without DP (privacy.enabled = false)")
-
-
-def round_steps(records: int, batch_size: int, local_epochs: int, mode: str
-                ) -> tuple[float, int]:
-    """(sampling rate, DP steps) of one round for a holder of `records` records, as the
-    client's trainer takes them (client/trainer.py, client/distributed.py)."""
-    if mode == "distributed":  # one step per round at q = B/n
-        return min(1.0, batch_size / records), 1
-    per_epoch = math.ceil(records / batch_size)  # Opacus's Poisson loader: rate 1/per_epoch
-    return 1.0 / per_epoch, per_epoch * local_epochs
 
 
 def check_first_round(*, noise_multiplier: float, records: int, batch_size: int,
