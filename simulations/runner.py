@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from consortia.config import RunConfig, split_host_port
-from consortia.privacy.dp.preflight import check_delta, check_dp_model, check_first_round
+from consortia.privacy.dp.preflight import (
+    check_budget_reachable,
+    check_delta,
+    check_dp_model,
+    check_first_round,
+)
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError, prepare_out_dir
@@ -75,18 +80,25 @@ def check_model_fits(cfg: RunConfig) -> int:
 
 
 def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
-    """Per virtual client (its partition's records): δ below 1/n, and with an explicit σ
-    one round within the budget (privacy/dp/preflight.py)."""
+    """Per virtual client (its partition's records): δ below 1/n; with an explicit σ one
+    round within the budget, without one a σ that fits the planned rounds at all
+    (privacy/dp/preflight.py)."""
     p = cfg.privacy
     if not p.enabled:
         return
+    checked = set()  # clients of one size sample alike: one check each
     for i, n in enumerate(sizes):
         check_delta(p.delta, n, f"client {i}")
+        if n in checked:
+            continue
+        checked.add(n)
+        terms = dict(records=n, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                     mode=p.mode, epsilon_budget=p.epsilon_budget, delta=p.delta,
+                     accountant=p.accountant, who=f"client {i}")
         if p.noise_multiplier is not None:
-            check_first_round(noise_multiplier=p.noise_multiplier, records=n,
-                              batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-                              mode=p.mode, epsilon_budget=p.epsilon_budget, delta=p.delta,
-                              accountant=p.accountant, who=f"client {i}")
+            check_first_round(noise_multiplier=p.noise_multiplier, **terms)
+        else:
+            check_budget_reachable(rounds=cfg.planned_rounds_per_client, **terms)
 
 
 @contextmanager

@@ -86,6 +86,7 @@ def test_the_console_warns_only_for_an_address_other_machines_can_reach(host, lo
     ("privacy.delta=0.5", "delta = 0.5 is not below 1/n for client 0's 360 records"),
     ("privacy.noise_multiplier=0.2", "one round costs client 0 ε = 94"),
     ("privacy.noise_multiplier=0", "privacy.noise_multiplier = 0 adds no noise"),
+    ("privacy.epsilon_budget=0.0001", "privacy.epsilon_budget = 0.0001 cannot be met by client 0"),
 ])
 def test_privacy_terms_that_protect_nothing_fail_before_the_run_starts(tmp_path, setting, message):
     out = tmp_path / "run"

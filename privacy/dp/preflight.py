@@ -58,3 +58,22 @@ def check_first_round(*, noise_multiplier: float, records: int, batch_size: int,
             f"ε = {spent:.3g} ({steps} steps at rate {rate:.3g}), above privacy.epsilon_budget"
             f" = {epsilon_budget:g}, so it could never train; accepted: σ ≥ {least:.3g} "
             "(one round fits), or leave it unset to derive σ from the budget")
+
+
+def check_budget_reachable(*, records: int, batch_size: int, local_epochs: int, mode: str,
+                           rounds: int, epsilon_budget: float, delta: float, accountant: str,
+                           who: str) -> None:
+    """With σ derived from the budget, some σ must fit the planned rounds: Opacus's search
+    gives up at its MAX_SIGMA, which the clients would find out at their first request."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    rate, steps = round_steps(records, batch_size, local_epochs, mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        least = epsilon_for(accountant, [(MAX_SIGMA, rate, steps * rounds)], delta)
+    if least > epsilon_budget:
+        raise ValueError(
+            f"privacy.epsilon_budget = {epsilon_budget:g} cannot be met by {who}: {rounds} "
+            f"planned rounds of {steps} steps at rate {rate:.3g} spend ε = {least:.3g} even "
+            f"at σ = {MAX_SIGMA:g}; accepted: a larger budget, fewer rounds, or a smaller "
+            "batch_size")
