@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consortia.privacy.secagg import aead, labels, shamir
+from consortia.privacy.secagg import aead, labels, masks, shamir
 from consortia.privacy.secagg.errors import SecAggProtocolError
 from consortia.privacy.secagg.graph import (
     default_num_neighbours,
@@ -42,13 +42,34 @@ def test_keys_that_agree_on_their_32_bit_fold_give_different_masks():
     assert np.mean(mask_a != mask_b) > 0.99
 
 
-def test_mask_is_the_aes256_ctr_keystream_across_chunk_boundaries():
+@pytest.fixture
+def restore_stream_code():
+    kept = masks._chosen_code
+    yield
+    masks._chosen_code = kept
+
+
+@pytest.mark.parametrize("code", ["gcm", "ctr"])
+def test_mask_is_the_aes256_ctr_keystream_across_chunk_boundaries(code, restore_stream_code):
     key = os.urandom(32)
-    length = 70_001  # > one 256 KiB chunk, and not a multiple of the AES block
-    # Drawn through GCM (masks.py): counter mode from the counter block 0^96 || 2.
+    length = 100_003  # > one 256 KiB chunk, and not a multiple of the AES block
+    # Whichever of OpenSSL's codes draws it: counter mode from the counter block 0^96 || 2.
+    masks.stream_code(code)
     first_block = bytes(12) + (2).to_bytes(4, "big")
     stream = Cipher(algorithms.AES(key), modes.CTR(first_block)).encryptor().update(bytes(4 * length))
     assert np.array_equal(expand_mask(key, length), np.frombuffer(stream, dtype="<u4"))
+
+
+def test_the_stream_code_is_chosen_once_and_a_wrong_one_refused(restore_stream_code):
+    masks._chosen_code = None
+    chosen = masks.stream_code()
+    assert chosen in ("gcm", "ctr") and masks.stream_code() == chosen
+    key = os.urandom(32)
+    assert masks.keystream(key, code="gcm").update(bytes(1 << 20)) == masks.keystream(
+        key, code="ctr").update(bytes(1 << 20))
+    with pytest.raises(ValueError, match=r"'ecb' is not one of \['ctr', 'gcm'\]"):
+        masks.stream_code("ecb")
+    assert masks.stream_code() == chosen
 
 
 def test_adding_then_subtracting_a_mask_restores_the_vector_modulo_2_32():

@@ -6,17 +6,21 @@ vector, so the counter can start anywhere fixed. Expansion encrypts a reused blo
 zeros into a reused buffer with ``update_into`` and adds it chunk by chunk, which keeps
 the working set in cache; several masks go into one vector in one pass (:func:`add_masks`).
 
-The counter-mode stream is drawn through OpenSSL's AES-GCM encryptor, never finalized:
-GCM encrypts in counter mode (the counter block is the 96-bit IV, here zero, and a 32-bit
-block counter from 2), so its ciphertext of zeros is exactly the AES-256-CTR keystream
-from counter block 2, and OpenSSL's GCM code is the one built for the CPU's vector AES
-instructions (faster than its CTR code on the reference machine: docs/secagg.md, Cost).
-The tag is never computed or used. A tested property (tests/test_secagg_primitives.py):
-the stream equals ``modes.CTR`` from that counter block.
+The stream is AES-256-CTR from counter block 0^96 || 2. OpenSSL has two codes that give
+it, and which is faster depends on the CPU, so the first stream a process draws times both
+on 256 KiB and keeps the faster (:func:`stream_code`); the stream is the same either way:
+- its CTR code, ``modes.CTR`` from that counter block;
+- its AES-GCM encryptor, never finalized: GCM encrypts in counter mode (the counter block
+  is the 96-bit IV, here zero, and a 32-bit block counter from 2), so its ciphertext of
+  zeros is exactly that keystream. The tag is never computed or used.
+GCM's code was 1.7x faster than CTR's on one reference machine and 2.8x slower on another
+(docs/secagg.md, Cost). Within :data:`MAX_STREAM_BYTES` GCM's 32-bit counter never wraps,
+so the two agree over every stream we draw (tests/test_secagg_primitives.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,14 +45,50 @@ def _check_key(key: bytes) -> None:
         raise ValueError(f"mask key has {len(key)} bytes, expected {MASK_KEY_LEN}")
 
 
-def keystream(key: bytes):
+_FIRST_COUNTER_BLOCK = _ZERO_IV + (2).to_bytes(4, "big")
+_STREAM_CODES = {
+    "gcm": lambda: modes.GCM(_ZERO_IV),
+    "ctr": lambda: modes.CTR(_FIRST_COUNTER_BLOCK),
+}
+_chosen_code: str | None = None
+
+
+def stream_code(code: str | None = None) -> str:
+    """OpenSSL's code that draws the streams in this process, ``"gcm"`` or ``"ctr"``.
+
+    Chosen on first use by timing both (best of five draws of 256 KiB each, about 1 ms in
+    all); ``code`` sets it instead (the benchmark and the tests)."""
+    global _chosen_code
+    if code is not None:
+        if code not in _STREAM_CODES:
+            raise ValueError(f"stream code {code!r} is not one of {sorted(_STREAM_CODES)}")
+        _chosen_code = code
+    if _chosen_code is None:
+        key, out = bytes(MASK_KEY_LEN), bytearray(_CHUNK_BYTES + 16)
+        zeros = ZEROS[:_CHUNK_BYTES]
+        best = {}
+        for name, mode in _STREAM_CODES.items():
+            times = []
+            for _ in range(5):
+                encryptor = Cipher(algorithms.AES(key), mode()).encryptor()
+                start = time.perf_counter()
+                encryptor.update_into(zeros, out)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+        _chosen_code = min(best, key=best.__getitem__)
+    return _chosen_code
+
+
+def keystream(key: bytes, *, code: str | None = None):
     """An encryptor keyed by the 32-byte ``key`` whose ``update`` / ``update_into`` of
     zero bytes is the key's pseudorandom stream: AES-256-CTR from counter block 2 (see the
     module's docstring), at most :data:`MAX_STREAM_BYTES`. Every stream the protocol draws
     (masks, the neighbour graph's order, the rounding's uniforms) comes from here; each
-    key drives exactly one stream."""
+    key drives exactly one stream. ``code`` picks OpenSSL's code for this stream (the
+    stream is the same); by default, the faster here (:func:`stream_code`)."""
     _check_key(key)
-    return Cipher(algorithms.AES(key), modes.GCM(_ZERO_IV)).encryptor()
+    mode = _STREAM_CODES[code if code is not None else stream_code()]
+    return Cipher(algorithms.AES(key), mode()).encryptor()
 
 
 def expand_mask(key: bytes, length: int) -> np.ndarray:
