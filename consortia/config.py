@@ -264,6 +264,7 @@ class RunConfig(_Section):
             raise ValueError("local_epochs = 0 (no local training) needs privacy.enabled = false: "
                              "a DP client must take at least one noisy step")
         self._check_partition()
+        self._check_model_keys()
         from consortia.strategies import check_strategy
 
         check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
@@ -296,6 +297,19 @@ class RunConfig(_Section):
         if self.privacy.accountant != "rdp":
             raise ValueError('privacy.mode = "distributed" is accounted with the RDP accountant '
                              f'(Skellam RDP bound); got privacy.accountant = "{self.privacy.accountant}"')
+    def _check_model_keys(self) -> None:
+        from consortia.tasks import TASKS
+
+        used = TASKS[self.task].model_keys
+        default = ModelConfig()
+        unused = [key for key in ModelConfig.model_fields
+                  if key not in used and getattr(self.model, key) != getattr(default, key)]
+        if unused:
+            given = ", ".join(f"model.{key} = {getattr(self.model, key)!r}" for key in unused)
+            raise ValueError(f"{given} does not apply to task {self.task!r}, which is built "
+                             f"with {', '.join('model.' + key for key in used)} only: it "
+                             "would be recorded but change nothing; remove it")
+
     def _check_partition(self) -> None:
         from consortia.tasks import TASKS
 

@@ -77,6 +77,8 @@ def tensors_sha256(named: dict[str, torch.Tensor]) -> str:
 class AdapterTask(Task):
     """A Task whose model is a peft model: the trainable tensors travel, the base stays."""
 
+    model_keys: tuple[str, ...] = ("lora_rank", "lora_alpha", "max_length")
+
     def travelling_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 

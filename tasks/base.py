@@ -71,6 +71,9 @@ class Task:
     options: TaskOptions = field(default_factory=TaskOptions)
     # Rebuilds the task for other options; tasks that use none keep the default (self).
     configure: Callable[[TaskOptions], Task] | None = None
+    # The [model] keys the task is built with; another key set away from its default is
+    # refused at start (config.RunConfig), since it would be recorded but change nothing.
+    model_keys: tuple[str, ...] = ("activation",)
     # What one record is, for a partner preparing its own data (and the record check's hint).
     records: str = ("(features, label): features as the model takes them, float32; the label "
                     "a class index, int64")

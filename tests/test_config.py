@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from consortia.config import ConfigError, config_to_dict, load_config, parse_override
+from consortia.config import (
+    ConfigError,
+    config_to_dict,
+    load_config,
+    parse_override,
+    validate_config,
+)
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
 
@@ -145,3 +151,20 @@ def test_an_unknown_key_is_answered_with_the_keys_accepted_there():
     assert "model.lora_target_modules: unknown key; accepted here: activation, lora_alpha, " \
            "lora_rank, max_length" in text
     assert "roundz: unknown key (did you mean 'rounds'?)" in text
+
+
+@pytest.mark.parametrize("task, sets, named", [
+    ("digits-mlp", ["model.lora_rank=4"], "model.lora_rank = 4"),
+    ("fashion-mnist-cnn", ["model.max_length=32"], "model.max_length = 32"),
+    ("reviews-minilm-lora", ["model.activation='relu'"], "model.activation = 'relu'"),
+])
+def test_a_model_key_the_task_is_not_built_with_fails_at_start(task, sets, named):
+    with pytest.raises(ConfigError, match=rf"{named} does not apply to task '{task}'"):
+        load_config(None, [f"task='{task}'", *sets])
+    # The same keys at their defaults (as a stored run's full config holds them) pass, and
+    # so do the keys the task is built with.
+    stored = config_to_dict(load_config(None, [f"task='{task}'"]))
+    assert set(stored["model"]) >= {"activation", "lora_rank", "max_length"}
+    assert config_to_dict(validate_config(stored)) == stored
+    load_config(None, [f"task='{task}'", "model.activation='relu'" if task != "reviews-minilm-lora"
+                       else "model.lora_rank=4"])
