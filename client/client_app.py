@@ -142,7 +142,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         server_round, ins = TrainInstructions.from_content(msg.content)
         secagg = SecAggInstructions.from_content(msg.content)
         try:
-            return answer(site, context, msg, server_round, ins, secagg)
+            with site.ledger_held(ins.dp_enabled):
+                return answer(site, context, msg, server_round, ins, secagg)
         except Exception as err:
             # The server sees Flower's error reply; the site's own records say so too.
             audit(site, ins, server_round, secagg, failure=err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from consortia.client.policy import AuditLog, SitePolicy
 from consortia.privacy.dp import PrivacyLedger
+from consortia.privacy.dp.ledger import held
 from consortia.tasks import Task
 
 
@@ -64,6 +66,12 @@ class Site:
         return PrivacyLedger.open(self.state_dir, accountant=self.privacy.accountant,
                                   delta=self.privacy.delta,
                                   epsilon_budget=self.privacy.epsilon_budget)
+
+    def ledger_held(self, dp_enabled: bool) -> AbstractContextManager[None]:
+        """Held around a DP request, from reading the ledger to spending it (ledger.held)."""
+        if self.privacy is None or not dp_enabled:
+            return nullcontext()
+        return held(self.state_dir)
 
     def policy_refusal(self, task: str, dp_enabled: bool) -> str | None:
         """Why this site will not run the request, or None when it will."""

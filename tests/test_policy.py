@@ -142,3 +142,49 @@ def test_a_damaged_ledger_refuses_with_a_short_reason_and_is_kept_as_it_is(tmp_p
     assert (tmp_path / "privacy_ledger.json").read_text() == '{"version": 1, "accountant": "rd'
     [entry] = AuditLog(tmp_path).entries()
     assert entry["decision"] == "refused-policy"
+
+
+def test_two_requests_of_one_site_at_once_both_spend(tmp_path, monkeypatch):
+    # Two processes serving one site's state directory (say, two federations) each read the
+    # ledger, train and spend. The first is held up after its read; without the lock, the
+    # second would read the same empty balance and the last write would keep one spend.
+    import fcntl
+    import threading
+    import time
+
+    from consortia.privacy.dp.ledger import held
+
+    first, second = site(tmp_path, policy(max_rounds=5)), site(tmp_path, policy(max_rounds=5))
+    opened = threading.Event()
+    slow_open = first.open_ledger
+
+    def open_then_wait():
+        ledger = slow_open()
+        opened.set()
+        time.sleep(0.5)
+        return ledger
+
+    monkeypatch.setattr(first, "open_ledger", open_then_wait)
+    reports = {}
+    runs = [threading.Thread(target=lambda: reports.__setitem__(
+        "first", ask(build_client_app(lambda ctx: first), instructions())))]
+    runs[0].start()
+    assert opened.wait(30)
+    with pytest.raises(BlockingIOError):  # the first request holds the ledger
+        with open(tmp_path / "privacy_ledger.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    runs.append(threading.Thread(target=lambda: reports.__setitem__(
+        "second", ask(build_client_app(lambda ctx: second), instructions(run_id="ffffffffffff")))))
+    runs[1].start()
+    for run in runs:
+        run.join(60)
+    assert reports["first"].status == reports["second"].status == "trained"
+    ledger = second.open_ledger()
+    one_round = reports["first"].steps
+    assert one_round > 0 and ledger.steps == 2 * one_round
+    assert [e["decision"] for e in ledger.events] == ["trained", "trained"]
+    assert reports["second"].steps == ledger.steps  # the second read the first's spend
+    assert ledger.epsilon == pytest.approx(reports["second"].epsilon)
+    assert reports["second"].epsilon > reports["first"].epsilon
+    with held(tmp_path):  # released after both
+        pass

@@ -3,13 +3,20 @@
 The ledger persists the Opacus accountant's `state_dict` (its history of
 (noise_multiplier, sample_rate, steps)), not a re-derived formula, so ε is always what
 Opacus computes from the full history, across runs and process restarts. Every write is
-atomic, and the spend is written before the update leaves the client.
+atomic, and the spend is written before the update leaves the client. A request's read,
+check and spend happen under :func:`held`, an exclusive lock on the state directory, so
+two processes serving one site (two federations, or a second `client join`) cannot both
+spend from the same starting balance and keep only one spend.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,32 @@ from consortia.privacy.dp.accounting import accountant_state, epsilon_for, epsil
 from consortia.privacy.storage import atomic_write_json
 
 LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = "privacy_ledger.lock"
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def held(state_dir: str | Path) -> Iterator[None]:
+    """Hold the ledger in `state_dir` for one request, from its read to its spend.
+
+    An exclusive ``flock`` on a lock file beside the ledger (the OS drops it if the process
+    dies). A second process serving the same site waits here, and then reads the spend
+    the first one wrote: the ledger's atomic writes alone would let both start from the
+    same balance, and the later write would drop the earlier spend."""
+    path = Path(state_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("the privacy ledger in %s is in use by another request of this site "
+                        "(another process); waiting for it", state_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class LedgerMismatchError(ValueError):
