@@ -297,13 +297,13 @@ class RunConfig(_Section):
         if self.privacy.accountant != "rdp":
             raise ValueError('privacy.mode = "distributed" is accounted with the RDP accountant '
                              f'(Skellam RDP bound); got privacy.accountant = "{self.privacy.accountant}"')
+
     def _check_model_keys(self) -> None:
         from consortia.tasks import TASKS
 
         used = TASKS[self.task].model_keys
-        default = ModelConfig()
-        unused = [key for key in ModelConfig.model_fields
-                  if key not in used and getattr(self.model, key) != getattr(default, key)]
+        unused = [key for key, spec in ModelConfig.model_fields.items()
+                  if key not in used and getattr(self.model, key) != spec.default]
         if unused:
             given = ", ".join(f"model.{key} = {getattr(self.model, key)!r}" for key in unused)
             raise ValueError(f"{given} does not apply to task {self.task!r}, which is built "
