@@ -13,9 +13,10 @@ on 256 KiB and keeps the faster (:func:`stream_code`); the stream is the same ei
 - its AES-GCM encryptor, never finalized: GCM encrypts in counter mode (the counter block
   is the 96-bit IV, here zero, and a 32-bit block counter from 2), so its ciphertext of
   zeros is exactly that keystream. The tag is never computed or used.
-GCM's code was 1.7x faster than CTR's on one reference machine and 2.8x slower on another
-(docs/secagg.md, Cost). Within :data:`MAX_STREAM_BYTES` GCM's 32-bit counter never wraps,
-so the two agree over every stream we draw (tests/test_secagg_primitives.py).
+GCM's code was 1.6 to 1.7x faster than CTR's on one reference machine and 2.8x slower on
+another (docs/secagg.md, Cost; docs/results.md, session 10). Within :data:`MAX_STREAM_BYTES`
+GCM's 32-bit counter never wraps, so the two agree over every stream we draw
+(tests/test_secagg_primitives.py).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def _checked_code(code: str) -> str:
 def stream_code(code: str | None = None) -> str:
     """OpenSSL's code that draws the streams in this process, ``"gcm"`` or ``"ctr"``.
 
-    Chosen on first use by timing both (best of five draws of 256 KiB each, about 1 ms in
-    all); ``code`` sets it instead (the benchmark and the tests)."""
+    Chosen on first use by timing both (best of five draws of 256 KiB each: 2.7 to 3.8 ms
+    in all, once per process, in three runs while other work ran); ``code`` sets it
+    instead (the benchmark and the tests)."""
     global _chosen_code
     if code is not None:
         _chosen_code = _checked_code(code)
