@@ -1,7 +1,8 @@
 """site.toml: who this site is, where the server is, its data, its state and its policy.
 
     [site]
-    name = "site-a"                 # the enrolled node name; the server shows it
+    name = "site-a"                 # the enrolled node name (the server records its own
+                                    # enrolled name for this node's key, and warns if they differ)
     superlink = "fl.example.org:9093"
     ca_cert = "keys/ca.pem"         # the consortium CA (verifies the server)
     node_key = "keys/node.key"      # this site's private node key (0600)

@@ -6,6 +6,12 @@ different clients from run to run even with a seeded `random`. Once per node and
 server asks for the client's own id (one `query.identify` exchange for new nodes); the
 strategy then sees the nodes ordered by client id, so the same seed samples the same
 clients, and the console can name the site behind a node.
+
+In a deployment a node is the partner whose key it authenticated with: the SuperLink
+holds the name that key was enrolled under (`consortia certs enroll NAME`, registered by
+server/superlink.py), and that name is the node's client id. What the node says it is
+comes from its own site.toml; a different name is logged, not trusted. Simulated nodes
+have no enrolled name: their client id is what they say.
 """
 
 from __future__ import annotations
@@ -108,6 +114,9 @@ class NodeDirectory:
 
     def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
         new = [n for n in node_ids if n not in self.client_of]
+        if not new:
+            return
+        enrolled = {info.node_id: info.name for info in grid.get_nodes() if info.name}
         deadline = time.monotonic() + self.timeout  # one timeout for all the batches
         for start in range(0, len(new), IDENTIFY_BATCH):
             left = deadline - time.monotonic()
@@ -115,9 +124,10 @@ class NodeDirectory:
                 log.warning("%d nodes not identified before the timeout; asked again next "
                             "round", len(new) - start)
                 return
-            self._identify(grid, new[start:start + IDENTIFY_BATCH], left)
+            self._identify(grid, new[start:start + IDENTIFY_BATCH], enrolled, left)
 
-    def _identify(self, grid: Grid, nodes: list[int], timeout: float) -> None:
+    def _identify(self, grid: Grid, nodes: list[int], enrolled: dict[int, str],
+                  timeout: float) -> None:
         requests = [Message(RecordDict({"identify": ConfigRecord()}), dst_node_id=n,
                             message_type=IDENTIFY) for n in nodes]
         for reply in exchange(grid, requests, timeout):
@@ -127,9 +137,16 @@ class NodeDirectory:
                             reply.error.reason)
                 continue
             try:
-                self.client_of[node] = str(reply.content["identity"]["client_id"])
+                said = str(reply.content["identity"]["client_id"])
             except (KeyError, TypeError) as err:
                 log.warning("node %s sent a malformed identity: %r", node, err)
+                continue
+            if node in enrolled and said != enrolled[node]:
+                log.warning("node %s calls itself %r (its site.name), but its key was enrolled "
+                            "as %r; recorded under the enrolled name", node, said, enrolled[node])
+            self.client_of[node] = said
+        # An enrolled name holds whatever the node said, or if it said nothing.
+        self.client_of.update((n, enrolled[n]) for n in nodes if n in enrolled)
 
     def ordered(self, grid: Grid) -> OrderedGrid:
         return OrderedGrid(grid, self)

@@ -35,13 +35,15 @@ class ReplyOutcome:
     reason: str = ""
     report: TrainReport | None = None
     message: Message | None = None  # kept only for replies that go into the aggregate
-    known_as: str = ""  # the client's id from the node directory, for a reply with no report
+    # The client's id from the node directory (server/directory.py): in a deployment the
+    # name the node's key was enrolled under, which the report's own client_id cannot change.
+    known_as: str = ""
 
     @property
     def client_id(self) -> str:
-        if self.report is not None:
-            return self.report.client_id
-        return self.known_as or f"node-{self.node_id}"
+        if self.known_as:
+            return self.known_as
+        return self.report.client_id if self.report is not None else f"node-{self.node_id}"
 
 
 def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | None:

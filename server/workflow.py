@@ -352,10 +352,10 @@ class RoundWorkflow:
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,
                                            self.state())
         self.record_checkpoint(checkpoint)
-        # A node that sent no report (no reply, an error) is named as it identified itself.
-        outcomes = [o if o.report is not None or o.node_id not in self.directory.client_of
-                    else replace(o, known_as=self.directory.client_of[o.node_id])
-                    for o in outcomes]
+        # Every node is named as the directory knows it (a deployment: by its enrolled name,
+        # whatever its report says), a node that sent no report (no reply, an error) too.
+        outcomes = [replace(o, known_as=self.directory.client_of[o.node_id])
+                    if o.node_id in self.directory.client_of else o for o in outcomes]
         row = self.recorder.record_round(server_round, metrics, outcomes,
                                          time.monotonic() - started, checkpoint.sha256)
         if self.on_round is not None:

@@ -124,3 +124,49 @@ def test_a_request_lives_only_as_long_as_its_exchange_waits():
     unlimited = requests([62])[0]
     list(exchange_as_replied(ScriptedGrid({62: (1, False)}), [unlimited], timeout=None))
     assert unlimited.metadata.ttl == 43200  # no timeout: Flower's own
+
+
+class IdentifyingGrid(ScriptedGrid):
+    """Every node answers identify with the name in its own site config (`says`); the
+    SuperLink knows the nodes registered from enrolled keys by their enrolled name."""
+
+    def __init__(self, says: dict[int, str], enrolled: dict[int, str]):
+        super().__init__({node: (1, False) for node in says})
+        self.says, self.enrolled = says, enrolled
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, name=self.enrolled.get(n, "")) for n in self.says]
+
+    def pull_messages(self, message_ids):
+        asked = {i: self.out[i] for i in message_ids}
+        return [Message(RecordDict({"identity": ConfigRecord(
+                    {"client_id": self.says[r.metadata.src_node_id]})}),
+                        reply_to=asked[r.metadata.reply_to_message_id])
+                for r in super().pull_messages(message_ids)]
+
+
+def test_a_deployed_node_is_its_enrolled_name_not_the_name_it_reports(caplog):
+    grid = IdentifyingGrid(says={70: "hospital-x", 71: "site-c"},
+                           enrolled={70: "site-b", 71: "site-c"})
+    nodes = directory.NodeDirectory(timeout=10)
+    nodes.identify(grid, [70, 71])
+    assert nodes.client_of == {70: "site-b", 71: "site-c"}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "'hospital-x'" in warning and "'site-b'" in warning
+
+
+def test_a_simulated_node_with_no_enrolled_name_is_the_id_it_reports():
+    nodes = directory.NodeDirectory(timeout=10)
+    nodes.identify(IdentifyingGrid(says={80: "3"}, enrolled={}), [80])
+    assert nodes.client_of == {80: "3"}
+
+
+def test_a_reply_is_recorded_under_the_directory_name_whatever_its_report_says():
+    from consortia.messages import TrainReport
+    from consortia.server.validation import ReplyOutcome
+
+    report = TrainReport(client_id="hospital-x", status="trained", num_examples=5)
+    assert ReplyOutcome(70, "trained", report=report, known_as="site-b").client_id == "site-b"
+    assert ReplyOutcome(70, "trained", report=report).client_id == "hospital-x"
