@@ -38,6 +38,8 @@ TASK = Task(
     description="scikit-learn digits (1,437 train / 360 test), MLP 64-64-10",
     build_model=build_model,
     load_data=load_data,
-    records="(features, label): features float32 of shape [64] (an 8x8 image, 0 to 16); the "
-            "label a digit, int64 in 0..9",
+    # A CSV's values are read as they are (client/data.py), so they must be scaled as here.
+    records="(features, label): features float32 of shape [64] (an 8x8 image's pixels, "
+            "0 to 1: scikit-learn's 0-16 values divided by 16); the label a digit, int64 "
+            "in 0..9",
 )

@@ -32,6 +32,15 @@ def test_csv_gives_float_features_and_integer_labels(tmp_path):
     assert len(ds) == 2 and ds[1][1].dtype == torch.int64
 
 
+def test_the_digits_hint_gives_the_range_a_csv_must_hold(tmp_path):
+    """A CSV's values reach the model as they are: the hint must state the range the
+    task's own data has (0 to 1), not scikit-learn's raw 0 to 16."""
+    x, _ = TASK.load_data(None).train.tensors
+    path = write_csv(tmp_path / "d.csv", [[float(x.max()), 16.0, 3]])
+    assert load_site_data(DataSection(kind="csv", path=path), TASK)[0][0].tolist() == [1.0, 16.0]
+    assert f"{float(x.min()):g} to {float(x.max()):g}:" in TASK.records
+
+
 def test_parquet_reads_like_csv(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
