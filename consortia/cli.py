@@ -104,7 +104,7 @@ def sim_run(
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's own log"),
 ) -> None:
     """Run a federation of virtual clients; write metrics.jsonl, summary.json and checkpoints to --out."""
-    from consortia.simulations.runner import ResultsDirError, run_simulation
+    from consortia.simulations.runner import RUN_ERRORS, run_simulation
 
     cfg = _load(config, overrides)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -127,7 +127,7 @@ def sim_run(
         try:
             summary = run_simulation(cfg, out, resume=resume, on_round=on_round, verbose=verbose,
                                      on_status=lambda text: progress.update(bar, status=text))
-        except (ResultsDirError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
+        except RUN_ERRORS as err:
             if not progress.tasks[0].completed:  # no round ran: no bar saying it started
                 progress.remove_task(bar)
             raise fail(err) from None
@@ -179,6 +179,7 @@ def sim_sweep(
     def on_cell(i: int, total: int, name: str, done: bool) -> None:
         console.print(f"[{i + 1}/{total}] {name}" + (" (done, skipped)" if done else ""))
 
+    console.print("checking every cell's config, data, model and privacy terms...")
     try:
         path = run_sweep(config, grid, out, overrides, on_cell=on_cell)
     except ConfigError as err:

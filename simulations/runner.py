@@ -26,7 +26,17 @@ from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError,
 from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
-__all__ = ["RUN_FILE", "ResultsDirError", "backend_config", "prepare_out_dir", "run_simulation"]
+__all__ = ["RUN_ERRORS", "RUN_FILE", "ResultsDirError", "backend_config", "prepare_out_dir",
+           "run_simulation", "SimulationFailed", "start_checks"]
+
+# What a run refuses to start (or continue) with: a config, data, model or results
+# directory it cannot use. The message names the value and what is accepted, so callers
+# print it, not a traceback (ConfigError and ResultsDirError are ValueErrors).
+class SimulationFailed(RuntimeError):
+    """The federation ended without its summary: what went wrong is in Flower's log."""
+
+
+RUN_ERRORS = (ValueError, FileNotFoundError, ImportError, SimulationFailed)
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -101,6 +111,19 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
             check_budget_reachable(rounds=cfg.planned_rounds_per_client, **terms)
 
 
+def start_checks(cfg: RunConfig) -> None:
+    """What `cfg` must pass before Ray starts, beyond the schema: a partition that can be
+    drawn, privacy terms that mean something for its clients' record counts, a Ray head
+    that answers, a model that builds and whose messages gRPC accepts. `sim run` runs
+    them, and `sim sweep` for every cell before the first one runs."""
+    from consortia.simulations.sites import partitions_for
+
+    check_privacy_terms(cfg, [len(p) for p in partitions_for(cfg)])
+    if cfg.sim.ray_address:
+        check_ray_head(cfg.sim.ray_address)
+    check_model_fits(cfg)
+
+
 @contextmanager
 def callers_sigterm_kept():
     """ray.init replaces the process's SIGTERM handler with sys.exit, which leaves Flower's
@@ -158,16 +181,11 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     from consortia.simulations.dispatch import prompt_dispatch
     from consortia.simulations.faults import configured_mods
     from consortia.simulations.shipping import ShippedOnce
-    from consortia.simulations.sites import SimulationSites, partitions_for
+    from consortia.simulations.sites import SimulationSites
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    # A partition that cannot be drawn fails here, before Ray starts; so do privacy terms
-    # that cannot mean anything for its clients' record counts.
-    check_privacy_terms(cfg, [len(p) for p in partitions_for(cfg)])
-    if cfg.sim.ray_address:
-        check_ray_head(cfg.sim.ray_address)
-    check_model_fits(cfg)  # and so does a model whose messages gRPC would refuse
+    start_checks(cfg)
     # A store that cannot be opened fails here, before the results directory or Ray.
     own_store = store is None
     if store is None and cfg.store.url:
@@ -208,7 +226,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             store.close()
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
+        raise SimulationFailed(f"the simulation ended without writing {summary_path}; see the log")
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = round(time.monotonic() - started, 2)  # this process, Ray's start included
     atomic_write_json(summary_path, summary)

@@ -54,18 +54,34 @@ def sweep_row(assignments: dict[str, str], summary: dict[str, Any]) -> dict[str,
             "user_epsilon": summary.get("user_epsilon"), "duration_s": summary.get("wall_s")}
 
 
+def cell_error(assignments: dict[str, str], err: Exception | str, ran: bool) -> ConfigError:
+    """`err` (its message names the value and what is accepted) said of the cell it is in."""
+    where = ", ".join(f"{k}={v}" for k, v in assignments.items())
+    after = ("finished cells are kept: run the same command to go on from this one" if ran
+             else "no cell has run")
+    return ConfigError(f"sweep cell {where}: {err}\n({after})")
+
+
 def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
               overrides: list[str] | None = None,
               on_cell: Callable[[int, int, str, bool], None] | None = None) -> Path:
     """Run (or skip, when done) every cell; write and return `out_dir/sweep.csv`."""
-    from consortia.simulations.runner import run_simulation
+    from consortia.simulations import runner
 
     grid = parse_grid(grid_specs)
     out_dir = Path(out_dir)
     todo = cells(grid)
-    # Every cell's config is validated before the first one runs.
-    configs = [load_config(config, list(overrides or []) + [f"{k}={v}" for k, v in a.items()])
-               for a in todo]
+    # Every cell to run passes the config schema and sim run's start checks before the
+    # first one runs: a cell that cannot start must not wait for the cells before it.
+    configs = []
+    for assignments in todo:
+        try:
+            cfg = load_config(config, list(overrides or []) + [f"{k}={v}" for k, v in assignments.items()])
+            if not (out_dir / cell_name(assignments) / "summary.json").exists():
+                runner.start_checks(cfg)
+        except runner.RUN_ERRORS as err:
+            raise cell_error(assignments, err, ran=False) from None
+        configs.append(cfg)
     rows = []
     for i, (assignments, cfg) in enumerate(zip(todo, configs, strict=True)):
         cell_dir = out_dir / cell_name(assignments)
@@ -77,7 +93,13 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
             summary = json.loads(summary_path.read_text())
         else:
             resume = (cell_dir / "run.json").exists()  # a cell cut short continues
-            summary = run_simulation(cfg, cell_dir, resume=resume)
+            try:
+                summary = runner.run_simulation(cfg, cell_dir, resume=resume)
+            except runner.RUN_ERRORS as err:
+                raise cell_error(assignments, err, ran=True) from None
+            except Exception as err:  # a bug: its traceback, saying which cell
+                err.add_note(str(cell_error(assignments, "failed", ran=True)))
+                raise
         rows.append({"cell": cell_dir.name, **sweep_row(assignments, summary)})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SWEEP_FILE

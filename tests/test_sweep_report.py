@@ -22,10 +22,49 @@ def test_grid_parsing_and_cells():
         parse_grid(["lr=1", "lr=2"])
 
 
-def test_a_bad_cell_fails_before_any_cell_runs(tmp_path):
-    with pytest.raises(ConfigError, match="clients_per_round"):
-        run_sweep(SMOKE, ["clients_per_round=2,9"], tmp_path)
+@pytest.mark.parametrize("grid, named", [
+    (["clients_per_round=2,9"], r"sweep cell clients_per_round=9: .*clients_per_round \(9\)"),
+    # sim run's start checks, not only the schema: a σ too small for one round under the
+    # budget, a δ at or above 1/n for a client's n records.
+    (["privacy.noise_multiplier=2.0,0.5"], r"sweep cell privacy.noise_multiplier=0.5: "
+                                           r"privacy.noise_multiplier = 0.5: .*accepted: σ ≥"),
+    (["privacy.delta=1e-5,0.01"], r"sweep cell privacy.delta=0.01: delta = 0.01 is not below 1/n .*accepted"),
+])
+def test_a_bad_cell_fails_before_any_cell_runs(tmp_path, monkeypatch, grid, named):
+    import consortia.simulations.runner as runner
+
+    monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("ran a cell"))
+    with pytest.raises(ConfigError, match="(?s)" + named) as err:
+        run_sweep(SMOKE, grid, tmp_path, ["rounds=1"])
+    assert "no cell has run" in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_sweep_command_names_a_cell_that_cannot_start_or_fails_without_a_traceback(
+        tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import consortia.simulations.runner as runner
+    from consortia.cli import app
+
+    def sweep():
+        return CliRunner().invoke(app, ["sim", "sweep", str(SMOKE), "--out", str(tmp_path),
+                                        "--set", "rounds=1", "--grid", "privacy.delta=1e-5,0.01"])
+
+    result = sweep()
+    assert result.exit_code == 2 and result.exception is not None
+    assert "error: sweep cell privacy.delta=0.01:" in result.output
+    assert "Traceback" not in result.output
+
+    def fails(cfg, out_dir, **kwargs):
+        raise runner.SimulationFailed(f"the simulation ended without writing {out_dir}")
+
+    monkeypatch.setattr(runner, "run_simulation", fails)
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    result = sweep()
+    assert result.exit_code == 2
+    assert "error: sweep cell privacy.delta=1e-5: the simulation ended" in result.output
+    assert "run the same command" in result.output
 
 
 @pytest.mark.slow
