@@ -265,6 +265,7 @@ class RunConfig(_Section):
                              "a DP client must take at least one noisy step")
         self._check_partition()
         self._check_model_keys()
+        self._check_keys_of_features_off()
         from consortia.strategies import check_strategy
 
         check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
@@ -302,13 +303,23 @@ class RunConfig(_Section):
         from consortia.tasks import TASKS
 
         used = TASKS[self.task].model_keys
-        unused = [key for key, spec in ModelConfig.model_fields.items()
-                  if key not in used and getattr(self.model, key) != spec.default]
-        if unused:
-            given = ", ".join(f"model.{key} = {getattr(self.model, key)!r}" for key in unused)
-            raise ValueError(f"{given} does not apply to task {self.task!r}, which is built "
-                             f"with {', '.join('model.' + key for key in used)} only: it "
+        given = _set_away_from_default("model", self.model, exclude=used)
+        if given:
+            raise ValueError(f"{', '.join(given)} does not apply to task {self.task!r}, which "
+                             f"is built with {', '.join('model.' + key for key in used)} only: it "
                              "would be recorded but change nothing; remove it")
+
+    def _check_keys_of_features_off(self) -> None:
+        """A secagg or user_dp key set while its section is off would be recorded in the
+        run and change nothing (defaults pass: a stored run's full config holds them)."""
+        for name in ("secagg", "user_dp"):
+            section = getattr(self, name)
+            given = _set_away_from_default(name, section, exclude=("enabled",))
+            if given and not section.enabled:
+                verb = "have" if len(given) > 1 else "has"
+                raise ValueError(f"{', '.join(given)} {verb} no effect while {name}.enabled = "
+                                 "false: it would be recorded but change nothing; set "
+                                 f"{name}.enabled = true to use it, or remove it")
 
     def _check_partition(self) -> None:
         from consortia.tasks import TASKS
@@ -380,6 +391,14 @@ class RunConfig(_Section):
         reaches its budget and refuses, which is the budget doing its job.
         """
         return -(-self.rounds * self.clients_per_round // self.clients)
+
+
+def _set_away_from_default(name: str, section: _Section, exclude=()) -> list[str]:
+    """"name.key = value" for each key of `section` (but `exclude`) not at its schema
+    default."""
+    return [f"{name}.{key} = {getattr(section, key)!r}"
+            for key, spec in type(section).model_fields.items()
+            if key not in exclude and getattr(section, key) != spec.default]
 
 
 def _known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str] | None:

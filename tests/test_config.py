@@ -168,3 +168,27 @@ def test_a_model_key_the_task_is_not_built_with_fails_at_start(task, sets, named
     assert config_to_dict(validate_config(stored)) == stored
     load_config(None, [f"task='{task}'", "model.activation='relu'" if task != "reviews-minilm-lora"
                        else "model.lora_rank=4"])
+
+
+@pytest.mark.parametrize("sets, named", [
+    (["secagg.threshold=3"], "secagg.threshold = 3.0 has no effect while secagg.enabled = false"),
+    (["secagg.neighbours=3", "secagg.clip=5"],
+     "secagg.neighbours = 3, secagg.clip = 5.0 have no effect while secagg.enabled = false"),
+    (["secagg.bits=8"], "secagg.bits = 8 has no effect"),
+    (['user_dp.noise_at="clients"'],
+     "user_dp.noise_at = 'clients' has no effect while user_dp.enabled = false"),
+    (["user_dp.clip=0.5"], "user_dp.clip = 0.5 has no effect while user_dp.enabled = false"),
+])
+def test_a_key_of_a_feature_that_is_off_fails_at_start(sets, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    assert named in str(err.value)
+    section = named.split(".")[0]
+    assert f"set {section}.enabled = true to use it" in str(err.value)
+    # With the feature on the same keys are taken; with it off, a stored run's full config
+    # (every key at its default) still validates.
+    extra = ["secagg.enabled=true"] if section == "user_dp" and "clients" in sets[0] else []
+    load_config(None, [f"{section}.enabled=true", *extra, *sets])
+    stored = config_to_dict(load_config(None, []))
+    assert {"clip", "unmask"} <= set(stored["secagg"]) and "noise_at" in stored["user_dp"]
+    assert config_to_dict(validate_config(stored)) == stored
