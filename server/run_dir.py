@@ -50,10 +50,13 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
         if old != new:
             diff = ", ".join(f"{key} ({was!r} stored, {now!r} now)"
                              for key, was, now in _differences(old, new))
+            # No option starts a run from another's weights: a simulation's new run would
+            # account its clients' privacy from zero (their ledgers live in the old --out).
             raise ResultsDirError(
                 f"--resume with a config that differs from the stored run in: {diff}; a "
-                "resumed run is the same run (to run longer or otherwise, start a new --out "
-                "from its final weights)")
+                "resumed run is the same run: resume it with the config it was started with "
+                f"(the \"config\" in {run_file}), or start a new run, from a new model, in "
+                "another results directory")
         checkpoints = CheckpointStore(out_dir / CHECKPOINTS_DIR)
         if checkpoints.latest() is None:  # resuming would silently start again from round 0
             found = "; ".join(checkpoints.problems) or "none there"
