@@ -29,3 +29,11 @@ def test_the_partners_site_toml_lists_the_base_hash_of_the_operators_server_toml
     assert site.site.task == run.task and run.task in site.policy.tasks
     # What `consortia server base-hash --config server.toml` prints for the operator's run.
     assert site.policy.base_model_sha256 == [base_model_sha256(server_toml)]
+
+
+def test_the_example_configs_listed_in_configuration_md_are_those_in_the_directory():
+    text = (DOCS / "configuration.md").read_text()
+    listing = text[text.index("Example configs are in `simulations/experiments/`"):]
+    named = set(re.findall(r"`([a-z0-9-]+\.toml)`", listing))
+    experiments = DOCS.parent / "simulations" / "experiments"
+    assert named == {p.name for p in experiments.glob("*.toml")}
