@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -16,6 +17,10 @@ from consortia.config import ConfigError, config_to_dict, load_config
 from consortia.deploy_cli import certs_app, client_app, server_app
 from consortia.terminal import console, fail, say
 from consortia.version import __version__
+
+# Typer frames a usage error (a missing option, a bad value) in a panel titled "Error";
+# every error of ours says "error:" (terminal.fail), so the panel says it the same way.
+typer.rich_utils.ERRORS_PANEL_TITLE = "error"
 
 app = typer.Typer(help="consortia: federated learning with client-enforced differential privacy.",
                   no_args_is_help=True, add_completion=False)

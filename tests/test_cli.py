@@ -117,3 +117,14 @@ def test_a_model_opacus_cannot_make_private_fails_before_the_run_starts(tmp_path
     flat = " ".join(result.output.split())
     assert "task 'bn-digits''s model cannot be trained with DP" in flat and "BatchNorm" in flat
     assert not out.exists()
+
+
+def test_a_usage_error_is_labelled_error_like_every_other_error():
+    # Typer frames a missing option in its own panel; it says "error" as fail() does.
+    result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml"],
+                           terminal_width=80)
+    assert result.exit_code == 2
+    assert "─ error ─" in result.output and "Missing option '--out'" in result.output
+    assert "Error" not in result.output
+    result = runner.invoke(app, ["sim", "run", "missing.toml", "--out", "/tmp/never"])
+    assert result.output.startswith("error: config file not found: missing.toml")
