@@ -155,3 +155,76 @@ def configured_mods(cfg) -> list:
     if f.dropout > 0 or f.straggler_s > 0:
         return [DropoutsAndStragglers(f.dropout, f.straggler_s, cfg.seed)]
     return []
+
+
+# --- dropouts under secure aggregation ---------------------------------------------------
+
+def secagg_aborts(graph: dict[int, tuple[int, ...]], t: int, alive: np.ndarray) -> np.ndarray:
+    """Per row of `alive` (patterns x nodes in sorted order: who sent its masked input),
+    whether the server aborts the secure sum when the others dropped before masking and
+    every survivor answers the unmask request. The rules of privacy/secagg/server.py:
+    fewer than t survivors, or their neighbour graph split (_check_enough), or a
+    survivor with fewer than t surviving share holders, itself and its neighbours, for
+    its self-mask and its seeds with the dropped (_check_share_count)."""
+    nodes = sorted(graph)
+    index = {v: i for i, v in enumerate(nodes)}
+    adjacency = np.zeros((len(nodes), len(nodes)), dtype=np.float32)
+    for v, neighbours in graph.items():
+        adjacency[index[v], [index[u] for u in neighbours]] = 1
+    alive = np.asarray(alive, dtype=bool)
+    up = alive.astype(np.float32)
+    holders = up @ adjacency + up
+    short = (alive & (holders < t)).any(axis=1)
+    # Connected: spread from each pattern's first survivor along surviving edges.
+    reach = np.zeros_like(up)
+    reach[np.arange(len(up)), alive.argmax(axis=1)] = 1
+    reach *= up
+    while True:
+        grown = np.minimum(up, (reach @ adjacency + reach) > 0)
+        if np.array_equal(grown, reach):
+            break
+        reach = grown
+    split = (reach != up).any(axis=1)
+    return (alive.sum(axis=1) < t) | split | short
+
+
+WARN_RATE = 0.05  # one round in 20 or more lost: worth saying before the run
+
+
+def abort_draws(n: int) -> int:
+    """Dropout patterns to draw for rounds of n: 4,000 (the rate then within ±2.4 points,
+    three standard errors), fewer for large n (the check is n² per pattern), 200 at least."""
+    return int(min(4000, max(200, 4e8 // n**2)))
+
+
+def secagg_abort_rate(n: int, k: int, t: int, dropout: float, draws: int) -> float:
+    """The share of rounds of `n` participants (k neighbours, threshold t) whose secure
+    sum aborts when each drops its train request with probability `dropout`, as
+    DropoutsAndStragglers does: estimated over `draws` patterns (fixed seed). Every
+    round's graph is the same ring up to its order, so one graph stands for all."""
+    from consortia.privacy.secagg.graph import neighbour_graph
+
+    graph = neighbour_graph(range(n), num_neighbours=k, seed=bytes(32))
+    alive = np.random.default_rng(0).random((draws, n)) >= dropout
+    return float(secagg_aborts(graph, t, alive).mean())
+
+
+def dropout_abort_warning(cfg) -> str | None:
+    """A warning when faults.dropout under secure aggregation aborts WARN_RATE of rounds
+    or more (an aborted round's update is lost); None otherwise."""
+    if not (cfg.secagg.enabled and cfg.faults.dropout > 0):
+        return None
+    from consortia.server.secure_aggregation import protocol_parameters
+
+    n = cfg.clients_per_round
+    k, t, _ = protocol_parameters(cfg, n)
+    draws = abort_draws(n)
+    rate = secagg_abort_rate(n, k, t, cfg.faults.dropout, draws)
+    if rate < WARN_RATE:
+        return None
+    margin = 3 * (rate * (1 - rate) / draws) ** 0.5  # three standard errors
+    return (f"faults.dropout = {cfg.faults.dropout} under secure aggregation ({n} clients a "
+            f"round, k = {k} neighbours, threshold t = {t}): about {rate:.0%} of rounds "
+            f"(±{margin:.0%}, from {draws} draws of the dropouts) abort and lose their "
+            f"update, {rate * cfg.rounds:.1f} of the run's {cfg.rounds} on average "
+            "(simulations/faults.py secagg_abort_rate gives the rate for other k and t)")

@@ -26,6 +26,8 @@ from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError,
 from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
+log = logging.getLogger("consortia.simulations")
+
 __all__ = ["RUN_ERRORS", "RUN_FILE", "ResultsDirError", "backend_config", "prepare_out_dir",
            "run_simulation", "SimulationFailed", "start_checks"]
 
@@ -116,12 +118,16 @@ def start_checks(cfg: RunConfig) -> None:
     drawn, privacy terms that mean something for its clients' record counts, a Ray head
     that answers, a model that builds and whose messages gRPC accepts. `sim run` runs
     them, and `sim sweep` for every cell before the first one runs."""
+    from consortia.simulations.faults import dropout_abort_warning
     from consortia.simulations.sites import partitions_for
 
     check_privacy_terms(cfg, [len(p) for p in partitions_for(cfg)])
     if cfg.sim.ray_address:
         check_ray_head(cfg.sim.ray_address)
     check_model_fits(cfg)
+    warning = dropout_abort_warning(cfg)  # a choice an experiment may make: said, not refused
+    if warning is not None:
+        log.warning(warning)
 
 
 @contextmanager

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,76 @@ def test_sign_flippers_wreck_fedavg_but_not_the_median(tmp_path):
     clients = {p["client_id"] for p in participation if p["status"] == "trained"}
     failed_ids = {p["client_id"] for p in participation if p["status"] == "failed"}
     assert failed_ids and failed_ids <= clients, failed_ids
+
+
+@pytest.mark.parametrize("n, k, t", [(6, 2, 2), (6, 4, 3), (7, 4, 2), (8, 3, 3)])
+def test_the_abort_rule_is_the_secure_aggregation_servers_on_every_dropout_pattern(n, k, t):
+    # Every pattern of clients dropping before masking, through the real protocol: the
+    # server aborts exactly when secagg_aborts says it does.
+    import itertools
+
+    from consortia.privacy.secagg import (
+        ClientSecAggSession,
+        SecAggAbort,
+        ServerSecAggSession,
+        encode,
+        max_bits,
+    )
+    from consortia.privacy.secagg.round_plan import RoundPlan
+    from consortia.simulations.faults import secagg_aborts
+
+    clients = {node: ClientSecAggSession(node_id=node, run_id=7) for node in range(n)}
+    server = ServerSecAggSession(run_id=7)
+    server.collect_advertisements({v: c.advertise_keys() for v, c in clients.items()})
+    vector = encode(np.zeros(3), clip=1.0, bits=max_bits(n), num_clients=n)
+    outcomes = []
+    for round_num, alive in enumerate(itertools.product([True, False], repeat=n), start=1):
+        setup = server.begin_round(round_num, list(clients), vector_length=3,
+                                   num_neighbours=k, threshold=t)
+        try:
+            requests = server.collect_masked_inputs(
+                {v: c.share_keys_and_mask_input(setup, vector)
+                 for v, c in clients.items() if alive[v]})
+            server.finish_round({v: clients[v].unmask(r) for v, r in requests.items()})
+            aborted = False
+        except SecAggAbort:
+            aborted = True
+        predicted = secagg_aborts(RoundPlan.from_setup(setup).graph, t, np.array([alive]))[0]
+        assert predicted == aborted, (alive, aborted)
+        outcomes.append(aborted)
+    assert any(outcomes) and not all(outcomes)  # both kinds of pattern were met
+
+
+def test_the_abort_rate_estimate_is_within_its_stated_margin_of_the_exact_rate():
+    import itertools
+
+    from consortia.privacy.secagg.graph import neighbour_graph
+    from consortia.simulations.faults import abort_draws, secagg_abort_rate, secagg_aborts
+
+    n, k, t, p = 10, 4, 3, 0.3
+    patterns = np.array(list(itertools.product([True, False], repeat=n)))
+    weights = np.prod(np.where(patterns, 1 - p, p), axis=1)
+    graph = neighbour_graph(range(n), num_neighbours=k, seed=bytes(32))
+    exact = float(weights @ secagg_aborts(graph, t, patterns))
+    draws = abort_draws(n)
+    estimate = secagg_abort_rate(n, k, t, p, draws)
+    assert abs(estimate - exact) <= 3 * (exact * (1 - exact) / draws) ** 0.5  # as it says
+    assert 0.3 < exact < 0.45  # a third of the rounds abort: worth a warning
+
+
+def test_a_dropout_rate_that_aborts_secure_rounds_is_warned_of_at_start(caplog):
+    from consortia.simulations.runner import start_checks
+
+    secagg = ["secagg.enabled=true", "privacy.enabled=false"]
+    start_checks(load_config(SMOKE, [*secagg, "faults.dropout=0.3"]))
+    # 4 clients a round on a ring (k = 2, t = 2): a round aborts when fewer than 2 send
+    # their masked input (0.3^4 + 4 · 0.7 · 0.3^3) or the 2 that do sit opposite each
+    # other (2 · 0.7^2 · 0.3^2): 16.3 % of rounds.
+    said = re.search(r"faults.dropout = 0.3 under secure aggregation \(4 clients a round, "
+                     r"k = 2 neighbours, threshold t = 2\): about (\d+)% of rounds \(±(\d+)%",
+                     caplog.text)
+    assert said and abs(int(said[1]) - 16.3) <= int(said[2]) + 0.5, caplog.text
+    caplog.clear()
+    for quiet in (["faults.dropout=0.02", *secagg], ["faults.dropout=0.3", "privacy.enabled=false"]):
+        start_checks(load_config(SMOKE, quiet))
+    assert "faults.dropout" not in caplog.text
