@@ -128,3 +128,18 @@ def test_a_usage_error_is_labelled_error_like_every_other_error():
     assert "Error" not in result.output
     result = runner.invoke(app, ["sim", "run", "missing.toml", "--out", "/tmp/never"])
     assert result.output.startswith("error: config file not found: missing.toml")
+
+
+def test_a_resume_with_another_config_suggests_only_what_exists(tmp_path):
+    from consortia.config import load_config
+    from consortia.server.run_dir import ResultsDirError, prepare_out_dir
+
+    smoke = "simulations/experiments/digits-dp-smoke.toml"
+    prepare_out_dir(load_config(smoke), tmp_path, resume=False)
+    with pytest.raises(ResultsDirError) as err:
+        prepare_out_dir(load_config(smoke, ["rounds=5"]), tmp_path, resume=True)
+    message = str(err.value)
+    assert "in: rounds (3 stored, 5 now)" in message
+    assert f'resume it with the config it was started with (the "config" in {tmp_path}' in message
+    # No option starts a run from another run's weights, so the message must not offer it.
+    assert "weights" not in message and "a new model, in another results directory" in message

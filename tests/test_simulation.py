@@ -215,16 +215,3 @@ def test_cli_sim_run_writes_results_and_says_where(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["delta"] is None
     assert all(c["epsilon"] is None for c in summary["clients"])
-
-
-def test_a_resume_with_another_config_suggests_only_what_exists(tmp_path):
-    from consortia.server.run_dir import prepare_out_dir
-
-    prepare_out_dir(load_config(SMOKE), tmp_path, resume=False)
-    with pytest.raises(ResultsDirError) as err:
-        prepare_out_dir(load_config(SMOKE, ["rounds=5"]), tmp_path, resume=True)
-    message = str(err.value)
-    assert "in: rounds (3 stored, 5 now)" in message
-    assert f'resume it with the config it was started with (the "config" in {tmp_path}' in message
-    # No option starts a run from another run's weights, so the message must not offer it.
-    assert "weights" not in message and "a new model, in another results directory" in message
