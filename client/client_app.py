@@ -21,6 +21,7 @@ from consortia.messages import (
     ARRAYS,
     CONFIG,
     SECAGG,
+    MessageSchemaError,
     SecAggInstructions,
     TrainInstructions,
     TrainReport,
@@ -28,7 +29,7 @@ from consortia.messages import (
     torch_to_arrays,
     update_vector_order,
 )
-from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, round_steps
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -132,6 +133,29 @@ def base_weights_refusal(task: Task, model: torch.nn.Module, expected: str | Non
             "install the same model package version as the server")
 
 
+def can_afford_a_round(site: Site, content: RecordDict) -> bool | None:
+    """Whether this site's ledger can pay for one round of the run the server describes
+    (its train instructions, sent with the key advertisement), None when that is not known
+    here: no DP, no instructions, or distributed DP (its charge depends on each round's
+    floor and threshold; its train replies say it instead)."""
+    try:
+        _, ins = TrainInstructions.from_content(content)
+    except MessageSchemaError:
+        return None
+    if not ins.dp_enabled or ins.local_epochs == 0 or ins.privacy_mode != "local":
+        return None
+    with site.ledger_held(True):
+        try:
+            ledger = site.open_ledger()
+        except LedgerMismatchError:
+            return None  # the train request refuses, with the reason
+        if ledger is None:
+            return None
+        trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device)
+        rate, steps = round_steps(len(site.dataset), ins.batch_size, ins.local_epochs, "local")
+        return ledger.check_round(trainer.noise_multiplier(ins), rate, steps).allowed
+
+
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
     """The ClientApp for sites built by `load_site`; `mods` are Flower client mods."""
     app = ClientApp(mods=mods or [])
@@ -225,7 +249,8 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     def advertise(msg: Message, context: Context) -> Message:
         run_id = str(msg.content[CONFIG]["run_id"])
         site = load_site(context)
-        content = SecAggClient(context, site.secagg_state).advertise(run_id, len(site.dataset))
+        content = SecAggClient(context, site.secagg_state).advertise(
+            run_id, len(site.dataset), can_afford_a_round(site, msg.content))
         return Message(content, reply_to=msg)
 
     @app.train("secagg_unmask")

@@ -81,7 +81,8 @@ class DistributedStep:
         decision = self.ledger.check_round(*entry)
         if not decision.allowed:
             self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
-            return self._report("refused-budget", decision.reason, share, rate), None
+            return self._report("refused-budget", decision.reason, share, rate,
+                                can_train_again=False), None
         cap = self.max_epsilon_if_secagg_fails
         if cap is not None and (after := self.ledger.fallback_after(own)) > cap:
             reason = (f"epsilon if secure aggregation fails would reach {after:.4f}, above this "
@@ -100,7 +101,9 @@ class DistributedStep:
         # Both accounts are spent before the share leaves: once it has, the server may
         # reveal a sum holding it without this client's help (t answers of others suffice).
         self.ledger.spend_share(entry, own, run_id=ins.run_id, server_round=server_round)
-        report = self._report("trained", "", share, rate)
+        # The next round's share is sized the same way (its floor and t as this round's).
+        report = self._report("trained", "", share, rate,
+                              can_train_again=self.ledger.check_round(*entry).allowed)
         return report, vector
 
     def _per_example_gradients(self, model: torch.nn.Module, rate: float, names: list[str],
@@ -132,7 +135,8 @@ class DistributedStep:
             gsm._close()
         return np.concatenate(blocks, axis=1)
 
-    def _report(self, status: str, reason: str, share: NoiseShare, rate: float) -> TrainReport:
+    def _report(self, status: str, reason: str, share: NoiseShare, rate: float,
+                can_train_again: bool | None = None) -> TrainReport:
         return TrainReport(
             client_id=self.client_id, status=status, reason=reason,
             num_examples=len(self.dataset), dp_enabled=True, privacy_mode="distributed",
@@ -140,4 +144,4 @@ class DistributedStep:
             epsilon=self.ledger.epsilon, epsilon_budget=self.ledger.epsilon_budget,
             epsilon_if_secagg_fails=self.ledger.epsilon_if_secagg_fails,
             noise_multiplier=share.noise_multiplier, noise_floor=share.floor_multiplier,
-            sample_rate=rate, steps=self.ledger.steps)
+            sample_rate=rate, steps=self.ledger.steps, can_train_again=can_train_again)

@@ -61,11 +61,17 @@ class SecAggClient:
             return
         self.context.state[STATE_KEY] = ConfigRecord({"session": session.to_state_bytes()})
 
-    def advertise(self, run_id: str, num_examples: int) -> RecordDict:
+    def advertise(self, run_id: str, num_examples: int, can_train: bool | None = None
+                  ) -> RecordDict:
+        """The keys (and dataset size) for the run; `can_train`, when known, whether this
+        client's ledger can pay for a round of the run (TrainReport.can_train_again)."""
         session = self._load(secagg_run_id(run_id))
         self._save(session)
-        return RecordDict({SECAGG: ConfigRecord({"advertise": session.advertise_keys().to_bytes(),
-                                                 "num_examples": num_examples})})
+        record = ConfigRecord({"advertise": session.advertise_keys().to_bytes(),
+                               "num_examples": num_examples})
+        if can_train is not None:
+            record["can_train"] = can_train
+        return RecordDict({SECAGG: record})
 
     def mask_update(self, ins: SecAggInstructions, old: ArrayRecord,
                     new: dict[str, torch.Tensor], num_examples: int, seed: int,

@@ -143,18 +143,20 @@ class LocalTrainer:
             if not decision.allowed:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
-                                    sigma=sigma, rate=loader.sample_rate), None
+                                    sigma=sigma, rate=loader.sample_rate,
+                                    can_train_again=False), None
             loss = self._sgd(dp_model, optimizer, loader, criterion, ins.local_epochs, anchor,
                              ins.physical_batch_size)
         finally:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
         self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
+        again = self.ledger.check_round(sigma, loader.sample_rate, len(loader) * ins.local_epochs)
         # The training loss is computed on the private records without noise: under DP it
         # stays on the client (only the DP-protected update and the accounting leave).
         del loss
         report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
-                              num_examples=len(self.dataset))
+                              num_examples=len(self.dataset), can_train_again=again.allowed)
         report = report.model_copy(update={"grad_sample_mode": mode})
         return report, self.task.travelling_weights(model)
 
@@ -176,7 +178,8 @@ class LocalTrainer:
 
     def _report(self, status: str, *, dp: bool, reason: str = "", sigma: float | None = None,
                 rate: float | None = None, num_examples: int = 0,
-                train_loss: float | None = None) -> TrainReport:
+                train_loss: float | None = None, can_train_again: bool | None = None
+                ) -> TrainReport:
         ledger = self.ledger if dp else None
         return TrainReport(
             client_id=self.client_id, status=status, reason=reason, num_examples=num_examples,
@@ -185,4 +188,5 @@ class LocalTrainer:
             delta=ledger.delta if ledger else None,
             epsilon=ledger.epsilon if ledger else None,
             epsilon_budget=ledger.epsilon_budget if ledger else None,
-            noise_multiplier=sigma, sample_rate=rate, steps=ledger.steps if ledger else 0)
+            noise_multiplier=sigma, sample_rate=rate, steps=ledger.steps if ledger else 0,
+            can_train_again=can_train_again)

@@ -130,6 +130,11 @@ class TrainReport(_Record):
     # (noise_multiplier) plus t − 1 shares at the floor (privacy/dp/distributed.NoiseShare).
     noise_floor: float | None = None
     grad_sample_mode: str | None = None  # DP: which Opacus mode computed the clipping
+    # DP: whether this client's ledger can pay for one more round like this one (after
+    # this round's spend). The server leaves a client that cannot out of a secure round's
+    # masking graph rather than have it refuse there as a dropout; it would learn the same
+    # bit from the refusal one round later.
+    can_train_again: bool | None = None
 
     def to_content(self, arrays=None) -> RecordDict:
         content = RecordDict({REPORT: self.to_config_record()})

@@ -30,6 +30,7 @@ from consortia.messages import (
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
     SecAggInstructions,
+    TrainReport,
     decode_array,
     secagg_run_id,
     update_vector_order,
@@ -116,6 +117,11 @@ class SecureAggregator:
         self.timeout = timeout
         self.session = ServerSecAggSession(run_id=secagg_run_id(run_id))
         self.examples: dict[int, int] = {}  # node -> dataset size it advertised
+        # node -> (why, its last report): DP clients whose ledger said it cannot pay for
+        # another round (TrainReport.can_train_again). They are left out of a round's
+        # masking graph: asked, they would refuse, count as dropouts, and could abort the
+        # round for the others, who would have spent ε on an update thrown away.
+        self.cannot_pay: dict[int, tuple[str, TrainReport | None]] = {}
 
     def noise_floor(self) -> float | None:
         """Distributed DP: σ_floor, the least noise multiplier every client of a round adds
@@ -133,12 +139,16 @@ class SecureAggregator:
                                 self.cfg.planned_rounds_per_client, p.accountant)
 
     # -- stage 0: keys, once per node and run --------------------------------------------
-    def register(self, grid: Grid, node_ids: list[int]) -> dict[int, str]:
-        """Ask nodes without keys to advertise theirs; returns node -> why it failed."""
+    def register(self, grid: Grid, node_ids: list[int], train_config: ConfigRecord | None = None
+                 ) -> dict[int, str]:
+        """Ask nodes without keys to advertise theirs; returns node -> why it failed.
+        `train_config`, the round's train instructions, goes with the request: a DP client
+        answers whether its ledger can pay for such a round (a run resumed, clients who
+        spent for the rounds it replays)."""
         new = [n for n in node_ids if n not in self.session.registered]
         if not new:
             return {}
-        content = RecordDict({CONFIG: ConfigRecord({"run_id": self.run_id})})
+        content = RecordDict({CONFIG: train_config or ConfigRecord({"run_id": self.run_id})})
         requests = [Message(content=content, dst_node_id=n, message_type=SECAGG_ADVERTISE)
                     for n in new]
         adverts, sizes, failed = {}, {}, {}
@@ -150,6 +160,9 @@ class SecureAggregator:
             try:
                 record = reply.content[SECAGG]
                 adverts[src], sizes[src] = bytes(record["advertise"]), int(record["num_examples"])
+                if record.get("can_train") is False:
+                    self.cannot_pay[src] = ("its key advertisement said its privacy ledger "
+                                            "cannot pay for a round of this run", None)
             except (KeyError, TypeError, ValueError) as err:
                 failed[src] = f"malformed key advertisement: {err!r}"
         accepted = self.session.collect_advertisements(adverts)
@@ -168,12 +181,20 @@ class SecureAggregator:
     def run_round(self, grid: Grid, server_round: int, messages: list[Message],
                   arrays: ArrayRecord) -> SecureRoundResult:
         sampled = [m.metadata.dst_node_id for m in messages]
-        failed = self.register(grid, sampled)
+        failed = self.register(grid, sampled, messages[0].content.get(CONFIG) if messages else None)
         outcomes = [ReplyOutcome(n, "failed", why) for n, why in failed.items()]
-        messages = [m for m in messages if m.metadata.dst_node_id in self.session.registered]
+        outcomes += [self._not_asked(n) for n in sampled if n in self.cannot_pay]
+        messages = [m for m in messages if m.metadata.dst_node_id in self.session.registered
+                    and m.metadata.dst_node_id not in self.cannot_pay]
         participants = [m.metadata.dst_node_id for m in messages]
+        not_asked = {"secagg_not_asked": sum(n in self.cannot_pay for n in sampled)}
         if len(participants) < 3:
-            return self._abandon(outcomes, f"{len(participants)} clients with keys; 3 needed")
+            why = f"{len(participants)} clients with keys that can pay for the round; 3 needed"
+            outcomes += [ReplyOutcome(n, "failed", f"not asked: round abandoned: {why}")
+                         for n in participants]
+            result = self._abandon(outcomes, why)
+            result.metrics |= not_asked
+            return result
 
         names = update_vector_order(arrays.keys())
         unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
@@ -228,8 +249,12 @@ class SecureAggregator:
                 for n, outcome in by_node.items():
                     if outcome.status == "trained":
                         by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}")
-                return self._abandon(outcomes + list(by_node.values()), str(abort),
-                                     dropped=len(participants) - len(masked))
+                self._note_budgets(server_round, by_node)
+                result = self._abandon(outcomes + list(by_node.values()), str(abort),
+                                       dropped=len(participants) - len(masked))
+                result.metrics |= not_asked
+                return result
+        self._note_budgets(server_round, by_node)
 
         contributors = set(result.contributors)
         for n, outcome in by_node.items():
@@ -252,6 +277,7 @@ class SecureAggregator:
                                          num_summed=len(contributors))
         metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
                    "secagg_participants": len(participants), "secagg_unmask_asked": asked,
+                   **not_asked,
                    "secagg_neighbours": k,
                    "secagg_threshold": t, "secagg_bits": bits,
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
@@ -292,6 +318,29 @@ class SecureAggregator:
                 self.session.add_unmask_response(src, response)
             background.run(self.session.remove_rebuilt_masks)
         return answered
+
+    def _note_budgets(self, server_round: int, by_node: dict[int, ReplyOutcome]) -> None:
+        """Which clients said, in this round's replies, that their ledger cannot pay for
+        another round (and which can again: a site may have raised its budget)."""
+        for n, outcome in by_node.items():
+            report = outcome.report
+            if report is None or report.can_train_again is None:
+                continue
+            if report.can_train_again:
+                self.cannot_pay.pop(n, None)
+            else:
+                self.cannot_pay[n] = (f"its round {server_round} reply said its privacy "
+                                      "ledger cannot pay for another round", report)
+
+    def _not_asked(self, node: int) -> ReplyOutcome:
+        """A sampled client left out of the round for its budget: recorded as the budget
+        refusal it would have sent, with the ε its last report stated."""
+        why, report = self.cannot_pay[node]
+        reason = f"not asked: {why}"
+        if report is not None:
+            report = report.model_copy(update={"status": "refused-budget", "reason": reason,
+                                               "train_loss": None})
+        return ReplyOutcome(node, "refused-budget", reason, report)
 
     @staticmethod
     def _not_summed(outcome: ReplyOutcome, reason: str) -> ReplyOutcome:

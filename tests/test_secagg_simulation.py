@@ -1,5 +1,6 @@
 """Secure aggregation inside a real Flower simulation: accuracy, dropouts, forgeries."""
 
+import json
 import os
 from pathlib import Path
 
@@ -118,3 +119,55 @@ def test_secagg_with_a_rule_that_needs_individual_updates_fails_at_start():
         load_config(SMOKE, ["secagg.enabled=true", "clients_per_round=2"])
     with pytest.raises(ConfigError, match="secagg.bits = 31"):
         load_config(SMOKE, ["secagg.enabled=true", "secagg.bits=31"])
+
+
+def test_clients_that_cannot_pay_are_left_out_of_the_masking_graph_also_after_a_resume(tmp_path):
+    # Unequal partitions and a fixed σ: the smaller clients' budgets run out first. Asked,
+    # they would refuse inside the masked round as dropouts and abort it for the others,
+    # who would have spent ε on an update thrown away (rounds 7 before the fix: 4 dropped,
+    # 2 trained and paid, round abandoned).
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=7",
+                              "secagg.enabled=true", "partition.kind=dirichlet",
+                              "partition.alpha=0.5", "privacy.noise_multiplier=1.6"])
+
+    def spent_rounds(out):
+        spent = {}
+        for ledger in (out / "clients").glob("*/privacy_ledger.json"):
+            for event in json.loads(ledger.read_text())["events"]:
+                if event["decision"] == "trained":
+                    spent.setdefault(event["round"], []).append(ledger.parent.name)
+        return spent
+
+    def check(out, rows):
+        aborted = [r["round"] for r in rows if r["secagg_status"] == "aborted"]
+        assert aborted, "the budgets should run out within the run"
+        assert all(r["secagg_dropped"] == 0 for r in rows)
+        spent = spent_rounds(out)
+        assert not [r for r in aborted if r in spent]  # nobody paid for an abandoned round
+        return aborted
+
+    run_simulation(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    check(tmp_path, rows)
+    parts = read_jsonl(tmp_path / "participation.jsonl")
+    refused = [p for p in parts if p["status"] == "refused-budget"]
+    assert refused and all(p["reason"].startswith("not asked: its round ") for p in refused)
+    assert all(p["epsilon"] is not None for p in refused)  # as its last report stated
+    assert {p["client_id"] for p in parts if p["round"] == 7} == {str(i) for i in range(6)}
+
+    # A crash loses rounds 5 to 7's checkpoints: the resumed run replays them, and the
+    # clients' ledgers already hold those rounds. The fresh server learns who cannot pay
+    # from the key advertisements, before any of them is asked to train.
+    for r in (5, 6, 7):
+        (tmp_path / "checkpoints" / f"round-{r:05d}.safetensors").write_bytes(b"lost")
+    before = spent_rounds(tmp_path)
+    run_simulation(cfg, tmp_path, resume=True)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")[-3:]
+    assert [r["round"] for r in rows] == [5, 6, 7]
+    after = spent_rounds(tmp_path)
+    replayed_aborts = [r["round"] for r in rows if r["secagg_status"] == "aborted"]
+    assert replayed_aborts and all(r["secagg_dropped"] == 0 for r in rows)
+    for r in replayed_aborts:
+        assert sorted(after.get(r, [])) == sorted(before.get(r, []))  # no new spend
+    first = [p for p in read_jsonl(tmp_path / "participation.jsonl") if p["round"] == 5][-6:]
+    assert any("its key advertisement said" in p["reason"] for p in first)
