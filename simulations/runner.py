@@ -19,6 +19,7 @@ from consortia.privacy.dp.preflight import (
     check_delta,
     check_dp_model,
     check_first_round,
+    partial_fit_warning,
 )
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
@@ -93,12 +94,13 @@ def check_model_fits(cfg: RunConfig) -> int:
 
 def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
     """Per virtual client (its partition's records): δ below 1/n; with an explicit σ one
-    round within the budget, without one a σ that fits the planned rounds at all
-    (privacy/dp/preflight.py)."""
+    round within the budget (and a warning when not all planned rounds are), without one
+    a σ that fits the planned rounds at all (privacy/dp/preflight.py)."""
     p = cfg.privacy
     if not p.enabled:
         return
     checked = set()  # clients of one size sample alike: one check each
+    shortfalls = []  # (records, warning) of the sizes a fixed σ cannot carry to the end
     for i, n in enumerate(sizes):
         check_delta(p.delta, n, f"client {i}")
         if n in checked:
@@ -109,8 +111,17 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
                      accountant=p.accountant, who=f"client {i}")
         if p.noise_multiplier is not None:
             check_first_round(noise_multiplier=p.noise_multiplier, **terms)
+            short = partial_fit_warning(noise_multiplier=p.noise_multiplier,
+                                        rounds=cfg.planned_rounds_per_client, **terms)
+            if short is not None:
+                shortfalls.append((n, short))
         else:
             check_budget_reachable(rounds=cfg.planned_rounds_per_client, **terms)
+    if shortfalls:  # one warning: the smallest client runs out first
+        n, short = min(shortfalls)
+        behind = sum(size in {s for s, _ in shortfalls} for size in sizes)
+        log.warning("%s (%d of the %d clients cannot pay for all their planned rounds)",
+                    short, behind, len(sizes))
 
 
 def start_checks(cfg: RunConfig) -> None:

@@ -96,6 +96,30 @@ def test_privacy_terms_that_protect_nothing_fail_before_the_run_starts(tmp_path,
     assert message in " ".join(result.output.split()) and not out.exists()
 
 
+def test_a_fixed_sigma_that_carries_a_client_only_part_of_the_way_is_warned_of(caplog):
+    from opacus.accountants import RDPAccountant
+
+    from consortia.config import load_config
+    from consortia.simulations.runner import start_checks
+
+    smoke = "simulations/experiments/digits-dp-smoke.toml"
+    start_checks(load_config(smoke, ["clients=6", "clients_per_round=6", "rounds=7",
+                                     "partition.kind=dirichlet", "partition.alpha=0.5",
+                                     "privacy.noise_multiplier=1.6"]))
+    said = " ".join(caplog.text.split())
+    # The smallest client (3 steps a round at rate 1/3) fits 1 round of its 7 at σ = 1.6,
+    # as Opacus's own accountant counts it: 1 round within ε = 3, 2 rounds beyond.
+    assert "fits privacy.epsilon_budget = 3 for only 1 of client " in said, said
+    assert "7 planned rounds (3 steps at rate 0.333 each): from its round 2 on it refuses" in said
+    for rounds, within in ((1, True), (2, False)):
+        accountant = RDPAccountant()
+        accountant.history = [(1.6, 1 / 3, 3 * rounds)]
+        assert (accountant.get_epsilon(1e-5) <= 3.0) is within
+    caplog.clear()
+    start_checks(load_config(smoke, ["privacy.noise_multiplier=5"]))  # 3 rounds fit: quiet
+    assert "planned rounds" not in caplog.text
+
+
 def test_a_model_opacus_cannot_make_private_fails_before_the_run_starts(tmp_path):
     import dataclasses
 

@@ -77,3 +77,31 @@ def check_budget_reachable(*, records: int, batch_size: int, local_epochs: int, 
             f"planned rounds of {steps} steps at rate {rate:.3g} spend ε = {least:.3g} even "
             f"at σ = {MAX_SIGMA:g}; accepted: a larger budget, fewer rounds, or a smaller "
             "batch_size")
+
+
+def partial_fit_warning(*, noise_multiplier: float, records: int, batch_size: int,
+                        local_epochs: int, mode: str, rounds: int, epsilon_budget: float,
+                        delta: float, accountant: str, who: str) -> str | None:
+    """With an explicit σ that fits one round (check_first_round), how many of the
+    `rounds` planned rounds fit the budget; a warning when not all of them do (None when
+    they do). A choice a run may make (the client refuses once its budget is spent), so
+    said at start rather than refused: otherwise it shows only as refusals late in the run."""
+    rate, steps = round_steps(records, batch_size, local_epochs, mode)
+
+    def fits(r: int) -> bool:
+        return epsilon_for(accountant, [(noise_multiplier, rate, steps * r)], delta) \
+            <= epsilon_budget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if fits(rounds):
+            return None
+        low, high = 1, rounds  # fits(low) (check_first_round), not fits(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+    least = noise_for_budget(epsilon_budget, delta, rate, steps * rounds, accountant)
+    return (f"privacy.noise_multiplier = {noise_multiplier:g} fits privacy.epsilon_budget = "
+            f"{epsilon_budget:g} for only {low} of {who}'s {rounds} planned rounds ({steps} "
+            f"steps at rate {rate:.3g} each): from its round {low + 1} on it refuses. For all "
+            f"{rounds}: σ ≥ {least:.3g}, or leave σ unset to derive it from the budget")
