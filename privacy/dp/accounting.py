@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -66,16 +67,15 @@ def noise_for_budget(
     """The smallest σ (within Opacus's search tolerance) such that `steps` steps at
     `sample_rate` stay within `epsilon_budget` at `delta`."""
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon_budget,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=kind,
-                epsilon_tolerance=0.005,
-            )
-        )
+        # Opacus's search tries σ up to its MAX_SIGMA; at such σ the best RDP order is the
+        # largest of the default orders, and Opacus warns for each such probe. The probes
+        # are not the answer (the ε the ledger reports for the σ found uses the same orders).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma = get_noise_multiplier(target_epsilon=epsilon_budget, target_delta=delta,
+                                         sample_rate=sample_rate, steps=steps, accountant=kind,
+                                         epsilon_tolerance=0.005)
+        return float(sigma)
     except ValueError as err:
         raise ValueError(
             f"no noise multiplier fits epsilon_budget={epsilon_budget} at delta={delta} over "
