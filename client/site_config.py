@@ -34,7 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from consortia.client.policy import SitePolicy
 from consortia.config import ConfigError, _format_errors, known_task, read_toml, split_host_port
-from consortia.privacy.certs import NAME_PATTERN
+from consortia.privacy.certs import (
+    NAME_PATTERN,
+    CertsError,
+    load_certificates,
+    load_node_private_key,
+)
 from consortia.tasks import import_task_modules
 
 
@@ -55,6 +60,9 @@ class SiteSection(_Section):
     @field_validator("superlink")
     @classmethod
     def _host_port(cls, value: str) -> str:
+        if "://" in value:  # the SuperNode takes no scheme: it always dials over TLS
+            raise ValueError("expected host:port with no scheme (e.g. fl.example.org:9093; "
+                             "the connection is always TLS)")
         split_host_port(value)
         return value
 
@@ -100,11 +108,16 @@ class SiteConfig(_Section):
         return self
 
     def check_files(self) -> None:
-        """Fail at start, naming the file, when the CA or the node key is missing or the
-        key is readable by others."""
+        """Fail at start, naming the file, when the CA or the node key is missing, is not
+        what the SuperNode can load, or the key is readable by others."""
         if not self.site.ca_cert.is_file():
             raise ConfigError(f"site.ca_cert: {self.site.ca_cert} not found (the consortium's "
                               "ca.pem, from the operator)")
+        try:
+            load_certificates(self.site.ca_cert)
+        except CertsError as err:
+            raise ConfigError(f"site.ca_cert: {err} (the consortium's ca.pem, from the "
+                              "operator)") from None
         key = self.site.node_key
         if not key.is_file():
             raise ConfigError(f"site.node_key: {key} not found (from `consortia certs keygen` "
@@ -113,6 +126,10 @@ class SiteConfig(_Section):
             raise ConfigError(f"site.node_key: {key} is readable by others "
                               f"({oct(stat.S_IMODE(key.stat().st_mode))}); accepted: 0600 "
                               f"(chmod 600 {key})")
+        try:
+            load_node_private_key(key)
+        except CertsError as err:
+            raise ConfigError(f"site.node_key: {err}") from None
 
 
 def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site config"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -200,6 +200,63 @@ def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
         raise CertsError(f"{path} holds a {type(key).__name__}; accepted: a NIST EC key "
                          "(e.g. from `consortia certs keygen`)")
     return key
+
+
+# Every key and certificate the SuperLink and a SuperNode are started with is loaded here
+# first: either process, given a file it cannot use, says so only in its own log (a
+# SuperNode waits forever on a CA it cannot read, and restarts forever on a key it cannot
+# parse).
+
+def load_certificates(path: str | Path) -> list[x509.Certificate]:
+    """The PEM certificates in `path` (one, or a bundle), as gRPC's TLS reads them."""
+    try:
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except ValueError:
+        raise CertsError(f"{path} is not a PEM certificate; accepted: one or more "
+                         "-----BEGIN CERTIFICATE----- blocks") from None
+
+
+def load_node_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
+    """A node's private key as Flower's SuperNode loads it (--auth-supernode-private-key):
+    an unencrypted OpenSSH EC private key."""
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        found = ("a public key (node.pub?), not the private half"
+                 if data.lstrip().startswith((b"ecdsa-", b"ssh-", b"-----BEGIN PUBLIC"))
+                 else f"not an unencrypted OpenSSH private key ({err})")
+        raise CertsError(f"{path} is {found}; accepted: node.key from `consortia certs "
+                         "keygen` or the operator's `certs enroll` (-----BEGIN OPENSSH "
+                         "PRIVATE KEY-----, an EC key)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertsError(f"{path} holds a {type(key).__name__}; accepted: a NIST EC key "
+                         "(e.g. from `consortia certs keygen`)")
+    return key
+
+
+def check_server_files(consortium_dir: str | Path) -> None:
+    """Load ca.pem, server.pem and server.key as the SuperLink will, and check that the key
+    is the certificate's and the certificate the CA's: partners verify the server against
+    the CA, so a certificate from another CA turns every partner away."""
+    root = Path(consortium_dir)
+    [ca, *_] = load_certificates(root / CA_CERT)
+    cert = load_certificates(root / SERVER_CERT)[0]
+    try:
+        key = serialization.load_pem_private_key((root / SERVER_KEY).read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise CertsError(f"{root / SERVER_KEY} is not an unencrypted PEM private key ({err}); "
+                         f"issue a new one with `consortia certs server --dir {root} "
+                         "--host HOST`") from None
+    if key.public_key() != cert.public_key():
+        raise CertsError(f"{root / SERVER_KEY} is not the key of {root / SERVER_CERT}; issue "
+                         f"a matching pair with `consortia certs server --dir {root} --host HOST`")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertsError(f"{root / SERVER_CERT} was not issued by {root / CA_CERT}, the CA "
+                         f"partners verify it against; issue one from it with `consortia certs "
+                         f"server --dir {root} --host HOST`") from None
 
 
 def enroll_node(consortium_dir: str | Path, name: str,

@@ -22,7 +22,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from consortia.config import ConfigError, RunConfig, _format_errors, read_toml
-from consortia.privacy.certs import CA_CERT, ENROLLED, SERVER_CERT, SERVER_KEY
+from consortia.privacy.certs import (
+    CA_CERT,
+    ENROLLED,
+    SERVER_CERT,
+    SERVER_KEY,
+    CertsError,
+    check_server_files,
+)
 from consortia.tasks import import_task_modules
 
 
@@ -55,6 +62,10 @@ class ServerDeployConfig(BaseModel):
                 raise ConfigError(f"server.certs: {certs / name} is missing; issue a new one "
                                   f"from the CA with `consortia certs server --dir {certs} "
                                   "--host HOST`")
+        try:  # loaded now: the SuperLink would name a file it cannot use only in its log
+            check_server_files(certs)
+        except CertsError as err:
+            raise ConfigError(f"server.certs: {err}") from None
         if not list((certs / ENROLLED).glob("*.pub")):
             raise ConfigError(f"server.certs: no enrolled node in {certs / ENROLLED}; enroll "
                               f"partners with `consortia certs enroll NAME --dir {certs}`")

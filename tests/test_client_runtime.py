@@ -291,10 +291,10 @@ def test_join_gives_sigterm_back_to_the_callers_handler_when_it_returns(tmp_path
     from consortia.client import join as joining
 
     cfg = site_config(tmp_path)
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "ca.pem").write_text("x")
-    (tmp_path / "keys" / "node.key").write_text("x")
-    (tmp_path / "keys" / "node.key").chmod(0o600)
+    from consortia.privacy.certs import generate_node_key, init_consortium
+
+    init_consortium(tmp_path / "keys", ["127.0.0.1"])  # ca.pem
+    generate_node_key(tmp_path / "keys")  # node.key
 
     class NoSuperNode:  # the SuperNode and the task loop are not what this test is about
         log_path = tmp_path / "supernode.log"

@@ -2,6 +2,7 @@
 with carries no code, only the names of installed consortia apps."""
 
 import importlib
+import shutil
 
 import pytest
 import tomllib
@@ -47,6 +48,27 @@ def test_paths_are_read_from_the_configs_folder_and_files_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="server.pem is missing; issue a new one from the CA "
                                           "with `consortia certs server --dir"):
         cfg.check_files()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c, other: (c / "ca.pem").write_text("x"), "ca.pem is not a PEM certificate"),
+    (lambda c, other: (c / "server.key").write_text("x"),
+     "server.key is not an unencrypted PEM private key"),
+    (lambda c, other: shutil.copy(other / "server.key", c / "server.key"),
+     "server.key is not the key of {c}/server.pem"),
+    (lambda c, other: [shutil.copy(other / n, c / n) for n in ("server.key", "server.pem")],
+     "server.pem was not issued by {c}/ca.pem, the CA partners verify it against"),
+])
+def test_server_certs_the_superlink_cannot_serve_fail_at_start(tmp_path, damage, message):
+    certs = init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    other = init_consortium(tmp_path / "other", ["127.0.0.1"])
+    enroll_node(certs, "site-a")
+    cfg = load_server_config(server_toml(tmp_path))
+    damage(certs, other)
+    with pytest.raises(ConfigError) as err:
+        cfg.check_files()
+    assert str(err.value).startswith("server.certs: ")
+    assert message.format(c=certs) in str(err.value)
 
 
 @pytest.mark.parametrize("port, extra, message", [

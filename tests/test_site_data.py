@@ -1,6 +1,8 @@
 """Bring-your-own-data adapters and the site config: a site's records as a Dataset, and a
 bad site.toml failing at start with the value and what is accepted."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from consortia.client.data import DataError, load_site_data
 from consortia.client.join import JoinError, build_site
 from consortia.client.site_config import DataSection, load_site_config
 from consortia.config import ConfigError
+from consortia.privacy.certs import generate_node_key, init_consortium
 from consortia.tasks import TASKS, Task, get_task, register_task
 
 TASK = get_task("digits-mlp")
@@ -122,6 +125,9 @@ def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
 @pytest.mark.parametrize("replace, message", [
     ({'superlink = "127.0.0.1:9093"': 'superlink = "nowhere"'},
      "site.superlink: expected host:port (e.g. fl.example.org:9093) (got 'nowhere')"),
+    ({'superlink = "127.0.0.1:9093"': 'superlink = "https://fl.example.org:9093"'},
+     "site.superlink: expected host:port with no scheme (e.g. fl.example.org:9093; the "
+     "connection is always TLS) (got 'https://fl.example.org:9093')"),
     ({'count = 3': 'count = 0'}, "data.count: Input should be greater than or equal to 1"),
     ({'index = 0': 'index = 5'}, "data.index (5) must be below data.count (3)"),
     ({'tasks = ["digits-mlp"]': 'tasks = ["fashion-mnist-cnn"]'}, "would refuse every request"),
@@ -135,15 +141,50 @@ def test_a_bad_site_config_fails_at_start_naming_the_value(tmp_path, replace, me
 
 def test_missing_or_exposed_keys_fail_before_anything_starts(tmp_path):
     cfg = load_site_config(site_toml(tmp_path))
-    (tmp_path / "ca.pem").write_text("x")
+    init_consortium(tmp_path / "c", ["127.0.0.1"])
+    shutil.copy(tmp_path / "c" / "ca.pem", tmp_path / "ca.pem")
     with pytest.raises(ConfigError, match="node.key not found"):
         cfg.check_files()
-    (tmp_path / "node.key").write_text("x")
+    generate_node_key(tmp_path)
     (tmp_path / "node.key").chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others .*chmod 600"):
         cfg.check_files()
     (tmp_path / "node.key").chmod(0o600)
     cfg.check_files()
+
+
+@pytest.mark.parametrize("setting, bad, message", [
+    # The SuperNode would wait forever on a CA it cannot read, saying so only in its log.
+    ("ca_cert", "not a certificate\n", "site.ca_cert: {path} is not a PEM certificate; "
+                                       "accepted: one or more -----BEGIN CERTIFICATE-----"),
+    # ... and restart forever (exit 302) on a key it cannot parse.
+    ("node_key", "node.pub", "site.node_key: {path} is a public key (node.pub?), not the "
+                             "private half; accepted: node.key from `consortia certs keygen`"),
+    ("node_key", "c/server.key", "site.node_key: {path} is not an unencrypted OpenSSH private "
+                                 "key"),
+    ("node_key", "not a key\n", "site.node_key: {path} is not an unencrypted OpenSSH"),
+])
+def test_client_join_fails_at_start_on_a_file_the_supernode_cannot_use(tmp_path, monkeypatch,
+                                                                        setting, bad, message):
+    from consortia.client import join
+
+    def started(*args):
+        raise AssertionError("a SuperNode was started with a file it cannot use")
+
+    monkeypatch.setattr(join, "SuperNodeProcess", started)
+    init_consortium(tmp_path / "c", ["127.0.0.1"])
+    shutil.copy(tmp_path / "c" / "ca.pem", tmp_path / "ca.pem")
+    generate_node_key(tmp_path)
+    path = tmp_path / f"bad-{setting}"
+    if (tmp_path / bad).is_file():
+        shutil.copy(tmp_path / bad, path)
+    else:
+        path.write_text(bad)
+    path.chmod(0o600)
+    config = site_toml(tmp_path, **{f'{setting} = "': f'{setting} = "bad-{setting}" # '})
+    result = CliRunner().invoke(app, ["client", "join", "--config", str(config)])
+    assert result.exit_code == 2
+    assert message.format(path=path) in " ".join(result.output.split())
 
 
 def test_your_own_task_and_dataset_through_the_python_api(tmp_path):
