@@ -278,6 +278,14 @@ class RoundWorkflow:
                 break
         extra: dict[str, Any] = {"run_id": self.run_id, "base_sha256": self.base_sha256,
                                  "update_bytes_per_client": self.update_bytes}
+        if self.kind == "simulation" and self.cfg.faults.byzantine_fraction > 0:
+            # Which virtual clients attacked (faults.byzantine_*): what a robust rule's
+            # result is read against. Only a simulation injects attacks.
+            from consortia.simulations.faults import byzantine_clients
+
+            attackers = byzantine_clients(self.cfg.clients, self.cfg.faults.byzantine_fraction,
+                                          self.cfg.seed)
+            extra["byzantine_clients"] = sorted((str(i) for i in attackers), key=natural_key)
         if self.user_dp is not None:
             extra["user_epsilon"] = self.user_dp.epsilon(self.cfg.privacy.delta)
             extra["user_dp"] = {"noise_multiplier": self.user_dp.noise_multiplier,

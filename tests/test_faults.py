@@ -49,6 +49,10 @@ def test_sign_flippers_wreck_fedavg_but_not_the_median(tmp_path):
                                                          "faults.dropout=0.2"]),
                             tmp_path / "median")
     assert median["final_accuracy"] > fedavg["final_accuracy"] + 0.2
+    # The summary names the attackers, as the sites drew them from the seed.
+    attackers = sorted(str(i) for i in byzantine_clients(8, 0.25, seed=0))
+    assert len(attackers) == 2
+    assert fedavg["byzantine_clients"] == median["byzantine_clients"] == attackers
     rows = read_jsonl(tmp_path / "median" / "metrics.jsonl")
     failed = [r["clients_failed"] for r in rows]
     assert sum(failed) > 0  # dropouts happened and the rounds completed without them
