@@ -27,7 +27,7 @@ from consortia.privacy.certs import CertsError, enrolled_keys
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.deploy_config import load_server_config
 from consortia.server.results import METRICS_FILE, SUMMARY_FILE
-from consortia.server.run_dir import ResultsDirError, prepare_out_dir
+from consortia.server.run_dir import ResultsDirError, prepare_out_dir, run_finished
 from consortia.server.store import RunStore, default_store_url, mark_interrupted
 from consortia.server.superlink import DeploymentError, SuperLink
 
@@ -54,6 +54,10 @@ def serve(config_path: str | Path, *, resume: bool = False,
         run_id = prepare_out_dir(cfg, srv.out, resume)
     except (CertsError, ResultsDirError) as err:
         raise DeploymentError(str(err)) from None
+    if resume and run_finished(cfg, srv.out):  # left as it is: no SuperLink, no new records
+        log(f"run {run_id} already completed all {cfg.rounds} rounds: nothing to run "
+            f"(results in {srv.out})")
+        return json.loads((srv.out / SUMMARY_FILE).read_text())
     if len(keys) < cfg.clients:
         log(f"warning: {len(keys)} nodes enrolled, the run waits for run.clients = {cfg.clients}")
     stop = stop or threading.Event()

@@ -14,6 +14,7 @@ from pathlib import Path
 from consortia.config import RunConfig, config_to_dict, validate_config
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
+from consortia.server.results import SUMMARY_FILE
 
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"  # in a results directory: server/checkpoint.py
@@ -70,3 +71,11 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, {"run_id": run_id, "config": config_to_dict(cfg)})
     return run_id
+
+
+def run_finished(cfg: RunConfig, out_dir: Path) -> bool:
+    """Every round of the run is checkpointed and its summary written: a resume has
+    nothing to run (a run stopped early has its summary, but not its last rounds)."""
+    latest = CheckpointStore(out_dir / CHECKPOINTS_DIR).latest()
+    return (latest is not None and latest.round >= cfg.rounds
+            and (out_dir / SUMMARY_FILE).is_file())

@@ -202,3 +202,45 @@ def test_a_host_this_machine_cannot_listen_on_fails_naming_it(tmp_path, host):
     link = SuperLink(tmp_path, host, 9093, tmp_path / "superlink")
     with pytest.raises(DeploymentError, match=rf"server\.host '{host}': cannot listen there"):
         link.check_port_free()
+
+
+@pytest.mark.parametrize("checkpointed, started", [(3, False), (2, True)])
+def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed, started):
+    """A finished run (every round checkpointed, its summary written) has nothing to
+    resume: no SuperLink, no new records. A run stopped after round 2 of 3 resumes."""
+    import json
+
+    import numpy as np
+
+    from consortia.flower_exec import free_port
+    from consortia.server import deploy
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.run_dir import prepare_out_dir
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_node(tmp_path / "consortium", "site-a")
+    path = server_toml(tmp_path, free_port(), "rounds = 3\n")
+    cfg = load_server_config(path)
+    prepare_out_dir(cfg.run, cfg.server.out, resume=False)
+    checkpoints = CheckpointStore(cfg.server.out / "checkpoints")
+    for r in range(checkpointed + 1):
+        checkpoints.save(r, {"w": np.zeros(2, np.float32)}, {})
+    (cfg.server.out / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+
+    class Started(Exception):
+        pass
+
+    def start(self, timeout):
+        raise Started
+
+    monkeypatch.setattr(deploy.SuperLink, "start", start)
+    said = []
+    if started:
+        with pytest.raises(Started):
+            deploy.serve(path, resume=True, log=said.append)
+    else:
+        assert deploy.serve(path, resume=True, log=said.append) == {"final_accuracy": 0.5}
+        assert said == [f"run {json.loads((cfg.server.out / 'run.json').read_text())['run_id']} "
+                        f"already completed all 3 rounds: nothing to run (results in "
+                        f"{cfg.server.out})"]
+    assert not (cfg.server.out / "deployment.json").exists()
