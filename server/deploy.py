@@ -51,7 +51,7 @@ def serve(config_path: str | Path, *, resume: bool = False,
     link.check_port_free()  # before the results directory is touched: a busy port costs nothing
     try:
         keys = enrolled_keys(srv.certs)
-        run_id = prepare_out_dir(cfg, srv.out, resume)
+        run_id = prepare_out_dir(cfg, srv.out, resume, kind="deployment")
     except (CertsError, ResultsDirError) as err:
         raise DeploymentError(str(err)) from None
     if resume and run_finished(cfg, srv.out):  # left as it is: no SuperLink, no new records

@@ -36,15 +36,22 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, obje
     return found
 
 
-def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
+# Where the user sets a run's results directory, for messages that ask for another one:
+# `sim run --out`; a deployment's server.toml (`server start` has no --out).
+RESULTS_DIR_SETTING = {"simulation": "--out", "deployment": "[server] out in server.toml"}
+
+
+def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "simulation"
+                    ) -> str:
     """Create the results directory, or check that a resumed run is the same run."""
     run_file = out_dir / RUN_FILE
+    setting = RESULTS_DIR_SETTING[kind]
     if run_file.exists():
         stored = json.loads(run_file.read_text())
         if not resume:
             raise ResultsDirError(
                 f"{out_dir} already holds run {stored['run_id']}; pass --resume to continue "
-                "it, or choose another --out")
+                f"it, or choose another results directory ({setting})")
         # Read the stored config through today's schema, so keys added since (with their
         # defaults) do not count as differences.
         old, new = config_to_dict(validate_config(stored["config"], str(run_file))), config_to_dict(cfg)
@@ -63,7 +70,8 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> str:
             found = "; ".join(checkpoints.problems) or "none there"
             raise ResultsDirError(f"--resume: no checkpoint in {checkpoints.directory} verifies "
                                   f"({found}); the run cannot continue where it stopped: "
-                                  "restore checkpoints/ from a copy, or start a new --out")
+                                  "restore checkpoints/ from a copy, or start a new run in "
+                                  f"another results directory ({setting})")
         return stored["run_id"]
     if resume:
         raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")

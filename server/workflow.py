@@ -30,7 +30,12 @@ from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
 from consortia.server.results import RunRecorder
-from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError
+from consortia.server.run_dir import (
+    CHECKPOINTS_DIR,
+    RESULTS_DIR_SETTING,
+    RUN_FILE,
+    ResultsDirError,
+)
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.store import Heartbeat
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
@@ -189,7 +194,8 @@ class RoundWorkflow:
             found = "; ".join(self.checkpoints.problems) or "none there"
             raise ResultsDirError(f"--resume: no checkpoint in {self.checkpoints.directory} "
                                   f"verifies ({found}); the run cannot continue where it "
-                                  "stopped: restore checkpoints/ or start a new --out")
+                                  "stopped: restore checkpoints/ or start a new run in another "
+                                  f"results directory ({RESULTS_DIR_SETTING[self.kind]})")
         if latest is not None and self.checkpoints.problems:
             passed = "; ".join(self.checkpoints.problems)
             log.warning("resuming after round %d, the latest checkpoint that verifies (%s): "

@@ -244,3 +244,22 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
                         f"already completed all 3 rounds: nothing to run (results in "
                         f"{cfg.server.out})"]
     assert not (cfg.server.out / "deployment.json").exists()
+
+
+def test_a_results_directory_in_use_names_the_setting_each_command_has(tmp_path):
+    """`server start` has no --out: its results directory is [server] out in server.toml."""
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+    from consortia.server.run_dir import ResultsDirError, prepare_out_dir
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_node(tmp_path / "consortium", "site-a")
+    path = server_toml(tmp_path, free_port())
+    cfg = load_server_config(path)
+    prepare_out_dir(cfg.run, cfg.server.out, resume=False)  # a run started there before
+    with pytest.raises(DeploymentError) as err:
+        serve(path)
+    assert str(err.value).endswith("pass --resume to continue it, or choose another results "
+                                   "directory ([server] out in server.toml)")
+    with pytest.raises(ResultsDirError, match=r"another results directory \(--out\)$"):
+        prepare_out_dir(cfg.run, cfg.server.out, resume=False)  # as `sim run` calls it
