@@ -339,8 +339,11 @@ def _open_store(store: str | None):
         url = make_url(resolve_store_url(store))
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
                 and not Path(url.database).is_file():
-            raise StoreError(f"no run store at {url.database} (from --store {store!r}); a "
-                             "simulation writes DIR/store.db: pass that file or DIR")
+            raise StoreError(f"no run store at {url.database} (from --store {store!r}) yet: "
+                             "a run creates DIR/store.db in its results directory as it "
+                             "starts (sim run --out DIR; server start: [server] out in "
+                             "server.toml, once its SuperLink is up), or the file its "
+                             "store.url names; start the run, then pass that file or DIR")
         return RunStore(str(url), create=False)
     except StoreError as err:
         raise fail(err) from None

@@ -196,6 +196,16 @@ def test_cli_reads_a_store_without_writing_to_the_wrong_file(tmp_path):
         assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == sorted([empty, text])
 
 
+def test_cli_says_where_a_run_store_will_be_before_any_run_made_it(tmp_path):
+    """Pointed at a results directory before its run started, for a simulation or a
+    deployment: what makes the store, and nothing created in its place."""
+    result = CliRunner().invoke(cli, ["console", "--store", str(tmp_path / "results")])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"no run store at {tmp_path / 'results'}" in flat
+    assert "sim run --out DIR; server start: [server] out in server.toml" in flat
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_console_token_rotates_and_prints_once(tmp_path):
     runner = CliRunner()
     path = tmp_path / "tok"
