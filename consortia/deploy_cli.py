@@ -47,8 +47,9 @@ def certs_init(
 
     with certs_errors():
         root = init_consortium(out, hosts)
-    typer.echo(f"CA and server certificate in {root.resolve()} (ca.pem, server.pem; "
-               "keys ca.key and server.key are 0600: keep them on the server)")
+    typer.echo(f"CA and server certificate in {root.resolve()} (ca.pem, server.pem; keys "
+               "0600): server.key stays on the server; move ca.key offline, to the consortium "
+               "operator's keeping (the server never needs it; `certs server` does)")
 
 
 @certs_app.command("server")

@@ -61,6 +61,17 @@ def test_private_keys_are_never_printed(tmp_path):
     assert "PRIVATE KEY" not in result.output + result2.output
 
 
+def test_the_ca_key_is_sent_offline_and_the_server_starts_without_it(tmp_path):
+    from consortia.privacy.certs import check_server_files
+
+    root = tmp_path / "c"
+    result = runner.invoke(app, ["certs", "init", "--out", str(root), "--host", "::1"])
+    said = " ".join(result.output.split())
+    assert "server.key stays on the server; move ca.key offline" in said
+    (root / "ca.key").unlink()  # kept by the operator, away from the serving machine
+    check_server_files(root)  # what `server start` loads
+
+
 @pytest.mark.parametrize("name", ["", "../x", "a b", "-a"])
 def test_bad_node_names_are_refused_with_what_is_accepted(tmp_path, name):
     root = init_consortium(tmp_path / "c", ["127.0.0.1"])
