@@ -40,34 +40,112 @@ def _tensors(features: np.ndarray, labels: np.ndarray) -> TensorDataset:
                          torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
 
 
-def _split_columns(columns: dict[str, np.ndarray], label: str, source: Path) -> TensorDataset:
-    if label not in columns:
+MAX_NAMED = 5  # bad values an error names; the rest are counted, so one read shows them all
+FEATURE_RULE = "a finite number (e.g. 0.5, -2, 1e-3; not empty, nan or inf)"
+LABEL_RULE = "a class index: a whole number, 0 or more"
+
+
+class SourcedRecords(TensorDataset):
+    """Records read from a file, remembering where each came from, so that a check made
+    later (the label range, known once the task's model is built) can name the line."""
+
+    def __init__(self, features, labels, source: Path, columns: list[str], label: str,
+                 lines: list[int] | None = None):
+        super().__init__(*_tensors(features, labels).tensors)
+        self.source, self.columns, self.label, self.lines = source, columns, label, lines
+
+    def where(self, i: int) -> str:
+        if self.lines is None:  # Parquet: no lines, records counted from 1
+            return f"row {i + 1}"
+        return f"line {self.lines[i]}"
+
+
+LINES = " (lines as an editor or `sed -n` counts them, the header line 1)"
+
+
+def _fail(source: Path, what: str, problems: list[str], total: int, accepted: str,
+          counting: str) -> DataError:
+    more = f"; and {total - len(problems)} more" if total > len(problems) else ""
+    return DataError(f"{source}: {total} bad {what}{'s' * (total != 1)}{counting}: "
+                     f"{'; '.join(problems)}{more}. Accepted: {accepted}")
+
+
+def _why(value: float) -> str:
+    if np.isnan(value):
+        return "not a number"
+    if not np.isfinite(value):
+        return "not finite"
+    return "not a whole number" if value != round(value) else "negative"
+
+
+def _records(values: np.ndarray, names: list[str], label: str, source: Path,
+             lines: list[int] | None, raw=None) -> SourcedRecords:
+    """Features and label from a float matrix (one column per name; NaN where `raw`, the
+    text, was not a number), every bad cell counted and the first few named."""
+    if label not in names:
         raise DataError(f"{source}: no column {label!r} (data.label_column); columns: "
-                        f"{', '.join(columns)}")
-    names = [c for c in columns if c != label]
-    if not names:
+                        f"{', '.join(names)}")
+    if len(names) < 2:
         raise DataError(f"{source}: no feature column besides the label {label!r}")
-    try:
-        features = np.stack([np.asarray(columns[c], dtype=np.float32) for c in names], axis=1)
-        labels = np.asarray(columns[label], dtype=np.float64)
-    except ValueError as err:
-        raise DataError(f"{source}: every feature column must be numeric ({err})") from None
-    if not np.all(labels == np.round(labels)):
-        raise DataError(f"{source}: labels in {label!r} must be whole numbers (class indices)")
-    return _tensors(features, labels.astype(np.int64))
+    j = names.index(label)
+    col = values[:, j]
+    with np.errstate(over="ignore", invalid="ignore"):
+        values32 = values.astype(np.float32)  # what the model gets: 1e39 is inf there
+        bad = ~np.isfinite(values32)
+        bad[:, j] |= (col != np.round(col)) | (col < 0)
+    cells = np.argwhere(bad)  # row-major: in file order
+    if len(cells):
+        named = []
+        for r, c in cells[:MAX_NAMED]:
+            value = raw[r][c] if raw is not None else float(values[r, c])
+            row = f"line {lines[r]}" if lines is not None else f"row {r + 1}"
+            named.append(f"{row}, column {names[c]!r}: {value!r} "
+                         f"({_why(values32[r, c])})")
+        counting = LINES if lines is not None else " (rows counted from 1)"
+        raise _fail(source, "value", named, len(cells), f"every feature column {FEATURE_RULE}; "
+                    f"{label!r} (data.label_column) {LABEL_RULE}", counting)
+    return SourcedRecords(np.delete(values32, j, axis=1), col.astype(np.int64), source,
+                          [n for n in names if n != label], label, lines)
 
 
 def read_csv(path: Path, label_column: str) -> TensorDataset:
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows, lines, start = [], [], reader.line_num + 1
+            for row in reader:
+                if row:  # a blank line is no record
+                    rows.append(row)
+                    lines.append(start)  # a quoted value may span lines: its first
+                start = reader.line_num + 1
     except FileNotFoundError:
         raise DataError(f"data.path: {path} not found") from None
-    if len(rows) < 2:
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({err}); accepted: comma-separated "
+                        "text with a header row") from None
+    if header is None or not rows:
         raise DataError(f"{path}: expected a header row and at least one record")
-    header, body = rows[0], rows[1:]
-    columns = {name: np.array([r[i] for r in body]) for i, name in enumerate(header)}
-    return _split_columns(columns, label_column, path)
+    width = len(header)
+    short = [i for i, r in enumerate(rows) if len(r) != width]
+    if short:  # no value can be placed in its column until every line has them all
+        named = [f"line {lines[i]}: {len(rows[i])} values" for i in short[:MAX_NAMED]]
+        raise _fail(path, "line", named, len(short), f"{width} comma-separated values a "
+                    f"line, one for each header column ({', '.join(header[:8])}"
+                    f"{', ...' * (width > 8)})", LINES)
+    text = np.array(rows)
+    try:
+        values = text.astype(np.float64)
+    except ValueError:  # the slow path, only for a file with a value that is no number
+        values = np.array([[_number(v) for v in r] for r in rows])
+    return _records(values, header, label_column, path, lines, raw=rows)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return np.nan  # counted as bad, shown as its text
 
 
 def read_parquet(path: Path, label_column: str) -> TensorDataset:
@@ -79,8 +157,12 @@ def read_parquet(path: Path, label_column: str) -> TensorDataset:
     if not path.is_file():
         raise DataError(f"data.path: {path} not found")
     table = pq.read_table(path)
-    columns = {name: table.column(name).to_numpy() for name in table.column_names}
-    return _split_columns(columns, label_column, path)
+    try:
+        values = np.stack([table.column(n).to_numpy().astype(np.float64)
+                           for n in table.column_names], axis=1)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{path}: every column must be numeric ({err})") from None
+    return _records(values, table.column_names, label_column, path, None)
 
 
 def _read_item(path: Path) -> np.ndarray:
@@ -164,14 +246,30 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
                     (labels.min() < 0 or labels.max() >= classes):
                 raise DataError(f"labels must lie in [0, {classes - 1}] (task {task.name!r} "
                                 f"has {classes} classes); found {int(labels.min())} to "
-                                f"{int(labels.max())}")
+                                f"{int(labels.max())}: {_outside(dataset, labels, classes)}")
             task.criterion()(outputs, targets)
     except DataError:
         raise
     except Exception as err:  # whatever the model and loss refuse, said in their words
+        read = f" ({dataset.source} gives {len(dataset.columns)} feature columns besides " \
+            f"{dataset.label!r})" if isinstance(dataset, SourcedRecords) else ""
         raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
                         f"{type(err).__name__}: {err}; task {task.name!r} takes records "
-                        f"{task.records}") from None
+                        f"{task.records}{read}") from None
+
+
+def _outside(dataset: Dataset, labels: torch.Tensor, classes: int) -> str:
+    """The first few records whose label the model has no class for, and how many more."""
+    bad = ((labels < 0) | (labels >= classes)).nonzero().flatten().tolist()
+    if isinstance(dataset, SourcedRecords):
+        named = [f"{dataset.where(i)}, column {dataset.label!r}: {int(labels[i])}"
+                 for i in bad[:MAX_NAMED]]
+        head = f"{dataset.source} has {len(bad)} such label{'s' * (len(bad) != 1)}: "
+    else:
+        named = [f"record {i}: {int(labels[i])}" for i in bad[:MAX_NAMED]]
+        head = f"{len(bad)} record{'s' * (len(bad) != 1)} (counted from 0): "
+    more = f"; and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+    return head + "; ".join(named) + more
 
 
 def load_site_data(data: DataSection, task: Task) -> Dataset:

@@ -67,15 +67,64 @@ def test_folder_of_class_subfolders_with_arrays_and_images(tmp_path):
     assert all(ds[i][0].shape == (8, 8) for i in range(4))
 
 
-@pytest.mark.parametrize("rows, header, label, message", [
-    ([[1, 2, 3]], "a,b,label", "target", "no column 'target'"),
-    ([["x", 2, 3]], "a,b,label", "label", "must be numeric"),
-    ([[1, 2, 0.5]], "a,b,label", "label", "must be whole numbers"),
+LINES = "(lines as an editor or `sed -n` counts them, the header line 1)"
+ACCEPTED = ("Accepted: every feature column a finite number (e.g. 0.5, -2, 1e-3; not empty, "
+            "nan or inf); 'label' (data.label_column) a class index: a whole number, 0 or more")
+
+
+@pytest.mark.parametrize("rows, label, message", [
+    ([[1, 2, 3]], "target", "no column 'target' (data.label_column); columns: a, b, label"),
+    ([[1, 2, 3], ["x", 2, 3]], "label", f"1 bad value {LINES}: line 3, column 'a': 'x' "
+                                        f"(not a number). {ACCEPTED}"),
+    ([[1, 2, 0.5]], "label", "line 2, column 'label': '0.5' (not a whole number)"),
+    ([[1, 2, -1]], "label", "line 2, column 'label': '-1' (negative)"),
+    ([[1, "nan", 1]], "label", "line 2, column 'b': 'nan' (not a number)"),
+    ([[1, 2, 1], ["-inf", 2, 1]], "label", "line 3, column 'a': '-inf' (not finite)"),
+    ([[1, "", 1]], "label", "line 2, column 'b': '' (not a number)"),
+    ([[1, 2, 1], [1, 2], [1, 2, 3, 4]], "label",
+     f"2 bad lines {LINES}: line 3: 2 values; line 4: 4 values. Accepted: 3 comma-separated "
+     "values a line, one for each header column (a, b, label)"),
 ])
-def test_bad_csv_fails_naming_what_is_wrong(tmp_path, rows, header, label, message):
-    path = write_csv(tmp_path / "d.csv", rows, header)
-    with pytest.raises(DataError, match=message):
+def test_bad_csv_fails_naming_the_line_column_and_value(tmp_path, rows, label, message):
+    path = write_csv(tmp_path / "d.csv", rows)
+    with pytest.raises(DataError) as err:
         load_site_data(DataSection(kind="csv", path=path, label_column=label), TASK)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_a_csv_with_many_bad_values_names_the_first_few_and_counts_the_rest(tmp_path):
+    """One read shows how much of the file is wrong, not only its first bad value; lines
+    are the file's own (blank lines and a quoted value over two lines count)."""
+    path = tmp_path / "d.csv"
+    path.write_text('a,b,label\n1,"2\n",3\n\n' + "".join(f"{i},x,1\n" for i in range(7))
+                    + "1,2,oops\n")
+    with pytest.raises(DataError) as err:
+        load_site_data(DataSection(kind="csv", path=path), TASK)
+    assert f"8 bad values {LINES}: line 5, column 'b': 'x' (not a number); line 6" in \
+        str(err.value)
+    assert "line 9, column 'b': 'x' (not a number); and 3 more. Accepted" in str(err.value)
+
+
+def test_a_csv_label_the_task_has_no_class_for_is_named_by_line(tmp_path):
+    rows = [[0.5] * 64 + [label] for label in [1, 12, 3, 10]]
+    path = write_csv(tmp_path / "d.csv", rows, ",".join(f"p{i}" for i in range(64)) + ",label")
+    cfg = load_site_config(site_toml(tmp_path))
+    with pytest.raises(JoinError) as err:
+        build_site(cfg.model_copy(update={"data": DataSection(kind="csv", path=path)}))
+    assert (f"labels must lie in [0, 9] (task 'digits-mlp' has 10 classes); found 1 to 12: "
+            f"{path} has 2 such labels: line 3, column 'label': 12; line 5, column 'label': "
+            "10") in str(err.value)
+
+
+def test_bad_parquet_values_are_named_by_row_and_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"f1": [0.1, float("nan")], "y": [1, 0]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"1 bad value \(rows counted from 1\): row 2, column "
+                                        r"'f1': nan \(not a number\)"):
+        load_site_data(DataSection(kind="parquet", path=tmp_path / "d.parquet",
+                                   label_column="y"), TASK)
 
 
 def test_a_hook_returns_your_own_dataset(tmp_path, monkeypatch):
