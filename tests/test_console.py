@@ -74,6 +74,44 @@ def test_unknown_run_or_checkpoint_is_404(world, path):
     assert client.post("/api/runs/nosuchrun/stop", headers=auth).status_code == 404
 
 
+@pytest.mark.parametrize("path", RUN_ROUTES)
+def test_every_run_route_takes_a_unique_prefix_of_the_run_id(world, path):
+    """As the CLI does: `runs show a1b2` and /api/runs/a1b2 are the same run."""
+    client, auth, *_ = world
+    whole = client.get(path, headers=auth)
+    short = client.get(path.replace(RUN, RUN[:4]), headers=auth)
+    assert short.status_code == whole.status_code == 200
+    assert short.content == whole.content and RUN in short.headers.get(
+        "content-disposition", RUN)  # the download is named by the whole id
+
+
+@pytest.mark.parametrize("path", RUN_ROUTES)
+def test_an_ambiguous_prefix_is_409_naming_the_runs_it_matches(world, path):
+    client, auth, store, *_ = world
+    store.start_run("a1b2ffff", task="digits-mlp", rounds_total=1, config={})
+    response = client.get(path.replace(RUN, "a1b2"), headers=auth)
+    assert response.status_code == 409
+    assert response.json() == {"detail": f"'a1b2' matches 2 runs: {RUN}, a1b2ffff; give more "
+                                         "of the run id", "matches": [RUN, "a1b2ffff"]}
+    assert client.get(path.replace(RUN, "a1b2"), headers={}).status_code == 401  # no ids told
+    # A whole id is that run, even when it starts another's.
+    store.start_run(RUN + "0", task="digits-mlp", rounds_total=1, config={})
+    assert client.get(path, headers=auth).status_code == 200
+
+
+def test_stop_takes_a_unique_prefix_and_stops_nothing_on_an_ambiguous_one(world):
+    client, auth, store, *_ = world
+    response = client.post("/api/runs/runn/stop", headers=auth)
+    assert response.status_code == 202 and response.json()["run_id"] == "running0"
+    assert store.stop_requested("running0")
+    store.start_run("running1", task="digits-mlp", rounds_total=1, config={})
+    ambiguous = client.post("/api/runs/runn/stop", headers=auth)
+    assert ambiguous.status_code == 409 and ambiguous.json()["matches"] == ["running0", "running1"]
+    assert not store.stop_requested("running1")
+    unknown = client.post("/api/runs/zz/stop", headers=auth)
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "no run 'zz' in the store"
+
+
 def test_runs_list_and_run(world):
     client, auth, *_ = world
     runs = client.get("/api/runs", headers=auth).json()

@@ -119,6 +119,13 @@ def test_unknown_run_and_prefixes(store):
         store.record_round("nope", row(1), [])
 
 
+def test_an_empty_run_id_is_no_run_even_in_a_store_of_one(store):
+    # Every id starts with "": `runs stop ""` would have stopped the only run.
+    store.start_run("only", task="digits-mlp", rounds_total=1, config={})
+    with pytest.raises(UnknownRun, match="no run id given; accepted: a run id or a unique"):
+        store.resolve_run("")
+
+
 def test_recorder_mirrors_into_the_store_and_a_resume_truncates_both(tmp_path, store):
     from consortia.messages import TrainReport
 

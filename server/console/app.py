@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from consortia.server.console.auth import ConsoleToken
-from consortia.server.store import RunNotRunning, RunStore, UnknownRun
+from consortia.server.store import AmbiguousRun, RunNotRunning, RunStore, UnknownRun
 
 COOKIE = "consortia_token"
 WRITE_HEADER = "x-consortia-request"
@@ -56,6 +56,8 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
 
     @app.exception_handler(UnknownRun)
     async def unknown_run(_request: Request, err: UnknownRun) -> JSONResponse:
+        if isinstance(err, AmbiguousRun):  # the ids let a script choose, as a person would
+            return JSONResponse({"detail": str(err), "matches": err.matches}, status_code=409)
         return JSONResponse({"detail": str(err)}, status_code=404)
 
     def presented_token(request: Request) -> tuple[str | None, str]:
@@ -74,6 +76,11 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
             raise HTTPException(403, f"a write with the cookie needs the {WRITE_HEADER}: 1 header")
 
     guarded = [Depends(require_token)]
+
+    def resolved(run_id: str) -> str:
+        """The path's run id, or a unique prefix of one (as the CLI takes), made whole.
+        Route dependencies run first, so no id is told to a caller without the token."""
+        return store.resolve_run(run_id)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(request: Request, token_param: str | None = Query(None, alias="token")) -> Response:
@@ -99,27 +106,28 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
         return store.list_runs()
 
     @app.get("/api/runs/{run_id}", dependencies=guarded)
-    def get_run(run_id: str) -> dict[str, Any]:
+    def get_run(run_id: str = Depends(resolved)) -> dict[str, Any]:
         return store.get_run(run_id)
 
     @app.get("/api/runs/{run_id}/rounds", dependencies=guarded)
-    def rounds(run_id: str) -> list[dict[str, Any]]:
+    def rounds(run_id: str = Depends(resolved)) -> list[dict[str, Any]]:
         return store.rounds(run_id)
 
     @app.get("/api/runs/{run_id}/clients", dependencies=guarded)
-    def clients(run_id: str) -> list[dict[str, Any]]:
+    def clients(run_id: str = Depends(resolved)) -> list[dict[str, Any]]:
         return store.clients(run_id)
 
     @app.get("/api/runs/{run_id}/participation", dependencies=guarded)
-    def participation(run_id: str, round: int | None = Query(None, ge=0)) -> list[dict[str, Any]]:
+    def participation(run_id: str = Depends(resolved),
+                      round: int | None = Query(None, ge=0)) -> list[dict[str, Any]]:
         return store.participation_rows(run_id, round)
 
     @app.get("/api/runs/{run_id}/checkpoints", dependencies=guarded)
-    def checkpoints(run_id: str) -> list[dict[str, Any]]:
+    def checkpoints(run_id: str = Depends(resolved)) -> list[dict[str, Any]]:
         return store.checkpoints(run_id)
 
     @app.get("/api/runs/{run_id}/checkpoints/{server_round}/weights", dependencies=guarded)
-    def checkpoint_weights(run_id: str, server_round: int) -> FileResponse:
+    def checkpoint_weights(server_round: int, run_id: str = Depends(resolved)) -> FileResponse:
         path = store.checkpoint_path(run_id, server_round)
         if path is None:
             raise HTTPException(404, f"run {run_id} has no checkpoint for round {server_round}")
@@ -131,11 +139,12 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
                             filename=f"{run_id}-round-{server_round:05d}.safetensors")
 
     @app.get("/api/runs/{run_id}/audit", dependencies=guarded)
-    def audit(run_id: str, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, Any]]:
+    def audit(run_id: str = Depends(resolved),
+              limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, Any]]:
         return store.audit_log(run_id, limit)
 
     @app.post("/api/runs/{run_id}/stop", dependencies=guarded, status_code=202)
-    def stop(run_id: str) -> dict[str, Any]:
+    def stop(run_id: str = Depends(resolved)) -> dict[str, Any]:
         try:
             return store.request_stop(run_id, actor="console")
         except RunNotRunning as err:

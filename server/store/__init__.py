@@ -3,6 +3,7 @@
 from consortia.server.store.store import (
     LOST_AFTER_S,
     STORE_FILE,
+    AmbiguousRun,
     Heartbeat,
     RunNotRunning,
     RunStore,
@@ -13,5 +14,5 @@ from consortia.server.store.store import (
     resolve_store_url,
 )
 
-__all__ = ["LOST_AFTER_S", "STORE_FILE", "Heartbeat", "RunNotRunning", "RunStore", "StoreError",
-           "UnknownRun", "default_store_url", "mark_interrupted", "resolve_store_url"]
+__all__ = ["LOST_AFTER_S", "STORE_FILE", "AmbiguousRun", "Heartbeat", "RunNotRunning", "RunStore",
+           "StoreError", "UnknownRun", "default_store_url", "mark_interrupted", "resolve_store_url"]

@@ -64,6 +64,15 @@ class UnknownRun(KeyError):
         return self.detail
 
 
+class AmbiguousRun(UnknownRun):
+    """A run id prefix that more than one run starts with."""
+
+    def __init__(self, prefix: str, matches: list[str]):
+        super().__init__(prefix, f"{prefix!r} matches {len(matches)} runs: "
+                                 f"{', '.join(matches)}; give more of the run id")
+        self.matches = matches
+
+
 def default_store_url(out_dir: str | Path) -> str:
     """The default store: a SQLite file inside the run's results directory."""
     return f"sqlite:///{(Path(out_dir) / STORE_FILE).resolve()}"
@@ -369,6 +378,8 @@ class RunStore:
 
     def resolve_run(self, run_id_or_prefix: str) -> str:
         """The run whose id is this, or the only one starting with it."""
+        if not run_id_or_prefix:  # every id starts with "": it would pick a lone run
+            raise UnknownRun("", "no run id given; accepted: a run id or a unique prefix of one")
         with self._read() as s:
             if s.get(Run, run_id_or_prefix) is not None:
                 return run_id_or_prefix
@@ -377,8 +388,7 @@ class RunStore:
         if len(ids) == 1:
             return ids[0]
         if ids:
-            raise UnknownRun(run_id_or_prefix, f"{run_id_or_prefix!r} matches {len(ids)} runs: "
-                                               f"{', '.join(sorted(ids))}")
+            raise AmbiguousRun(run_id_or_prefix, sorted(ids))
         raise UnknownRun(run_id_or_prefix)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
