@@ -22,8 +22,12 @@ from consortia.privacy.dp.preflight import (
     partial_fit_warning,
 )
 from consortia.privacy.storage import atomic_write_json
-from consortia.server.checkpoint import CheckpointStore
-from consortia.server.run_dir import CHECKPOINTS_DIR, RUN_FILE, ResultsDirError, prepare_out_dir
+from consortia.server.run_dir import (
+    RUN_FILE,
+    ResultsDirError,
+    prepare_out_dir,
+    run_finished,
+)
 from consortia.server.store import RunStore, default_store_url
 from consortia.server.workflow import RoundCallback
 
@@ -167,8 +171,7 @@ def resume_checks(cfg: RunConfig, out_dir: Path) -> bool:
     from consortia.simulations.sites import check_ledgers_kept
 
     check_ledgers_kept(cfg, out_dir)
-    latest = CheckpointStore(out_dir / CHECKPOINTS_DIR).latest()
-    return latest.round >= cfg.rounds and (out_dir / "summary.json").is_file()
+    return run_finished(cfg, out_dir)
 
 
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
