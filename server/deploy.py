@@ -58,8 +58,6 @@ def serve(config_path: str | Path, *, resume: bool = False,
         log(f"run {run_id} already completed all {cfg.rounds} rounds: nothing to run "
             f"(results in {srv.out})")
         return json.loads((srv.out / SUMMARY_FILE).read_text())
-    if len(keys) < cfg.clients:
-        log(f"warning: {len(keys)} nodes enrolled, the run waits for run.clients = {cfg.clients}")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -66,9 +66,17 @@ class ServerDeployConfig(BaseModel):
             check_server_files(certs)
         except CertsError as err:
             raise ConfigError(f"server.certs: {err}") from None
-        if not list((certs / ENROLLED).glob("*.pub")):
+        enrolled = sorted(p.stem for p in (certs / ENROLLED).glob("*.pub"))
+        if not enrolled:
             raise ConfigError(f"server.certs: no enrolled node in {certs / ENROLLED}; enroll "
                               f"partners with `consortia certs enroll NAME --dir {certs}`")
+        if len(enrolled) < self.run.clients:  # the strategy waits for run.clients nodes
+            raise ConfigError(
+                f"run.clients = {self.run.clients}, but {len(enrolled)} node(s) are enrolled in "
+                f"{certs / ENROLLED} ({', '.join(enrolled)}): the run waits for run.clients "
+                f"nodes, and only enrolled nodes can connect, so it would never start; accepted: "
+                f"run.clients ≤ {len(enrolled)}, or enroll more partners with `consortia certs "
+                f"enroll NAME --dir {certs}`")
 
 
 def load_server_config(path: str | Path, overrides: list[str] | None = None) -> ServerDeployConfig:

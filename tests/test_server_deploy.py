@@ -34,6 +34,12 @@ def server_toml(tmp_path, port=9093, extra=""):
     return path
 
 
+def enroll_run_clients(tmp_path, count=3):
+    """The run.clients = 3 nodes SERVER's run waits for (fewer fail at start)."""
+    for i in range(count):
+        enroll_node(tmp_path / "consortium", f"site-{'abc'[i]}")
+
+
 def test_paths_are_read_from_the_configs_folder_and_files_are_checked(tmp_path):
     cfg = load_server_config(server_toml(tmp_path))
     assert cfg.server.certs == tmp_path / "consortium" and cfg.server.out == tmp_path / "results"
@@ -43,6 +49,12 @@ def test_paths_are_read_from_the_configs_folder_and_files_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="no enrolled node"):
         cfg.check_files()
     enroll_node(tmp_path / "consortium", "site-a")
+    # The run waits for run.clients = 3 nodes: with one enrolled it would never start.
+    with pytest.raises(ConfigError, match=r"run.clients = 3, but 1 node\(s\) are enrolled in "
+                                          r".*\(site-a\).*accepted: run.clients ≤ 1"):
+        cfg.check_files()
+    for name in ("site-b", "site-c"):
+        enroll_node(tmp_path / "consortium", name)
     cfg.check_files()
     (tmp_path / "consortium" / "server.pem").unlink()  # the CA stays: a new certificate from it
     with pytest.raises(ConfigError, match="server.pem is missing; issue a new one from the CA "
@@ -162,7 +174,7 @@ def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
     from consortia.server.deploy import DeploymentError, serve
 
     init_consortium(tmp_path / "consortium", ["127.0.0.1"])
-    enroll_node(tmp_path / "consortium", "site-a")
+    enroll_run_clients(tmp_path)
     with socket.socket() as busy:  # another server already listens there
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -218,7 +230,7 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
     from consortia.server.run_dir import prepare_out_dir
 
     init_consortium(tmp_path / "consortium", ["127.0.0.1"])
-    enroll_node(tmp_path / "consortium", "site-a")
+    enroll_run_clients(tmp_path)
     path = server_toml(tmp_path, free_port(), "rounds = 3\n")
     cfg = load_server_config(path)
     prepare_out_dir(cfg.run, cfg.server.out, resume=False)
@@ -253,7 +265,7 @@ def test_a_results_directory_in_use_names_the_setting_each_command_has(tmp_path)
     from consortia.server.run_dir import ResultsDirError, prepare_out_dir
 
     init_consortium(tmp_path / "consortium", ["127.0.0.1"])
-    enroll_node(tmp_path / "consortium", "site-a")
+    enroll_run_clients(tmp_path)
     path = server_toml(tmp_path, free_port())
     cfg = load_server_config(path)
     prepare_out_dir(cfg.run, cfg.server.out, resume=False)  # a run started there before
