@@ -35,6 +35,7 @@ from consortia.flower_exec import (
     start_process,
     stop_process,
 )
+from consortia.privacy.dp import LedgerMismatchError
 from consortia.privacy.dp.preflight import check_delta, check_dp_model
 from consortia.tasks import default_device, get_task
 from consortia.tasks.adapters import MissingPackage
@@ -80,6 +81,26 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
                                     max_epsilon_if_secagg_fails=p.max_epsilon_if_secagg_fails),
                 device=default_device(), policy=p, audit=AuditLog(state),
                 secagg_state=state / SECAGG_STATE)
+
+
+def ledger_line(site: Site) -> str:
+    """What the site's privacy ledger holds, said when it joins: a partner whose budget is
+    spent learns it now, not from refusals in the server's records. A ledger this site
+    cannot use (damaged, or kept under another δ or accountant than site.toml's) fails the
+    join: every DP request would be refused."""
+    if site.privacy is None:
+        return ""
+    with site.ledger_held(True):
+        try:
+            ledger = site.open_ledger()
+        except LedgerMismatchError as err:
+            raise JoinError(f"this site's privacy ledger: {err}") from None
+    spent, budget = ledger.epsilon, ledger.epsilon_budget
+    if spent >= budget:
+        return (f"warning: this site's privacy budget is spent (ε {spent:.4g} of {budget:.4g}"
+                f" at δ = {ledger.delta:g}): it will refuse every DP request; a larger "
+                "[policy] epsilon_budget is the partner's own decision")
+    return f"privacy ledger: ε {spent:.4g} of {budget:.4g} spent (δ = {ledger.delta:g})"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -179,6 +200,7 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
     cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
     cfg.check_files()
     site = build_site(cfg, dataset)
+    said = ledger_line(site)
     stop = stop or threading.Event()
     port = free_port()
     try:
@@ -215,6 +237,8 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
     supervisor.start()
     log_fn(f"{cfg.site.name}: joining {cfg.site.superlink} ({len(site.dataset)} records, state "
            f"in {site.state_dir}, SuperNode log {node.log_path})")
+    if said:
+        log_fn(f"{cfg.site.name}: {said}")
     try:
         serve_client_app(f"127.0.0.1:{port}", build_client_app(lambda context: site), stop,
                          on_bundle=bundle_seen)

@@ -188,3 +188,51 @@ def test_two_requests_of_one_site_at_once_both_spend(tmp_path, monkeypatch):
     assert reports["second"].epsilon > reports["first"].epsilon
     with held(tmp_path):  # released after both
         pass
+
+
+def test_joining_says_what_the_ledger_holds_and_a_ledger_under_other_terms_fails(tmp_path):
+    from consortia.client.join import JoinError, ledger_line
+
+    s = site(tmp_path, policy())
+    assert ledger_line(s) == "privacy ledger: ε 0 of 5 spent (δ = 1e-05)"
+    report = ask(build_client_app(lambda ctx: s), instructions())
+    assert f"ε {report.epsilon:.4g} of 5 spent" in ledger_line(s)
+    # The partner lowered its budget below what it has spent: told at join.
+    lowered = site(tmp_path, policy(epsilon_budget=report.epsilon / 2))
+    assert ledger_line(lowered).startswith("warning: this site's privacy budget is spent (ε ")
+    assert "it will refuse every DP request" in ledger_line(lowered)
+    # site.toml's δ changed since the ledger was kept: every DP request would be refused.
+    with pytest.raises(JoinError, match=r"privacy ledger: .* was kept with accountant='rdp', "
+                                        r"delta=1e-05; this run asks for .*delta=1e-06"):
+        ledger_line(site(tmp_path, policy(delta=1e-6)))
+
+
+def test_a_client_says_whether_its_ledger_can_pay_for_another_round(tmp_path):
+    # Advertising its keys (the request carries the run's train instructions) and in each
+    # DP train reply, a client says whether one more such round fits its budget: the
+    # server leaves one that cannot out of the next secure round's masking graph.
+    from consortia.messages import SECAGG, SECAGG_ADVERTISE
+
+    one_round = instructions(noise_multiplier=1.2)
+    s = site(tmp_path, policy(max_rounds=None))
+    first = ask(build_client_app(lambda ctx: s), one_round)
+    from opacus.accountants import RDPAccountant
+
+    two = RDPAccountant()
+    two.history = [(1.2, first.sample_rate, 2 * first.steps)]
+    budget = (first.epsilon + two.get_epsilon(1e-5)) / 2  # one round fits, two do not
+    s = site(tmp_path / "b", policy(max_rounds=None, epsilon_budget=budget))
+    app = build_client_app(lambda ctx: s)
+
+    def advertised():
+        content = RecordDict({"config": one_round.to_config_record()})
+        msg = Message(content=content, dst_node_id=5, message_type=SECAGG_ADVERTISE)
+        ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+        return app(msg, ctx).content[SECAGG].get("can_train")
+
+    assert advertised() is True
+    report = ask(app, one_round)
+    assert report.status == "trained" and report.can_train_again is False
+    assert advertised() is False
+    refused = ask(app, one_round, 2)
+    assert refused.status == "refused-budget" and refused.can_train_again is False
