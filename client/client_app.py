@@ -133,27 +133,35 @@ def base_weights_refusal(task: Task, model: torch.nn.Module, expected: str | Non
             "install the same model package version as the server")
 
 
-def can_afford_a_round(site: Site, content: RecordDict) -> bool | None:
+def can_afford_a_round(site: Site, content: RecordDict
+                       ) -> tuple[bool | None, TrainReport | None]:
     """Whether this site's ledger can pay for one round of the run the server describes
     (its train instructions, sent with the key advertisement), None when that is not known
     here: no DP, no instructions, or distributed DP (its charge depends on each round's
-    floor and threshold; its train replies say it instead)."""
+    floor and threshold; its train replies say it instead). When it cannot, also the
+    budget refusal a train request would get: the server records the ledger's ε from it
+    (a resumed run's replayed rounds are already in the ledger)."""
     try:
         _, ins = TrainInstructions.from_content(content)
     except MessageSchemaError:
-        return None
+        return None, None
     if not ins.dp_enabled or ins.local_epochs == 0 or ins.privacy_mode != "local":
-        return None
+        return None, None
     with site.ledger_held(True):
         try:
             ledger = site.open_ledger()
         except LedgerMismatchError:
-            return None  # the train request refuses, with the reason
+            return None, None  # the train request refuses, with the reason
         if ledger is None:
-            return None
+            return None, None
         trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device)
         rate, steps = round_steps(len(site.dataset), ins.batch_size, ins.local_epochs, "local")
-        return ledger.check_round(trainer.noise_multiplier(ins), rate, steps).allowed
+        sigma = trainer.noise_multiplier(ins)
+        decision = ledger.check_round(sigma, rate, steps)
+        if decision.allowed:
+            return True, None
+        return False, trainer._report("refused-budget", dp=True, reason=decision.reason,
+                                      sigma=sigma, rate=rate, can_train_again=False)
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -250,7 +258,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         run_id = str(msg.content[CONFIG]["run_id"])
         site = load_site(context)
         content = SecAggClient(context, site.secagg_state).advertise(
-            run_id, len(site.dataset), can_afford_a_round(site, msg.content))
+            run_id, len(site.dataset), *can_afford_a_round(site, msg.content))
         return Message(content, reply_to=msg)
 
     @app.train("secagg_unmask")

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from consortia.client.trainer import stable_seed
 from consortia.messages import (
     MASKED,
+    REPORT,
     SECAGG,
     SecAggInstructions,
     TrainReport,
@@ -61,17 +62,21 @@ class SecAggClient:
             return
         self.context.state[STATE_KEY] = ConfigRecord({"session": session.to_state_bytes()})
 
-    def advertise(self, run_id: str, num_examples: int, can_train: bool | None = None
-                  ) -> RecordDict:
+    def advertise(self, run_id: str, num_examples: int, can_train: bool | None = None,
+                  refusal: TrainReport | None = None) -> RecordDict:
         """The keys (and dataset size) for the run; `can_train`, when known, whether this
-        client's ledger can pay for a round of the run (TrainReport.can_train_again)."""
+        client's ledger can pay for a round of the run (TrainReport.can_train_again), and
+        `refusal`, the budget refusal (with the ledger's ε) a train request would get."""
         session = self._load(secagg_run_id(run_id))
         self._save(session)
         record = ConfigRecord({"advertise": session.advertise_keys().to_bytes(),
                                "num_examples": num_examples})
         if can_train is not None:
             record["can_train"] = can_train
-        return RecordDict({SECAGG: record})
+        content = RecordDict({SECAGG: record})
+        if refusal is not None:
+            content[REPORT] = refusal.to_config_record()
+        return content
 
     def mask_update(self, ins: SecAggInstructions, old: ArrayRecord,
                     new: dict[str, torch.Tensor], num_examples: int, seed: int,

@@ -26,6 +26,7 @@ from consortia.config import RunConfig
 from consortia.messages import (
     CONFIG,
     MASKED,
+    REPORT,
     SECAGG,
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
@@ -159,10 +160,14 @@ class SecureAggregator:
                 continue
             try:
                 record = reply.content[SECAGG]
+                # The refusal a train request would get states the ledger's ε (a resumed
+                # run's replayed rounds are in it): the round records it for this client.
+                refusal = TrainReport.from_content(reply.content) \
+                    if REPORT in reply.content else None
                 adverts[src], sizes[src] = bytes(record["advertise"]), int(record["num_examples"])
                 if record.get("can_train") is False:
                     self.cannot_pay[src] = ("its key advertisement said its privacy ledger "
-                                            "cannot pay for a round of this run", None)
+                                            "cannot pay for a round of this run", refusal)
             except (KeyError, TypeError, ValueError) as err:
                 failed[src] = f"malformed key advertisement: {err!r}"
         accepted = self.session.collect_advertisements(adverts)

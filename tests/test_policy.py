@@ -211,7 +211,7 @@ def test_a_client_says_whether_its_ledger_can_pay_for_another_round(tmp_path):
     # Advertising its keys (the request carries the run's train instructions) and in each
     # DP train reply, a client says whether one more such round fits its budget: the
     # server leaves one that cannot out of the next secure round's masking graph.
-    from consortia.messages import SECAGG, SECAGG_ADVERTISE
+    from consortia.messages import REPORT, SECAGG, SECAGG_ADVERTISE, TrainReport
 
     one_round = instructions(noise_multiplier=1.2)
     s = site(tmp_path, policy(max_rounds=None))
@@ -228,11 +228,17 @@ def test_a_client_says_whether_its_ledger_can_pay_for_another_round(tmp_path):
         content = RecordDict({"config": one_round.to_config_record()})
         msg = Message(content=content, dst_node_id=5, message_type=SECAGG_ADVERTISE)
         ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
-        return app(msg, ctx).content[SECAGG].get("can_train")
+        return app(msg, ctx).content
 
-    assert advertised() is True
+    assert advertised()[SECAGG].get("can_train") is True and REPORT not in advertised()
     report = ask(app, one_round)
     assert report.status == "trained" and report.can_train_again is False
-    assert advertised() is False
+    content = advertised()
+    assert content[SECAGG].get("can_train") is False
+    # With the bit, the refusal a train request would get: the server records its ε (a
+    # resumed run's first rounds had none for such a client).
+    said = TrainReport.from_content(content)
+    assert (said.status, said.epsilon, said.epsilon_budget) == ("refused-budget",
+                                                                report.epsilon, budget)
     refused = ask(app, one_round, 2)
     assert refused.status == "refused-budget" and refused.can_train_again is False

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from consortia.config import ConfigError, load_config
+from consortia.privacy.dp.ledger import PrivacyLedger
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.results import read_jsonl
 from consortia.simulations.faults import SecAggFaults
@@ -170,4 +171,9 @@ def test_clients_that_cannot_pay_are_left_out_of_the_masking_graph_also_after_a_
     for r in replayed_aborts:
         assert sorted(after.get(r, [])) == sorted(before.get(r, []))  # no new spend
     first = [p for p in read_jsonl(tmp_path / "participation.jsonl") if p["round"] == 5][-6:]
-    assert any("its key advertisement said" in p["reason"] for p in first)
+    advertised = [p for p in first if "its key advertisement said" in p["reason"]]
+    assert advertised
+    for p in advertised:  # its ledger's ε, the first run's rounds 5-7 in it (it was none)
+        ledger = PrivacyLedger.open(tmp_path / "clients" / p["client_id"], accountant="rdp",
+                                    delta=cfg.privacy.delta, epsilon_budget=3.0)
+        assert p["epsilon"] == pytest.approx(ledger.epsilon) and p["epsilon_budget"] == 3.0
