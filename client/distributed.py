@@ -101,9 +101,11 @@ class DistributedStep:
         # Both accounts are spent before the share leaves: once it has, the server may
         # reveal a sum holding it without this client's help (t answers of others suffice).
         self.ledger.spend_share(entry, own, run_id=ins.run_id, server_round=server_round)
-        # The next round's share is sized the same way (its floor and t as this round's).
-        report = self._report("trained", "", share, rate,
-                              can_train_again=self.ledger.check_round(*entry).allowed)
+        # The next round's share is sized the same way (its floor and t as this round's);
+        # the site's cap on the fallback ε stops it as surely as the budget does.
+        again = self.ledger.check_round(*entry).allowed and \
+            (cap is None or self.ledger.fallback_after(own) <= cap)
+        report = self._report("trained", "", share, rate, can_train_again=again)
         return report, vector
 
     def _per_example_gradients(self, model: torch.nn.Module, rate: float, names: list[str],

@@ -395,6 +395,23 @@ def test_the_client_refuses_beyond_its_budget_or_its_cap_on_the_fallback_epsilon
     assert report.noise_floor == 0.8 and report.noise_multiplier >= 0.8
 
 
+def test_a_client_whose_cap_stops_its_next_round_says_so_in_its_reply(tmp_path):
+    """A secure round leaves out a client whose reply said it cannot train again; one that
+    its cap on the fallback ε stops must say so too, or it refuses inside the next masked
+    round as a dropout (and may abort it for the others, who paid ε)."""
+    ask = dict(scale=2.0**10, threshold=4, floor=0.8)
+    step, model, ins, names, ledger = client_step(tmp_path / "uncapped")
+    fallback = []
+    for r in (1, 2):
+        step.run(model, ins, r, names=names, **ask)
+        fallback.append(ledger.epsilon_if_secagg_fails)
+    step, model, ins, names, ledger = client_step(tmp_path / "capped", cap=sum(fallback) / 2)
+    report, _ = step.run(model, ins, 1, names=names, **ask)
+    assert report.status == "trained" and report.can_train_again is False
+    report, vector = step.run(model, ins, 2, names=names, **ask)
+    assert vector is None and report.status == "refused-policy"  # as it said
+
+
 def test_a_real_sites_poisson_sample_and_noise_are_drawn_afresh(tmp_path):
     """The server knows every part of a simulation's seed; a real site (seeded_noise
     False) must not let it recompute which records were sampled, nor the noise."""
