@@ -84,6 +84,28 @@ def audit(site: Site, ins: TrainInstructions, server_round: int,
                       asked=asked(ins, server_round, secagg is not None), **said)
 
 
+def max_rounds_reached(site: Site, run_id: str, pending: int = 0) -> str | None:
+    """Why this site's policy refuses any further round of the run (max_rounds, counting
+    `pending` rounds trained but not yet in the audit log), or None."""
+    p = site.policy
+    if p is None or p.max_rounds is None or site.audit is None:
+        return None
+    trained = site.audit.rounds_trained(run_id) + pending
+    if trained < p.max_rounds:
+        return None
+    return (f"this site has trained {trained} rounds of run {run_id}, its policy's maximum "
+            f"(max_rounds = {p.max_rounds})")
+
+
+def said_if_last(site: Site, ins: TrainInstructions, report: TrainReport) -> TrainReport:
+    """A trained report says it cannot train again when this round is the last its policy
+    allows: a secure round then leaves it out rather than have it refuse there (a dropout
+    that may abort the round for the others, who paid ε)."""
+    if report.status != "trained" or (why := max_rounds_reached(site, ins.run_id, 1)) is None:
+        return report
+    return report.model_copy(update={"can_train_again": False, "reason": f"next round: {why}"})
+
+
 def distributed_round(site: Site, context: Context, msg: Message, model: torch.nn.Module,
                       ins: TrainInstructions, secagg: SecAggInstructions | None,
                       server_round: int, ledger: PrivacyLedger | None) -> Message:
@@ -111,6 +133,7 @@ def distributed_round(site: Site, context: Context, msg: Message, model: torch.n
                               floor=secagg.dp_noise_floor)
     if vector is None:
         return Message(report.to_content(), reply_to=msg)
+    report = said_if_last(site, ins, report)
     client = SecAggClient(context, site.secagg_state)
     return Message(client.content(report, *client.mask_vector(secagg, vector)), reply_to=msg)
 
@@ -135,16 +158,20 @@ def base_weights_refusal(task: Task, model: torch.nn.Module, expected: str | Non
 
 def can_afford_a_round(site: Site, content: RecordDict
                        ) -> tuple[bool | None, TrainReport | None]:
-    """Whether this site's ledger can pay for one round of the run the server describes
-    (its train instructions, sent with the key advertisement), None when that is not known
+    """Whether this site can train a round of the run the server describes (its train
+    instructions, sent with the key advertisement): its policy's max_rounds not reached (a
+    resumed run) and its ledger able to pay; None when the ledger's answer is not known
     here: no DP, no instructions, or distributed DP (its charge depends on each round's
     floor and threshold; its train replies say it instead). When it cannot, also the
-    budget refusal a train request would get: the server records the ledger's ε from it
-    (a resumed run's replayed rounds are already in the ledger)."""
+    refusal a train request would get: the server records the ledger's ε from it (a
+    resumed run's replayed rounds are already in the ledger)."""
     try:
         _, ins = TrainInstructions.from_content(content)
     except MessageSchemaError:
         return None, None
+    if (reason := max_rounds_reached(site, ins.run_id)) is not None:  # a resumed run
+        return False, TrainReport(client_id=site.client_id, status="refused-policy",
+                                  reason=reason)
     if not ins.dp_enabled or ins.local_epochs == 0 or ins.privacy_mode != "local":
         return None, None
     with site.ledger_held(True):
@@ -226,6 +253,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
             audit(site, ins, server_round, secagg, TrainReport.from_content(reply.content))
             return reply
         report, weights = trainer.train(model, ins, server_round)
+        report = said_if_last(site, ins, report)
         audit(site, ins, server_round, secagg, report)
         if weights is None:
             return Message(report.to_content(), reply_to=msg)

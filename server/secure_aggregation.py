@@ -118,11 +118,12 @@ class SecureAggregator:
         self.timeout = timeout
         self.session = ServerSecAggSession(run_id=secagg_run_id(run_id))
         self.examples: dict[int, int] = {}  # node -> dataset size it advertised
-        # node -> (why, its last report): DP clients whose ledger said it cannot pay for
-        # another round (TrainReport.can_train_again). They are left out of a round's
+        # node -> (why, its last report, status): clients that said they cannot train
+        # another round (TrainReport.can_train_again: their ledger, or their policy's
+        # max_rounds). They are left out of a round's
         # masking graph: asked, they would refuse, count as dropouts, and could abort the
         # round for the others, who would have spent ε on an update thrown away.
-        self.cannot_pay: dict[int, tuple[str, TrainReport | None]] = {}
+        self.cannot_pay: dict[int, tuple[str, TrainReport | None, str]] = {}
 
     def noise_floor(self) -> float | None:
         """Distributed DP: σ_floor, the least noise multiplier every client of a round adds
@@ -166,8 +167,7 @@ class SecureAggregator:
                     if REPORT in reply.content else None
                 adverts[src], sizes[src] = bytes(record["advertise"]), int(record["num_examples"])
                 if record.get("can_train") is False:
-                    self.cannot_pay[src] = ("its key advertisement said its privacy ledger "
-                                            "cannot pay for a round of this run", refusal)
+                    self.cannot_pay[src] = self._cannot("its key advertisement", refusal)
             except (KeyError, TypeError, ValueError) as err:
                 failed[src] = f"malformed key advertisement: {err!r}"
         accepted = self.session.collect_advertisements(adverts)
@@ -334,18 +334,28 @@ class SecureAggregator:
             if report.can_train_again:
                 self.cannot_pay.pop(n, None)
             else:
-                self.cannot_pay[n] = (f"its round {server_round} reply said its privacy "
-                                      "ledger cannot pay for another round", report)
+                self.cannot_pay[n] = self._cannot(f"its round {server_round} reply", report)
+
+    @staticmethod
+    def _cannot(said_in: str, report: TrainReport | None) -> tuple[str, TrainReport | None, str]:
+        """(why, report, status) for a client that said it cannot train another round: its
+        ledger cannot pay, or, when its report gives a reason (a refusal's, or a trained
+        report's naming its policy's max_rounds), that reason and the status it implies."""
+        if report is None or not report.reason:
+            return (f"{said_in} said its privacy ledger cannot pay for another round", report,
+                    "refused-budget")
+        status = report.status if report.status != "trained" else "refused-policy"
+        return f"{said_in} said it cannot train another round: {report.reason}", report, status
 
     def _not_asked(self, node: int) -> ReplyOutcome:
-        """A sampled client left out of the round for its budget: recorded as the budget
-        refusal it would have sent, with the ε its last report stated."""
-        why, report = self.cannot_pay[node]
+        """A sampled client left out of the round: recorded as the refusal it would have
+        sent, with the ε its last report (or its advertised refusal) stated."""
+        why, report, status = self.cannot_pay[node]
         reason = f"not asked: {why}"
         if report is not None:
-            report = report.model_copy(update={"status": "refused-budget", "reason": reason,
+            report = report.model_copy(update={"status": status, "reason": reason,
                                                "train_loss": None})
-        return ReplyOutcome(node, "refused-budget", reason, report)
+        return ReplyOutcome(node, status, reason, report)
 
     @staticmethod
     def _not_summed(outcome: ReplyOutcome, reason: str) -> ReplyOutcome:

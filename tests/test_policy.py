@@ -92,6 +92,48 @@ def test_max_rounds_stops_the_site_after_that_many_rounds_of_a_run(tmp_path):
         "trained", "refused-policy", "trained"]
 
 
+def test_a_site_says_when_its_max_rounds_stops_its_next_round(tmp_path):
+    """A secure round leaves out a client that said it cannot train again; a site its
+    policy's max_rounds stops must say so too, or it refuses inside the next masked round
+    as a dropout (and may abort it for the others, who paid ε). A resumed run's key
+    advertisement says it as well."""
+    from consortia.messages import SECAGG, SECAGG_ADVERTISE
+
+    s = site(tmp_path, policy(max_rounds=2, epsilon_budget=50.0))  # the budget pays for more
+    app = build_client_app(lambda ctx: s)
+    assert ask(app, instructions(), 1).can_train_again is True
+    last = ask(app, instructions(), 2)
+    assert last.status == "trained" and last.can_train_again is False
+    assert last.reason == ("next round: this site has trained 2 rounds of run 0123456789ab, "
+                           "its policy's maximum (max_rounds = 2)")
+    msg = Message(content=RecordDict({"config": instructions().to_config_record()}),
+                  dst_node_id=5, message_type=SECAGG_ADVERTISE)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    content = app(msg, ctx).content
+    assert content[SECAGG]["can_train"] is False
+    assert TrainReport.from_content(content).status == "refused-policy"
+    assert ask(app, instructions(), 3).status == "refused-policy"  # as it said
+
+
+def test_the_server_records_a_client_left_out_for_its_policy_as_that_refusal():
+    from consortia.server.secure_aggregation import SecureAggregator
+
+    agg = SecureAggregator.__new__(SecureAggregator)  # only its record of who cannot train
+    last = TrainReport(client_id="a", status="trained", reason="next round: max_rounds = 2",
+                       dp_enabled=True, epsilon=1.5, epsilon_budget=5.0, can_train_again=False)
+    ledger = last.model_copy(update={"reason": ""})
+    agg.cannot_pay = {1: agg._cannot("its round 2 reply", last),
+                      2: agg._cannot("its round 2 reply", ledger)}
+    policy_out, budget_out = agg._not_asked(1), agg._not_asked(2)
+    assert (policy_out.status, policy_out.reason) == (
+        "refused-policy", "not asked: its round 2 reply said it cannot train another round: "
+                          "next round: max_rounds = 2")
+    assert (budget_out.status, budget_out.reason) == (
+        "refused-budget", "not asked: its round 2 reply said its privacy ledger cannot pay "
+                          "for another round")
+    assert policy_out.report.epsilon == budget_out.report.epsilon == 1.5
+
+
 def test_a_derived_noise_multiplier_is_checked_against_the_minimum(tmp_path):
     # No σ from the server: the site derives the smallest that fits its budget (here a
     # generous budget gives a small σ), and the policy's minimum still binds.
