@@ -285,8 +285,16 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     def advertise(msg: Message, context: Context) -> Message:
         run_id = str(msg.content[CONFIG]["run_id"])
         site = load_site(context)
+        can, refusal = can_afford_a_round(site, msg.content)
+        if can is not None and site.audit is not None:
+            # What the site told the server of its ledger or policy goes in its own log,
+            # as every train request's answer does.
+            _, ins = TrainInstructions.from_content(msg.content)
+            site.audit.record(run=ins.run_id, server_round=0, asked=asked(ins, 0, True),
+                              decision="advertised", can_train=can,
+                              reason=refusal.reason if refusal else "can train a round")
         content = SecAggClient(context, site.secagg_state).advertise(
-            run_id, len(site.dataset), *can_afford_a_round(site, msg.content))
+            run_id, len(site.dataset), can, refusal)
         return Message(content, reply_to=msg)
 
     @app.train("secagg_unmask")

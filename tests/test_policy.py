@@ -284,3 +284,7 @@ def test_a_client_says_whether_its_ledger_can_pay_for_another_round(tmp_path):
                                                                 report.epsilon, budget)
     refused = ask(app, one_round, 2)
     assert refused.status == "refused-budget" and refused.can_train_again is False
+    # Each answer to an advertisement is in the site's own audit log, beside the requests.
+    log = [(e["decision"], e.get("can_train")) for e in AuditLog(tmp_path / "b").entries()]
+    assert log == [("advertised", True), ("advertised", True), ("trained", None),
+                   ("advertised", False), ("refused-budget", None)]
