@@ -220,8 +220,11 @@ def test_two_dp_secagg_rounds_over_tls_refuse_strangers_and_policy(federation):
         events = spends(fed.ledger(name))
         assert [e["round"] for e in events] == [1, 2]
         assert 0 < events[0]["epsilon"] < events[1]["epsilon"] <= 20.0
-        assert [e["decision"] for e in fed.audit(name)] == ["trained", "trained"]
-    refused = fed.audit("site-d")
+        # Its answer to the key advertisement (it can train a round), then its rounds.
+        assert [e["decision"] for e in fed.audit(name)] == ["advertised", "trained", "trained"]
+        assert fed.audit(name)[0]["can_train"] is True
+    said, *refused = fed.audit("site-d")
+    assert said["decision"] == "advertised"
     assert [e["decision"] for e in refused] == ["refused-policy", "refused-policy"]
     assert "below this site's minimum 2" in refused[0]["reason"]
     assert refused[0]["asked"]["noise_multiplier"] == 1.0 and refused[0]["run"]
@@ -255,7 +258,8 @@ def test_a_client_killed_during_a_round_drops_and_the_run_goes_on(federation):
     assert first["secagg_status"] == "ok" and first["clients_trained"] == 2
     assert first["secagg_dropped"] == 1 and first["clients_failed"] == 1
     assert checkpoint_sha(fed, 1) != checkpoint_sha(fed, 0)  # the survivors' sum was applied
-    assert fed.audit("site-c") == []  # it never trained
+    # It never trained (it had only answered the key advertisement).
+    assert [e["decision"] for e in fed.audit("site-c")] == ["advertised"]
     fed.join("site-c")  # the partner restarts its client; the run goes on, with it again
     assert fed.wait_server_exit() == 0, (fed.root / "server.out").read_text()
     rows = fed.metrics()
