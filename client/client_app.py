@@ -29,7 +29,7 @@ from consortia.messages import (
     torch_to_arrays,
     update_vector_order,
 )
-from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, round_steps
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
 from consortia.privacy.dp.user_level import add_noise_share, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
@@ -87,14 +87,9 @@ def audit(site: Site, ins: TrainInstructions, server_round: int,
 def max_rounds_reached(site: Site, run_id: str, pending: int = 0) -> str | None:
     """Why this site's policy refuses any further round of the run (max_rounds, counting
     `pending` rounds trained but not yet in the audit log), or None."""
-    p = site.policy
-    if p is None or p.max_rounds is None or site.audit is None:
+    if site.policy is None or site.audit is None:
         return None
-    trained = site.audit.rounds_trained(run_id) + pending
-    if trained < p.max_rounds:
-        return None
-    return (f"this site has trained {trained} rounds of run {run_id}, its policy's maximum "
-            f"(max_rounds = {p.max_rounds})")
+    return site.policy.max_rounds_refusal(run_id, site.audit.rounds_trained(run_id) + pending)
 
 
 def said_if_last(site: Site, ins: TrainInstructions, report: TrainReport) -> TrainReport:
@@ -156,19 +151,15 @@ def base_weights_refusal(task: Task, model: torch.nn.Module, expected: str | Non
             "install the same model package version as the server")
 
 
-def can_afford_a_round(site: Site, content: RecordDict
+def can_afford_a_round(site: Site, ins: TrainInstructions
                        ) -> tuple[bool | None, TrainReport | None]:
-    """Whether this site can train a round of the run the server describes (its train
-    instructions, sent with the key advertisement): its policy's max_rounds not reached (a
-    resumed run) and its ledger able to pay; None when the ledger's answer is not known
-    here: no DP, no instructions, or distributed DP (its charge depends on each round's
-    floor and threshold; its train replies say it instead). When it cannot, also the
-    refusal a train request would get: the server records the ledger's ε from it (a
-    resumed run's replayed rounds are already in the ledger)."""
-    try:
-        _, ins = TrainInstructions.from_content(content)
-    except MessageSchemaError:
-        return None, None
+    """Whether this site can train a round of the run the server describes (`ins`, sent
+    with the key advertisement): its policy's max_rounds not reached (a resumed run) and
+    its ledger able to pay; None when the ledger's answer is not known here: no DP, or
+    distributed DP (its charge depends on each round's floor and threshold; its train
+    replies say it instead). When it cannot, also the refusal a train request would get:
+    the server records the ledger's ε from it (a resumed run's replayed rounds are
+    already in the ledger)."""
     if (reason := max_rounds_reached(site, ins.run_id)) is not None:  # a resumed run
         return False, TrainReport(client_id=site.client_id, status="refused-policy",
                                   reason=reason)
@@ -182,13 +173,8 @@ def can_afford_a_round(site: Site, content: RecordDict
         if ledger is None:
             return None, None
         trainer = LocalTrainer(site.client_id, site.task, site.dataset, ledger, site.device)
-        rate, steps = round_steps(len(site.dataset), ins.batch_size, ins.local_epochs, "local")
-        sigma = trainer.noise_multiplier(ins)
-        decision = ledger.check_round(sigma, rate, steps)
-        if decision.allowed:
-            return True, None
-        return False, trainer._report("refused-budget", dp=True, reason=decision.reason,
-                                      sigma=sigma, rate=rate, can_train_again=False)
+        refusal = trainer.budget_refusal(ins)
+        return refusal is None, refusal
 
 
 def build_client_app(load_site: Callable[[Context], Site], mods: list | None = None) -> ClientApp:
@@ -285,11 +271,14 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
     def advertise(msg: Message, context: Context) -> Message:
         run_id = str(msg.content[CONFIG]["run_id"])
         site = load_site(context)
-        can, refusal = can_afford_a_round(site, msg.content)
+        try:  # the run's train instructions, sent with the request
+            _, ins = TrainInstructions.from_content(msg.content)
+        except MessageSchemaError:  # none (a server of an older version): keys only
+            ins = None
+        can, refusal = (None, None) if ins is None else can_afford_a_round(site, ins)
         if can is not None and site.audit is not None:
             # What the site told the server of its ledger or policy goes in its own log,
             # as every train request's answer does.
-            _, ins = TrainInstructions.from_content(msg.content)
             site.audit.record(run=ins.run_id, server_round=0, asked=asked(ins, 0, True),
                               decision="advertised", can_train=can,
                               reason=refusal.reason if refusal else "can train a round")

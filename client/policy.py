@@ -90,8 +90,13 @@ class SitePolicy(BaseModel):
                 and noise_multiplier < self.min_noise_multiplier:
             return (f"noise multiplier {noise_multiplier:.4g} is below this site's minimum "
                     f"{self.min_noise_multiplier:.4g}")
+        return self.max_rounds_refusal(ins.run_id, rounds_trained)
+
+    def max_rounds_refusal(self, run_id: str, rounds_trained: int) -> str | None:
+        """Why a site that has trained `rounds_trained` rounds of `run_id` trains no more of
+        it (max_rounds), or None."""
         if self.max_rounds is not None and rounds_trained >= self.max_rounds:
-            return (f"this site has trained {rounds_trained} rounds of run {ins.run_id}, its "
+            return (f"this site has trained {rounds_trained} rounds of run {run_id}, its "
                     f"policy's maximum (max_rounds = {self.max_rounds})")
         return None
 

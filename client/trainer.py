@@ -105,6 +105,21 @@ class LocalTrainer:
         return noise_for_budget(self.ledger.epsilon_budget, self.ledger.delta, rate,
                                 steps * ins.planned_rounds, self.ledger.accountant_kind)
 
+    def round_cost(self, ins: TrainInstructions) -> tuple[float, float, int]:
+        """(σ, sampling rate, steps) one round at `ins` charges this client's ledger: what
+        Opacus's Poisson loader gives train (rate 1/batches, batches × epochs steps)."""
+        rate, steps = round_steps(len(self.dataset), ins.batch_size, ins.local_epochs, "local")
+        return self.noise_multiplier(ins), rate, steps
+
+    def budget_refusal(self, ins: TrainInstructions) -> TrainReport | None:
+        """The refusal a round at `ins` would get from the ledger now, or None if it fits."""
+        sigma, rate, steps = self.round_cost(ins)
+        decision = self.ledger.check_round(sigma, rate, steps)
+        if decision.allowed:
+            return None
+        return self._report("refused-budget", dp=True, reason=decision.reason, sigma=sigma,
+                            rate=rate, can_train_again=False)
+
     def train(self, model: torch.nn.Module, ins: TrainInstructions, server_round: int
               ) -> tuple[TrainReport, dict[str, torch.Tensor] | None]:
         seed_generators(round_seed(self.seeded, ins.seed, server_round, self.client_id),
@@ -151,12 +166,12 @@ class LocalTrainer:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
         self.ledger.record_spend(engine.accountant, run_id=ins.run_id, server_round=server_round)
-        again = self.ledger.check_round(sigma, loader.sample_rate, len(loader) * ins.local_epochs)
+        again = self.budget_refusal(ins) is None  # one more such round (max_rounds aside)
         # The training loss is computed on the private records without noise: under DP it
         # stays on the client (only the DP-protected update and the accounting leave).
         del loss
         report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
-                              num_examples=len(self.dataset), can_train_again=again.allowed)
+                              num_examples=len(self.dataset), can_train_again=again)
         report = report.model_copy(update={"grad_sample_mode": mode})
         return report, self.task.travelling_weights(model)
 

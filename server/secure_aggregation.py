@@ -197,9 +197,7 @@ class SecureAggregator:
             why = f"{len(participants)} clients with keys that can pay for the round; 3 needed"
             outcomes += [ReplyOutcome(n, "failed", f"not asked: round abandoned: {why}")
                          for n in participants]
-            result = self._abandon(outcomes, why)
-            result.metrics |= not_asked
-            return result
+            return self._abandon(outcomes, why, **not_asked)
 
         names = update_vector_order(arrays.keys())
         unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
@@ -255,10 +253,9 @@ class SecureAggregator:
                     if outcome.status == "trained":
                         by_node[n] = self._not_summed(outcome, f"round abandoned: {abort}")
                 self._note_budgets(server_round, by_node)
-                result = self._abandon(outcomes + list(by_node.values()), str(abort),
-                                       dropped=len(participants) - len(masked))
-                result.metrics |= not_asked
-                return result
+                return self._abandon(outcomes + list(by_node.values()), str(abort),
+                                     secagg_dropped=len(participants) - len(masked),
+                                     **not_asked)
         self._note_budgets(server_round, by_node)
 
         contributors = set(result.contributors)
@@ -325,16 +322,13 @@ class SecureAggregator:
         return answered
 
     def _note_budgets(self, server_round: int, by_node: dict[int, ReplyOutcome]) -> None:
-        """Which clients said, in this round's replies, that their ledger cannot pay for
-        another round (and which can again: a site may have raised its budget)."""
+        """Which clients said, in this round's replies, that they cannot train another
+        round. They are not asked again by this process (a restart asks anew, through the
+        key advertisement), so no reply takes one off the list."""
         for n, outcome in by_node.items():
-            report = outcome.report
-            if report is None or report.can_train_again is None:
-                continue
-            if report.can_train_again:
-                self.cannot_pay.pop(n, None)
-            else:
-                self.cannot_pay[n] = self._cannot(f"its round {server_round} reply", report)
+            if outcome.report is not None and outcome.report.can_train_again is False:
+                self.cannot_pay[n] = self._cannot(f"its round {server_round} reply",
+                                                  outcome.report)
 
     @staticmethod
     def _cannot(said_in: str, report: TrainReport | None) -> tuple[str, TrainReport | None, str]:
@@ -385,8 +379,9 @@ class SecureAggregator:
                 by_node[n] = ReplyOutcome(n, "rejected", why, by_node[n].report)
 
     @staticmethod
-    def _abandon(outcomes: list[ReplyOutcome], reason: str, dropped: int = 0) -> SecureRoundResult:
+    def _abandon(outcomes: list[ReplyOutcome], reason: str, **metrics: int) -> SecureRoundResult:
+        """`metrics`: the round's counts (secagg_dropped, 0 unless given; secagg_not_asked)."""
         log.warning("secure aggregation round abandoned: %s; the global model stays as it was",
                     reason)
         return SecureRoundResult(outcomes, None, {
-            "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": dropped})
+            "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": 0, **metrics})

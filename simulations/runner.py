@@ -36,13 +36,13 @@ log = logging.getLogger("consortia.simulations")
 __all__ = ["RUN_ERRORS", "RUN_FILE", "ResultsDirError", "backend_config", "prepare_out_dir",
            "run_simulation", "SimulationFailed", "start_checks"]
 
-# What a run refuses to start (or continue) with: a config, data, model or results
-# directory it cannot use. The message names the value and what is accepted, so callers
-# print it, not a traceback (ConfigError and ResultsDirError are ValueErrors).
 class SimulationFailed(RuntimeError):
     """The federation ended without its summary: what went wrong is in Flower's log."""
 
 
+# What a run refuses to start (or continue) with: a config, data, model or results
+# directory it cannot use. The message names the value and what is accepted, so callers
+# print it, not a traceback (ConfigError and ResultsDirError are ValueErrors).
 RUN_ERRORS = (ValueError, FileNotFoundError, ImportError, SimulationFailed)
 
 
@@ -122,8 +122,9 @@ def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
         else:
             check_budget_reachable(rounds=cfg.planned_rounds_per_client, **terms)
     if shortfalls:  # one warning: the smallest client runs out first
-        n, short = min(shortfalls)
-        behind = sum(size in {s for s, _ in shortfalls} for size in sizes)
+        short_sizes = {size for size, _ in shortfalls}
+        behind = sum(size in short_sizes for size in sizes)
+        short = min(shortfalls)[1]
         log.warning("%s (%d of the %d clients cannot pay for all their planned rounds)",
                     short, behind, len(sizes))
 
@@ -177,7 +178,8 @@ def resume_checks(cfg: RunConfig, out_dir: Path) -> bool:
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
                    client_mods: list | None = None, store: RunStore | None = None,
-                   on_status: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   on_status: Callable[[str], None] | None = None,
+                   checked: bool = False) -> dict[str, Any]:
     """Run the federation described by `cfg`; return its summary (also in out_dir).
 
     `client_mods` are Flower client mods wrapped around every virtual client (fault
@@ -186,7 +188,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     `on_round` gets each round's metrics row as it is recorded; `on_status` a line when the
     checks are done and Ray starts.
     The run is recorded in `store` if given (the caller closes it), else in the store that
-    `cfg.store.url` names (default: store.db in out_dir).
+    `cfg.store.url` names (default: store.db in out_dir). `checked`: the caller has run
+    start_checks(cfg) already (a sweep, for every cell before the first).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -205,7 +208,8 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    start_checks(cfg)
+    if not checked:
+        start_checks(cfg)
     # A store that cannot be opened fails here, before the results directory or Ray.
     own_store = store is None
     if store is None and cfg.store.url:

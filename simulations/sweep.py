@@ -94,7 +94,7 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
         else:
             resume = (cell_dir / "run.json").exists()  # a cell cut short continues
             try:
-                summary = runner.run_simulation(cfg, cell_dir, resume=resume)
+                summary = runner.run_simulation(cfg, cell_dir, resume=resume, checked=True)
             except runner.RUN_ERRORS as err:
                 raise cell_error(assignments, err, ran=True) from None
             except Exception as err:  # a bug: its traceback, saying which cell
