@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consortia.config import ConfigError, load_config
+from consortia.config import ConfigError, RunConfig, config_to_dict, load_config, validate_config
 
 SWEEP_FILE = "sweep.csv"
 
@@ -62,6 +62,31 @@ def cell_error(assignments: dict[str, str], err: Exception | str, ran: bool) -> 
     return ConfigError(f"sweep cell {where}: {err}\n({after})")
 
 
+def stored_config_differences(cfg: RunConfig, cell_dir: Path) -> str | None:
+    """How `cfg` differs from the run already in `cell_dir` (its run.json), or None when
+    there is none or it is the same: a finished cell would otherwise be skipped and its
+    old results reported as this sweep's, and a cell cut short would be refused only when
+    its turn came, after the cells before it had run."""
+    from consortia.server.run_dir import RUN_FILE, _differences
+
+    run_file = cell_dir / RUN_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        stored = json.loads(run_file.read_text())["config"]
+        old = config_to_dict(validate_config(stored, str(run_file)))
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{run_file} cannot be read as a run's config ({err})"
+    new = config_to_dict(cfg)
+    if old == new:
+        return None
+    diff = ", ".join(f"{key} ({was!r} stored, {now!r} now)"
+                     for key, was, now in _differences(old, new))
+    return (f"{cell_dir} already holds a run of another config, which differs in: {diff}; "
+            "run the sweep with the config and --set values it was started with, or give "
+            "another --out")
+
+
 def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
               overrides: list[str] | None = None,
               on_cell: Callable[[int, int, str, bool], None] | None = None) -> Path:
@@ -77,6 +102,9 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
     for assignments in todo:
         try:
             cfg = load_config(config, list(overrides or []) + [f"{k}={v}" for k, v in assignments.items()])
+            differs = stored_config_differences(cfg, out_dir / cell_name(assignments))
+            if differs is not None:
+                raise ConfigError(differs)
             if not (out_dir / cell_name(assignments) / "summary.json").exists():
                 runner.start_checks(cfg)
         except runner.RUN_ERRORS as err:

@@ -112,3 +112,43 @@ def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "left out" in result.output and "sweep.csv" in result.output
     assert "lr=0.3" in (tmp_path / "all.html").read_text()
+
+
+def test_a_sweep_into_cells_of_another_config_is_refused_before_any_cell_runs(
+        tmp_path, monkeypatch):
+    """A finished cell was skipped whatever the config (its old results went into
+    sweep.csv as the new sweep's); a cell cut short was refused only at its turn."""
+    import json
+
+    import consortia.simulations.runner as runner
+    from consortia.config import config_to_dict, load_config
+
+    monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("ran a cell"))
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    for seed, finished in ((0, True), (1, False)):
+        cell = tmp_path / f"seed={seed}"
+        cell.mkdir()
+        cfg = load_config(SMOKE, ["rounds=1", f"seed={seed}"])
+        (cell / "run.json").write_text(json.dumps({"run_id": f"r{seed}",
+                                                   "config": config_to_dict(cfg)}))
+        if finished:
+            (cell / "summary.json").write_text(json.dumps({"final_accuracy": 0.5,
+                                                           "clients": []}))
+    with pytest.raises(ConfigError, match=r"sweep cell seed=0: .*differs in: "
+                                          r"privacy.epsilon_budget \(3.0 stored, 8.0 now\), "
+                                          r"rounds \(1 stored, 2 now\)") as err:
+        run_sweep(SMOKE, ["seed=0,1"], tmp_path, ["rounds=2", "privacy.epsilon_budget=8"])
+    assert "no cell has run" in str(err.value)
+    # The cell cut short is refused before the first cell runs too.
+    with pytest.raises(ConfigError, match=r"sweep cell seed=1: .*rounds \(1 stored, 2 now\)"):
+        run_sweep(SMOKE, ["seed=1"], tmp_path, ["rounds=2"])
+    # The config the cells were started with: the finished one is skipped, as before.
+    seen = []
+
+    def runs(cfg, out, **kwargs):
+        return {"final_accuracy": 0.6, "clients": []}
+
+    monkeypatch.setattr(runner, "run_simulation", runs)
+    run_sweep(SMOKE, ["seed=0,1"], tmp_path, ["rounds=1"],
+              on_cell=lambda i, n, name, done: seen.append(done))
+    assert seen == [True, False]
