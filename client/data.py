@@ -121,6 +121,9 @@ def read_csv(path: Path, label_column: str) -> TensorDataset:
                 start = reader.line_num + 1
     except FileNotFoundError:
         raise DataError(f"data.path: {path} not found") from None
+    except OSError as err:  # a directory, a file this user may not read
+        raise DataError(f"data.path: {path} cannot be read ({err.strerror or err}); accepted: "
+                        "a CSV file with a header row") from None
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: not a UTF-8 CSV file ({err}); accepted: comma-separated "
                         "text with a header row") from None
@@ -155,8 +158,13 @@ def read_parquet(path: Path, label_column: str) -> TensorDataset:
         raise DataError("data.kind = 'parquet' needs pyarrow: pip install 'consortia[parquet]'"
                         ) from None
     if not path.is_file():
-        raise DataError(f"data.path: {path} not found")
-    table = pq.read_table(path)
+        raise DataError(f"data.path: {path} " + ("is a directory; accepted: a Parquet file"
+                                                 if path.is_dir() else "not found"))
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"data.path: {path} cannot be read as Parquet ({err}); accepted: a "
+                        "Parquet file of numeric columns") from None
     try:
         values = np.stack([table.column(n).to_numpy().astype(np.float64)
                            for n in table.column_names], axis=1)
@@ -166,12 +174,17 @@ def read_parquet(path: Path, label_column: str) -> TensorDataset:
 
 
 def _read_item(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32)
-    from PIL import Image
+    """One record of a folder; a file that is not a numeric array or an image is named."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).astype(np.float32)
+        from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image, dtype=np.float32) / 255.0
+        with Image.open(path) as image:
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, ValueError, TypeError) as err:  # PIL's UnidentifiedImageError: OSError
+        raise DataError(f"{path} cannot be read as a record ({err}); accepted: a .npy array "
+                        "of numbers (saved without pickle) or a PNG/JPEG image") from None
     return array if array.ndim == 2 else np.moveaxis(array, -1, 0)  # HWC -> CHW
 
 

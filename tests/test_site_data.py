@@ -127,6 +127,49 @@ def test_bad_parquet_values_are_named_by_row_and_column(tmp_path):
                                    label_column="y"), TASK)
 
 
+def _folder_with(tmp_path, name, data):
+    for label in ("0", "1"):
+        (tmp_path / "f" / label).mkdir(parents=True)
+        np.save(tmp_path / "f" / label / "a.npy", np.zeros(64, np.float32))
+    (tmp_path / "f" / "1" / name).write_bytes(data() if callable(data) else data)
+    return DataSection(kind="folder", path=tmp_path / "f")
+
+
+def _npy(array):
+    def data():
+        import io
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=True)
+        return buf.getvalue()
+    return data
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: (t / "d").mkdir() or DataSection(kind="csv", path=t / "d"),
+     r"data.path: .*d cannot be read \(Is a directory\); accepted: a CSV file"),
+    (lambda t: (t / "d.parquet").write_bytes(b"garbage") and
+     DataSection(kind="parquet", path=t / "d.parquet"),
+     r"data.path: .*d.parquet cannot be read as Parquet \(.*\); accepted: a Parquet file"),
+    (lambda t: (t / "d").mkdir() or DataSection(kind="parquet", path=t / "d"),
+     r"data.path: .*d is a directory; accepted: a Parquet file"),
+    (lambda t: _folder_with(t, "b.npy", b"junk"), r"1/b.npy cannot be read as a record"),
+    (lambda t: _folder_with(t, "b.png", b"junk"), r"1/b.png cannot be read as a record .*PNG"),
+    (lambda t: _folder_with(t, "b.npy", _npy(np.array(["a", "b"]))),
+     r"1/b.npy cannot be read as a record \(could not convert"),
+    (lambda t: _folder_with(t, "b.npy", _npy(np.array([{}], dtype=object))),
+     r"1/b.npy cannot be read as a record \(Object arrays"),
+])
+def test_an_unreadable_data_file_is_named_not_a_traceback(tmp_path, make, message):
+    """A directory where a file belongs, a garbled Parquet file, a folder record that is
+    no array or image: each was a traceback (IsADirectoryError, ArrowInvalid,
+    UnidentifiedImageError, numpy's ValueError) with no word of data.path."""
+    if "parquet" in message:
+        pytest.importorskip("pyarrow")
+    section = make(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_site_data(section, TASK)
+
+
 def test_a_hook_returns_your_own_dataset(tmp_path, monkeypatch):
     (tmp_path / "my_site_data.py").write_text(
         "import torch\nfrom torch.utils.data import TensorDataset\n"
