@@ -283,6 +283,11 @@ def enroll_node(consortium_dir: str | Path, name: str,
     else:
         public = Path(public_key)
     line = public_key_line(load_node_public_key(public))
+    for other, known in enrolled_keys(root).items():
+        if known == line:  # the SuperLink registers each key once: server start would fail
+            raise CertsError(f"{public} is already enrolled as node {other!r} "
+                             f"({root / ENROLLED / (other + '.pub')}); each node needs its own "
+                             "key: the partner runs `consortia certs keygen` for this one")
     write_public(enrolled, line + b"\n")
     return NodeKeys(name=name, private_key=private, public_key=public, enrolled=enrolled)
 
@@ -290,5 +295,15 @@ def enroll_node(consortium_dir: str | Path, name: str,
 def enrolled_keys(consortium_dir: str | Path) -> dict[str, bytes]:
     """name -> OpenSSH public key line of every enrolled node."""
     folder = Path(consortium_dir) / ENROLLED
-    return {p.stem: public_key_line(load_node_public_key(p))
+    keys = {p.stem: public_key_line(load_node_public_key(p))
             for p in sorted(folder.glob("*.pub"))}
+    names: dict[bytes, list[str]] = {}
+    for name, line in keys.items():
+        names.setdefault(line, []).append(name)
+    shared = [found for found in names.values() if len(found) > 1]
+    if shared:  # the SuperLink refuses a key registered twice (412), after the run was made
+        raise CertsError("one key is enrolled under several names in "
+                         f"{folder}: {'; '.join(', '.join(found) for found in shared)}; each "
+                         "node needs its own key: remove all but one of each such NAME.pub and "
+                         "enroll the others' own keys (`consortia certs keygen` at their site)")
+    return keys

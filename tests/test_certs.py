@@ -1,4 +1,5 @@
 import ipaddress
+import shutil
 import stat
 
 import pytest
@@ -52,6 +53,21 @@ def test_enroll_accepts_a_key_the_partner_generated(tmp_path):
                                  "--public-key", str(tmp_path / "site" / "node.pub")])
     assert result.exit_code == 0, result.output
     assert "site-b" in enrolled_keys(root) and not (root / "nodes" / "site-b").exists()
+
+
+def test_one_key_cannot_be_enrolled_under_two_names(tmp_path):
+    """The SuperLink registers each key once: a key enrolled twice (a partner's node.pub
+    sent for two sites, a NAME.pub copied) made server start fail with Flower's '412
+    Precondition Failed', after the results directory held the run."""
+    root = init_consortium(tmp_path / "c", ["127.0.0.1"])
+    keys = enroll_node(root, "site-a")
+    with pytest.raises(CertsError, match=r"node.pub is already enrolled as node 'site-a'"):
+        enroll_node(root, "site-b", keys.public_key)
+    assert not (root / "enrolled" / "site-b.pub").exists()
+    shutil.copy(root / "enrolled" / "site-a.pub", root / "enrolled" / "site-c.pub")
+    with pytest.raises(CertsError, match=r"one key is enrolled under several names in .*: "
+                                         r"site-a, site-c; each node needs its own key"):
+        enrolled_keys(root)
 
 
 def test_private_keys_are_never_printed(tmp_path):

@@ -185,6 +185,19 @@ def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_key_enrolled_under_two_names_fails_at_start_and_leaves_no_results(tmp_path):
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+
+    certs = init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    shutil.copy(certs / "enrolled" / "site-a.pub", certs / "enrolled" / "site-d.pub")
+    with pytest.raises(DeploymentError, match="one key is enrolled under several names in "
+                                              ".*: site-a, site-d"):
+        serve(server_toml(tmp_path, free_port()))
+    assert not (tmp_path / "results").exists()  # the same config starts once it is mended
+
+
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
     from consortia.server.store import RunStore, default_store_url, mark_interrupted
 
