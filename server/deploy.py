@@ -27,7 +27,7 @@ from consortia.privacy.certs import CertsError, enrolled_keys
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.deploy_config import load_server_config
 from consortia.server.results import METRICS_FILE, SUMMARY_FILE
-from consortia.server.run_dir import ResultsDirError, prepare_out_dir, run_finished
+from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir, run_finished
 from consortia.server.store import RunStore, default_store_url, mark_interrupted
 from consortia.server.superlink import DeploymentError, SuperLink
 
@@ -64,16 +64,22 @@ def serve(config_path: str | Path, *, resume: bool = False,
 
     launcher = None
     try:
-        link.start(srv.start_timeout_s)
-    except FlowerExecutableMissing as err:
-        raise DeploymentError(str(err)) from None
-    try:
+        try:
+            link.start(srv.start_timeout_s)
+        except FlowerExecutableMissing as err:
+            raise DeploymentError(str(err)) from None
         try:
             nodes = link.register_nodes(keys)
             flower_run = link.submit(config_path, resume)
         except httpx.HTTPError as err:  # the Control API refused, or went away
             raise DeploymentError(f"the SuperLink at {link.address} did not take the run: "
                                   f"{err}; see {link.log_path}") from None
+    except (DeploymentError, KeyboardInterrupt):
+        link.stop()
+        if not resume:  # no run began: the same config may start it again (logs stay)
+            (srv.out / RUN_FILE).unlink(missing_ok=True)
+        raise
+    try:
         atomic_write_json(srv.out / DEPLOYMENT_FILE, {
             "run_id": run_id, "flower_run_id": flower_run, "superlink": link.address,
             "nodes": {name: str(node) for name, node in nodes.items()}, "resumed": resume,

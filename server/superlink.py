@@ -141,7 +141,12 @@ class SuperLink:
         try:
             wait_for(self._control_reachable, timeout, "the SuperLink's Control API",
                      self.process, self.log_path, interval=0.3)
-        except (RuntimeError, TimeoutError) as err:
+        except TimeoutError:
+            self.stop()
+            raise DeploymentError(
+                f"the SuperLink's Control API did not answer within server.start_timeout_s = "
+                f"{timeout:g} s; raise it on a slow machine, or see {self.log_path}") from None
+        except RuntimeError as err:
             self.stop()
             raise DeploymentError(str(err)) from None
         if self.process.poll() is not None:  # a Control API answered, but not ours

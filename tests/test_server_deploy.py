@@ -198,6 +198,28 @@ def test_a_key_enrolled_under_two_names_fails_at_start_and_leaves_no_results(tmp
     assert not (tmp_path / "results").exists()  # the same config starts once it is mended
 
 
+def test_a_superlink_that_does_not_start_leaves_a_results_directory_that_starts_again(tmp_path):
+    """A SuperLink that did not come up (here: start_timeout_s too short) left run.json: the
+    same config was then refused ('already holds run ...; pass --resume') and so was
+    --resume ('no checkpoint ... verifies'), for a run that never began."""
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+    from consortia.server.run_dir import prepare_out_dir
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path, free_port())
+    path.write_text(path.read_text().replace('out = "results"',
+                                             'out = "results"\nstart_timeout_s = 0.001'))
+    with pytest.raises(DeploymentError, match=r"did not answer within server.start_timeout_s "
+                                              r"= 0.001 s; raise it"):
+        serve(path)
+    out = tmp_path / "results"
+    assert (out / "superlink" / "superlink.log").exists()  # the log it names stays
+    assert not (out / "run.json").exists()
+    prepare_out_dir(load_server_config(path).run, out, resume=False, kind="deployment")
+
+
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
     from consortia.server.store import RunStore, default_store_url, mark_interrupted
 
