@@ -328,6 +328,11 @@ class RunConfig(_Section):
         if natural and self.partition.kind != "natural":
             raise ValueError(f"task {self.task!r} comes split into its natural clients: "
                              f"partition.kind must be \"natural\", got {self.partition.kind!r}")
+        if natural and self.train_examples is not None:
+            raise ValueError(f"train_examples = {self.train_examples} does not apply to task "
+                             f"{self.task!r}: its clients are the data's own, each with all "
+                             "its rows (test_examples does apply); to train on less, lower "
+                             "clients")
         if not natural and self.partition.kind == "natural":
             raise ValueError(f'partition.kind = "natural" needs a task whose data names its '
                              f"clients; {self.task!r} does not: accepted iid, dirichlet")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -79,8 +80,14 @@ class Task:
                     "a class index, int64")
 
     def with_options(self, options: TaskOptions) -> Task:
-        return self.configure(options) if self.configure is not None else \
-            dataclasses.replace(self, options=options)
+        """The task for a run's `options`. A task without its own `configure` gets
+        `train_examples` / `test_examples` here: a fixed subset of each set (SubsetLoader)."""
+        if self.configure is not None:
+            return self.configure(options)
+        load = self.load_data.load if isinstance(self.load_data, SubsetLoader) else self.load_data
+        if options.train_examples is not None or options.test_examples is not None:
+            load = SubsetLoader(load, options.train_examples, options.test_examples)
+        return dataclasses.replace(self, options=options, load_data=load)
 
     # --- training -----------------------------------------------------------------------
     def criterion(self) -> nn.Module:
@@ -124,6 +131,42 @@ class Task:
     def base_sha256(self, model: nn.Module) -> str | None:
         """The hash of the frozen pretrained weights the update applies to; None: no base."""
         return None
+
+
+SUBSET_SEED = 12345  # train_examples / test_examples: the same subset whatever the run's seed
+
+
+def fixed_subset(dataset: TensorDataset, limit: int | None) -> TensorDataset:
+    """`limit` rows of `dataset` drawn with SUBSET_SEED (in their order), or all of them."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = torch.from_numpy(np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
+                                    [:limit]))
+    return TensorDataset(*(t[keep] for t in dataset.tensors))
+
+
+@lru_cache(maxsize=8)
+def _subset_data(load: Callable[[str | None], TaskData], data_dir: str | None,
+                 train_examples: int | None, test_examples: int | None) -> TaskData:
+    data = load(data_dir)
+    if data.natural_clients is not None and train_examples is not None:
+        raise ValueError("train_examples does not apply to a task whose data names its "
+                         "clients (its rows are the clients' own); take fewer clients instead")
+    return dataclasses.replace(data, train=fixed_subset(data.train, train_examples),
+                               test=fixed_subset(data.test, test_examples))
+
+
+@dataclass(frozen=True)
+class SubsetLoader:
+    """A task's `load_data` cut to `train_examples` / `test_examples` rows (fixed subsets,
+    independent of the run's seed); built once per process for each (data_dir, sizes)."""
+
+    load: Callable[[str | None], TaskData]
+    train_examples: int | None
+    test_examples: int | None
+
+    def __call__(self, data_dir: str | None = None) -> TaskData:
+        return _subset_data(self.load, data_dir, self.train_examples, self.test_examples)
 
 
 def check_fits(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:

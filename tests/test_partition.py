@@ -63,3 +63,33 @@ def test_impossible_partitions_fail_with_reasons():
         dirichlet_partition(np.zeros(50, dtype=int), 10, 0.5, 0, min_samples=10)
     with pytest.raises(ValueError, match="accepted: iid, dirichlet"):
         partition(np.zeros(50, dtype=int), 2, "shards", 0.5, 0)
+
+
+def test_train_and_test_examples_cut_the_data_of_the_tasks_trained_from_scratch():
+    """digits-mlp (and fashion-mnist-cnn) ignored train_examples / test_examples: every
+    client kept its whole partition and the server tested on the whole test set."""
+    import torch
+
+    from consortia.config import load_config
+    from consortia.simulations.sites import partitions_for
+    from consortia.tasks import get_task
+
+    cfg = load_config(None, ["train_examples=100", "test_examples=50"])
+    assert cfg.task == "digits-mlp"
+    assert sum(len(p) for p in partitions_for(cfg)) == 100
+    data = get_task(cfg.task, cfg.task_options()).load_data(cfg.data_dir)
+    assert (len(data.train), len(data.test)) == (100, 50)
+    # A fixed subset, whatever the run's seed; the full sets when unset.
+    other = get_task(cfg.task, load_config(None, ["train_examples=100", "seed=7"]).task_options())
+    assert torch.equal(other.load_data(None).train.tensors[0], data.train.tensors[0])
+    full = get_task("digits-mlp", load_config(None).task_options()).load_data(None)
+    assert (len(full.train), len(full.test)) == (1438, 359)
+
+
+def test_train_examples_is_refused_for_a_task_whose_data_names_its_clients():
+    from consortia.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train_examples = 100 does not apply to task "
+                                          "'shakespeare-smollm2-lora'"):
+        load_config(None, ["task=shakespeare-smollm2-lora", "partition.kind=natural",
+                           "train_examples=100"])
