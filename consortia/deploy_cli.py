@@ -147,11 +147,14 @@ def client_status(config: Path = typer.Option(..., "--config", help="site TOML")
 
     from consortia.client.api import site_status
     from consortia.config import ConfigError
+    from consortia.privacy.dp import LedgerMismatchError
 
     try:
         status = site_status(config)
     except ConfigError as err:
         raise fail(err) from None
+    except LedgerMismatchError as err:  # damaged, or kept under another δ or accountant
+        raise fail(f"this site's privacy ledger: {err}") from None
     if as_json:
         typer.echo(json.dumps(status, indent=2))
         return

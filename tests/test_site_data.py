@@ -17,6 +17,7 @@ from consortia.client.join import JoinError, build_site
 from consortia.client.site_config import DataSection, load_site_config
 from consortia.config import ConfigError
 from consortia.privacy.certs import generate_node_key, init_consortium
+from consortia.privacy.dp import PrivacyLedger
 from consortia.tasks import TASKS, Task, get_task, register_task
 
 TASK = get_task("digits-mlp")
@@ -310,6 +311,26 @@ def test_client_status_prints_the_sites_own_records(tmp_path):
     result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert "site-a: ε 0.0000 of 3.0" in result.output
+
+
+@pytest.mark.parametrize("ledger, message", [
+    (lambda state: (state / "privacy_ledger.json").write_text("xx"),
+     "it holds this client's privacy spend, so the client trains nothing until it is restored"),
+    (lambda state: PrivacyLedger.open(state, accountant="rdp", delta=1e-6,
+                                      epsilon_budget=3.0).save(),
+     "was kept with accountant='rdp', delta=1e-06; this run asks for accountant='rdp', "
+     "delta=1e-05"),
+])
+def test_client_status_says_why_it_cannot_read_the_ledger(tmp_path, ledger, message):
+    """client join stops on such a ledger with the reason; client status was a traceback
+    (LedgerMismatchError), the one command a partner has to look at it."""
+    path = site_toml(tmp_path)
+    (tmp_path / "state").mkdir()
+    ledger(tmp_path / "state")
+    result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: this site's privacy ledger: ")
+    assert message in " ".join(result.output.split())
 
 
 def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
