@@ -73,8 +73,13 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
         except ValueError as err:
             raise JoinError(str(err)) from None
     state = cfg.site.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+    except OSError as err:  # a file there (or on its path), a folder this user cannot make
+        raise JoinError(f"site.state_dir: {state} cannot be used as this site's state "
+                        f"directory ({err.strerror or err}); accepted: a directory this user "
+                        "can create or write (it holds the ledger, audit log and keys)") from None
     return Site(client_id=cfg.site.name, task=task, dataset=data, state_dir=state,
                 privacy=SitePrivacy(epsilon_budget=p.epsilon_budget, delta=p.delta,
                                     accountant=p.accountant, require_dp=p.require_dp,

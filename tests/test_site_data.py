@@ -333,6 +333,13 @@ def test_client_status_says_why_it_cannot_read_the_ledger(tmp_path, ledger, mess
     assert message in " ".join(result.output.split())
 
 
+def test_a_state_dir_that_is_a_file_fails_join_naming_the_setting(tmp_path):
+    (tmp_path / "state").write_text("not a folder")  # was FileExistsError's traceback
+    with pytest.raises(JoinError, match=r"site.state_dir: .*state cannot be used as this "
+                                        r"site's state directory \(File exists\)"):
+        build_site(load_site_config(site_toml(tmp_path)))
+
+
 def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
     path = site_toml(tmp_path, **{'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = 12.5'})
     site = build_site(load_site_config(path))
