@@ -80,6 +80,21 @@ def test_client_table_carries_the_distributed_dp_fallback_epsilon(store):
     assert clients["1"]["epsilon_if_secagg_fails"] is None  # local DP: one guarantee
 
 
+def test_client_table_reads_reports_holding_nan_or_infinity(store):
+    """A diverging client reports train_loss NaN or Infinity (Python's json writes them,
+    as participation.jsonl has them); SQLite's json_extract called such a report malformed
+    and failed the whole client table (the console's /clients 500, `runs show` a traceback)."""
+    store.record_round("run1", row(1), [
+        {**part(1, "0", eps=0.5), "train_loss": float("inf"), "epsilon_if_secagg_fails": 4.0},
+        {**part(1, "1", "rejected", "tensor 'w' holds NaN or infinite values", eps=0.4),
+         "train_loss": float("nan")},
+        {**part(1, "2", eps=0.3), "epsilon_if_secagg_fails": 2.5}])
+    clients = {c["client_id"]: c for c in store.clients("run1")}
+    assert [(c, clients[c]["epsilon"], clients[c]["epsilon_if_secagg_fails"]) for c in clients] \
+        == [("0", 0.5, 4.0), ("1", 0.4, None), ("2", 0.3, 2.5)]
+    assert clients["1"]["status"] == "rejected"
+
+
 def test_protocol_and_operator_events_go_to_the_audit_log(store):
     store.record_round("run1", row(1, secagg_status="aborted", secagg_reason="too few survivors"),
                        [part(1, "1", "rejected", "tensor 'w' holds NaN")])
