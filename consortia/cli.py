@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 import typer.rich_utils
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consortia.config import ConfigError, config_to_dict, load_config
@@ -368,6 +369,14 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _cells(*values: object) -> list:
+    """A table row of the store's text as it is: rich would read a reason's '[...]' as
+    markup (dropping it, or failing on a closing tag that opens nothing)."""
+    from rich.text import Text
+
+    return [Text(str(v)) for v in values]
+
+
 @console_app.callback()
 def console_serve(
     ctx: typer.Context,
@@ -426,11 +435,11 @@ def runs_ls(store: str | None = StoreOption, as_json: bool = JsonOption) -> None
     table = Table("task", "kind", "status", "rounds", "started", "updated", "stop requested")
     table.columns.insert(0, Column("run", no_wrap=True, min_width=12))  # ids are to be copied
     for r in runs:
-        table.add_row(r["run_id"], r["task"], r["kind"], r["status"],
-                      f"{r['rounds_completed']}/{r['rounds_total']}", _when(r["created_at"]),
-                      _when(r["updated_at"]),
-                      f"{r['stop_requested_by']} {_when(r['stop_requested_at'])}"
-                      if r["stop_requested_at"] else "")
+        table.add_row(*_cells(r["run_id"], r["task"], r["kind"], r["status"],
+                              f"{r['rounds_completed']}/{r['rounds_total']}",
+                              _when(r["created_at"]), _when(r["updated_at"]),
+                              f"{r['stop_requested_by']} {_when(r['stop_requested_at'])}"
+                              if r["stop_requested_at"] else ""))
     Console().print(table if runs else "no runs in this store")
 
 
@@ -449,30 +458,32 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
         typer.echo(json.dumps(info, indent=2))
         return
     r, out = info["run"], Console()
-    out.print(f"[bold]run {r['run_id']}[/bold]  {r['task']}  {r['status']}  round "
-              f"{r['rounds_completed']}/{r['rounds_total']}  started {_when(r['created_at'])}"
-              + (f"  stop requested by {r['stop_requested_by']}" if r["stop_requested_at"] else ""))
+    out.print(f"[bold]run {escape(r['run_id'])}[/bold]  " + escape(
+        f"{r['task']}  {r['status']}  round {r['rounds_completed']}/{r['rounds_total']}  "
+        f"started {_when(r['created_at'])}"
+        + (f"  stop requested by {r['stop_requested_by']}" if r["stop_requested_at"] else "")))
     rounds = Table("round", "accuracy", "loss", "trained", "refused", "rejected", "failed", "ε max",
                    "secagg", "duration s", title="rounds")
     for x in info["rounds"]:
-        rounds.add_row(str(x["round"]), _fmt(x["accuracy"]), _fmt(x["loss"]),
-                       str(x["clients_trained"]), str(x["clients_refused"]),
-                       str(x["clients_rejected"]), str(x["clients_failed"]),
-                       _fmt(x["epsilon_max"], 3), x["secagg_status"] or "-", _fmt(x["duration_s"], 1))
+        rounds.add_row(*_cells(x["round"], _fmt(x["accuracy"]), _fmt(x["loss"]),
+                               x["clients_trained"], x["clients_refused"], x["clients_rejected"],
+                               x["clients_failed"], _fmt(x["epsilon_max"], 3),
+                               x["secagg_status"] or "-", _fmt(x["duration_s"], 1)))
     fallback = any(c.get("epsilon_if_secagg_fails") is not None for c in info["clients"])
     clients = Table("client", "status", "rounds joined", "last seen", "ε", "budget",
                     *(["ε if secagg fails"] if fallback else []), "reason", title="clients")
     for c in info["clients"]:
-        clients.add_row(c["client_id"], c["status"], str(c["rounds_joined"]),
-                        f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
-                        _fmt(c["epsilon_budget"], 2),
-                        *([_fmt(c["epsilon_if_secagg_fails"], 3)] if fallback else []), c["reason"])
+        clients.add_row(*_cells(c["client_id"], c["status"], c["rounds_joined"],
+                                f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
+                                _fmt(c["epsilon_budget"], 2),
+                                *([_fmt(c["epsilon_if_secagg_fails"], 3)] if fallback else []),
+                                c["reason"]))
     checkpoints = Table("round", "sha256", "parent", title="checkpoints")
     for c in info["checkpoints"]:
-        checkpoints.add_row(str(c["round"]), c["sha256"][:16], (c["parent_sha256"] or "-")[:16])
+        checkpoints.add_row(*_cells(c["round"], c["sha256"][:16], (c["parent_sha256"] or "-")[:16]))
     audit = Table("time", "actor", "event", "detail", title="audit log (latest 20)")
     for e in info["audit"]:
-        audit.add_row(_when(e["at"]), e["actor"], e["event"], e["detail"])
+        audit.add_row(*_cells(_when(e["at"]), e["actor"], e["event"], e["detail"]))
     for table in (rounds, clients, checkpoints, audit):
         out.print(table)
 

@@ -254,3 +254,20 @@ def test_cli_console_token_rotates_and_prints_once(tmp_path):
     second = runner.invoke(cli, ["console", "token", "--token-file", str(path)])
     assert not ConsoleToken(path).verify(token)
     assert ConsoleToken(path).verify(second.stdout.strip().splitlines()[-1])
+
+
+def test_cli_runs_show_prints_store_text_as_it_is_not_as_markup(tmp_path):
+    """A reason comes from the partner (or an exception's text): rich read it as markup, so
+    '[/policy]' failed `runs show` with a MarkupError traceback and '[bold]' was swallowed."""
+    store = RunStore(tmp_path / "store.db")
+    store.start_run("run1", task="digits-mlp", rounds_total=2, config={})
+    reasons = {"0": "outside [/policy] limits", "1": "[bold]red[/bold] and [code: 2004]"}
+    store.record_round("run1", {"round": 1, "clients_sampled": 2},
+                       [{"round": 1, "client_id": c, "status": "refused-policy", "reason": why}
+                        for c, why in reasons.items()])
+    store.close()
+    result = CliRunner().invoke(cli, ["runs", "show", "run1", "--store", str(tmp_path)],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    for why in reasons.values():
+        assert result.output.count(why) == 2  # the client table and the audit log
