@@ -74,6 +74,19 @@ def test_unknown_run_or_checkpoint_is_404(world, path):
     assert client.post("/api/runs/nosuchrun/stop", headers=auth).status_code == 404
 
 
+@pytest.mark.parametrize("path", [f"/api/runs/{RUN}/participation?round={2**63}",
+                                  f"/api/runs/{RUN}/checkpoints/{2**63}/weights",
+                                  f"/api/runs/{RUN}/participation?round=-1",
+                                  f"/api/runs/{RUN}/checkpoints/-1/weights"])
+def test_a_round_out_of_range_is_422_naming_the_bound_not_500(world, path):
+    """A round past SQLite's INTEGER failed in the driver (OverflowError, a 500)."""
+    client, auth, *_ = world
+    response = client.get(path, headers=auth)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["input"] in (str(2**63), "-1") and set(error["ctx"]) & {"le", "ge"}
+
+
 @pytest.mark.parametrize("path", RUN_ROUTES)
 def test_every_run_route_takes_a_unique_prefix_of_the_run_id(world, path):
     """As the CLI does: `runs show a1b2` and /api/runs/a1b2 are the same run."""

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from consortia.server.console.auth import ConsoleToken
 from consortia.server.store import AmbiguousRun, RunNotRunning, RunStore, UnknownRun
 
 COOKIE = "consortia_token"
+# The largest round a query may name: the store's INTEGER column (32-bit in PostgreSQL;
+# a larger number failed in the database driver, a 500).
+MAX_ROUND = 2**31 - 1
 WRITE_HEADER = "x-consortia-request"
 STATIC_TYPES = {"index.html": "text/html; charset=utf-8",
                 "console.js": "text/javascript; charset=utf-8",
@@ -119,7 +123,8 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
 
     @app.get("/api/runs/{run_id}/participation", dependencies=guarded)
     def participation(run_id: str = Depends(resolved),
-                      round: int | None = Query(None, ge=0)) -> list[dict[str, Any]]:
+                      round: int | None = Query(None, ge=0, le=MAX_ROUND)
+                      ) -> list[dict[str, Any]]:
         return store.participation_rows(run_id, round)
 
     @app.get("/api/runs/{run_id}/checkpoints", dependencies=guarded)
@@ -127,7 +132,8 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
         return store.checkpoints(run_id)
 
     @app.get("/api/runs/{run_id}/checkpoints/{server_round}/weights", dependencies=guarded)
-    def checkpoint_weights(server_round: int, run_id: str = Depends(resolved)) -> FileResponse:
+    def checkpoint_weights(server_round: int = PathParam(ge=0, le=MAX_ROUND),
+                           run_id: str = Depends(resolved)) -> FileResponse:
         path = store.checkpoint_path(run_id, server_round)
         if path is None:
             raise HTTPException(404, f"run {run_id} has no checkpoint for round {server_round}")
