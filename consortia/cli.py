@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -382,15 +383,24 @@ def console_serve(
     ctx: typer.Context,
     store: str | None = StoreOption,
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; 127.0.0.1 keeps it local"),
-    port: int = typer.Option(8080, "--port"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
     token_file: Path | None = TokenFileOption,
 ) -> None:
     """Serve the console (page + JSON API) over a run store; every route needs the token."""
     if ctx.invoked_subcommand is not None:
         return
     from consortia.server.console import ConsoleToken, TokenError, serve
+    from consortia.server.console.app import listen
 
     run_store = _open_store(store)
+    try:
+        sock = listen(host, port)
+    except OSError as err:
+        hint = {errno.EADDRINUSE: "choose another --port, or stop what listens there",
+                errno.EACCES: "choose another --port (below 1024 needs root)"}.get(
+            err.errno, "give --host a name or address of this machine")
+        raise fail(f"cannot serve the console on {host}:{port}: "
+                   f"{err.strerror or err}; {hint}") from None
     token = ConsoleToken(token_file)
     try:
         new = token.ensure()
@@ -408,7 +418,7 @@ def console_serve(
         console.print(f"[yellow]warning:[/yellow] bound to {host}: reachable from other machines, "
                       "over plain HTTP; put a TLS proxy in front")
     console.print(f"console on http://{shown_host}:{port}, store {run_store.display_url}")
-    serve(run_store, token, host=host, port=port)
+    serve(run_store, token, host=host, port=port, sock=sock)
 
 
 @console_app.command("token")

@@ -284,3 +284,43 @@ def test_cli_runs_show_prints_store_text_as_it_is_not_as_markup(tmp_path):
     assert result.exit_code == 0, result.output
     for why in reasons.values():
         assert result.output.count(why) == 2  # the client table and the audit log
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """`consortia console`'s calls to serve, recorded instead of serving."""
+    import consortia.server.console as console_pkg
+
+    calls = []
+    monkeypatch.setattr(console_pkg, "serve", lambda *args, **kw: calls.append((args, kw)))
+    return calls
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1"])
+def test_cli_console_refuses_a_port_outside_1_to_65535(world, served, port):
+    """--port 70000 served on 4464 (70000 mod 65536) while it printed :70000; 0, a random one."""
+    *_, tmp_path = world
+    result = CliRunner().invoke(cli, ["console", "--store", str(tmp_path), "--port", port,
+                                      "--token-file", str(tmp_path / "token")])
+    assert result.exit_code == 2 and served == []
+    assert "1<=x<=65535" in result.output and port in result.output
+
+
+def test_cli_console_says_a_port_in_use_or_a_host_not_here_before_it_prints_a_url(world, served):
+    import socket
+
+    *_, tmp_path = world
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(cli, ["console", "--store", str(tmp_path), "--port", str(port),
+                                        "--token-file", str(tmp_path / "token")])
+    flat = " ".join(busy.output.split())
+    assert busy.exit_code == 2 and served == [], busy.output
+    assert f"cannot serve the console on 127.0.0.1:{port}" in flat and "another --port" in flat
+    assert "http://" not in flat  # no URL for a console that is not there
+    elsewhere = CliRunner().invoke(cli, ["console", "--store", str(tmp_path), "--host",
+                                         "256.1.1.1", "--token-file", str(tmp_path / "token")])
+    assert elsewhere.exit_code == 2 and served == []
+    assert "256.1.1.1:8080" in " ".join(elsewhere.output.split()) and "--host" in elsewhere.output

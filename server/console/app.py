@@ -10,6 +10,7 @@ served is a checkpoint's global-model weights (.safetensors).
 
 from __future__ import annotations
 
+import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,27 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
     return app
 
 
-def serve(store: RunStore, token: ConsoleToken, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run the console with uvicorn until interrupted."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for `serve`, or OSError saying why not (a host that does
+    not resolve or is not this machine's, a port in use or not allowed). Bound before the
+    console says where it is, so it never says a place it is not serving."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(store: RunStore, token: ConsoleToken, host: str = "127.0.0.1", port: int = 8080,
+          sock: socket.socket | None = None) -> None:
+    """Run the console with uvicorn until interrupted, on `sock` (from `listen`) if given."""
     import uvicorn
 
-    uvicorn.run(create_app(store, token), host=host, port=port, log_level="warning",
-                access_log=False)
+    config = uvicorn.Config(create_app(store, token), host=host, port=port, log_level="warning",
+                            access_log=False)
+    uvicorn.Server(config).run(sockets=[sock if sock is not None else listen(host, port)])
