@@ -424,10 +424,13 @@ def console_serve(
 @console_app.command("token")
 def console_token(token_file: Path | None = TokenFileOption) -> None:
     """Make a new console token (the old one stops working at once) and print it once."""
-    from consortia.server.console import ConsoleToken
+    from consortia.server.console import ConsoleToken, TokenError
 
     token = ConsoleToken(token_file)
-    new = token.rotate()
+    try:
+        new = token.rotate()
+    except TokenError as err:
+        raise fail(err) from None
     console.print(f"new console token; only its hash is kept, in {token.path} (0600). "
                   "It is shown once:")
     typer.echo(new)

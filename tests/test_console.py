@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from consortia.cli import app as cli
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.console import ConsoleToken, create_app
+from consortia.server.console import ConsoleToken, TokenError, create_app
 from consortia.server.console.app import STATIC_TYPES
 from consortia.server.store import RunStore
 
@@ -324,3 +324,41 @@ def test_cli_console_says_a_port_in_use_or_a_host_not_here_before_it_prints_a_ur
                                          "256.1.1.1", "--token-file", str(tmp_path / "token")])
     assert elsewhere.exit_code == 2 and served == []
     assert "256.1.1.1:8080" in " ".join(elsewhere.output.split()) and "--host" in elsewhere.output
+
+
+@pytest.mark.parametrize("content", ['{"sha256": 5}', '{"sha256": null}', '{"sha256": "abc"}'])
+def test_a_token_file_without_a_sha256_digest_is_refused_at_start_not_a_500(
+        tmp_path, served, monkeypatch, content):
+    """Such a file passed the start check, then every request was a 500 (TypeError in
+    compare_digest) or no token could ever match."""
+    import consortia.server.console.app as console_app
+
+    monkeypatch.setattr(console_app, "listen", lambda host, port: None)
+    path = tmp_path / "tok"
+    path.write_text(content)
+    store = RunStore(tmp_path / "store.db")
+    result = CliRunner().invoke(cli, ["console", "--store", str(tmp_path), "--token-file",
+                                      str(path)])
+    assert result.exit_code == 2 and served == []
+    assert "not a consortia token file" in " ".join(result.output.split())
+    client = TestClient(create_app(store, ConsoleToken(path)), raise_server_exceptions=False)
+    assert client.get("/api/runs", headers={"Authorization": "Bearer x"}).status_code == 401
+    with pytest.raises(TokenError, match="not a consortia token file"):
+        ConsoleToken(path).ensure()
+    store.close()
+
+
+def test_a_token_file_path_that_cannot_be_written_is_named_not_a_traceback(
+        tmp_path, served, monkeypatch):
+    import consortia.server.console.app as console_app
+
+    monkeypatch.setattr(console_app, "listen", lambda host, port: None)
+    (tmp_path / "a-file").write_text("")
+    RunStore(tmp_path / "s.db").close()
+    for path in (tmp_path, tmp_path / "a-file" / "tok"):  # a folder; under a file
+        for args in (["console", "token"], ["console", "--store", str(tmp_path / "s.db")]):
+            result = CliRunner().invoke(cli, [*args, "--token-file", str(path)])
+            flat = " ".join(result.output.split())
+            assert result.exit_code == 2, result.output
+            assert f"cannot write the console token file {path}" in flat
+            assert isinstance(result.exception, SystemExit) and served == []

@@ -48,8 +48,13 @@ class ConsoleToken:
         """Make a new token, store its hash (0600) and return the token: show it once."""
         token = secrets.token_urlsafe(TOKEN_BYTES)
         record = {"sha256": _digest(token), "created_at": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(self.path, (json.dumps(record) + "\n").encode(), mode=0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_bytes(self.path, (json.dumps(record) + "\n").encode(), mode=0o600)
+        except OSError as err:  # a folder, a path under a file, no permission
+            raise TokenError(f"cannot write the console token file {self.path}: "
+                             f"{err.strerror or err}; give --token-file (or "
+                             "$CONSORTIA_CONSOLE_TOKEN_FILE) a file path you can write") from None
         self._cached = None
         return token
 
@@ -69,9 +74,15 @@ class ConsoleToken:
         if self._cached is None or self._cached[0] != mtime:
             try:
                 digest = json.loads(self.path.read_text())["sha256"]
+                if not (isinstance(digest, str) and len(digest) == 64
+                        and all(c in "0123456789abcdef" for c in digest)):
+                    raise ValueError(digest)  # a SHA-256 hex digest is what verify compares
             except (ValueError, KeyError, TypeError):
                 raise TokenError(f"console token file {self.path} is not a consortia token "
                                  "file; run `consortia console token` to replace it") from None
+            except OSError as err:  # unreadable: a request is refused, not a 500
+                raise TokenError(f"cannot read the console token file {self.path}: "
+                                 f"{err.strerror or err}") from None
             self._cached = (mtime, digest)
         return self._cached[1]
 
