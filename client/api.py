@@ -47,6 +47,8 @@ def site_status(config: str | Path | SiteConfig) -> dict[str, Any]:
     p = cfg.policy
     ledger = PrivacyLedger.open(cfg.site.state_dir, accountant=p.accountant, delta=p.delta,
                                 epsilon_budget=p.epsilon_budget)
+    audit = AuditLog(cfg.site.state_dir)
     return {"site": cfg.site.name, "epsilon": ledger.epsilon, "epsilon_budget": p.epsilon_budget,
             "delta": p.delta, "accountant": p.accountant, "steps": ledger.steps,
-            "ledger_events": ledger.events, "audit": AuditLog(cfg.site.state_dir).entries()}
+            "ledger_events": ledger.events, "audit": audit.entries(),
+            "audit_damaged_lines": audit.damaged_lines()}

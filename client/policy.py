@@ -121,16 +121,36 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = {"time": time.time(), "run": run, "round": server_round, "asked": asked,
                 "decision": decision, "reason": reason, **extra}
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+b") as f:
+            # A line a crash cut short stays on its own line: this one is not glued to it.
+            cut = f.seek(0, os.SEEK_END) > 0 and os.pread(fd, 1, f.tell() - 1) != b"\n"
+            f.write((b"\n" if cut else b"") + json.dumps(line, sort_keys=True).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def entries(self) -> list[dict[str, Any]]:
+    def _lines(self) -> list[tuple[int, dict[str, Any] | None]]:
+        """(line number from 1, its entry, or None where it cannot be read)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        read = []
+        for number, text in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if text.strip():
+                try:
+                    entry = json.loads(text)
+                except json.JSONDecodeError:
+                    entry = None
+                read.append((number, entry if isinstance(entry, dict) else None))
+        return read
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The log's entries, oldest first. A line a crash cut short is left out: it is
+        written before the request's answer leaves, so that answer never left."""
+        return [entry for _, entry in self._lines() if entry is not None]
+
+    def damaged_lines(self) -> list[int]:
+        """Line numbers (from 1) that cannot be read: cut short by a crash, or edited."""
+        return [number for number, entry in self._lines() if entry is None]
 
     def rounds_trained(self, run: str) -> int:
         """Distinct rounds of `run` this site trained (a round retried after a server

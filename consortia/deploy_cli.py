@@ -160,6 +160,9 @@ def client_status(config: Path = typer.Option(..., "--config", help="site TOML")
         return
     typer.echo(f"{status['site']}: ε {status['epsilon']:.4f} of {status['epsilon_budget']} "
                f"(δ {status['delta']}, {status['accountant']}), {status['steps']} DP-SGD steps")
+    if status["audit_damaged_lines"]:
+        typer.echo(f"warning: audit.jsonl line(s) {', '.join(map(str, status['audit_damaged_lines']))}"
+                   " cannot be read (cut short by a crash?) and are left out")
     for e in status["audit"][-20:]:
         typer.echo(f"  run {e['run']} round {e['round']}: {e['decision']}"
                    + (f" ({e['reason']})" if e["reason"] else ""))

@@ -1,6 +1,8 @@
 """Site policy and audit log: a request outside the policy is refused with a typed reply
 (nothing trained, no ε spent) and every request leaves a line in the site's audit log."""
 
+import json
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -90,6 +92,22 @@ def test_max_rounds_stops_the_site_after_that_many_rounds_of_a_run(tmp_path):
     assert ask(app, instructions(run_id="ffffffffffff"), 1).status == "trained"  # another run
     assert [e["decision"] for e in AuditLog(tmp_path).entries()] == [
         "trained", "refused-policy", "trained"]
+
+
+def test_an_audit_line_cut_short_by_a_crash_does_not_stop_the_site(tmp_path):
+    """A crash while a line was appended leaves it cut short. Every later train request
+    then failed (JSONDecodeError: the max_rounds check reads the log), its failure line was
+    appended onto the cut one and was lost with it, and client status was a traceback."""
+    s = site(tmp_path, policy(max_rounds=1))
+    log = AuditLog(tmp_path)
+    log.path.write_text('{"time": 1, "run": "0123456789ab", "round": 1, "decis')
+    assert ask(build_client_app(lambda ctx: s), instructions()).status == "trained"
+    assert [e["decision"] for e in log.entries()] == ["trained"]
+    assert log.damaged_lines() == [1]
+    lines = log.path.read_text().splitlines()
+    assert lines[0].endswith('"decis') and json.loads(lines[1])["decision"] == "trained"
+    second = ask(build_client_app(lambda ctx: s), instructions(), 2)  # counted: 1 trained
+    assert second.status == "refused-policy" and "max_rounds = 1" in second.reason
 
 
 def test_a_site_says_when_its_max_rounds_stops_its_next_round(tmp_path):

@@ -340,6 +340,19 @@ def test_a_state_dir_that_is_a_file_fails_join_naming_the_setting(tmp_path):
         build_site(load_site_config(site_toml(tmp_path)))
 
 
+def test_client_status_reads_an_audit_log_with_a_line_cut_short(tmp_path):
+    """A crash mid-append leaves a cut line; client status was a JSONDecodeError traceback."""
+    path = site_toml(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "audit.jsonl").write_text(
+        '{"time": 1, "run": "r", "round": 1, "asked": {}, "decision": "trained", "reason": ""}\n'
+        '{"time": 2, "run": "r", "round": 2, "deci')
+    result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "warning: audit.jsonl line(s) 2 cannot be read" in result.output
+    assert "run r round 1: trained" in result.output
+
+
 def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
     path = site_toml(tmp_path, **{'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = 12.5'})
     site = build_site(load_site_config(path))
