@@ -236,3 +236,27 @@ def test_browser_stop_button_stops_a_running_simulation(browser, console_for, tm
         if proc.poll() is None:
             proc.kill()
         store.close()
+
+
+def test_browser_does_not_call_a_run_that_completed_after_a_stop_request_stopped(
+        browser, console_for, tmp_path):
+    """A stop asked during the last round: the run completes (the server checks between
+    rounds); the page said 'Stopped on request of console after round 2.' under 'completed'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store = RunStore(tmp_path / "store.db")
+    store.start_run("done1", task="digits-mlp", rounds_total=2, config={})
+    store.record_round("done1", {"round": 1, "accuracy": 0.5, "loss": 1.0}, [])
+    store.request_stop("done1", actor="console")
+    store.record_round("done1", {"round": 2, "accuracy": 0.6, "loss": 0.9}, [])
+    store.finish_run("done1", "completed")
+    base, secret = console_for(store)
+    browser.get(f"{base}/?token={secret}")
+    browser.get(f"{base}/#/runs/done1")
+    WebDriverWait(browser, 90).until(
+        lambda d: d.find_element(By.ID, "run-status").text == "completed")
+    note = browser.find_element(By.ID, "stop-note").text
+    assert "Stop requested by console" in note and "completed after round 2" in note
+    assert "Stopped" not in note
+    store.close()

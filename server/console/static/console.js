@@ -175,10 +175,15 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
       "it was killed or its machine went down, without recording how the run ended. " +
       "Its last checkpoint is intact: continue it with --resume.";
   } else if (run.stop_requested_at) {
-    note.textContent = run.status === "running"
-      ? `Stop requested by ${run.stop_requested_by} at ${fmt.clock(run.stop_requested_at)}: ` +
-        "the server stops after the current round, its checkpoint intact."
-      : `Stopped on request of ${run.stop_requested_by} after round ${run.rounds_completed}.`;
+    const asked = `Stop requested by ${run.stop_requested_by} at ${fmt.clock(run.stop_requested_at)}`;
+    if (run.status === "running") {
+      note.textContent = `${asked}: the server stops after the current round, its checkpoint intact.`;
+    } else if (run.status === "stopped") {
+      note.textContent = `Stopped on request of ${run.stop_requested_by} after round ${run.rounds_completed}.`;
+    } else {  // asked during the last round (it completes), or the run failed before stopping
+      note.textContent = `${asked}; the run ${run.status} after round ${run.rounds_completed} ` +
+        "before it could stop.";
+    }
   }
 
   const progress = $("progress");
