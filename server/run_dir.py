@@ -76,7 +76,12 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
     if resume:
         raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")
     run_id = uuid.uuid4().hex[:12]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file there or on its path, a folder this user cannot make
+        raise ResultsDirError(f"{out_dir} cannot be the results directory ({err.strerror or err}"
+                              f"); accepted: a directory this user can create or write "
+                              f"({setting})") from None
     atomic_write_json(run_file, {"run_id": run_id, "config": config_to_dict(cfg)})
     return run_id
 

@@ -220,6 +220,18 @@ def test_a_superlink_that_does_not_start_leaves_a_results_directory_that_starts_
     prepare_out_dir(load_server_config(path).run, out, resume=False, kind="deployment")
 
 
+def test_a_results_directory_that_is_a_file_fails_naming_the_setting(tmp_path):
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    (tmp_path / "results").write_text("a file")  # was FileExistsError's traceback
+    with pytest.raises(DeploymentError, match=r"results cannot be the results directory \(File "
+                                              r"exists\); .*\(\[server\] out in server.toml\)"):
+        serve(server_toml(tmp_path, free_port()))
+
+
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
     from consortia.server.store import RunStore, default_store_url, mark_interrupted
 
