@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shlex
 import signal
 from pathlib import Path
+from typing import Any
 
 import typer
 import typer.rich_utils
@@ -370,6 +372,21 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _json(value: Any) -> str:
+    """Strict JSON for scripts, as the console's API gives it: a NaN or infinite number (a
+    diverging run's loss) is null; json.dumps would write NaN / Infinity, which JSON has not."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
+
+
 def _cells(*values: object) -> list:
     """A table row of the store's text as it is: rich would read a reason's '[...]' as
     markup (dropping it, or failing on a closing tag that opens nothing)."""
@@ -443,7 +460,7 @@ def runs_ls(store: str | None = StoreOption, as_json: bool = JsonOption) -> None
 
     runs = _open_store(store).list_runs()
     if as_json:
-        typer.echo(json.dumps(runs, indent=2))
+        typer.echo(_json(runs))
         return
     table = Table("task", "kind", "status", "rounds", "started", "updated", "stop requested")
     table.columns.insert(0, Column("run", no_wrap=True, min_width=12))  # ids are to be copied
@@ -468,7 +485,7 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
             "clients": run_store.clients(run_id), "checkpoints": run_store.checkpoints(run_id),
             "audit": run_store.audit_log(run_id, limit=20)}
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(_json(info))
         return
     r, out = info["run"], Console()
     out.print(f"[bold]run {escape(r['run_id'])}[/bold]  " + escape(
@@ -516,7 +533,7 @@ def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     except RunNotRunning as err:
         raise fail(err, 1) from None
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(_json(info))
     else:
         typer.echo(f"stop requested for run {run_id}: it stops after round "
                    f"{info['rounds_completed'] + 1} (or the current one), checkpoint intact")

@@ -362,3 +362,25 @@ def test_a_token_file_path_that_cannot_be_written_is_named_not_a_traceback(
             assert result.exit_code == 2, result.output
             assert f"cannot write the console token file {path}" in flat
             assert isinstance(result.exception, SystemExit) and served == []
+
+
+def test_cli_json_is_strict_json_when_a_run_diverged(tmp_path):
+    """A diverging run's loss is Infinity or NaN: `runs show --json` wrote them bare (no JSON
+    parser but Python's reads them); the API gives null, and so does the CLI now."""
+    store = RunStore(tmp_path / "store.db")
+    store.start_run("run1", task="digits-mlp", rounds_total=2, config={})
+    store.record_round("run1", {"round": 1, "loss": float("inf"), "accuracy": 0.3},
+                       [{"round": 1, "client_id": "0", "status": "trained",
+                         "train_loss": float("nan"), "epsilon": 0.5}])
+    store.close()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    show = CliRunner().invoke(cli, ["runs", "show", "run1", "--store", str(tmp_path), "--json"])
+    assert show.exit_code == 0, show.output
+    shown = strict(show.stdout)
+    assert shown["rounds"][0]["loss"] is None and shown["rounds"][0]["accuracy"] == 0.3
+    assert shown["clients"][0]["epsilon"] == 0.5
+    ls = CliRunner().invoke(cli, ["runs", "ls", "--store", str(tmp_path), "--json"])
+    assert strict(ls.stdout)[0]["run_id"] == "run1"
