@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -49,7 +50,8 @@ RUN_ERRORS = (ValueError, FileNotFoundError, ImportError, SimulationFailed)
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     if cfg.sim.max_actors is not None:
-        cpus = min(cpus, int(cfg.sim.max_actors * cfg.sim.num_cpus_per_client))
+        # Ray takes whole CPUs: rounded down, 1 actor of 1.5 CPUs would get 1 and fit none.
+        cpus = min(cpus, math.ceil(cfg.sim.max_actors * cfg.sim.num_cpus_per_client))
     init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.sim.ray_address:
         # An existing cluster brings its own resources: Flower sizes the actor pool from
@@ -62,6 +64,32 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
                              "num_gpus": cfg.sim.num_gpus_per_client},
         "init_args": init_args,
     }
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """Ray started here must offer one virtual client's resources, or Flower's actor pool
+    is empty: it logs a traceback per thread and the run never ends. Counted as Flower
+    counts them (ray_actor.pool_size_from_resources), from the CPUs backend_config gives
+    Ray and the GPUs torch sees (Ray finds the same ones)."""
+    import torch
+
+    cpus = backend_config(cfg)["init_args"]["num_cpus"]
+    gpus = torch.cuda.device_count()
+    per_cpu, per_gpu = cfg.sim.num_cpus_per_client, cfg.sim.num_gpus_per_client
+    actors = int(cpus / per_cpu)
+    if per_gpu > 0:
+        actors = min(actors, int(gpus / per_gpu))
+    if actors >= 1:
+        return
+    capped = (f" (sim.max_actors = {cfg.sim.max_actors} × num_cpus_per_client)"
+              if cpus < (os.cpu_count() or 1) else "")
+    raise ValueError(
+        f"sim.num_cpus_per_client = {per_cpu:g}, sim.num_gpus_per_client = {per_gpu:g}: Ray on "
+        f"this machine has {cpus} CPU{'s' if cpus != 1 else ''}{capped} and {gpus} GPU"
+        f"{'s' if gpus != 1 else ''}, not enough for one virtual client; accepted: "
+        f"num_cpus_per_client ≤ {cpus}, num_gpus_per_client "
+        + (f"≤ {gpus}" if gpus else "= 0 (no GPU here)")
+        + ", or sim.ray_address for a Ray cluster that has them")
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -140,6 +168,8 @@ def start_checks(cfg: RunConfig) -> None:
     check_privacy_terms(cfg, [len(p) for p in partitions_for(cfg)])
     if cfg.sim.ray_address:
         check_ray_head(cfg.sim.ray_address)
+    else:
+        check_local_resources(cfg)
     check_model_fits(cfg)
     warning = dropout_abort_warning(cfg)  # a choice an experiment may make: said, not refused
     if warning is not None:

@@ -144,6 +144,35 @@ def test_a_ray_address_must_be_host_and_port_and_must_answer():
         check_ray_head(cfg.sim.ray_address)
 
 
+def test_client_resources_this_machine_cannot_offer_fail_at_start(monkeypatch):
+    """sim.num_gpus_per_client > 0 without a GPU (or more CPUs per client than Ray gets)
+    left Flower's actor pool empty: a thousand lines of tracebacks, then a run that never
+    ended."""
+    import torch
+
+    from consortia.simulations import runner
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner, "check_model_fits", lambda cfg: pytest.fail("went past"))
+    for sets, named in ((["sim.num_gpus_per_client=0.5"], "num_gpus_per_client = 0 "
+                                                          r"\(no GPU here\)"),
+                        (["sim.num_cpus_per_client=4"], "num_cpus_per_client ≤ 2"),
+                        (["sim.num_gpus_per_client=1", "sim.num_cpus_per_client=3"],
+                         "has 2 CPUs and 0 GPUs")):
+        with pytest.raises(ValueError, match=named):
+            runner.start_checks(load_config(None, sets))
+    runner.check_local_resources(load_config(None, ["sim.num_cpus_per_client=2"]))
+    # Ray takes whole CPUs: one actor of 1.5 CPUs was given 1 (rounded down) and fit none.
+    one = load_config(None, ["sim.max_actors=1", "sim.num_cpus_per_client=1.5"])
+    assert runner.backend_config(one)["init_args"]["num_cpus"] == 2
+    runner.check_local_resources(one)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    runner.check_local_resources(load_config(None, ["sim.num_gpus_per_client=0.25"]))
+    with pytest.raises(ValueError, match="num_gpus_per_client ≤ 1"):
+        runner.check_local_resources(load_config(None, ["sim.num_gpus_per_client=2"]))
+
+
 def test_an_unknown_key_is_answered_with_the_keys_accepted_there():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.lora_target_modules=['q']", "roundz=3"])
