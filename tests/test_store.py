@@ -14,7 +14,14 @@ import pytest
 
 from consortia.config import ConfigError, load_config
 from consortia.server.results import RunRecorder, read_jsonl
-from consortia.server.store import RunNotRunning, RunStore, StoreError, UnknownRun, resolve_store_url
+from consortia.server.store import (
+    RunNotRunning,
+    RunStore,
+    StoreError,
+    UnknownRun,
+    default_store_url,
+    resolve_store_url,
+)
 from consortia.server.validation import ReplyOutcome
 
 BIG_NODE_ID = 17049052442106870626  # Flower node ids are unsigned 64-bit
@@ -314,3 +321,20 @@ def test_sim_run_stopped_by_sigterm_is_recorded_stopped_with_its_resume_command(
     [run] = RunStore(out / "store.db", create=False).list_runs()
     assert run["status"] == "stopped" and 1 <= run["rounds_completed"] < 500
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("name", ["q?1", "p%41", "h#1", "at@host", "a b"])
+def test_a_results_directory_named_with_url_characters_keeps_its_store(tmp_path, name):
+    """'results/q?1' became sqlite:///.../q?1/store.db: the store went to a file 'q' beside
+    it (where every 'q?N' run would share it), and 'p%41' failed naming a folder 'pA'."""
+    out = tmp_path / name
+    out.mkdir()
+    store = RunStore(default_store_url(out))
+    store.start_run("run1", task="digits-mlp", rounds_total=1, config={})
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    assert (out / "store.db").is_file()
+    for given in (out, out / "store.db"):  # what an operator passes to --store
+        reader = RunStore(given, create=False)
+        assert [r["run_id"] for r in reader.list_runs()] == ["run1"]
+        reader.close()

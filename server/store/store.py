@@ -73,9 +73,16 @@ class AmbiguousRun(UnknownRun):
         self.matches = matches
 
 
+def _sqlite_url(path: Path) -> str:
+    """The URL of the SQLite file at `path`, whatever its name holds: '?', '#', '%' or '@'
+    in a folder name are escaped (pasted into the URL as they were, 'results/q?1' put the
+    store in a file 'results/q' and 'p%41' named the folder 'pA')."""
+    return URL.create("sqlite", database=str(path.resolve())).render_as_string(hide_password=False)
+
+
 def default_store_url(out_dir: str | Path) -> str:
     """The default store: a SQLite file inside the run's results directory."""
-    return f"sqlite:///{(Path(out_dir) / STORE_FILE).resolve()}"
+    return _sqlite_url(Path(out_dir) / STORE_FILE)
 
 
 def resolve_store_url(value: str | Path) -> str:
@@ -91,7 +98,7 @@ def resolve_store_url(value: str | Path) -> str:
         path = Path(text).expanduser()
         if path.is_dir():
             path = path / STORE_FILE
-        return f"sqlite:///{path.resolve()}"
+        return _sqlite_url(path)
     try:
         url = make_url(text)
     except ArgumentError:
