@@ -78,16 +78,19 @@ def run_figures(rows: list[dict], participation: list[dict]) -> dict[str, str]:
             by_client[p["client_id"]].append((p["round"], p["epsilon"]))
         if p.get("epsilon_budget") is not None:
             budgets.add(p["epsilon_budget"])
-    if by_client:
-        fig, ax = _figure("ε spent per client (sample-level) against the budget", "ε")
+    user_level = [(r["round"], r["user_epsilon"]) for r in rows
+                  if r.get("user_epsilon") is not None]
+    if by_client or user_level:  # user-level DP may run without the clients' own DP
+        fig, ax = _figure("ε spent per client (sample-level) against the budget" if by_client
+                          else "ε of the model (user-level)", "ε")
         for points in by_client.values():
             xs, ys = zip(*sorted(points), strict=True)
             ax.plot(xs, ys, color="#1565c0", alpha=0.35, linewidth=1)
         for budget in budgets:
             ax.axhline(budget, color="#c62828", linestyle="--", label=f"budget {budget:g}")
-        if any("user_epsilon" in r for r in rows):
-            ax.plot(rounds, [r.get("user_epsilon") for r in rows], color="#6a1b9a",
-                    linewidth=2, label="user-level ε (model)")
+        if user_level:
+            xs, ys = zip(*user_level, strict=True)
+            ax.plot(xs, ys, color="#6a1b9a", linewidth=2, label="user-level ε (model)")
         ax.legend(loc="upper left")
         figures["epsilon"] = _png(fig)
 

@@ -152,3 +152,24 @@ def test_a_sweep_into_cells_of_another_config_is_refused_before_any_cell_runs(
     run_sweep(SMOKE, ["seed=0,1"], tmp_path, ["rounds=1"],
               on_cell=lambda i, n, name, done: seen.append(done))
     assert seen == [True, False]
+
+
+def test_the_report_plots_user_level_epsilon_when_the_clients_run_without_dp(tmp_path):
+    """user_dp.enabled with privacy.enabled = false: no client reports an ε, and the
+    report's ε plot (the only one with the model's user-level ε) was left out."""
+    import json
+
+    from consortia.simulations.report import run_figures, write_report
+
+    rows = [{"round": r, "accuracy": 0.5, "loss": 1.0, "user_epsilon": 1.5 * r,
+             "clients_trained": 2, "clients_sampled": 2, "epsilon_max": None} for r in (1, 2)]
+    part = [{"round": r, "client_id": str(c), "status": "trained", "dp_enabled": False,
+             "epsilon": None} for r in (1, 2) for c in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "participation.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
+    (tmp_path / "summary.json").write_text(json.dumps({"run_id": "r", "user_epsilon": 3.0}))
+    assert "epsilon" in run_figures(rows, part)
+    assert "alt='epsilon'" in write_report(tmp_path).read_text()
+    # Rows without it (a round with nothing released) leave a gap, not an error.
+    rows[0].pop("user_epsilon")
+    assert "epsilon" in run_figures(rows, part)
