@@ -260,3 +260,18 @@ def test_browser_does_not_call_a_run_that_completed_after_a_stop_request_stopped
     assert "Stop requested by console" in note and "completed after round 2" in note
     assert "Stopped" not in note
     store.close()
+
+
+def test_browser_names_a_run_address_that_is_not_percent_encoded(browser, console_for, tmp_path):
+    """#/runs/%E0%A4%A threw URIError in the page's router: a blank page, 'connecting…'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store = RunStore(tmp_path / "store.db")
+    base, secret = console_for(store)
+    browser.get(f"{base}/?token={secret}")
+    browser.get(f"{base}/#/runs/%E0%A4%A")
+    error = WebDriverWait(browser, 90).until(
+        lambda d: d.find_element(By.ID, "error").text or None)
+    assert "404" in error and "%E0%A4%A" in error
+    store.close()

@@ -298,8 +298,11 @@ function route() {
   generation += 1;
   clearTimeout(timer);
   const match = location.hash.match(/^#\/runs\/([^/]+)$/);
-  if (match) showRun(decodeURIComponent(match[1]), generation);
-  else showRuns(generation);
+  if (match) {
+    let runId = match[1];
+    try { runId = decodeURIComponent(runId); } catch (e) { /* not %-encoded: the id as typed */ }
+    showRun(runId, generation);
+  } else showRuns(generation);
 }
 
 window.addEventListener("hashchange", route);
