@@ -340,7 +340,8 @@ def _open_store(store: str | None):
                       "or set CONSORTIA_STORE")
         raise typer.Exit(2)
     try:
-        url = make_url(resolve_store_url(store))
+        resolved = resolve_store_url(store)
+        url = make_url(resolved)
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
                 and not Path(url.database).is_file():
             raise StoreError(f"no run store at {url.database} (from --store {store!r}) yet: "
@@ -348,7 +349,7 @@ def _open_store(store: str | None):
                              "starts (sim run --out DIR; server start: [server] out in "
                              "server.toml, once its SuperLink is up), or the file its "
                              "store.url names; start the run, then pass that file or DIR")
-        return RunStore(str(url), create=False)
+        return RunStore(resolved, create=False)  # str(url) would be the password as ***
     except StoreError as err:
         raise fail(err) from None
 

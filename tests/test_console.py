@@ -384,3 +384,24 @@ def test_cli_json_is_strict_json_when_a_run_diverged(tmp_path):
     assert shown["clients"][0]["epsilon"] == 0.5
     ls = CliRunner().invoke(cli, ["runs", "ls", "--store", str(tmp_path), "--json"])
     assert strict(ls.stdout)[0]["run_id"] == "run1"
+
+
+def test_cli_opens_a_postgresql_store_with_its_password_not_stars(monkeypatch):
+    """`runs ls --store postgresql://u:PW@host/db` opened RunStore(str(url)), and SQLAlchemy's
+    str() of a URL masks the password: the CLI would have logged in with '***'."""
+    import consortia.server.store as store_pkg
+
+    opened = []
+
+    class Recorder:
+        def __init__(self, url, create=True):
+            opened.append(url)
+
+        def list_runs(self):
+            return []
+
+    monkeypatch.setattr(store_pkg, "RunStore", Recorder)
+    url = "postgresql+psycopg://consortia:s3cret@db.example.org/consortia"
+    result = CliRunner().invoke(cli, ["runs", "ls", "--store", url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert opened == [url]
