@@ -333,7 +333,7 @@ JsonOption = typer.Option(False, "--json", help="print JSON (for scripts)")
 def _open_store(store: str | None):
     from sqlalchemy.engine import make_url
 
-    from consortia.server.store import RunStore, StoreError, resolve_store_url
+    from consortia.server.store import STORE_FILE, RunStore, StoreError, resolve_store_url
 
     if not store:
         console.print("[red]error:[/red] no run store: pass --store URL (or a results directory) "
@@ -342,6 +342,11 @@ def _open_store(store: str | None):
     try:
         resolved = resolve_store_url(store)
         url = make_url(resolved)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+                and Path(url.database).is_dir():
+            raise StoreError(f"--store {store!r} names the folder {url.database}, not a SQLite "
+                             f"file: pass the folder as a path (--store {url.database}, its "
+                             f"{STORE_FILE}) or the file's URL")
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
                 and not Path(url.database).is_file():
             raise StoreError(f"no run store at {url.database} (from --store {store!r}) yet: "

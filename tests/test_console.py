@@ -405,3 +405,13 @@ def test_cli_opens_a_postgresql_store_with_its_password_not_stars(monkeypatch):
     result = CliRunner().invoke(cli, ["runs", "ls", "--store", url, "--json"])
     assert result.exit_code == 0, result.output
     assert opened == [url]
+
+
+def test_cli_says_a_sqlite_url_names_a_folder_not_that_no_run_made_it(world):
+    """--store sqlite:///RESULTS (the folder, as a URL) said 'no run store at RESULTS yet:
+    ... start the run', of a finished run's results directory."""
+    *_, tmp_path = world
+    result = CliRunner().invoke(cli, ["runs", "ls", "--store", f"sqlite:///{tmp_path}"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert f"names the folder {tmp_path}, not a SQLite file" in flat and "yet" not in flat
