@@ -71,6 +71,12 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+# The server's own processes (server start's Control API client, flwr-serverapp) dial the
+# SuperLink on its own machine, verifying it against the CA like any partner: server.host
+# 0.0.0.0 is dialled at 127.0.0.1, :: at ::1. Every server certificate names them too.
+LOOPBACK_HOSTS = ["127.0.0.1", "::1", "localhost"]
+
+
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -87,7 +93,47 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
         names.append(x509.DNSName(host))
     if not names:
         raise CertsError("the server certificate needs at least one host name or IP (--host)")
+    for host in LOOPBACK_HOSTS:
+        try:
+            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            name = x509.DNSName(host)
+        if name not in names:
+            names.append(name)
     return x509.SubjectAlternativeName(names)
+
+
+def certificate_names(cert: x509.Certificate, host: str) -> bool:
+    """Whether `cert` is valid for `host` (an IP, or a DNS name, as TLS checks it)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        pass
+    host = host.lower().rstrip(".")
+    for name in san.get_values_for_type(x509.DNSName):
+        name = name.lower().rstrip(".")
+        if name == host or (name.startswith("*.") and host.count(".") >= 2
+                            and host.split(".", 1)[1] == name[2:]):
+            return True
+    return False
+
+
+def check_server_names(consortium_dir: str | Path, host: str, setting: str) -> None:
+    """The server certificate must be valid for `host`, the address the server's own
+    processes dial its SuperLink at: else they never connect, and server start ends in a
+    timeout (a certificate from before certs named the loopback addresses)."""
+    root = Path(consortium_dir)
+    cert = load_certificates(root / SERVER_CERT)[0]
+    if not certificate_names(cert, host):
+        raise CertsError(
+            f"{root / SERVER_CERT} is not valid for {host}, where server start dials its own "
+            f"SuperLink ({setting}); issue one that names it, with the names partners dial: "
+            f"`consortia certs server --dir {root} --host NAME ...` (it adds "
+            f"{', '.join(LOOPBACK_HOSTS)})")
 
 
 def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consortia") -> Path:

@@ -29,8 +29,14 @@ from consortia.privacy.certs import (
     SERVER_KEY,
     CertsError,
     check_server_files,
+    check_server_names,
 )
 from consortia.tasks import import_task_modules
+
+
+def local_host(host: str) -> str:
+    """The address this machine's own processes dial a SuperLink bound to `host` at."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 class ServerSection(BaseModel):
@@ -64,6 +70,8 @@ class ServerDeployConfig(BaseModel):
                                   "--host HOST`")
         try:  # loaded now: the SuperLink would name a file it cannot use only in its log
             check_server_files(certs)
+            host = self.server.host
+            check_server_names(certs, local_host(host), f"server.host = {host!r}")
         except CertsError as err:
             raise ConfigError(f"server.certs: {err}") from None
         enrolled = sorted(p.stem for p in (certs / ENROLLED).glob("*.pub"))

@@ -30,6 +30,7 @@ from consortia.flower_exec import (
     wait_for,
 )
 from consortia.privacy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from consortia.server.deploy_config import local_host
 from consortia.server.runtime import ServerAppLauncher, write_secret
 
 SERVER_APP_REF = "consortia.server.deployed:app"
@@ -82,7 +83,7 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = local_host(self.host)
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property

@@ -29,8 +29,10 @@ def test_init_writes_a_ca_and_a_server_cert_for_the_given_hosts(tmp_path):
     server = x509.load_pem_x509_certificate((root / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    # The given hosts, and the loopback names the server's own processes dial it at.
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
+                                                       ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
     assert mode(root / "ca.key") == 0o600 and mode(root / "server.key") == 0o600
 
 
@@ -114,7 +116,7 @@ def test_a_new_server_certificate_comes_from_the_same_ca(tmp_path):
     server = x509.load_pem_x509_certificate((root / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)  # partners' ca.pem still verifies it
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
     assert (root / "server.key").read_bytes() != old_key and mode(root / "server.key") == 0o600
     assert not list(root.glob("*.new"))
     with pytest.raises(CertsError, match="holds no CA.*consortia certs init"):

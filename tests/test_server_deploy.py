@@ -232,6 +232,47 @@ def test_a_results_directory_that_is_a_file_fails_naming_the_setting(tmp_path):
         serve(server_toml(tmp_path, free_port()))
 
 
+def test_the_documented_certs_and_host_0000_start_a_superlink_server_start_can_reach(tmp_path):
+    """operators.md's provisioning (certs init --host fl.example.org --host 203.0.113.7)
+    with its server.toml (host = "0.0.0.0") never started: server start dials its own
+    Control API at 127.0.0.1, which the certificate did not name (TLS: 'IP address
+    mismatch'), and it ended in 'did not answer within start_timeout_s'."""
+    from consortia.flower_exec import free_port
+    from consortia.server.superlink import SuperLink
+
+    certs = init_consortium(tmp_path / "consortium", ["fl.example.org", "203.0.113.7"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path, free_port())
+    path.write_text(path.read_text().replace("[server]", '[server]\nhost = "0.0.0.0"'))
+    cfg = load_server_config(path)
+    cfg.check_files()
+    link = SuperLink(certs, "0.0.0.0", cfg.server.port, tmp_path / "superlink")
+    try:
+        link.start(30)
+        assert link._control_reachable()
+    finally:
+        link.stop()
+
+
+@pytest.mark.parametrize("host, dialled", [("0.0.0.0", "127.0.0.1"), ("::", "::1"),
+                                           ("127.0.0.1", "127.0.0.1")])
+def test_a_server_certificate_without_the_address_server_start_dials_fails_at_start(
+        tmp_path, monkeypatch, host, dialled):
+    """A certificate issued before certs named the loopback addresses: said at start, not
+    after start_timeout_s as a timeout."""
+    import consortia.privacy.certs as certs_module
+
+    monkeypatch.setattr(certs_module, "LOOPBACK_HOSTS", [])
+    init_consortium(tmp_path / "consortium", ["fl.example.org"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path)
+    path.write_text(path.read_text().replace("[server]", f'[server]\nhost = "{host}"'))
+    with pytest.raises(ConfigError, match=rf"server.pem is not valid for {dialled}, where server "
+                                          rf"start dials its own SuperLink \(server.host = "
+                                          rf"'{host}'\); .*consortia certs server --dir"):
+        load_server_config(path).check_files()
+
+
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):
     from consortia.server.store import RunStore, default_store_url, mark_interrupted
 
