@@ -338,3 +338,22 @@ def test_a_results_directory_named_with_url_characters_keeps_its_store(tmp_path,
         reader = RunStore(given, create=False)
         assert [r["run_id"] for r in reader.list_runs()] == ["run1"]
         reader.close()
+
+
+def test_a_resume_keeps_when_each_kept_round_was_recorded(store):
+    """replace_rounds (every resume) stamped every kept round with the resume's time: the
+    console's 'last seen' of every client, and the rounds' order against a stop request,
+    then read as if all had been recorded at the resume."""
+    store.record_round("run1", row(1), [part(1, "0", eps=0.5)])
+    store.record_round("run1", row(2), [part(2, "0", eps=0.7)])
+    store.record_round("run1", row(3), [part(3, "0", eps=0.9)])
+    before = {r["round"]: r["recorded_at"] for r in store.rounds("run1")}
+    seen = store.clients("run1")[0]["last_seen_at"]
+    store.replace_rounds("run1", 3, [row(1), row(2), row(3)],
+                         [part(1, "0", eps=0.5), part(2, "0", eps=0.7), part(3, "0", eps=0.9)])
+    assert {r["round"]: r["recorded_at"] for r in store.rounds("run1")} == before
+    assert store.clients("run1")[0]["last_seen_at"] == seen == before[3]
+    store.replace_rounds("run1", 2, [row(1), row(2)], [part(1, "0", eps=0.5),
+                                                       part(2, "0", eps=0.7)])
+    assert {r["round"]: r["recorded_at"] for r in store.rounds("run1")} == \
+        {1: before[1], 2: before[2]}

@@ -272,12 +272,18 @@ class RunStore:
         (a resume keeps what was recorded up to the checkpoint it continues from)."""
         with self._write() as s:
             run = self._run(s, run_id)
+            # A kept round keeps when it was recorded (the clients' "last seen", and whether
+            # it came before a stop request, are read from it); only a round the store did
+            # not have is recorded now.
+            recorded = dict(s.execute(select(Round.round, Round.recorded_at)
+                                      .where(Round.run_id == run_id)).all())
+            now = time.time()
             s.execute(delete(Round).where(Round.run_id == run_id))
             s.execute(delete(Participation).where(Participation.run_id == run_id))
             s.execute(delete(CheckpointRecord).where(CheckpointRecord.run_id == run_id,
                                                      CheckpointRecord.round > last_round))
             for row in rows:
-                s.add(self._round(run_id, row, time.time()))
+                s.add(self._round(run_id, row, recorded.get(row["round"], now)))
             s.add_all(self._participation(run_id, p) for p in participation)
             run.rounds_completed = len(rows)
             run.updated_at = time.time()
