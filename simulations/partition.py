@@ -12,7 +12,9 @@ MAX_DIRICHLET_DRAWS = 1000
 
 def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     if num_clients > num_samples:
-        raise ValueError(f"cannot split {num_samples} samples among {num_clients} clients")
+        raise ValueError(f"clients = {num_clients}: cannot split {num_samples} samples among "
+                         f"{num_clients} clients, one at least each; accepted: clients ≤ "
+                         f"{num_samples}")
     order = np.random.default_rng(seed).permutation(num_samples)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
@@ -29,8 +31,9 @@ def dirichlet_partition(
         raise ValueError(f"partition.alpha must be > 0, got {alpha}")
     if num_clients * min_samples > len(labels):
         raise ValueError(
-            f"{len(labels)} samples cannot give {num_clients} clients {min_samples} each; "
-            "lower partition.min_samples or the number of clients"
+            f"partition.min_samples = {min_samples}: {len(labels)} samples cannot give "
+            f"{num_clients} clients {min_samples} each; accepted: partition.min_samples ≤ "
+            f"{len(labels) // num_clients} for {num_clients} clients, or fewer clients"
         )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)

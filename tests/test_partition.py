@@ -57,9 +57,11 @@ def test_small_alpha_skews_labels_and_large_alpha_does_not():
 
 
 def test_impossible_partitions_fail_with_reasons():
-    with pytest.raises(ValueError, match="cannot split 3 samples among 5 clients"):
+    with pytest.raises(ValueError, match="clients = 5: cannot split 3 samples among 5 "
+                                         "clients, one at least each; accepted: clients ≤ 3"):
         iid_partition(3, 5, 0)
-    with pytest.raises(ValueError, match="min_samples"):
+    with pytest.raises(ValueError, match="partition.min_samples = 10: .*accepted: "
+                                         "partition.min_samples ≤ 5 for 10 clients"):
         dirichlet_partition(np.zeros(50, dtype=int), 10, 0.5, 0, min_samples=10)
     with pytest.raises(ValueError, match="accepted: iid, dirichlet"):
         partition(np.zeros(50, dtype=int), 2, "shards", 0.5, 0)
