@@ -275,3 +275,25 @@ def test_browser_names_a_run_address_that_is_not_percent_encoded(browser, consol
         lambda d: d.find_element(By.ID, "error").text or None)
     assert "404" in error and "%E0%A4%A" in error
     store.close()
+
+
+def test_browser_tiles_show_the_latest_evaluated_accuracy_between_evaluations(
+        browser, console_for, tmp_path):
+    """With eval_every > 1 a running run's last round has no accuracy: the tiles said '–'
+    for accuracy and loss in every round between evaluations."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store = RunStore(tmp_path / "store.db")
+    store.start_run("ev", task="digits-mlp", rounds_total=8, config={})
+    store.record_round("ev", {"round": 1}, [])
+    store.record_round("ev", {"round": 2, "accuracy": 0.625, "loss": 1.5}, [])
+    store.record_round("ev", {"round": 3}, [])
+    base, secret = console_for(store)
+    browser.get(f"{base}/?token={secret}")
+    browser.get(f"{base}/#/runs/ev")
+    tiles = WebDriverWait(browser, 90).until(
+        lambda d: d.find_element(By.ID, "tiles").text or None)
+    assert "0.6250" in tiles and "accuracy (round 2)" in tiles
+    assert "1.5000" in tiles and "loss (round 2)" in tiles
+    store.close()

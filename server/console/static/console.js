@@ -193,8 +193,14 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
   $("progress-label").textContent = `round ${run.rounds_completed} of ${run.rounds_total}`;
 
   const last = rounds.length ? rounds[rounds.length - 1] : {};
+  // Rounds between evaluations (eval_every) carry no accuracy: the tiles show the latest
+  // evaluated round's, and say which when it is not the last.
+  const scored = rounds.filter((r) => r.accuracy !== null && r.accuracy !== undefined);
+  const evaluatedLast = scored.length ? scored[scored.length - 1] : {};
+  const of = evaluatedLast.round && evaluatedLast.round !== last.round
+    ? ` (round ${evaluatedLast.round})` : "";
   const tiles = [
-    ["accuracy", fmt.num(last.accuracy)], ["loss", fmt.num(last.loss)],
+    [`accuracy${of}`, fmt.num(evaluatedLast.accuracy)], [`loss${of}`, fmt.num(evaluatedLast.loss)],
     ["ε max (clients)", fmt.num(last.epsilon_max, 3)],
     ["clients trained", last.round ? `${last.clients_trained}/${last.clients_sampled}` : "–"],
     ["task", run.task], ["started", fmt.time(run.created_at)],
