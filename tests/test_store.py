@@ -357,3 +357,12 @@ def test_a_resume_keeps_when_each_kept_round_was_recorded(store):
                                                        part(2, "0", eps=0.7)])
     assert {r["round"]: r["recorded_at"] for r in store.rounds("run1")} == \
         {1: before[1], 2: before[2]}
+
+
+def test_a_resume_records_where_the_results_directory_is_now(store, tmp_path):
+    """A results directory moved, then resumed (--out NEW --resume): the run kept the old
+    out_dir in the store (digits sim moved /tmp/opaudit/r8 -> r8m, resumed: out_dir r8)."""
+    store.finish_run("run1", "stopped")
+    store.start_run("run1", task="digits-mlp", rounds_total=3, config={"rounds": 3},
+                    out_dir=tmp_path / "moved")
+    assert store.get_run("run1")["out_dir"] == str(tmp_path / "moved")

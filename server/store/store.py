@@ -262,6 +262,8 @@ class RunStore:
                 previous = run.status
                 run.status, run.rounds_total = "running", rounds_total
                 run.config = _redacted(config)
+                if out_dir is not None:  # a results directory moved before --resume
+                    run.out_dir = str(out_dir)
                 run.updated_at, run.finished_at = now, None
                 run.stop_requested_at = run.stop_requested_by = None
                 self._audit(s, run_id, "run-resumed", f"was {previous}", at=now)
