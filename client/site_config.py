@@ -40,7 +40,7 @@ from consortia.privacy.certs import (
     load_certificates,
     load_node_private_key,
 )
-from consortia.tasks import import_task_modules
+from consortia.tasks import import_task_modules, importable_from
 
 
 class _Section(BaseModel):
@@ -134,6 +134,7 @@ class SiteConfig(_Section):
 
 def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site config"
                           ) -> SiteConfig:
+    importable_from(base)  # task_modules and data.hook may live beside site.toml
     try:
         import_task_modules(list(data.get("site", {}).get("task_modules", [])),
                             "site.task_modules")

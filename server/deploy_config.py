@@ -31,7 +31,7 @@ from consortia.privacy.certs import (
     check_server_files,
     check_server_names,
 )
-from consortia.tasks import import_task_modules
+from consortia.tasks import import_task_modules, importable_from
 
 
 def local_host(host: str) -> str:
@@ -90,6 +90,7 @@ class ServerDeployConfig(BaseModel):
 def load_server_config(path: str | Path, overrides: list[str] | None = None) -> ServerDeployConfig:
     path = Path(path)
     data = read_toml(path, "server config", overrides)
+    importable_from(path.resolve().parent)  # task_modules may live beside server.toml
     try:
         import_task_modules(list(data.get("server", {}).get("task_modules", [])),
                             "server.task_modules")

@@ -24,6 +24,18 @@ def register_task(task: Task) -> Task:
     return task
 
 
+def importable_from(folder) -> None:
+    """Let a config's own modules (task_modules, a data hook) sit in the folder that holds
+    the config, as its relative paths do: `consortia` started as a console script does not
+    have the working directory on sys.path. Appended: installed packages come first."""
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(folder).resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
 def import_task_modules(modules: list[str], key: str) -> None:
     """Import the modules that register a deployment's own tasks (`key` names the config
     entry, for the error)."""

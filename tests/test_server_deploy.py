@@ -101,6 +101,21 @@ def test_task_modules_that_cannot_be_imported_fail_at_start(tmp_path):
         load_server_config(path)
 
 
+def test_task_modules_beside_server_toml_are_imported(tmp_path, monkeypatch):
+    """A module beside server.toml (the operator's own task) could not be imported by
+    `consortia server start` nor its flwr-serverapp: no working directory on sys.path."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir("/")
+    (tmp_path / "our_tasks_beside.py").write_text("LOADED = True\n")
+    path = server_toml(tmp_path)
+    path.write_text(path.read_text().replace('out = "results"',
+                                             'out = "results"\ntask_modules = ["our_tasks_beside"]'))
+    load_server_config(path)
+    assert sys.modules["our_tasks_beside"].LOADED
+
+
 def test_the_app_bundle_names_installed_apps_and_carries_no_code(tmp_path):
     files = app_bundle_files(tmp_path / "server.toml", resume=True)
     assert list(files) == ["pyproject.toml"]

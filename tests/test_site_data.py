@@ -353,6 +353,28 @@ def test_client_status_reads_an_audit_log_with_a_line_cut_short(tmp_path):
     assert "run r round 1: trained" in result.output
 
 
+def test_a_hook_beside_site_toml_loads_as_partners_md_shows_it(tmp_path, monkeypatch):
+    """partners.md's hook (my_site/data.py beside site.toml, hook = "my_site.data:load")
+    failed under `consortia client join` with "No module named 'my_site'": a console
+    script has no working directory on sys.path. The folder of site.toml is importable,
+    as its relative paths are read from it (task_modules too)."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir("/")
+    package = tmp_path / "my_site_beside"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "data.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n\n\ndef load():\n"
+        "    return TensorDataset(torch.rand(20, 64), torch.randint(0, 10, (20,)))\n")
+    (package / "tasks.py").write_text("LOADED = True\n")
+    path = site_toml(tmp_path, extra='task_modules = ["my_site_beside.tasks"]', **{
+        'kind = "partition"\nindex = 0\ncount = 3': 'kind = "hook"\nhook = "my_site_beside.data:load"'})
+    site = build_site(load_site_config(path))
+    assert len(site.dataset) == 20 and sys.modules["my_site_beside.tasks"].LOADED
+
+
 def test_the_policy_cap_on_the_fallback_epsilon_reaches_the_site(tmp_path):
     path = site_toml(tmp_path, **{'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = 12.5'})
     site = build_site(load_site_config(path))
