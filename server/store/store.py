@@ -19,7 +19,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, create_engine, delete, event, func, inspect, select
+from sqlalchemy import case, create_engine, delete, event, func, inspect, null, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -442,32 +442,28 @@ class RunStore:
     def clients(self, run_id: str) -> list[dict[str, Any]]:
         """Per client: latest status, rounds joined, last seen, ε spent against its budget."""
         fallback = Participation.report["epsilon_if_secagg_fails"].as_float()
-        sqlite = self._read_engine.dialect.name == "sqlite"
-        if sqlite:
+        loose: Any = null()  # the whole report, where SQL cannot read it
+        if self._read_engine.dialect.name == "sqlite":
             # A report holding NaN or Infinity (a diverging client's train_loss: Python's
             # json writes them, as participation.jsonl has them) is malformed JSON to
-            # SQLite's json_extract, which would fail the whole query: such rows are read
-            # in Python instead.
-            fallback = case((func.json_valid(Participation.report) == 1, fallback), else_=None)
+            # SQLite's json_extract, which would fail the whole query: such a row's report
+            # comes back whole, to be read in Python.
+            valid = func.json_valid(Participation.report) == 1
+            fallback = case((valid, fallback), else_=None)
+            loose = case((valid, null()), else_=Participation.report)
         with self._read() as s:
             self._run(s, run_id)
             rows = s.execute(
                 select(Participation.client_id, Participation.round, Participation.status,
                        Participation.reason, Participation.epsilon, Participation.epsilon_budget,
-                       Round.recorded_at, fallback, Participation.id)
+                       Round.recorded_at, fallback, loose)
                 .join(Round, (Round.run_id == Participation.run_id)
                       & (Round.round == Participation.round), isouter=True)
                 .where(Participation.run_id == run_id).order_by(Participation.id)).all()
-            loose: dict[int, dict[str, Any]] = {}
-            if sqlite:
-                loose = dict(s.execute(
-                    select(Participation.id, Participation.report)
-                    .where(Participation.run_id == run_id,
-                           func.json_valid(Participation.report) == 0)).all())
         clients: dict[str, dict[str, Any]] = {}
-        for client_id, rnd, status, reason, eps, budget, seen_at, eps_fallback, row_id in rows:
-            if row_id in loose:
-                eps_fallback = loose[row_id].get("epsilon_if_secagg_fails")
+        for client_id, rnd, status, reason, eps, budget, seen_at, eps_fallback, report in rows:
+            if report is not None:
+                eps_fallback = report.get("epsilon_if_secagg_fails")
             c = clients.setdefault(client_id, {
                 "client_id": client_id, "status": None, "reason": "", "rounds_joined": 0,
                 "rounds_seen": 0, "last_seen_round": None, "last_seen_at": None,
