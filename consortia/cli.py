@@ -411,6 +411,8 @@ def console_serve(
 ) -> None:
     """Serve the console (page + JSON API) over a run store; every route needs the token."""
     if ctx.invoked_subcommand is not None:
+        # `console --token-file X token` means X: the subcommand reads it from here.
+        ctx.obj = {"token_file": token_file}
         return
     from consortia.server.console import ConsoleToken, TokenError, serve
     from consortia.server.console.app import listen
@@ -445,10 +447,18 @@ def console_serve(
 
 
 @console_app.command("token")
-def console_token(token_file: Path | None = TokenFileOption) -> None:
+def console_token(ctx: typer.Context, token_file: Path | None = TokenFileOption) -> None:
     """Make a new console token (the old one stops working at once) and print it once."""
+    from click.core import ParameterSource
+
     from consortia.server.console import ConsoleToken, TokenError
 
+    # --token-file before `token` (the console's own option, as the console was started)
+    # was ignored: the default file was rotated and the console's old token kept working.
+    given_here = ctx.get_parameter_source("token_file") == ParameterSource.COMMANDLINE
+    parent = (ctx.obj or {}).get("token_file")
+    if not given_here and parent is not None:
+        token_file = parent
     token = ConsoleToken(token_file)
     try:
         new = token.rotate()

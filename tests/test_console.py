@@ -415,3 +415,23 @@ def test_cli_says_a_sqlite_url_names_a_folder_not_that_no_run_made_it(world):
     flat = " ".join(result.output.split())
     assert result.exit_code == 2
     assert f"names the folder {tmp_path}, not a SQLite file" in flat and "yet" not in flat
+
+
+def test_cli_console_token_rotates_the_file_given_before_the_subcommand(tmp_path, monkeypatch):
+    """`console --token-file X token` (X as the console was started with) rotated the default
+    file instead, and the running console's old token kept working."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("CONSORTIA_CONSOLE_TOKEN_FILE", raising=False)
+    path = tmp_path / "tok"
+    old = ConsoleToken(path).rotate()
+    result = CliRunner().invoke(cli, ["console", "--token-file", str(path), "token"])
+    assert result.exit_code == 0, result.output
+    new = result.stdout.strip().splitlines()[-1]
+    assert ConsoleToken(path).verify(new) and not ConsoleToken(path).verify(old)
+    assert not (tmp_path / "xdg").exists()
+    # Given after the subcommand, or in both places, the subcommand's own wins.
+    other = tmp_path / "other"
+    result = CliRunner().invoke(cli, ["console", "--token-file", str(path), "token",
+                                      "--token-file", str(other)])
+    assert ConsoleToken(other).verify(result.stdout.strip().splitlines()[-1])
+    assert ConsoleToken(path).verify(new)
