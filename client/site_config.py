@@ -26,6 +26,8 @@ Relative paths are read from the folder that holds site.toml.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import stat
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +43,10 @@ from consortia.privacy.certs import (
     load_node_private_key,
 )
 from consortia.tasks import import_task_modules, importable_from
+
+# A DNS name (the host of site.superlink, when it is no IP address).
+_DIALLABLE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
+                        r"[A-Za-z0-9])?)*\.?")
 
 
 class _Section(BaseModel):
@@ -63,7 +69,14 @@ class SiteSection(_Section):
         if "://" in value:  # the SuperNode takes no scheme: it always dials over TLS
             raise ValueError("expected host:port with no scheme (e.g. fl.example.org:9093; "
                              "the connection is always TLS)")
-        split_host_port(value)
+        host, _ = split_host_port(value)
+        if not _DIALLABLE.fullmatch(host):  # Flower takes ' host' and dials it in vain
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError("expected host:port, the host an IP address or a DNS name "
+                                 "(e.g. fl.example.org:9093, 203.0.113.7:9093, [::1]:9093)"
+                                 ) from None
         return value
 
     @field_validator("task")

@@ -215,12 +215,24 @@ def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
     return path
 
 
+@pytest.mark.parametrize("superlink", ["fl.example.org:9093", "203.0.113.7:9093",
+                                       "[::1]:9093", "FL-1.example.org.:443"])
+def test_a_superlink_address_flower_can_dial_is_accepted(tmp_path, superlink):
+    path = site_toml(tmp_path, **{'superlink = "127.0.0.1:9093"': f'superlink = "{superlink}"'})
+    assert load_site_config(path).site.superlink == superlink
+
+
 @pytest.mark.parametrize("replace, message", [
     ({'superlink = "127.0.0.1:9093"': 'superlink = "nowhere"'},
      "site.superlink: expected host:port (e.g. fl.example.org:9093) (got 'nowhere')"),
     ({'superlink = "127.0.0.1:9093"': 'superlink = "https://fl.example.org:9093"'},
      "site.superlink: expected host:port with no scheme (e.g. fl.example.org:9093; the "
      "connection is always TLS) (got 'https://fl.example.org:9093')"),
+    ({'superlink = "127.0.0.1:9093"': 'superlink = " 127.0.0.1:9093"'},
+     "site.superlink: expected host:port, the host an IP address or a DNS name (e.g. "
+     "fl.example.org:9093, 203.0.113.7:9093, [::1]:9093) (got ' 127.0.0.1:9093')"),
+    ({'superlink = "127.0.0.1:9093"': 'superlink = "fl.example.org/x:9093"'},
+     "site.superlink: expected host:port, the host an IP address or a DNS name"),
     ({'count = 3': 'count = 0'}, "data.count: Input should be greater than or equal to 1"),
     ({'index = 0': 'index = 5'}, "data.index (5) must be below data.count (3)"),
     ({'tasks = ["digits-mlp"]': 'tasks = ["fashion-mnist-cnn"]'}, "would refuse every request"),
