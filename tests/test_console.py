@@ -435,3 +435,24 @@ def test_cli_console_token_rotates_the_file_given_before_the_subcommand(tmp_path
                                       "--token-file", str(other)])
     assert ConsoleToken(other).verify(result.stdout.strip().splitlines()[-1])
     assert ConsoleToken(path).verify(new)
+
+
+def test_a_store_removed_under_a_running_console_is_503_and_not_made_anew(tmp_path):
+    """The console's new connections opened the store's path read-write-create: a store.db
+    removed while it ran was made anew, empty, in the results directory, and each request
+    on such a connection was a bare 500 ('no such table')."""
+    RunStore(tmp_path / "store.db").close()
+    store = RunStore(tmp_path, create=False)  # as `consortia console --store DIR` opens it
+    token = ConsoleToken(tmp_path / "token")
+    secret = token.rotate()
+    client = TestClient(create_app(store, token), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert client.get("/api/runs", headers=auth).status_code == 200
+    for name in ("store.db", "store.db-wal", "store.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    store.close()  # the pool's next connection opens the path again
+    response = client.get("/api/runs", headers=auth)
+    assert response.status_code == 503
+    assert str(tmp_path / "store.db") in response.json()["detail"]
+    assert "cannot be read" in response.json()["detail"]
+    assert not (tmp_path / "store.db").exists()

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy.exc import DBAPIError
 
 from consortia.server.console.auth import ConsoleToken
 from consortia.server.store import AmbiguousRun, RunNotRunning, RunStore, UnknownRun
@@ -64,6 +65,12 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
         if isinstance(err, AmbiguousRun):  # the ids let a script choose, as a person would
             return JSONResponse({"detail": str(err), "matches": err.matches}, status_code=409)
         return JSONResponse({"detail": str(err)}, status_code=404)
+
+    @app.exception_handler(DBAPIError)
+    async def store_unreadable(_request: Request, err: DBAPIError) -> JSONResponse:
+        # The store's file removed or damaged, its server down: say so, not a bare 500.
+        return JSONResponse({"detail": f"the run store {store.display_url} cannot be read: "
+                                       f"{err.orig}"}, status_code=503)
 
     def presented_token(request: Request) -> tuple[str | None, str]:
         header = request.headers.get("authorization", "")

@@ -131,7 +131,7 @@ def _sqlite_tables(path: Path) -> list[str]:
         return [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
 
 
-def _sqlite_engine(url: URL, begin: str) -> Engine:
+def _sqlite_engine(url: URL, begin: str, create: bool = True) -> Engine:
     memory = url.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False,
                                                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
@@ -139,6 +139,12 @@ def _sqlite_engine(url: URL, begin: str) -> Engine:
         kwargs["poolclass"] = StaticPool
     else:
         kwargs.update(pool_size=8, max_overflow=32)
+    if not memory and not create:
+        # A reader's connections open the file only if it is there (mode=rw): a store
+        # removed while the console runs was made anew, empty, by its next connection.
+        uri = f"{Path(url.database).resolve().as_uri()}?mode=rw"
+        kwargs["creator"] = lambda: sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                                    timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
     engine = create_engine(url, **kwargs)
     event.listen(engine, "connect", _sqlite_pragmas)
 
@@ -169,9 +175,9 @@ class RunStore:
                                          "does not exist")
                     if not create:  # before the engine's pragmas write to the file
                         self._require_tables(_sqlite_tables(Path(parsed.database)))
-                self._read_engine = _sqlite_engine(parsed, "BEGIN")
+                self._read_engine = _sqlite_engine(parsed, "BEGIN", create)
                 self._write_engine = (self._read_engine if parsed.database in (None, "", ":memory:")
-                                      else _sqlite_engine(parsed, "BEGIN IMMEDIATE"))
+                                      else _sqlite_engine(parsed, "BEGIN IMMEDIATE", create))
             else:
                 self._read_engine = self._write_engine = create_engine(parsed, pool_pre_ping=True)
             if create:
