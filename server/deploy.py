@@ -25,9 +25,16 @@ import httpx
 from consortia.flower_exec import FlowerExecutableMissing
 from consortia.privacy.certs import CertsError, enrolled_keys
 from consortia.privacy.storage import atomic_write_json
+from consortia.server.checkpoint import CheckpointStore
 from consortia.server.deploy_config import load_server_config
 from consortia.server.results import METRICS_FILE, SUMMARY_FILE
-from consortia.server.run_dir import RUN_FILE, ResultsDirError, prepare_out_dir, run_finished
+from consortia.server.run_dir import (
+    CHECKPOINTS_DIR,
+    RUN_FILE,
+    ResultsDirError,
+    prepare_out_dir,
+    run_finished,
+)
 from consortia.server.store import RunStore, default_store_url, mark_interrupted
 from consortia.server.superlink import DeploymentError, SuperLink
 
@@ -89,7 +96,11 @@ def serve(config_path: str | Path, *, resume: bool = False,
             f"{link.log_path}")
         launcher = link.launcher()
         threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
-        status = wait_for_run(link, flower_run, nodes, stop, srv.out, log, needed=cfg.clients)
+        resumed_after = 0  # a resumed run's rounds up to its checkpoint were said before
+        if resume and (latest := CheckpointStore(srv.out / CHECKPOINTS_DIR).latest()):
+            resumed_after = latest.round
+        status = wait_for_run(link, flower_run, nodes, stop, srv.out, log, needed=cfg.clients,
+                              after_round=resumed_after)
     except KeyboardInterrupt:
         status = None
     finally:
@@ -131,13 +142,14 @@ def base_model_sha256(config_path: str | Path) -> str:
 
 def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
                  stop: threading.Event, out: Path, log: Callable[[str], None],
-                 needed: int = 0) -> tuple[str, str] | None:
+                 needed: int = 0, after_round: int = 0) -> tuple[str, str] | None:
     """(sub_status, details) once the run has finished; None if stopped first. Meanwhile
     keep the SuperLink to our run and our nodes, and report each round as it is recorded
     and each enrolled node as it comes online or goes offline. Rounds start only with
-    `needed` nodes online (run.clients): while fewer are, say whom the run waits for."""
+    `needed` nodes online (run.clients): while fewer are, say whom the run waits for.
+    Rounds up to `after_round` (a resumed run's checkpoint) are not said again."""
     names = {node: name for name, node in nodes.items()}
-    rounds_seen, statuses = 0, {node: "registered" for node in names}
+    said_round, statuses = after_round, {node: "registered" for node in names}
     missing_said: list[str] = []
     while not stop.wait(POLL_S):
         if link.process is not None and link.process.poll() is not None:
@@ -153,12 +165,13 @@ def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
             log(f"waiting: {online} of run.clients = {needed} partners online; not online: "
                 f"{', '.join(missing)}")
         missing_said = missing if online < needed else []
-        rows = read_rows(out / METRICS_FILE)
-        for row in rows[rounds_seen:]:
+        for row in read_rows(out / METRICS_FILE):
+            if row["round"] <= said_round:
+                continue
             log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "
                 f"{row['clients_trained']}/{row['clients_sampled']}"
                 + (f", ε max {row['epsilon_max']:.3f}" if row.get("epsilon_max") else ""))
-        rounds_seen = max(rounds_seen, len(rows))
+            said_round = row["round"]
         status, sub_status, details = link.run_status(flower_run)
         if status == "finished":
             return sub_status, details

@@ -183,6 +183,26 @@ def test_the_operator_sees_each_enrolled_node_come_online_and_go_offline(tmp_pat
                     "site-a: online"]
 
 
+def test_a_resumed_run_says_only_the_rounds_it_runs(tmp_path, monkeypatch):
+    """server start --resume said the rounds up to its checkpoint again ('round 1: ...',
+    'round 2: ...') as if they had just been recorded, before the first new one."""
+    import json
+    import threading
+
+    from consortia.server import deploy
+
+    monkeypatch.setattr(deploy, "POLL_S", 0.001)
+    row = {"accuracy": 0.5, "clients_trained": 2, "clients_sampled": 2}
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, **row}) + "\n" for r in (1, 2, 3)))
+    said = []
+    deploy.wait_for_run(ScriptedLink([{11: "online", 12: "online"}]), 7,
+                        {"site-a": 11, "site-b": 12}, threading.Event(), tmp_path, said.append,
+                        needed=2, after_round=2)
+    assert [line for line in said if line.startswith("round")] == [
+        "round 3: accuracy 0.5000, trained 2/2"]
+
+
 def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
     import socket
 
