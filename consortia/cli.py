@@ -540,6 +540,8 @@ def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     """Ask a running run to stop after its current round (its checkpoint stays intact)."""
     import getpass
 
+    from sqlalchemy.exc import DBAPIError
+
     from consortia.server.store import RunNotRunning
 
     run_store = _open_store(store)
@@ -548,6 +550,10 @@ def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)")
         info = run_store.request_stop(run_id, actor=f"cli:{getpass.getuser()}")
     except RunNotRunning as err:
         raise fail(err, 1) from None
+    except DBAPIError as err:  # a store this user may read but not write, a lock held too long
+        raise fail(f"cannot record the stop request in the run store "
+                   f"{run_store.display_url}: {err.orig}; a stop is a write to the store, "
+                   "which the running server reads: run this as a user that can write it") from None
     if as_json:
         typer.echo(_json(info))
     else:

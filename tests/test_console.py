@@ -456,3 +456,34 @@ def test_a_store_removed_under_a_running_console_is_503_and_not_made_anew(tmp_pa
     assert str(tmp_path / "store.db") in response.json()["detail"]
     assert "cannot be read" in response.json()["detail"]
     assert not (tmp_path / "store.db").exists()
+
+
+def test_a_stop_the_store_cannot_take_is_named_not_a_traceback_or_500(tmp_path, monkeypatch):
+    """`runs stop` on a store it could not write (a read-only file: chattr +i store.db gave
+    'attempt to write a readonly database'; here, a write lock held past the busy timeout)
+    ended in an OperationalError traceback, and the console's stop said 'cannot be read'."""
+    import sqlite3
+
+    import consortia.server.store.store as store_module
+
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    RunStore(tmp_path / "store.db").start_run("live1", task="digits-mlp", rounds_total=5,
+                                              config={})
+    token = ConsoleToken(tmp_path / "token")
+    secret = token.rotate()
+    client = TestClient(create_app(RunStore(tmp_path, create=False), token),
+                        raise_server_exceptions=False)
+    lock = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        result = CliRunner().invoke(cli, ["runs", "stop", "live1", "--store", str(tmp_path)])
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "cannot record the stop request" in flat and "database is locked" in flat
+        response = client.post("/api/runs/live1/stop",
+                               headers={"Authorization": f"Bearer {secret}"})
+        assert response.status_code == 503
+        assert "cannot be written: database is locked" in response.json()["detail"]
+    finally:
+        lock.rollback()
+        lock.close()

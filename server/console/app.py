@@ -67,9 +67,10 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
         return JSONResponse({"detail": str(err)}, status_code=404)
 
     @app.exception_handler(DBAPIError)
-    async def store_unreadable(_request: Request, err: DBAPIError) -> JSONResponse:
+    async def store_unreadable(request: Request, err: DBAPIError) -> JSONResponse:
         # The store's file removed or damaged, its server down: say so, not a bare 500.
-        return JSONResponse({"detail": f"the run store {store.display_url} cannot be read: "
+        used = "written" if request.method == "POST" else "read"
+        return JSONResponse({"detail": f"the run store {store.display_url} cannot be {used}: "
                                        f"{err.orig}"}, status_code=503)
 
     def presented_token(request: Request) -> tuple[str | None, str]:
