@@ -113,6 +113,10 @@ def server_start(
         raise fail(err) from None
     acc = summary.get("final_accuracy")
     console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
+    done, planned = summary.get("rounds_completed"), summary.get("config", {}).get("rounds")
+    if done is not None and planned is not None and done < planned:  # `consortia runs stop`
+        console.print(f"the run stopped after round {done} of {planned}; continue it with: "
+                      f"consortia server start --config {config} --resume")
 
 
 @server_app.command("base-hash")

@@ -203,6 +203,28 @@ def test_a_resumed_run_says_only_the_rounds_it_runs(tmp_path, monkeypatch):
         "round 3: accuracy 0.5000, trained 2/2"]
 
 
+@pytest.mark.parametrize("done, said", [
+    (2, "the run stopped after round 2 of 3; continue it with: consortia server start "
+        "--config server.toml --resume"),
+    (3, None)])
+def test_server_start_says_when_the_run_was_stopped_before_its_last_round(monkeypatch, done,
+                                                                         said):
+    """After `consortia runs stop`, server start said only 'final accuracy ...' (exit 0),
+    as after a completed run."""
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+    from consortia.server import deploy
+
+    monkeypatch.setattr(deploy, "serve", lambda *a, **k: {
+        "final_accuracy": 0.5, "rounds_completed": done, "config": {"rounds": 3}})
+    result = CliRunner().invoke(app, ["server", "start", "--config", "server.toml"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "final accuracy 0.5000" in output
+    assert (said in output) if said else ("stopped" not in output)
+
+
 def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
     import socket
 
