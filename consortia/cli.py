@@ -349,6 +349,15 @@ def _open_store(store: str | None):
                              f"{STORE_FILE}) or the file's URL")
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
                 and not Path(url.database).is_file():
+            folder = Path(url.database).parent
+            cells = sorted(p.parent for p in folder.glob(f"*/{STORE_FILE}")) \
+                if folder.is_dir() else []
+            if cells:  # a sweep's --out: each cell is a run with its own results directory
+                shown = ", ".join(str(c) for c in cells[:5]) + (", ..." if len(cells) > 5 else "")
+                raise StoreError(f"{folder} holds no {STORE_FILE} (from --store {store!r}), but "
+                                 f"{len(cells)} of its folders do, each a run's results "
+                                 f"directory (a sweep's cells): {shown}; pass one of them, or "
+                                 "give every run one store with store.url")
             raise StoreError(f"no run store at {url.database} (from --store {store!r}) yet: "
                              "a run creates DIR/store.db in its results directory as it "
                              "starts (sim run --out DIR; server start: [server] out in "

@@ -487,3 +487,16 @@ def test_a_stop_the_store_cannot_take_is_named_not_a_traceback_or_500(tmp_path, 
     finally:
         lock.rollback()
         lock.close()
+
+
+def test_cli_names_the_run_stores_inside_a_sweeps_results_directory(tmp_path):
+    """--store SWEEP_OUT (each cell a results directory with its store.db) said 'no run store
+    at SWEEP_OUT/store.db yet: ... start the run', of a sweep whose cells had all run."""
+    for cell in ("seed=0", "seed=1"):
+        (tmp_path / cell).mkdir()
+        RunStore(tmp_path / cell / "store.db").close()
+    result = CliRunner().invoke(cli, ["runs", "ls", "--store", str(tmp_path)])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2 and "yet" not in flat
+    assert "2 of its folders do" in flat
+    assert str(tmp_path / "seed=0") in flat and str(tmp_path / "seed=1") in flat
