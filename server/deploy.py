@@ -50,12 +50,15 @@ def serve(config_path: str | Path, *, resume: bool = False,
     """Run the federation configured in server.toml; return its summary."""
     config_path = Path(config_path)
     deployment = load_server_config(config_path, overrides)
-    deployment.check_files()
     cfg, srv = deployment.run, deployment.server
+    link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
+    # Before the results directory is touched: a busy port costs nothing. Before the
+    # certificates: a host that is not this machine's is the mistake to name, not that
+    # server.pem does not name it.
+    link.check_port_free()
+    deployment.check_files()
     if cfg.store.url:
         RunStore(cfg.store.url).close()  # a store that cannot be opened fails here
-    link = SuperLink(srv.certs, srv.host, srv.port, srv.out / "superlink")
-    link.check_port_free()  # before the results directory is touched: a busy port costs nothing
     try:
         keys = enrolled_keys(srv.certs)
         run_id = prepare_out_dir(cfg, srv.out, resume, kind="deployment")

@@ -361,6 +361,19 @@ def test_a_host_this_machine_cannot_listen_on_fails_naming_it(tmp_path, host):
         link.check_port_free()
 
 
+def test_server_start_on_a_host_not_this_machines_names_the_host_not_the_certificate(tmp_path):
+    """server.host = 10.9.9.9 (not this machine) said server.pem is not valid for it, and
+    an operator who issued one for it was then told the host cannot be listened on."""
+    from consortia.server.deploy import DeploymentError, serve
+
+    init_consortium(tmp_path / "consortium", ["fl.example.org"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path)
+    path.write_text(path.read_text().replace("[server]", '[server]\nhost = "203.0.113.7"'))
+    with pytest.raises(DeploymentError, match=r"server\.host '203\.0\.113\.7': cannot listen"):
+        serve(path)
+
+
 @pytest.mark.parametrize("checkpointed, started", [(3, False), (2, True)])
 def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed, started):
     """A finished run (every round checkpointed, its summary written) has nothing to
