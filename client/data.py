@@ -185,7 +185,9 @@ def _read_item(path: Path) -> np.ndarray:
     except (OSError, ValueError, TypeError) as err:  # PIL's UnidentifiedImageError: OSError
         raise DataError(f"{path} cannot be read as a record ({err}); accepted: a .npy array "
                         "of numbers (saved without pickle) or a PNG/JPEG image") from None
-    return array if array.ndim == 2 else np.moveaxis(array, -1, 0)  # HWC -> CHW
+    # Channels first: a grayscale image is [1, H, W] (as fashion-mnist-cnn takes it), a
+    # colour one [C, H, W]. A .npy array is taken as it is.
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)  # HWC -> CHW
 
 
 def read_folder(path: Path) -> TensorDataset:

@@ -59,13 +59,33 @@ def test_parquet_reads_like_csv(tmp_path):
 def test_folder_of_class_subfolders_with_arrays_and_images(tmp_path):
     for label, name in enumerate(["cat", "dog"]):
         (tmp_path / name).mkdir()
-        np.save(tmp_path / name / "a.npy", np.full((8, 8), label, np.float32))
+        np.save(tmp_path / name / "a.npy", np.full((1, 8, 8), label, np.float32))
         Image.fromarray(np.full((8, 8), 255 * label, np.uint8)).save(tmp_path / name / "b.png")
     ds = load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
     assert len(ds) == 4
     labels = sorted(int(ds[i][1]) for i in range(4))
     assert labels == [0, 0, 1, 1]
-    assert all(ds[i][0].shape == (8, 8) for i in range(4))
+    # Channels first: a grayscale image is [1, H, W], as an image model takes it.
+    assert all(ds[i][0].shape == (1, 8, 8) for i in range(4))
+
+
+def test_a_folder_of_grayscale_pngs_fits_fashion_mnist_cnn(tmp_path):
+    """28x28 grayscale PNGs, Fashion-MNIST's own format, were read as [28, 28]: client
+    join refused them ('expected input[1, 8, 28, 28] to have 1 channels, but got 8')
+    although partners.md says images are read channels first and the task takes
+    [1, 28, 28]."""
+    from consortia.client.data import check_records
+
+    rng = np.random.default_rng(0)
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(
+                tmp_path / label / f"{i}.png")
+    task = get_task("fashion-mnist-cnn")
+    ds = load_site_data(DataSection(kind="folder", path=tmp_path), task)
+    assert ds[0][0].shape == (1, 28, 28) and float(ds[0][0].max()) <= 1.0
+    check_records(ds, task)
 
 
 LINES = "(lines as an editor or `sed -n` counts them, the header line 1)"
