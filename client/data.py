@@ -29,6 +29,11 @@ from consortia.client.site_config import DataSection
 from consortia.tasks import Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+# What an image's values are divided by to lie in [0, 1], by PIL mode: 16-bit grayscale
+# (medical images) by 65535, a 1-bit image is 0 or 1 already.
+IMAGE_SCALE = {"L": 255.0, "LA": 255.0, "RGB": 255.0, "RGBA": 255.0, "CMYK": 255.0,
+               "YCbCr": 255.0, "1": 1.0, "I;16": 65535.0, "I;16B": 65535.0,
+               "I;16L": 65535.0}
 
 
 class DataError(ValueError):
@@ -181,7 +186,15 @@ def _read_item(path: Path) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as image:
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            if image.mode == "P":  # palette indices are no intensities: their colours are
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            if image.mode not in IMAGE_SCALE:
+                raise DataError(f"{path}: image mode {image.mode!r} has no known [0, 1] "
+                                f"scale; accepted: 8- or 16-bit grayscale or colour, or a "
+                                ".npy array")
+            array = np.asarray(image, dtype=np.float32) / IMAGE_SCALE[image.mode]
+    except DataError:
+        raise
     except (OSError, ValueError, TypeError) as err:  # PIL's UnidentifiedImageError: OSError
         raise DataError(f"{path} cannot be read as a record ({err}); accepted: a .npy array "
                         "of numbers (saved without pickle) or a PNG/JPEG image") from None

@@ -69,6 +69,30 @@ def test_folder_of_class_subfolders_with_arrays_and_images(tmp_path):
     assert all(ds[i][0].shape == (1, 8, 8) for i in range(4))
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Image.fromarray(np.full((4, 4), 65535, np.uint16)), (1, 4, 4)),  # 16-bit
+    (lambda: Image.fromarray(np.full((4, 4, 3), 255, np.uint8)).convert("P"), (3, 4, 4)),
+    (lambda: Image.fromarray(np.ones((4, 4), bool)), (1, 4, 4)),  # 1-bit
+])
+def test_folder_images_are_scaled_to_0_1_whatever_their_mode(tmp_path, make, shape):
+    """A 16-bit PNG (medical images) was divided by 255 (values up to 257), a palette PNG
+    read as its palette indices, a 1-bit one as 0 to 1/255: all silently, into training."""
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        make().save(tmp_path / label / "a.png")
+    ds = load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
+    assert ds[0][0].shape == shape and float(ds[0][0].max()) == pytest.approx(1.0)
+
+
+def test_a_folder_image_of_unknown_scale_is_named(tmp_path):
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(tmp_path / label / "a.tiff")
+        (tmp_path / label / "a.tiff").rename(tmp_path / label / "a.png")
+    with pytest.raises(DataError, match=r"a.png: image mode 'F' has no known \[0, 1\] scale"):
+        load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
+
+
 def test_a_folder_of_grayscale_pngs_fits_fashion_mnist_cnn(tmp_path):
     """28x28 grayscale PNGs, Fashion-MNIST's own format, were read as [28, 28]: client
     join refused them ('expected input[1, 8, 28, 28] to have 1 channels, but got 8')
