@@ -181,7 +181,7 @@ def read_parquet(path: Path, label_column: str) -> TensorDataset:
 def _read_item(path: Path) -> np.ndarray:
     """One record of a folder; a file that is not a numeric array or an image is named."""
     try:
-        if path.suffix == ".npy":
+        if path.suffix.lower() == ".npy":
             return np.load(path, allow_pickle=False).astype(np.float32)
         from PIL import Image
 
@@ -206,13 +206,15 @@ def _read_item(path: Path) -> np.ndarray:
 def read_folder(path: Path) -> TensorDataset:
     if not path.is_dir():
         raise DataError(f"data.path: {path} is not a directory")
-    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    # Hidden folders and files (.ipynb_checkpoints, .DS_Store, macOS's ._ copies) are no
+    # records: a hidden folder taken as class 0 would shift every real class's label.
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{path}: expected one subfolder per class (e.g. 0/, 1/ or cat/, dog/)")
     items, labels = [], []
     for label, folder in enumerate(classes):
         for file in sorted(folder.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES | {".npy"}:
+            if file.suffix.lower() in IMAGE_SUFFIXES | {".npy"} and not file.name.startswith("."):
                 items.append(_read_item(file))
                 labels.append(label)
     if not items:

@@ -93,6 +93,19 @@ def test_a_folder_image_of_unknown_scale_is_named(tmp_path):
         load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
 
 
+def test_hidden_folders_and_files_are_not_classes_or_records(tmp_path):
+    """A Jupyter '.ipynb_checkpoints' folder sorted first and became class 0: every real
+    class's label moved up by one, silently; macOS's '._b.npy' copies were read as records."""
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        np.save(tmp_path / label / "a.NPY", np.full(64, int(label), np.float32))
+        (tmp_path / label / "._a.npy").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    ds = load_site_data(DataSection(kind="folder", path=tmp_path), TASK)
+    assert len(ds) == 2 and [int(ds[i][1]) for i in range(2)] == [0, 1]
+    assert [float(ds[i][0][0]) for i in range(2)] == [0.0, 1.0]
+
+
 def test_a_folder_of_grayscale_pngs_fits_fashion_mnist_cnn(tmp_path):
     """28x28 grayscale PNGs, Fashion-MNIST's own format, were read as [28, 28]: client
     join refused them ('expected input[1, 8, 28, 28] to have 1 channels, but got 8')
