@@ -97,7 +97,7 @@ def _quiet_interrupt(signum, frame) -> None:
     import logging
     import threading
 
-    for name in ("flwr", "ray"):
+    for name in ("flwr", "ray", "consortia"):  # ours: replies from the actors Ray ends
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     threading.excepthook = lambda args: None
     raise KeyboardInterrupt
@@ -185,15 +185,43 @@ def sim_sweep(
     """Run every combination of the --grid values (finished cells are skipped); write sweep.csv."""
     from consortia.simulations.sweep import run_sweep
 
+    running: list[Path] = []  # the cell now running
+
     def on_cell(i: int, total: int, name: str, done: bool) -> None:
         console.print(f"[{i + 1}/{total}] {name}" + (" (done, skipped)" if done else ""))
+        running[:] = [] if done else [out / name]
 
     console.print("checking every cell's config, data, model and privacy terms...")
+    previous = {sig: signal.signal(sig, _quiet_interrupt)  # as sim run: Ray's actors die
+                for sig in (signal.SIGINT, signal.SIGTERM)}    # too, Flower's threads wait
     try:
         path = run_sweep(config, grid, out, overrides, on_cell=on_cell)
     except ConfigError as err:
         raise fail(err) from None
+    except KeyboardInterrupt:
+        sets = [arg for value in overrides or [] for arg in ("--set", value)]
+        again = shlex.join(["consortia", "sim", "sweep", str(config), "--out", str(out),
+                            *[arg for spec in grid for arg in ("--grid", spec)], *sets])
+        for cell in running:  # recorded stopped, as sim run records an interrupted run
+            _record_cell_stopped(cell, again)
+        say(f"interrupted; finished cells are kept, continue with: {again}")
+        os._exit(130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     typer.echo(f"sweep: {path.resolve()}")
+
+
+def _record_cell_stopped(cell: Path, resume_with: str) -> None:
+    """An interrupted sweep's running cell, recorded stopped under the config it runs."""
+    from consortia.config import validate_config
+    from consortia.server.run_dir import RUN_FILE
+
+    try:
+        cfg = validate_config(json.loads((cell / RUN_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError):  # interrupted before the cell's run began
+        return
+    record_stopped(cfg, cell, resume_with)
 
 
 @sim_app.command("compare")

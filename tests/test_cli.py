@@ -167,3 +167,45 @@ def test_a_resume_with_another_config_suggests_only_what_exists(tmp_path):
     assert f'resume it with the config it was started with (the "config" in {tmp_path}' in message
     # No option starts a run from another run's weights, so the message must not offer it.
     assert "weights" not in message and "a new model, in another results directory" in message
+
+
+def test_an_interrupted_sweep_exits_saying_how_to_continue_and_records_its_cell_stopped(
+        tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C in `sim sweep` left Flower's threads waiting on Ray actors that
+    were gone: tracebacks, a process that never ended, and a run left 'running'."""
+    import shlex
+
+    import consortia.simulations.sweep as sweep
+    from consortia.config import config_to_dict, load_config
+
+    smoke = "simulations/experiments/digits-dp-smoke.toml"
+    recorded = []
+
+    def interrupted(config, grid, out, overrides, on_cell):
+        on_cell(0, 2, "seed=0", True)
+        on_cell(1, 2, "seed=1", False)
+        cell = out / "seed=1"
+        cell.mkdir(parents=True)
+        cfg = load_config(smoke, ["seed=1", "rounds=2"])
+        (cell / "run.json").write_text(json.dumps({"run_id": "r1", "config": config_to_dict(cfg)}))
+        raise KeyboardInterrupt
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    monkeypatch.setattr("consortia.cli.record_stopped",
+                        lambda cfg, out, resume_with: recorded.append((cfg.seed, out, resume_with)))
+    monkeypatch.setattr("consortia.cli.os._exit", exit_)
+    result = runner.invoke(app, ["sim", "sweep", smoke, "--out", str(tmp_path), "--grid",
+                                 "seed=0,1", "--set", "rounds=2"])
+    assert isinstance(result.exception, Exited) and result.exception.args == (130,)
+    said = " ".join(result.output.split())
+    again = said.split("continue with: ")[1]
+    assert shlex.split(again) == ["consortia", "sim", "sweep", smoke, "--out", str(tmp_path),
+                                  "--grid", "seed=0,1", "--set", "rounds=2"]
+    assert [(seed, out) for seed, out, _ in recorded] == [(1, tmp_path / "seed=1")]
+    assert recorded[0][2] == again
