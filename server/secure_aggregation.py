@@ -51,7 +51,7 @@ from consortia.privacy.secagg import (
 )
 from consortia.server.aggregates import UpdateSum
 from consortia.server.directory import exchange, exchange_as_replied
-from consortia.server.validation import ReplyOutcome, report_outcome
+from consortia.server.validation import ReplyOutcome, client_error_reason, report_outcome
 
 log = logging.getLogger("consortia.server")
 
@@ -157,7 +157,7 @@ class SecureAggregator:
         for reply in exchange(grid, requests, self.timeout):
             src = reply.metadata.src_node_id
             if reply.has_error():
-                failed[src] = f"key advertisement failed: {reply.error.reason}"
+                failed[src] = f"key advertisement failed: {client_error_reason(reply.error.reason)}"
                 continue
             try:
                 record = reply.content[SECAGG]

@@ -8,6 +8,7 @@ the aggregate with a logged reason; the round goes on with the rest.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,13 +69,36 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
     return None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# "ConnectionError: injected dropout …", "flwr.clientapp.client_app.ClientAppException: …"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning): \S")
+REASON_MAX_CHARS = 500
+
+
+def client_error_reason(reason: str) -> str:
+    """A failed client's error as one line for participation.jsonl, the store and the
+    console: Flower's simulation hands over Ray's whole chained traceback (dozens of
+    lines, colour codes included); what matters is the exception the client raised, the
+    first exception line in the chain. Colour codes are dropped; at most
+    REASON_MAX_CHARS characters are kept. The whole text goes to the server's log."""
+    text = _ANSI.sub("", reason).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        text = raised[0] if raised else lines[-1]
+    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
+
+
 def report_outcome(reply: Message) -> ReplyOutcome:
     """What a train reply says about itself: failed, malformed, refused, or trained (whose
     update the caller still has to check: in the clear or masked)."""
     node_id = reply.metadata.src_node_id
     if reply.has_error():
-        outcome = ReplyOutcome(node_id, "failed", f"client error: {reply.error.reason}")
+        reason = reply.error.reason
+        outcome = ReplyOutcome(node_id, "failed", f"client error: {client_error_reason(reason)}")
         log.warning("round reply from node %s failed: %s", node_id, outcome.reason)
+        if outcome.reason != f"client error: {reason}":
+            log.debug("node %s's whole error: %s", node_id, reason)
         return outcome
     try:
         report = TrainReport.from_content(reply.content)

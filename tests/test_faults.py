@@ -63,6 +63,10 @@ def test_sign_flippers_wreck_fedavg_but_not_the_median(tmp_path):
     clients = {p["client_id"] for p in participation if p["status"] == "trained"}
     failed_ids = {p["client_id"] for p in participation if p["status"] == "failed"}
     assert failed_ids and failed_ids <= clients, failed_ids
+    # ... and by the exception it raised, on one line, not Ray's whole traceback.
+    reasons = {p["reason"] for p in participation if p["status"] == "failed"}
+    assert all(r.startswith("client error: ConnectionError: injected dropout of client ")
+               and "\n" not in r for r in reasons), reasons
 
 
 @pytest.mark.parametrize("n, k, t", [(6, 2, 2), (6, 4, 3), (7, 4, 2), (8, 3, 3)])

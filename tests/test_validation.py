@@ -73,3 +73,44 @@ def test_refusals_pass_through_with_their_reason():
     refusal = TrainReport(client_id="4", status="refused-budget", reason="over budget")
     outcome = inspect_train_reply(reply(None, report=refusal), REFERENCE)
     assert outcome.status == "refused-budget" and outcome.reason == "over budget"
+
+
+# What Flower's Ray simulation hands over when a ClientApp raises (participation.jsonl of
+# `sim run digits-dp-smoke.toml --set rounds=2 --set faults.dropout=0.5`, shortened).
+RAY_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+    ".run()\x1b[39m (pid=11828, ip=192.0.2.2, actor_id=66)\n"
+    "  File \"/x/flwr/clientapp/client_app.py\", line 161, in __call__\n"
+    "    return self._registered_funcs[full_name](message, context)\n"
+    "  File \"/x/simulations/faults.py\", line 146, in __call__\n"
+    "    raise ConnectionError(f\"injected dropout of client {client} in round {server_round}\")\n"
+    "ConnectionError: injected dropout of client 0 in round 1\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=11828, ip=192.0.2.2)\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: injected dropout of client 0 in round 1'>"
+)
+
+
+def failed_reply(reason):
+    from flwr.app import Error
+    request = Message(content=RecordDict({"arrays": REFERENCE}), dst_node_id=5,
+                      message_type="train")
+    return Message(Error(code=0, reason=reason), reply_to=request)
+
+
+def test_a_failed_client_is_recorded_by_the_exception_it_raised_not_rays_traceback():
+    outcome = inspect_train_reply(failed_reply(RAY_REASON), REFERENCE)
+    assert outcome.status == "failed"
+    assert outcome.reason == ("client error: ConnectionError: injected dropout of client 0 "
+                              "in round 1")
+
+
+def test_a_one_line_client_error_is_kept_and_a_long_one_cut():
+    short = "<class 'ValueError'>:<'bad batch'>"
+    assert inspect_train_reply(failed_reply(short), REFERENCE).reason == f"client error: {short}"
+    reason = inspect_train_reply(failed_reply("x" * 5000), REFERENCE).reason
+    assert reason.startswith("client error: xxx") and len(reason) <= 520 and "\n" not in reason
+    no_exception_line = "\x1b[31mcrashed\nsegfault in worker\x1b[0m"
+    assert (inspect_train_reply(failed_reply(no_exception_line), REFERENCE).reason
+            == "client error: segfault in worker")
