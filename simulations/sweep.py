@@ -1,8 +1,8 @@
 """`consortia sim sweep`: every combination of a grid of config values, one run each.
 
 Cells run one after another (each is a full federation on Flower's simulation engine);
-a cell whose summary.json exists is skipped, so an interrupted sweep resumes where it
-stopped. `sweep.csv` has one row per cell: the varied keys, final accuracy, largest
+a cell whose run completed all its rounds is skipped, so an interrupted (or stopped)
+sweep resumes where it stopped. `sweep.csv` has one row per cell: the varied keys, final accuracy, largest
 client ε, user-level ε (if any) and wall time.
 """
 
@@ -87,6 +87,13 @@ def stored_config_differences(cfg: RunConfig, cell_dir: Path) -> str | None:
             "another --out")
 
 
+def finished(cfg: RunConfig, cell_dir: Path) -> bool:
+    """The cell's run completed all its rounds (its summary written)."""
+    from consortia.server.run_dir import run_finished
+
+    return (cell_dir / "run.json").is_file() and run_finished(cfg, cell_dir)
+
+
 def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
               overrides: list[str] | None = None,
               on_cell: Callable[[int, int, str, bool], None] | None = None) -> Path:
@@ -105,7 +112,7 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
             differs = stored_config_differences(cfg, out_dir / cell_name(assignments))
             if differs is not None:
                 raise ConfigError(differs)
-            if not (out_dir / cell_name(assignments) / "summary.json").exists():
+            if not finished(cfg, out_dir / cell_name(assignments)):
                 runner.start_checks(cfg)
         except runner.RUN_ERRORS as err:
             raise cell_error(assignments, err, ran=False) from None
@@ -114,7 +121,9 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
     for i, (assignments, cfg) in enumerate(zip(todo, configs, strict=True)):
         cell_dir = out_dir / cell_name(assignments)
         summary_path = cell_dir / "summary.json"
-        done = summary_path.exists()
+        # A cell stopped early (`runs stop`, the console) has its summary but not all its
+        # rounds: it resumes, rather than giving its partial result as the cell's.
+        done = finished(cfg, cell_dir)
         if on_cell is not None:
             on_cell(i, len(todo), cell_dir.name, done)
         if done:

@@ -121,10 +121,12 @@ def test_a_sweep_into_cells_of_another_config_is_refused_before_any_cell_runs(
     import json
 
     import consortia.simulations.runner as runner
+    import consortia.simulations.sweep as sweep
     from consortia.config import config_to_dict, load_config
 
     monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("ran a cell"))
     monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    monkeypatch.setattr(sweep, "finished", lambda cfg, cell: (cell / "summary.json").exists())
     for seed, finished in ((0, True), (1, False)):
         cell = tmp_path / f"seed={seed}"
         cell.mkdir()
@@ -173,3 +175,46 @@ def test_the_report_plots_user_level_epsilon_when_the_clients_run_without_dp(tmp
     # Rows without it (a round with nothing released) leave a gap, not an error.
     rows[0].pop("user_epsilon")
     assert "epsilon" in run_figures(rows, part)
+
+
+def test_a_cell_stopped_before_its_last_round_is_resumed_not_reported_as_done(
+        tmp_path, monkeypatch):
+    """`runs stop` (or the console) on a sweep's cell writes its summary after round 2 of
+    6: the sweep skipped it as done, and sweep.csv gave its partial result as the cell's."""
+    import json
+
+    import numpy as np
+
+    import consortia.simulations.runner as runner
+    from consortia.config import config_to_dict, load_config
+    from consortia.server.checkpoint import CheckpointStore
+
+    cell = tmp_path / "seed=0"
+    cfg = load_config(SMOKE, ["rounds=3", "seed=0"])
+    (cell / "checkpoints").mkdir(parents=True)
+    (cell / "run.json").write_text(json.dumps({"run_id": "r0", "config": config_to_dict(cfg)}))
+    store = CheckpointStore(cell / "checkpoints")
+    for r in range(3):
+        store.save(r, {"w": np.zeros(2, dtype=np.float32)}, {"accuracy": 0.1 * r}, {})
+    (cell / "summary.json").write_text(json.dumps({"final_accuracy": 0.2, "rounds": 3,
+                                                   "rounds_completed": 2, "clients": []}))
+    resumed = []
+
+    def runs(cfg, out, resume, **kwargs):
+        resumed.append((out.name, resume))
+        return {"final_accuracy": 0.3, "clients": []}
+
+    monkeypatch.setattr(runner, "run_simulation", runs)
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    seen = []
+    path = run_sweep(SMOKE, ["seed=0"], tmp_path, ["rounds=3"],
+                     on_cell=lambda i, n, name, done: seen.append(done))
+    assert seen == [False] and resumed == [("seed=0", True)]
+    assert next(csv.DictReader(path.open()))["final_accuracy"] == "0.3"
+    # Its last round checkpointed: done, skipped.
+    store.save(3, {"w": np.zeros(2, dtype=np.float32)}, {"accuracy": 0.3}, {})
+    monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("re-ran a cell"))
+    seen.clear()
+    run_sweep(SMOKE, ["seed=0"], tmp_path, ["rounds=3"],
+              on_cell=lambda i, n, name, done: seen.append(done))
+    assert seen == [True]
