@@ -486,8 +486,11 @@ def read_toml(path: Path, what: str, overrides: list[str] | None = None) -> dict
     names the file (`what not found: path`, or where its TOML is broken) otherwise."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
+    try:  # -sig: an editor's UTF-8 byte order mark (Windows Notepad) is no TOML error
+        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:  # e.g. saved as UTF-16 ("Unicode" in Notepad)
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "accepted: a TOML file saved as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     apply_overrides(data, overrides or [])

@@ -272,6 +272,19 @@ def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
     return path
 
 
+def test_a_site_toml_saved_by_a_windows_editor_loads_or_is_named(tmp_path):
+    """UTF-8 with a byte order mark was 'not valid TOML: Invalid statement (at line 1,
+    column 1)'; UTF-16 (Notepad's 'Unicode') a UnicodeDecodeError traceback."""
+    path = site_toml(tmp_path)
+    text = path.read_text()
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_site_config(path).site.name == "site-a"
+    path.write_bytes(text.encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"site.toml is not UTF-8 text \(invalid start byte "
+                                          r"at byte 0\); accepted: a TOML file saved as UTF-8"):
+        load_site_config(path)
+
+
 @pytest.mark.parametrize("superlink", ["fl.example.org:9093", "203.0.113.7:9093",
                                        "[::1]:9093", "FL-1.example.org.:443"])
 def test_a_superlink_address_flower_can_dial_is_accepted(tmp_path, superlink):
