@@ -264,6 +264,7 @@ class RunConfig(_Section):
             raise ValueError("local_epochs = 0 (no local training) needs privacy.enabled = false: "
                              "a DP client must take at least one noisy step")
         self._check_partition()
+        self._check_attackers()
         self._check_model_keys()
         self._check_keys_of_features_off()
         from consortia.strategies import check_strategy
@@ -320,6 +321,17 @@ class RunConfig(_Section):
                 raise ValueError(f"{', '.join(given)} {verb} no effect while {name}.enabled = "
                                  "false: it would be recorded but change nothing; set "
                                  f"{name}.enabled = true to use it, or remove it")
+
+    def _check_attackers(self) -> None:
+        """A byzantine_fraction that rounds to no client would run an attack experiment
+        with no attacker (simulations/faults.py draws round(fraction · clients))."""
+        f = self.faults.byzantine_fraction
+        if f > 0 and round(f * self.clients) == 0:
+            raise ValueError(
+                f"faults.byzantine_fraction = {f:g} of clients = {self.clients} is "
+                f"{f * self.clients:.3g} clients, which rounds to none: the run would have no "
+                f"attacker; accepted: 0 (no attack), or at least {1 / self.clients:.3g} "
+                "(one client)")
 
     def _check_partition(self) -> None:
         from consortia.tasks import TASKS

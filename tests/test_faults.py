@@ -140,3 +140,14 @@ def test_a_dropout_rate_that_aborts_secure_rounds_is_warned_of_at_start(caplog):
     for quiet in (["faults.dropout=0.02", *secagg], ["faults.dropout=0.3", "privacy.enabled=false"]):
         start_checks(load_config(SMOKE, quiet))
     assert "faults.dropout" not in caplog.text
+
+
+def test_a_byzantine_fraction_that_rounds_to_no_client_fails_at_start():
+    """faults.byzantine_fraction = 0.1 of 4 clients drew no attacker: an attack run with
+    nobody attacking, and summary.json's byzantine_clients empty."""
+    with pytest.raises(ConfigError, match=r"faults.byzantine_fraction = 0.1 of clients = 4 is "
+                                          r"0.4 clients, which rounds to none.*accepted: 0 "
+                                          r"\(no attack\), or at least 0.25 \(one client\)"):
+        load_config(None, ["faults.byzantine_fraction=0.1", "strategy.name=median"])
+    cfg = load_config(None, ["faults.byzantine_fraction=0.25", "strategy.name=median"])
+    assert len(byzantine_clients(cfg.clients, cfg.faults.byzantine_fraction, cfg.seed)) == 1
