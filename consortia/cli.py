@@ -154,7 +154,15 @@ def sim_run(
                 signal.signal(sig, handler)
         progress.update(bar, completed=summary.get("rounds_completed", cfg.rounds))
     acc = summary["final_accuracy"]
-    console.print(f"final accuracy {acc:.4f}" if acc is not None else "no round completed")
+    done = summary.get("rounds_completed", 0)
+    if acc is not None:
+        console.print(f"final accuracy {acc:.4f}")
+    elif done:  # stopped early between evaluations (eval_every)
+        console.print(f"final accuracy not measured: the run ended after round {done} of "
+                      f"{summary.get('rounds', cfg.rounds)}, before its next evaluation "
+                      f"(eval_every = {cfg.eval_every})")
+    else:
+        console.print("no round completed")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
 
 

@@ -209,3 +209,21 @@ def test_an_interrupted_sweep_exits_saying_how_to_continue_and_records_its_cell_
                                   "--grid", "seed=0,1", "--set", "rounds=2"]
     assert [(seed, out) for seed, out, _ in recorded] == [(1, tmp_path / "seed=1")]
     assert recorded[0][2] == again
+
+
+def test_a_run_stopped_between_evaluations_is_not_said_to_have_completed_no_round(
+        tmp_path, monkeypatch):
+    """eval_every = 4, stopped after round 2 of 6 (runs stop): summary.json has no final
+    accuracy, and sim run said 'no round completed' of a run with 2 rounds done."""
+    import consortia.simulations.runner as sim_runner
+
+    monkeypatch.setattr(sim_runner, "run_simulation", lambda cfg, out, **kwargs: {
+        "final_accuracy": None, "rounds": 6, "rounds_completed": 2})
+    result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--out", str(tmp_path), "--set", "rounds=6",
+                                 "--set", "eval_every=4"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "no round completed" not in said
+    assert ("final accuracy not measured: the run ended after round 2 of 6, before its next "
+            "evaluation (eval_every = 4)") in said
