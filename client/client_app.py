@@ -244,7 +244,7 @@ def build_client_app(load_site: Callable[[Context], Site], mods: list | None = N
         if weights is None:
             return Message(report.to_content(), reply_to=msg)
         if site.tamper_update is not None:
-            weights = site.tamper_update(global_weights, weights)
+            weights = site.tamper_update(global_weights, weights, server_round)
         indicator = None
         if ins.user_clip is not None:
             weights, within, indicator = protect_update(

@@ -37,9 +37,9 @@ class Site:
     state_dir: Path
     privacy: SitePrivacy | None
     device: torch.device
-    # A transformation of the trained weights before they leave, given (global, trained).
-    # Simulations use it to play Byzantine clients; a real site leaves it unset.
-    tamper_update: Callable[[dict, dict], dict] | None = None
+    # A transformation of the trained weights before they leave, given (global, trained,
+    # round). Simulations use it to play Byzantine clients; a real site leaves it unset.
+    tamper_update: Callable[[dict, dict, int], dict] | None = None
     # A deployed site's policy and audit log (client/policy.py); simulations leave them unset.
     policy: SitePolicy | None = None
     audit: AuditLog | None = None

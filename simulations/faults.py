@@ -103,16 +103,18 @@ def byzantine_clients(num_clients: int, fraction: float, seed: int) -> frozenset
 class ByzantineUpdate:
     """Replaces a client's update u = trained − global by an attack (picklable for Ray).
 
-    sign-flip: −scale·u; scale: scale·u; gaussian: N(0, scale²) noise in place of u.
+    sign-flip: −scale·u; scale: scale·u; gaussian: N(0, scale²) noise in place of u, fresh
+    every round and fixed by (seed, round).
     """
 
     def __init__(self, kind: str, scale: float, seed: int):
         self.kind, self.scale, self.seed = kind, scale, seed
 
-    def __call__(self, global_weights: dict, trained: dict) -> dict:
+    def __call__(self, global_weights: dict, trained: dict, server_round: int) -> dict:
         import torch
 
-        generator = torch.Generator().manual_seed(self.seed)
+        round_seed = int(np.random.SeedSequence([self.seed, server_round]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(round_seed)
         out = {}
         for name, new in trained.items():
             old = global_weights[name].to(new.dtype)

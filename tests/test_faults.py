@@ -23,13 +23,21 @@ def test_byzantine_clients_are_fixed_by_the_seed():
 def test_attacks_transform_the_update_as_documented():
     old = {"w": torch.zeros(3)}
     new = {"w": torch.tensor([1.0, -2.0, 0.5])}
-    flipped = ByzantineUpdate("sign-flip", 4.0, seed=0)(old, new)["w"]
+    flipped = ByzantineUpdate("sign-flip", 4.0, seed=0)(old, new, 1)["w"]
     assert torch.allclose(flipped, torch.tensor([-4.0, 8.0, -2.0]))
-    scaled = ByzantineUpdate("scale", 10.0, seed=0)(old, new)["w"]
+    scaled = ByzantineUpdate("scale", 10.0, seed=0)(old, new, 1)["w"]
     assert torch.allclose(scaled, torch.tensor([10.0, -20.0, 5.0]))
-    noise = ByzantineUpdate("gaussian", 2.0, seed=0)({"w": torch.zeros(100_000)},
-                                                     {"w": torch.zeros(100_000)})["w"]
+    gaussian = ByzantineUpdate("gaussian", 2.0, seed=0)
+    zeros = {"w": torch.zeros(100_000)}
+    noise = gaussian(zeros, zeros, 1)["w"]
     assert abs(float(noise.std()) - 2.0) < 0.05
+    # Fresh noise every round (the same noise each round would be a constant bias, an
+    # attack of another kind), reproducible for a given seed and round.
+    again, round_2 = gaussian(zeros, zeros, 1)["w"], gaussian(zeros, zeros, 2)["w"]
+    assert torch.equal(noise, again)
+    assert abs(float(torch.corrcoef(torch.stack([noise, round_2]))[0, 1])) < 0.02
+    other_seed = ByzantineUpdate("gaussian", 2.0, seed=1)(zeros, zeros, 1)["w"]
+    assert not torch.equal(noise, other_seed)
 
 
 def test_fault_config_is_validated():
