@@ -132,6 +132,7 @@ class RoundWorkflow:
         self.base_model_sha256: str | None = None
         self.base_sha256: str | None = None
         self.update_bytes = 0  # one client's update: the travelling tensors
+        self.stopping = False  # an operator asked to stop: the current round is the last
         self._model: torch.nn.Module | None = None  # see model()
 
     def instructions(self) -> TrainInstructions:
@@ -277,7 +278,9 @@ class RoundWorkflow:
             self.check_out_dir(server_round)
             config = self.instructions().to_config_record()
             arrays = self.run_round(grid, server_round, arrays, config)
-            if server_round < self.cfg.rounds and self.stop_requested():
+            # A stop asked during the round: its model was evaluated (run_round); one asked
+            # after that point still ends the run here, without that evaluation.
+            if self.stopping or (server_round < self.cfg.rounds and self.stop_requested()):
                 log.warning("stop requested: the run ends after round %d (checkpoint kept)",
                             server_round)
                 stopped = True
@@ -356,7 +359,11 @@ class RoundWorkflow:
             log.warning("round %d: no update to aggregate; the global model stays as it was",
                         server_round)
 
-        evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+        # A stop asked by now makes this the run's last round: it is evaluated whatever
+        # eval_every says, so a stopped run reports the accuracy of the model it leaves.
+        self.stopping = server_round < self.cfg.rounds and self.stop_requested()
+        evaluated = (server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+                     or self.stopping)
         metrics = {**(self.evaluate(arrays) if evaluated else {}), **round_metrics}
         # Every accepted update has the global model's travelling tensors, plain or masked
         # (one uint32 per float32): the update bytes this round brought in.

@@ -215,3 +215,29 @@ def test_cli_sim_run_writes_results_and_says_where(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["delta"] is None
     assert all(c["epsilon"] is None for c in summary["clients"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_between_evaluations_evaluates_the_model_it_leaves(tmp_path, monkeypatch):
+    """eval_every = 4 and a stop asked as round 2 of 4 begins: round 2 becomes the last and
+    is evaluated, so summary.json reports the accuracy of the model the run leaves."""
+    from consortia.server.store import RunStore
+    from consortia.server.workflow import RoundWorkflow
+
+    out = tmp_path / "run"
+    instructions = RoundWorkflow.instructions
+
+    def stop_as_round_2_begins(self):
+        # run_rounds asks for a round's instructions as the round begins.
+        if len(read_jsonl(out / "metrics.jsonl")) == 1:
+            store = RunStore(out / "store.db")
+            (run,) = store.list_runs()
+            store.request_stop(run["run_id"], actor="test")
+        return instructions(self)
+
+    monkeypatch.setattr(RoundWorkflow, "instructions", stop_as_round_2_begins)
+    summary = run_simulation(load_config(SMOKE, ["rounds=4", "eval_every=4"]), out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and summary["rounds_completed"] == 2
+    assert "accuracy" not in rows[0] and 0.0 <= rows[1]["accuracy"] <= 1.0
+    assert summary["final_accuracy"] == rows[1]["accuracy"]
