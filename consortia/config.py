@@ -332,6 +332,15 @@ class RunConfig(_Section):
                 f"{f * self.clients:.3g} clients, which rounds to none: the run would have no "
                 f"attacker; accepted: 0 (no attack), or at least {1 / self.clients:.3g} "
                 "(one client)")
+        if f > 0 and self.privacy.enabled and self.privacy.mode == "distributed":
+            # An attacker transforms the weights it trained (ByzantineUpdate); under
+            # distributed DP a client sends its noisy clipped gradient sum instead, which
+            # no attack here transforms: the run would name attackers that never attacked.
+            raise ValueError(
+                f"faults.byzantine_fraction = {f:g} with privacy.mode = 'distributed': the "
+                "attacks transform a client's trained weights, and under distributed DP it "
+                "sends a noisy gradient sum instead, so no client would attack; accepted: "
+                "faults.byzantine_fraction = 0, or privacy.mode = 'local'")
 
     def _check_partition(self) -> None:
         from consortia.tasks import TASKS

@@ -159,3 +159,16 @@ def test_a_byzantine_fraction_that_rounds_to_no_client_fails_at_start():
         load_config(None, ["faults.byzantine_fraction=0.1", "strategy.name=median"])
     cfg = load_config(None, ["faults.byzantine_fraction=0.25", "strategy.name=median"])
     assert len(byzantine_clients(cfg.clients, cfg.faults.byzantine_fraction, cfg.seed)) == 1
+
+
+def test_attackers_under_distributed_dp_fail_at_start():
+    """Under distributed DP a client sends a noisy gradient sum, which no attack transforms:
+    sim run fmnist-dp-distributed-fast.toml --set faults.byzantine_fraction=0.3 ran with
+    summary.json naming an attacker that never attacked."""
+    distributed = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / \
+        "fmnist-dp-distributed-fast.toml"
+    with pytest.raises(ConfigError, match=r"faults.byzantine_fraction = 0.3 with privacy.mode = "
+                                          r"'distributed'.*accepted: faults.byzantine_fraction "
+                                          r"= 0, or privacy.mode = 'local'"):
+        load_config(distributed, ["faults.byzantine_fraction=0.3"])
+    assert load_config(distributed, ["faults.byzantine_fraction=0.3", "privacy.mode=local"])
