@@ -45,6 +45,16 @@ def site_status(config: str | Path | SiteConfig) -> dict[str, Any]:
     audit log (one entry per train request, newest last)."""
     cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
     p = cfg.policy
+    # A state_dir not there yet is a site that never joined (ε 0); one that is a file, or
+    # lies under a file, is a wrong setting, not an empty ledger.
+    state = cfg.site.state_dir
+    there = next((d for d in (state, *state.parents) if d.exists()), None)
+    if there is not None and not there.is_dir():
+        from consortia.config import ConfigError
+
+        raise ConfigError(f"site.state_dir: {state} cannot be this site's state directory "
+                          f"({there} is a file); accepted: the directory client join keeps "
+                          "the ledger and audit log in")
     ledger = PrivacyLedger.open(cfg.site.state_dir, accountant=p.accountant, delta=p.delta,
                                 epsilon_budget=p.epsilon_budget)
     audit = AuditLog(cfg.site.state_dir)

@@ -576,3 +576,17 @@ def test_a_missing_model_package_is_said_at_join_not_as_a_traceback(tmp_path):
             build_site(cfg, dataset=TensorDataset(torch.rand(4, 64), torch.zeros(4, dtype=torch.long)))
     finally:
         TASKS.pop("my-llm", None)
+
+
+def test_client_status_on_a_state_dir_that_is_a_file_names_the_setting(tmp_path):
+    """client status with site.state_dir a file printed 'ε 0.0000 of …' as if the site had
+    never trained; a state_dir not made yet still reads as a site that never joined."""
+    path = site_toml(tmp_path)
+    assert site_status(path)["epsilon"] == 0  # no state yet: nothing spent
+    (tmp_path / "state").write_text("not a folder")
+    result = CliRunner().invoke(app, ["client", "status", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "site.state_dir:" in said and "is a file" in said and "ε" not in said
+    with pytest.raises(ConfigError, match="is a file"):
+        site_status(path)
