@@ -3,7 +3,7 @@
 Cells run one after another (each is a full federation on Flower's simulation engine);
 a cell whose run completed all its rounds is skipped, so an interrupted (or stopped)
 sweep resumes where it stopped. `sweep.csv` has one row per cell: the varied keys, final accuracy, largest
-client ε, user-level ε (if any) and wall time.
+client ε, user-level ε (if any), wall time, and the rounds completed of the rounds planned.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def sweep_row(assignments: dict[str, str], summary: dict[str, Any]) -> dict[str,
     epsilons = [c["epsilon"] for c in summary.get("clients", []) if c.get("epsilon") is not None]
     return {**assignments, "final_accuracy": summary.get("final_accuracy"),
             "epsilon_max": max(epsilons) if epsilons else None,
-            "user_epsilon": summary.get("user_epsilon"), "duration_s": summary.get("wall_s")}
+            "user_epsilon": summary.get("user_epsilon"), "duration_s": summary.get("wall_s"),
+            # A cell stopped in this sweep (runs stop, the console) is resumed only by the
+            # next one: its row says how far it got.
+            "rounds_completed": summary.get("rounds_completed"),
+            "rounds_total": summary.get("rounds")}
 
 
 def cell_error(assignments: dict[str, str], err: Exception | str, ran: bool) -> ConfigError:

@@ -77,6 +77,7 @@ def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, mon
     assert [r["lr"] for r in rows] == ["0.05", "0.3"]
     assert all(0 < float(r["final_accuracy"]) <= 1 and float(r["duration_s"]) > 0 for r in rows)
     assert rows[0]["epsilon_max"] == ""  # no DP in these cells
+    assert all(r["rounds_completed"] == r["rounds_total"] == "2" for r in rows)
 
     # Each run wrote a self-contained report with its plots and its client table.
     for cell in ("lr=0.05", "lr=0.3"):
@@ -218,3 +219,15 @@ def test_a_cell_stopped_before_its_last_round_is_resumed_not_reported_as_done(
     run_sweep(SMOKE, ["seed=0"], tmp_path, ["rounds=3"],
               on_cell=lambda i, n, name, done: seen.append(done))
     assert seen == [True]
+
+
+def test_a_sweep_row_says_how_far_a_stopped_cell_got():
+    """A cell stopped during the sweep (runs stop) gave its partial accuracy in sweep.csv
+    like a finished cell's; the row now has the rounds completed of the rounds planned."""
+    from consortia.simulations.sweep import sweep_row
+
+    row = sweep_row({"seed": "0"}, {"final_accuracy": 0.52, "rounds": 6, "rounds_completed": 2,
+                                    "clients": [{"epsilon": 1.9}, {"epsilon": 1.2}]})
+    assert row == {"seed": "0", "final_accuracy": 0.52, "epsilon_max": 1.9,
+                   "user_epsilon": None, "duration_s": None, "rounds_completed": 2,
+                   "rounds_total": 6}
