@@ -419,6 +419,24 @@ class RunConfig(_Section):
         return -(-self.rounds * self.clients_per_round // self.clients)
 
 
+def inert_settings_warning(cfg: RunConfig) -> str | None:
+    """Keys set away from their defaults that this run's other settings make inert: said at
+    start, not refused, since a sweep may vary the setting that makes them count (e.g.
+    --grid partition.kind=iid,dirichlet --set partition.alpha=0.1)."""
+    inert = []
+    if cfg.partition.kind != "dirichlet":
+        given = _set_away_from_default("partition", cfg.partition, exclude=("kind",))
+        inert += [f"{g} (only partition.kind = 'dirichlet' uses it; here "
+                  f"{cfg.partition.kind!r})" for g in given]
+    if cfg.faults.byzantine_fraction == 0:
+        given = _set_away_from_default("faults", cfg.faults, exclude=(
+            "byzantine_fraction", "dropout", "straggler_s"))
+        inert += [f"{g} (no client attacks: faults.byzantine_fraction = 0)" for g in given]
+    if not inert:
+        return None
+    return "set but changing nothing in this run: " + "; ".join(inert)
+
+
 def _set_away_from_default(name: str, section: _Section, exclude=()) -> list[str]:
     """"name.key = value" for each key of `section` (but `exclude`) not at its schema
     default."""

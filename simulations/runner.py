@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from consortia.config import RunConfig, split_host_port
+from consortia.config import RunConfig, inert_settings_warning, split_host_port
 from consortia.privacy.dp.preflight import (
     check_budget_reachable,
     check_delta,
@@ -171,9 +171,10 @@ def start_checks(cfg: RunConfig) -> None:
     else:
         check_local_resources(cfg)
     check_model_fits(cfg)
-    warning = dropout_abort_warning(cfg)  # a choice an experiment may make: said, not refused
-    if warning is not None:
-        log.warning(warning)
+    # Choices an experiment may make: said, not refused.
+    for warning in (dropout_abort_warning(cfg), inert_settings_warning(cfg)):
+        if warning is not None:
+            log.warning(warning)
 
 
 @contextmanager

@@ -120,6 +120,26 @@ def test_a_fixed_sigma_that_carries_a_client_only_part_of_the_way_is_warned_of(c
     assert "planned rounds" not in caplog.text
 
 
+def test_settings_other_settings_make_inert_are_said_at_start(caplog):
+    """partition.alpha with partition.kind = 'iid', or an attack kind with no attacker, ran
+    silently as if they counted (researcher audit); they are said at start, not refused (a
+    sweep may vary what makes them count)."""
+    from consortia.config import load_config
+    from consortia.simulations.runner import start_checks
+
+    smoke = "simulations/experiments/digits-dp-smoke.toml"
+    start_checks(load_config(smoke, ["partition.alpha=0.1", "faults.byzantine_kind=gaussian"]))
+    said = " ".join(caplog.text.split())
+    assert ("set but changing nothing in this run: partition.alpha = 0.1 (only partition.kind "
+            "= 'dirichlet' uses it; here 'iid'); faults.byzantine_kind = 'gaussian' (no client "
+            "attacks: faults.byzantine_fraction = 0)") in said, said
+    caplog.clear()
+    start_checks(load_config(smoke, ["partition.kind=dirichlet", "partition.alpha=0.1",
+                                     "faults.byzantine_fraction=0.25",
+                                     "faults.byzantine_kind=gaussian"]))
+    assert "changing nothing" not in caplog.text
+
+
 def test_a_model_opacus_cannot_make_private_fails_before_the_run_starts(tmp_path):
     import dataclasses
 
