@@ -84,10 +84,14 @@ def serve(config_path: str | Path, *, resume: bool = False,
         except httpx.HTTPError as err:  # the Control API refused, or went away
             raise DeploymentError(f"the SuperLink at {link.address} did not take the run: "
                                   f"{err}; see {link.log_path}") from None
-    except (DeploymentError, KeyboardInterrupt):
+    except (DeploymentError, KeyboardInterrupt) as err:
         link.stop()
         if not resume:  # no run began: the same config may start it again (logs stay)
             (srv.out / RUN_FILE).unlink(missing_ok=True)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C while the SuperLink started
+            again = f"consortia server start --config {config_path}{' --resume' * resume}"
+            log(f"stopped before the run began (no round ran); start it with: {again}")
+            sys.exit(130)
         raise
     try:
         atomic_write_json(srv.out / DEPLOYMENT_FILE, {

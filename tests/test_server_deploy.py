@@ -277,6 +277,29 @@ def test_a_superlink_that_does_not_start_leaves_a_results_directory_that_starts_
     prepare_out_dir(load_server_config(path).run, out, resume=False, kind="deployment")
 
 
+def test_ctrl_c_while_the_superlink_starts_says_no_round_ran(tmp_path, monkeypatch):
+    """Ctrl-C during the SuperLink's start printed nothing (partner audit): now it says no
+    round ran and how to start, exits 130, and leaves no run.json behind."""
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import serve
+    from consortia.server.superlink import SuperLink
+
+    def interrupted(self, timeout_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SuperLink, "start", interrupted)
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path, free_port())
+    said = []
+    with pytest.raises(SystemExit) as exited:
+        serve(path, log=said.append)
+    assert exited.value.code == 130
+    assert said == [f"stopped before the run began (no round ran); start it with: "
+                    f"consortia server start --config {path}"]
+    assert not (tmp_path / "results" / "run.json").exists()
+
+
 def test_a_results_directory_that_is_a_file_fails_naming_the_setting(tmp_path):
     from consortia.flower_exec import free_port
     from consortia.server.deploy import DeploymentError, serve
