@@ -378,14 +378,14 @@ def _open_store(store: str | None):
     try:
         resolved = resolve_store_url(store)
         url = make_url(resolved)
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-                and Path(url.database).is_dir():
+        file = (Path(url.database) if url.get_backend_name() == "sqlite"
+                and url.database not in (None, "", ":memory:") else None)  # a SQLite file's
+        if file is not None and file.is_dir():
             raise StoreError(f"--store {store!r} names the folder {url.database}, not a SQLite "
                              f"file: pass the folder as a path (--store {url.database}, its "
                              f"{STORE_FILE}) or the file's URL")
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-                and not Path(url.database).is_file():
-            folder = Path(url.database).parent
+        if file is not None and not file.is_file():
+            folder = file.parent
             cells = sorted(p.parent for p in folder.glob(f"*/{STORE_FILE}")) \
                 if folder.is_dir() else []
             if cells:  # a sweep's --out: each cell is a run with its own results directory

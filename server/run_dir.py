@@ -36,6 +36,18 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, obje
     return found
 
 
+def config_differences(cfg: RunConfig, stored: dict, where: str) -> str | None:
+    """'key (old stored, new now), ...' for every key where `cfg` differs from the config
+    stored in a results directory's run.json (`where`), or None when they agree. The stored
+    config is read through today's schema, so keys added since (with their defaults) do not
+    count as differences."""
+    old, new = config_to_dict(validate_config(stored, where)), config_to_dict(cfg)
+    if old == new:
+        return None
+    return ", ".join(f"{key} ({was!r} stored, {now!r} now)"
+                     for key, was, now in _differences(old, new))
+
+
 # Where the user sets a run's results directory, for messages that ask for another one:
 # `sim run --out`; a deployment's server.toml (`server start` has no --out).
 RESULTS_DIR_SETTING = {"simulation": "--out", "deployment": "[server] out in server.toml"}
@@ -52,12 +64,8 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
             raise ResultsDirError(
                 f"{out_dir} already holds run {stored['run_id']}; pass --resume to continue "
                 f"it, or choose another results directory ({setting})")
-        # Read the stored config through today's schema, so keys added since (with their
-        # defaults) do not count as differences.
-        old, new = config_to_dict(validate_config(stored["config"], str(run_file))), config_to_dict(cfg)
-        if old != new:
-            diff = ", ".join(f"{key} ({was!r} stored, {now!r} now)"
-                             for key, was, now in _differences(old, new))
+        diff = config_differences(cfg, stored["config"], str(run_file))
+        if diff is not None:
             # No option starts a run from another's weights: a simulation's new run would
             # account its clients' privacy from zero (their ledgers live in the old --out).
             raise ResultsDirError(

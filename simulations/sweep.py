@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consortia.config import ConfigError, RunConfig, config_to_dict, load_config, validate_config
+from consortia.config import ConfigError, RunConfig, load_config
 
 SWEEP_FILE = "sweep.csv"
 
@@ -71,21 +71,17 @@ def stored_config_differences(cfg: RunConfig, cell_dir: Path) -> str | None:
     there is none or it is the same: a finished cell would otherwise be skipped and its
     old results reported as this sweep's, and a cell cut short would be refused only when
     its turn came, after the cells before it had run."""
-    from consortia.server.run_dir import RUN_FILE, _differences
+    from consortia.server.run_dir import RUN_FILE, config_differences
 
     run_file = cell_dir / RUN_FILE
     if not run_file.is_file():
         return None
     try:
-        stored = json.loads(run_file.read_text())["config"]
-        old = config_to_dict(validate_config(stored, str(run_file)))
+        diff = config_differences(cfg, json.loads(run_file.read_text())["config"], str(run_file))
     except (ValueError, KeyError, TypeError) as err:
         return f"{run_file} cannot be read as a run's config ({err})"
-    new = config_to_dict(cfg)
-    if old == new:
+    if diff is None:
         return None
-    diff = ", ".join(f"{key} ({was!r} stored, {now!r} now)"
-                     for key, was, now in _differences(old, new))
     return (f"{cell_dir} already holds a run of another config, which differs in: {diff}; "
             "run the sweep with the config and --set values it was started with, or give "
             "another --out")
@@ -93,9 +89,9 @@ def stored_config_differences(cfg: RunConfig, cell_dir: Path) -> str | None:
 
 def finished(cfg: RunConfig, cell_dir: Path) -> bool:
     """The cell's run completed all its rounds (its summary written)."""
-    from consortia.server.run_dir import run_finished
+    from consortia.server.run_dir import RUN_FILE, run_finished
 
-    return (cell_dir / "run.json").is_file() and run_finished(cfg, cell_dir)
+    return (cell_dir / RUN_FILE).is_file() and run_finished(cfg, cell_dir)
 
 
 def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
