@@ -136,12 +136,19 @@ class Task:
 SUBSET_SEED = 12345  # train_examples / test_examples: the same subset whatever the run's seed
 
 
+def subset_indices(n: int, limit: int | None) -> np.ndarray:
+    """The indices, in order, of the fixed subset of `limit` of `n` rows (drawn with
+    SUBSET_SEED), or of all of them: every task's train_examples / test_examples."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:limit])
+
+
 def fixed_subset(dataset: TensorDataset, limit: int | None) -> TensorDataset:
-    """`limit` rows of `dataset` drawn with SUBSET_SEED (in their order), or all of them."""
+    """`limit` rows of `dataset` (subset_indices), or all of them."""
     if limit is None or limit >= len(dataset):
         return dataset
-    keep = torch.from_numpy(np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
-                                    [:limit]))
+    keep = torch.from_numpy(subset_indices(len(dataset), limit))
     return TensorDataset(*(t[keep] for t in dataset.tensors))
 
 

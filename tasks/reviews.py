@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from functools import lru_cache, partial
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from consortia.tasks.adapters import AdapterTask, lora_model, offline, quiet_transformers, require
-from consortia.tasks.base import TaskData, TaskOptions
+from consortia.tasks.base import TaskData, TaskOptions, subset_indices
 
 NAME = "reviews-minilm-lora"
 LABELS = ("other", "great")  # class 1 is "great"
-SUBSET_SEED = 12345  # train_examples / test_examples take a fixed subset, whatever the run's seed
 
 
 def model_path() -> str:
@@ -44,14 +42,8 @@ def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOpt
     return lora_model(base, "SEQ_CLS", options.lora_rank, options.lora_alpha, ["query", "value"])
 
 
-def _subset(n: int, limit: int | None) -> np.ndarray:
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:limit])
-
-
 def _encode(frame, limit: int | None, max_length: int) -> TensorDataset:
-    rows = frame.iloc[_subset(len(frame), limit)]
+    rows = frame.iloc[subset_indices(len(frame), limit)]
     enc = tokenizer()(rows["review"].tolist(), padding="max_length", truncation=True,
                       max_length=max_length, return_tensors="pt")
     labels = torch.tensor((rows["score"] == "great").to_numpy(), dtype=torch.int64)

