@@ -41,6 +41,13 @@ def finished_run(tmp_path_factory):
     return out, summary
 
 
+def open_run_page(browser, console_for, store: RunStore, run_id: str) -> None:
+    """Serve `store`, sign in with the printed URL's token, and open the run's page."""
+    base, secret = console_for(store)
+    browser.get(f"{base}/?token={secret}")
+    browser.get(f"{base}/#/runs/{run_id}")
+
+
 def wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -216,9 +223,7 @@ def test_browser_stop_button_stops_a_running_simulation(browser, console_for, tm
     out = tmp_path / "long"
     proc, store, run_id = start_long_simulation(out)
     try:
-        base, secret = console_for(store)
-        browser.get(f"{base}/?token={secret}")
-        browser.get(f"{base}/#/runs/{run_id}")
+        open_run_page(browser, console_for, store, run_id)
         WebDriverWait(browser, SIM_TIMEOUT_S).until(
             lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle")) >= 1)
         button = WebDriverWait(browser, 90).until(ec.element_to_be_clickable((By.ID, "stop-button")))
@@ -251,9 +256,7 @@ def test_browser_does_not_call_a_run_that_completed_after_a_stop_request_stopped
     store.request_stop("done1", actor="console")
     store.record_round("done1", {"round": 2, "accuracy": 0.6, "loss": 0.9}, [])
     store.finish_run("done1", "completed")
-    base, secret = console_for(store)
-    browser.get(f"{base}/?token={secret}")
-    browser.get(f"{base}/#/runs/done1")
+    open_run_page(browser, console_for, store, "done1")
     WebDriverWait(browser, 90).until(
         lambda d: d.find_element(By.ID, "run-status").text == "completed")
     note = browser.find_element(By.ID, "stop-note").text
@@ -268,9 +271,7 @@ def test_browser_names_a_run_address_that_is_not_percent_encoded(browser, consol
     from selenium.webdriver.support.ui import WebDriverWait
 
     store = RunStore(tmp_path / "store.db")
-    base, secret = console_for(store)
-    browser.get(f"{base}/?token={secret}")
-    browser.get(f"{base}/#/runs/%E0%A4%A")
+    open_run_page(browser, console_for, store, "%E0%A4%A")
     error = WebDriverWait(browser, 90).until(
         lambda d: d.find_element(By.ID, "error").text or None)
     assert "404" in error and "%E0%A4%A" in error
@@ -289,9 +290,7 @@ def test_browser_tiles_show_the_latest_evaluated_accuracy_between_evaluations(
     store.record_round("ev", {"round": 1}, [])
     store.record_round("ev", {"round": 2, "accuracy": 0.625, "loss": 1.5}, [])
     store.record_round("ev", {"round": 3}, [])
-    base, secret = console_for(store)
-    browser.get(f"{base}/?token={secret}")
-    browser.get(f"{base}/#/runs/ev")
+    open_run_page(browser, console_for, store, "ev")
     tiles = WebDriverWait(browser, 90).until(
         lambda d: d.find_element(By.ID, "tiles").text or None)
     assert "0.6250" in tiles and "accuracy (round 2)" in tiles
