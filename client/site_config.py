@@ -39,6 +39,7 @@ from consortia.config import ConfigError, _format_errors, known_task, read_toml,
 from consortia.privacy.certs import (
     NAME_PATTERN,
     CertsError,
+    check_validity,
     load_certificates,
     load_node_private_key,
 )
@@ -127,7 +128,17 @@ class SiteConfig(_Section):
             raise ConfigError(f"site.ca_cert: {self.site.ca_cert} not found (the consortium's "
                               "ca.pem, from the operator)")
         try:
-            load_certificates(self.site.ca_cert)
+            # A bundle serves while one of its CAs is valid (TLS tries each).
+            expired = []
+            for cert in load_certificates(self.site.ca_cert):
+                try:
+                    check_validity(cert, self.site.ca_cert, "ask the operator for the "
+                                   "consortium's current ca.pem")
+                    break
+                except CertsError as err:
+                    expired.append(err)
+            else:
+                raise expired[0]
         except CertsError as err:
             raise ConfigError(f"site.ca_cert: {err} (the consortium's ca.pem, from the "
                               "operator)") from None

@@ -28,6 +28,15 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    DNSName,
+    ExtensionPolicy,
+    IPAddress,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -103,37 +112,53 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def certificate_names(cert: x509.Certificate, host: str) -> bool:
-    """Whether `cert` is valid for `host` (an IP, or a DNS name, as TLS checks it)."""
+def _verifier_name(host: str) -> IPAddress | DNSName:
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    try:
-        return ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress)
+        return IPAddress(ipaddress.ip_address(host))
     except ValueError:
         pass
-    host = host.lower().rstrip(".")
-    for name in san.get_values_for_type(x509.DNSName):
-        name = name.lower().rstrip(".")
-        if name == host or (name.startswith("*.") and host.count(".") >= 2
-                            and host.split(".", 1)[1] == name[2:]):
-            return True
-    return False
+    try:
+        return DNSName(host.rstrip("."))
+    except ValueError:
+        raise CertsError(f"host {host!r} is neither an IP address nor a DNS name; accepted: "
+                         "e.g. 127.0.0.1, ::1, fl.example.org") from None
 
 
-def check_server_names(consortium_dir: str | Path, host: str, setting: str) -> None:
+def _server_verifier(ca: x509.Certificate, host: str, at: dt.datetime):
+    """cryptography's TLS server verifier, as a partner's TLS handshake checks the server:
+    the chain to `ca`, both certificates' validity at `at`, and the name `host` (RFC 6125,
+    wildcards included). Its extension policies are relaxed to what TLS itself needs (a CA
+    with basicConstraints, a leaf with subjectAltName) rather than the Web PKI's profile,
+    so a consortium's own CA that lacks, say, key identifiers still passes, as it does
+    with gRPC."""
+    return (PolicyBuilder().store(Store([ca])).time(at)
+            .extension_policies(
+                ca_policy=ExtensionPolicy.permit_all().require_present(
+                    x509.BasicConstraints, Criticality.AGNOSTIC, None),
+                ee_policy=ExtensionPolicy.permit_all().require_present(
+                    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None))
+            .build_server_verifier(_verifier_name(host)))
+
+
+def check_server_names(consortium_dir: str | Path, host: str, setting: str, *,
+                       at: dt.datetime | None = None) -> None:
     """The server certificate must be valid for `host`, the address the server's own
     processes dial its SuperLink at: else they never connect, and server start ends in a
-    timeout (a certificate from before certs named the loopback addresses)."""
+    timeout (a certificate from before certs named the loopback addresses). Checked, as
+    the SuperLink's clients check it, by cryptography's verifier (`check_server_files`
+    has said by then what else is wrong with the certificates, in the operator's terms)."""
     root = Path(consortium_dir)
+    [ca, *_] = load_certificates(root / CA_CERT)
     cert = load_certificates(root / SERVER_CERT)[0]
-    if not certificate_names(cert, host):
+    try:
+        _server_verifier(ca, host, at or dt.datetime.now(dt.timezone.utc)).verify(cert, [])
+    except VerificationError as err:
+        reason = str(err).split(" (encountered processing", 1)[0].removeprefix("validation failed: ")
         raise CertsError(
             f"{root / SERVER_CERT} is not valid for {host}, where server start dials its own "
-            f"SuperLink ({setting}); issue one that names it, with the names partners dial: "
-            f"`consortia certs server --dir {root} --host NAME ...` (it adds "
-            f"{', '.join(LOOPBACK_HOSTS)})")
+            f"SuperLink ({setting}): {reason}; issue one that names it, with the names partners "
+            f"dial: `consortia certs server --dir {root} --host NAME ...` (it adds "
+            f"{', '.join(LOOPBACK_HOSTS)})") from None
 
 
 def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consortia") -> Path:
@@ -281,10 +306,28 @@ def load_node_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def check_server_files(consortium_dir: str | Path) -> None:
+def check_validity(cert: x509.Certificate, path: Path, remedy: str, *,
+                   at: dt.datetime | None = None) -> None:
+    """Fail, saying when, if `cert` (read from `path`) is outside its validity period at
+    `at` (now): a TLS handshake refuses it then. cryptography's verifier checks the same
+    and says only "cert is not valid at validation time"; the operator needs the date and
+    what to do (`remedy`)."""
+    at = at or dt.datetime.now(dt.timezone.utc)
+    if at > cert.not_valid_after_utc:
+        raise CertsError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
+                         f"and TLS refuses an expired certificate; {remedy}")
+    if at < cert.not_valid_before_utc:
+        raise CertsError(f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M}"
+                         f" UTC, after this machine's clock ({at:%Y-%m-%d %H:%M} UTC); check "
+                         "the clock")
+
+
+def check_server_files(consortium_dir: str | Path, *,
+                       at: dt.datetime | None = None) -> None:
     """Load ca.pem, server.pem and server.key as the SuperLink will, and check that the key
-    is the certificate's and the certificate the CA's: partners verify the server against
-    the CA, so a certificate from another CA turns every partner away."""
+    is the certificate's, the certificate the CA's, and both within their validity at `at`
+    (now): partners verify the server against the CA, so a certificate from another CA, or
+    an expired one, turns every partner away."""
     root = Path(consortium_dir)
     [ca, *_] = load_certificates(root / CA_CERT)
     cert = load_certificates(root / SERVER_CERT)[0]
@@ -303,6 +346,10 @@ def check_server_files(consortium_dir: str | Path) -> None:
         raise CertsError(f"{root / SERVER_CERT} was not issued by {root / CA_CERT}, the CA "
                          f"partners verify it against; issue one from it with `consortia certs "
                          f"server --dir {root} --host HOST`") from None
+    check_validity(ca, root / CA_CERT, "a new CA means a new consortium: `consortia certs init "
+                   "--out NEWDIR --host HOST`, with every partner given its ca.pem", at=at)
+    check_validity(cert, root / SERVER_CERT, "renew it from the CA (partners need nothing new): "
+                   f"`consortia certs server --dir {root} --host HOST ...`", at=at)
 
 
 def enroll_node(consortium_dir: str | Path, name: str,

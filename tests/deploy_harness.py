@@ -20,6 +20,23 @@ from consortia.flower_exec import flower_env, free_port
 from consortia.privacy.certs import enroll_node, generate_node_key, init_consortium
 
 CONSORTIA = [sys.executable, "-m", "consortia.cli"]
+
+def resign(consortium: Path, name: str, not_before, not_after) -> None:
+    """Sign `consortium`/`name` (ca.pem or server.pem) again with the CA's key, with
+    another validity period: an expired or not yet valid certificate, as time makes them."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert = x509.load_pem_x509_certificate((consortium / name).read_bytes())
+    ca = x509.load_pem_x509_certificate((consortium / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((consortium / "ca.key").read_bytes(), None)
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(ca.subject)
+               .public_key(cert.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(not_before).not_valid_after(not_after))
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    signed = builder.sign(key, hashes.SHA384())
+    (consortium / name).write_bytes(signed.public_bytes(serialization.Encoding.PEM))
 RUN_TIMEOUT_S = 240.0
 
 

@@ -136,3 +136,65 @@ def test_enrolling_a_private_key_is_refused_saying_so(tmp_path):
     said = " ".join(result.output.split())  # the terminal wraps long lines
     assert "node.key is a private key; enroll the public half (node.pub)" in said
     assert "site-x" not in enrolled_keys(root)
+
+
+@pytest.mark.parametrize("host, valid", [
+    ("fl.example.org", True), ("FL.Example.ORG", True), ("fl.example.org.", True),
+    ("a.lab.example.org", True), ("203.0.113.7", True), ("127.0.0.1", True), ("::1", True),
+    ("localhost", True),
+    ("example.org", False), ("lab.example.org", False), ("b.a.lab.example.org", False),
+    ("203.0.113.8", False), ("other.org", False), ("::2", False),
+])
+def test_the_server_name_is_checked_as_tls_checks_it(tmp_path, host, valid):
+    """cryptography's verifier decides, wildcards and case as RFC 6125 has them."""
+    from consortia.privacy.certs import check_server_names
+
+    root = init_consortium(tmp_path / "c", ["fl.example.org", "*.lab.example.org",
+                                            "203.0.113.7"])
+    if valid:
+        check_server_names(root, host, "server.host")
+    else:
+        with pytest.raises(CertsError, match=rf"server.pem is not valid for {host}, where server "
+                                             r"start dials its own SuperLink \(server.host\): "
+                                             r"leaf certificate has no matching subjectAltName"):
+            check_server_names(root, host, "server.host")
+
+
+def test_a_consortium_ca_of_its_own_making_needs_only_what_tls_needs(tmp_path):
+    """A CA made with other tools, without the key identifiers and key usages the Web
+    PKI's profile asks for, serves as gRPC lets it: the checks do not ask for more."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from consortia.privacy.certs import check_server_files, check_server_names, write_private
+
+    now = dt.datetime.now(dt.timezone.utc)
+    root = tmp_path / "c"
+    root.mkdir()
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lab CA")])
+
+    def cert(subject, key, *extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(days=1))
+                   .not_valid_after(now + dt.timedelta(days=30)))
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    (root / "ca.pem").write_bytes(cert(ca_name, ca_key, x509.BasicConstraints(True, None)))
+    (root / "server.pem").write_bytes(cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl")]), server_key,
+        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])))
+    write_private(root / "server.key", server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    check_server_files(root)
+    check_server_names(root, "127.0.0.1", "server.host")
+    with pytest.raises(CertsError, match="not valid for ::1"):
+        check_server_names(root, "::1", "server.host")

@@ -1,11 +1,13 @@
 """server.toml fails at start naming what is wrong; the app bundle a run is submitted
 with carries no code, only the names of installed consortia apps."""
 
+import datetime as dt
 import importlib
 import shutil
 
 import pytest
 import tomllib
+from deploy_harness import resign
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -349,8 +351,35 @@ def test_a_server_certificate_without_the_address_server_start_dials_fails_at_st
     path.write_text(path.read_text().replace("[server]", f'[server]\nhost = "{host}"'))
     with pytest.raises(ConfigError, match=rf"server.pem is not valid for {dialled}, where server "
                                           rf"start dials its own SuperLink \(server.host = "
-                                          rf"'{host}'\); .*consortia certs server --dir"):
+                                          rf"'{host}'\): leaf certificate has no matching "
+                                          rf"subjectAltName; .*consortia certs server --dir"):
         load_server_config(path).check_files()
+
+
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+@pytest.mark.parametrize("name, not_before, not_after, message", [
+    ("server.pem", NOW - dt.timedelta(days=900), NOW - dt.timedelta(days=75),
+     r"server.pem expired on {date} UTC, and TLS refuses an expired certificate; renew it "
+     r"from the CA \(partners need nothing new\): `consortia certs server --dir"),
+    ("ca.pem", NOW - dt.timedelta(days=3660), NOW - dt.timedelta(days=10),
+     r"ca.pem expired on {date} UTC, .*a new CA means a new consortium: `consortia certs init"),
+    ("server.pem", NOW + dt.timedelta(days=2), NOW + dt.timedelta(days=800),
+     r"server.pem is valid only from {start} UTC, after this machine's clock .*check the clock"),
+])
+def test_an_expired_or_not_yet_valid_certificate_fails_at_start_saying_when(
+        tmp_path, name, not_before, not_after, message):
+    """An expired server.pem started: every partner's TLS handshake then failed, and the
+    operator saw only partners that never came."""
+    certs = init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    cfg = load_server_config(server_toml(tmp_path))
+    cfg.check_files()
+    resign(certs, name, not_before, not_after)
+    with pytest.raises(ConfigError, match=message.format(
+            date=f"{not_after:%Y-%m-%d %H:%M}", start=f"{not_before:%Y-%m-%d %H:%M}")):
+        cfg.check_files()
 
 
 def test_a_run_the_server_was_stopped_under_is_recorded_stopped_not_running(tmp_path):

@@ -328,6 +328,28 @@ def test_missing_or_exposed_keys_fail_before_anything_starts(tmp_path):
     cfg.check_files()
 
 
+def test_an_expired_ca_fails_at_start_unless_the_bundle_holds_a_valid_one(tmp_path):
+    """An expired ca.pem started a SuperNode whose every TLS handshake then failed."""
+    import datetime as dt
+
+    from deploy_harness import resign
+
+    cfg = load_site_config(site_toml(tmp_path))
+    generate_node_key(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    fresh, old = init_consortium(tmp_path / "c", ["127.0.0.1"]), init_consortium(
+        tmp_path / "old", ["127.0.0.1"])
+    resign(old, "ca.pem", now - dt.timedelta(days=3660), now - dt.timedelta(days=3))
+    shutil.copy(old / "ca.pem", tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match=r"site.ca_cert: .*ca.pem expired on .* UTC, and TLS "
+                                          r"refuses an expired certificate; ask the operator "
+                                          r"for the consortium's current ca.pem"):
+        cfg.check_files()
+    (tmp_path / "ca.pem").write_bytes((old / "ca.pem").read_bytes()
+                                      + (fresh / "ca.pem").read_bytes())
+    cfg.check_files()
+
+
 @pytest.mark.parametrize("setting, bad, message", [
     # The SuperNode would wait forever on a CA it cannot read, saying so only in its log.
     ("ca_cert", "not a certificate\n", "site.ca_cert: {path} is not a PEM certificate; "
