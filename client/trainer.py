@@ -107,7 +107,8 @@ class LocalTrainer:
 
     def round_cost(self, ins: TrainInstructions) -> tuple[float, float, int]:
         """(σ, sampling rate, steps) one round at `ins` charges this client's ledger: what
-        Opacus's Poisson loader gives train (rate 1/batches, batches × epochs steps)."""
+        Opacus's accountant records in train (round_steps: rate 1/len(loader), len(loader)
+        × epochs steps)."""
         rate, steps = round_steps(len(self.dataset), ins.batch_size, ins.local_epochs, "local")
         return self.noise_multiplier(ins), rate, steps
 
@@ -152,14 +153,15 @@ class LocalTrainer:
                                                                          **private)
         else:
             dp_model, optimizer, loader = engine.make_private(**private)
+        # What make_private's accountant hook records per step: rate 1/len(loader), which
+        # is not the loader's own sample_rate where len(loader) = int(1/rate) rounds down.
+        rate = 1 / len(loader)
         try:
-            decision = self.ledger.check_round(sigma, loader.sample_rate,
-                                               len(loader) * ins.local_epochs)
+            decision = self.ledger.check_round(sigma, rate, len(loader) * ins.local_epochs)
             if not decision.allowed:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
-                                    sigma=sigma, rate=loader.sample_rate,
-                                    can_train_again=False), None
+                                    sigma=sigma, rate=rate, can_train_again=False), None
             loss = self._sgd(dp_model, optimizer, loader, criterion, ins.local_epochs, anchor,
                              ins.physical_batch_size)
         finally:
@@ -170,7 +172,7 @@ class LocalTrainer:
         # The training loss is computed on the private records without noise: under DP it
         # stays on the client (only the DP-protected update and the accounting leave).
         del loss
-        report = self._report("trained", dp=True, sigma=sigma, rate=loader.sample_rate,
+        report = self._report("trained", dp=True, sigma=sigma, rate=rate,
                               num_examples=len(self.dataset), can_train_again=again)
         report = report.model_copy(update={"grad_sample_mode": mode})
         return report, self.task.travelling_weights(model)

@@ -119,7 +119,7 @@ class TrainReport(_Record):
     epsilon: float | None = None  # cumulative, after this round
     epsilon_budget: float | None = None
     noise_multiplier: float | None = None
-    sample_rate: float | None = None  # the rate Opacus actually used
+    sample_rate: float | None = None  # the rate the ledger charged (Opacus's accountant)
     steps: int = Field(0, ge=0)  # cumulative DP-SGD steps in the client's ledger
     within_clip: bool | None = None  # user-level DP: the update was within user_clip
     privacy_mode: Literal["local", "distributed"] = "local"

@@ -9,7 +9,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from consortia.client.trainer import LocalTrainer
 from consortia.messages import TrainInstructions
-from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, noise_for_budget
+from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger, epsilon_for, noise_for_budget
 from consortia.tasks import get_task
 
 DELTA = 1e-5
@@ -194,3 +194,34 @@ def test_a_real_sites_sample_and_noise_are_not_the_servers_to_recompute(tmp_path
     assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
     real = round_weights("r1", False), round_weights("r2", False)
     assert not any(torch.equal(real[0][k], real[1][k]) for k in real[0])
+
+
+def test_a_rounds_cost_is_what_opacus_charges_when_its_loader_takes_a_step_fewer(tmp_path):
+    # 93 records in batches of 1: Opacus's Poisson loader samples at 1/93 but takes
+    # int(1 / (1/93)) = 92 steps an epoch, and make_private's accountant charges 1/len(loader)
+    # = 1/92. The projection, the σ search and the report must be that charge: a check of
+    # 92 steps at 1/93 let the ledger pass its budget, and summary.json's (σ, q, steps) gave
+    # another ε than the one reported.
+    task = get_task("digits-mlp")
+    data = torch.utils.data.Subset(task.load_data(None).train, range(93))
+    ins = instructions(batch_size=1, noise_multiplier=1.0, planned_rounds=1)
+
+    def client(name, budget):
+        return LocalTrainer("7", task, data, open_ledger(tmp_path / name, budget),
+                            torch.device("cpu"))
+
+    sigma, rate, steps = client("probe", 3.0).round_cost(ins)
+    cost = epsilon_for("rdp", [(sigma, rate, steps)], DELTA)
+
+    report, weights = client("below", cost * (1 - 1e-6)).train(task.build_model("tanh"), ins, 1)
+    assert report.status == "refused-budget" and weights is None
+    assert open_ledger(tmp_path / "below").steps == 0
+
+    report, weights = client("at", cost).train(task.build_model("tanh"), ins, 1)
+    assert report.status == "trained" and weights is not None
+    ledger = open_ledger(tmp_path / "at", cost)
+    assert ledger.history == [(sigma, rate, steps)]  # the projection is what was spent
+    assert ledger.epsilon <= ledger.epsilon_budget
+    reference = RDPAccountant()
+    reference.history = [(report.noise_multiplier, report.sample_rate, report.steps)]
+    assert report.epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)

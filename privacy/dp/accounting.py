@@ -89,5 +89,9 @@ def round_steps(records: int, batch_size: int, local_epochs: int, mode: str
     rule the trainers (client/trainer.py, client/distributed.py) and the start checks use."""
     if mode == "distributed":  # one step per round at q = B/n
         return min(1.0, batch_size / records), 1
-    per_epoch = math.ceil(records / batch_size)  # Opacus's Poisson loader: rate 1/per_epoch
+    # Opacus's Poisson loader samples at 1/ceil(n/B) and takes int(1 / that rate) steps an
+    # epoch: one fewer where the division rounds down (93 batches: 92 steps), and
+    # make_private's accountant then charges rate 1/len(loader) = 1/92, more than the loader
+    # samples at. The ledger holds what that accountant charges, so this is the rule.
+    per_epoch = int(1 / (1.0 / math.ceil(records / batch_size)))
     return 1.0 / per_epoch, per_epoch * local_epochs
