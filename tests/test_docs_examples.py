@@ -3,7 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from consortia.client.site_config import load_site_config
+from consortia.config import ConfigError, load_config
 from consortia.server.deploy import base_model_sha256
 from consortia.server.deploy_config import load_server_config
 
@@ -37,3 +40,112 @@ def test_the_example_configs_listed_in_configuration_md_are_those_in_the_directo
     named = set(re.findall(r"`([a-z0-9-]+\.toml)`", listing))
     experiments = DOCS.parent / "simulations" / "experiments"
     assert named == {p.name for p in experiments.glob("*.toml")}
+
+
+# ---- configuration.md's key table against the schema (consortia/config.py) ----
+
+# A default cell that says in words what an unset (None) key means.
+_UNSET_WORDS = ("unset", "Flower's", "majority", "even ≥", "the most", "K / 20", "`store.db`")
+
+
+def _leaves(model, prefix=""):
+    """(dotted key, pydantic FieldInfo) for every leaf of a schema."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _leaves(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
+
+
+def _table_rows(doc: str, first_column: str) -> dict[str, list[str]]:
+    """key -> [default, accepted, meaning] of a markdown table whose header starts with
+    `| first_column |`; a row naming several keys (`a`, `b`) gives each its part of a
+    default cell that lists one value per key."""
+    text = (DOCS / doc).read_text()
+    start = text.index(f"| {first_column} |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        keys = re.findall(r"`([a-z_0-9.]+)`", cells[0])
+        defaults = [d.strip() for d in cells[1].split(", ")] if len(keys) > 1 else [cells[1]]
+        accepted = [a.strip() for a in cells[2].split("; ")] if len(keys) > 1 else [cells[2]]
+        for i, key in enumerate(keys):
+            rows[key] = [defaults[i] if len(defaults) == len(keys) else cells[1],
+                         accepted[i] if len(accepted) == len(keys) else cells[2], cells[-1]]
+    return rows
+
+
+def _value(text: str):
+    """A default cell's value: a number, a bool, or a `quoted` string; None otherwise."""
+    text = text.strip()
+    if text in ("true", "false"):
+        return text == "true"
+    if re.fullmatch(r"`[^`]+`", text):
+        return text.strip("`")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _flower_defaults(key: str) -> set:
+    """Flower's default for a strategy.* key, over every rule that takes it."""
+    import inspect
+
+    from consortia.strategies import RULES
+
+    name = key.split(".", 1)[1]
+    return {inspect.signature(cls.__init__).parameters[mapping[name]].default
+            for cls, mapping in RULES.values() if name in mapping}
+
+
+def test_every_config_key_is_in_configuration_md_with_its_default_and_range():
+    """Each schema key has a row; each row names a schema key; the default a row states is
+    the schema's (or, for a strategy parameter left to Flower, Flower's), its accepted
+    values are the Literal's, and a bound the row states is the schema's."""
+    from typing import Literal, get_args, get_origin
+
+    from consortia.config import RunConfig
+    from consortia.tasks import TASKS
+
+    rows = _table_rows("configuration.md", "key")
+    schema = dict(_leaves(RunConfig))
+    assert set(rows) - set(schema) == set(), "documented keys the schema does not have"
+    assert set(schema) - set(rows) == set(), "schema keys configuration.md does not document"
+
+    for key, field in schema.items():
+        default_text, accepted, _ = rows[key]
+        stated = _value(default_text)
+        if field.default is None:
+            if stated is not None and key.startswith("strategy."):
+                assert _flower_defaults(key) == {stated}, (key, default_text)
+            else:
+                assert default_text.startswith(_UNSET_WORDS), (key, default_text)
+        else:
+            assert stated == field.default, (key, default_text, field.default)
+
+        annotation = field.annotation
+        if get_origin(annotation) is Literal:
+            assert re.findall(r"`([^`]+)`", accepted) == list(get_args(annotation)), key
+        if key == "task":
+            assert re.findall(r"`([^`]+)`", accepted) == sorted(TASKS)
+        bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
+                  if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+        if key == "privacy.noise_multiplier":  # σ = 0 is refused by a rule with its own message
+            with pytest.raises(ConfigError, match="privacy.noise_multiplier = 0 adds no noise"):
+                load_config(None, ["privacy.noise_multiplier=0"])
+            bounds = {"Gt": 0}
+        for sign, bound in (("≥", "Ge"), (">", "Gt")):
+            match = re.match(sign + r" ([0-9.]+)", accepted)
+            if match:
+                assert bounds.get(bound) == float(match.group(1)), (key, accepted, bounds)
+        match = re.match(r"([\[(])([0-9.]+), ([0-9.]+)([\])])", accepted)
+        if match:
+            low = "Ge" if match.group(1) == "[" else "Gt"
+            high = "Le" if match.group(4) == "]" else "Lt"
+            assert (bounds.get(low), bounds.get(high)) == (
+                float(match.group(2)), float(match.group(3))), (key, accepted, bounds)
