@@ -225,3 +225,16 @@ def test_a_rounds_cost_is_what_opacus_charges_when_its_loader_takes_a_step_fewer
     reference = RDPAccountant()
     reference.history = [(report.noise_multiplier, report.sample_rate, report.steps)]
     assert report.epsilon == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
+
+
+def test_a_prv_round_allowed_at_the_exact_budget_does_not_pass_it(tmp_path):
+    # Opacus's accountant folds a repeat of the last (σ, q) into its entry; the projection
+    # must be that history too: PRV's ε of [(σ, q, a), (σ, q, b)] and of [(σ, q, a + b)]
+    # differ in the 12th digit, and a budget between them was allowed and then passed.
+    spend(open_ledger(tmp_path / "probe", accountant="prv"), 1.0, 0.01, 100)
+    after = open_ledger(tmp_path / "probe", accountant="prv").check_round(1.0, 0.01, 100)
+    spend(open_ledger(tmp_path, accountant="prv"), 1.0, 0.01, 100)
+    ledger = open_ledger(tmp_path, budget=after.epsilon_after, accountant="prv")
+    assert ledger.check_round(1.0, 0.01, 100).allowed
+    spend(ledger, 1.0, 0.01, 100, rnd=2)
+    assert open_ledger(tmp_path, accountant="prv").epsilon <= after.epsilon_after

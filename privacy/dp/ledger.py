@@ -173,9 +173,13 @@ class PrivacyLedger:
         return sum(int(h[2]) for h in self._state["history"])
 
     def check_round(self, noise_multiplier: float, sample_rate: float, steps: int) -> BudgetDecision:
-        """What ε would be after `steps` more DP-SGD steps, and whether that fits the budget."""
+        """What ε would be after `steps` more DP-SGD steps, and whether that fits the budget.
+        The history projected is the one the spend leaves (Opacus's accountant, like
+        `_merged`, folds a repeat of the last (σ, q) into its entry: PRV's ε of the two
+        histories differs in the last digits, enough to pass a budget met exactly)."""
         projected = self.accountant()
-        projected.history.append((noise_multiplier, sample_rate, steps))
+        projected.history = [tuple(h) for h in _merged(
+            self._state["history"], (noise_multiplier, sample_rate, steps))]
         after = epsilon_of(projected, self.delta)
         return BudgetDecision(after <= self.epsilon_budget, self.epsilon, after, self.epsilon_budget)
 
