@@ -149,3 +149,20 @@ def test_every_config_key_is_in_configuration_md_with_its_default_and_range():
             high = "Le" if match.group(4) == "]" else "Lt"
             assert (bounds.get(low), bounds.get(high)) == (
                 float(match.group(2)), float(match.group(3))), (key, accepted, bounds)
+
+
+def test_the_python_version_readme_and_pyproject_state_is_one_the_dependencies_install_on():
+    """README's "Python 3.N+" is pyproject's requires-python, and that is no older than what
+    Flower (the dependency that asks the most) and the standard library modules we import
+    (tomllib, 3.11) need: pip would otherwise install consortia and fail on flwr."""
+    from importlib.metadata import metadata
+
+    import tomllib
+
+    root = DOCS.parent
+    requires = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    ours = tuple(int(x) for x in re.fullmatch(r">=(\d+)\.(\d+)", requires).groups())
+    flower = re.search(r">=\s*(\d+)\.(\d+)", metadata("flwr")["Requires-Python"]).groups()
+    assert ours >= (3, 11) and ours >= tuple(int(x) for x in flower)
+    readme = re.search(r"Python (\d+)\.(\d+)\+", (root / "README.md").read_text()).groups()
+    assert tuple(int(x) for x in readme) == ours
