@@ -166,3 +166,47 @@ def test_the_python_version_readme_and_pyproject_state_is_one_the_dependencies_i
     assert ours >= (3, 11) and ours >= tuple(int(x) for x in flower)
     readme = re.search(r"Python (\d+)\.(\d+)\+", (root / "README.md").read_text()).groups()
     assert tuple(int(x) for x in readme) == ours
+
+
+def _named_fields(doc: str, row_start: str) -> set[str]:
+    """The `snake_case` names in the line of `doc` (relative to the repository) that starts
+    with `row_start`."""
+    text = (DOCS.parent / doc).read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith(row_start))
+    return set(re.findall(r"`([a-z][a-z0-9_]*)`", line))
+
+
+@pytest.mark.slow
+def test_the_output_fields_the_docs_name_are_the_ones_a_run_writes(tmp_path):
+    """README's table of a run's files and secagg.md's metrics.jsonl fields, against a
+    one-round run under secure aggregation."""
+    import json
+
+    from consortia.server.results import read_jsonl
+    from consortia.simulations.runner import run_simulation
+
+    cfg = load_config(DOCS.parent / "simulations" / "experiments" / "digits-dp-smoke.toml",
+                      ["rounds=1", "clients=3", "clients_per_round=3", "secagg.enabled=true",
+                       "train_examples=300", "test_examples=100"])
+    summary = run_simulation(cfg, tmp_path)
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    participation = read_jsonl(tmp_path / "participation.jsonl")[0]
+    conditional = {"eval_every", "user_epsilon", "byzantine_clients"}  # other runs' fields
+
+    assert _named_fields("README.md", "| `metrics.jsonl` |") - conditional <= row.keys()
+    text = (DOCS / "secagg.md").read_text()
+    start = text.index("`metrics.jsonl` records `secagg_status`")
+    named = set(re.findall(r"`(secagg_[a-z_]+)`", text[start:text.index("\n- ", start)]))
+    assert named - {"secagg_reason"} <= row.keys()  # secagg_reason: an aborted round's
+    assert _named_fields("README.md", "| `summary.json` |") - conditional <= (
+        summary.keys() | summary["clients"][0].keys())
+    statuses = {"trained", "rejected", "failed"}
+    assert _named_fields("README.md", "| `participation.jsonl` |") - statuses <= participation.keys()
+
+    readme = (DOCS.parent / "README.md").read_text()
+    table = readme[readme.index("Each run writes to `--out`:"):readme.index("## Documentation")]
+    files = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    assert "run.json" in files and len(files) >= 8
+    for name in files:
+        assert (tmp_path / name.replace("<id>", "0")).exists(), name
