@@ -210,3 +210,14 @@ def test_the_output_fields_the_docs_name_are_the_ones_a_run_writes(tmp_path):
     assert "run.json" in files and len(files) >= 8
     for name in files:
         assert (tmp_path / name.replace("<id>", "0")).exists(), name
+
+
+def test_the_sweep_csv_columns_simulations_md_names_are_the_ones_written():
+    from consortia.simulations.sweep import sweep_row
+
+    text = (DOCS / "simulations.md").read_text()
+    start = text.index("`results/sweep/sweep.csv` has one row per cell:")
+    named = re.findall(r"`([a-z_]+)`", text[start:text.index("\n\n", start)])
+    # run_sweep writes "cell" (the folder), then sweep_row's: the --grid keys, then these.
+    written = ["cell"] + [k for k in sweep_row({}, {}) if k != "cell"]
+    assert named == written
