@@ -53,7 +53,10 @@ class CheckpointStore:
 
     def save(self, server_round: int, weights: dict[str, np.ndarray],
              metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Checkpoint:
-        parent = self._last or self.latest()
+        # The parent is the checkpoint of the rounds before this one: on a resume, not a
+        # newer one left by the stopped process (its round runs again, this save replaces it).
+        parent = self._last if self._last is not None and self._last.round < server_round \
+            else self.latest(before=server_round)
         data = weights_bytes(weights)
         digest = hashlib.sha256(data).hexdigest()
         weights_path, manifest_path = self._paths(server_round)
@@ -82,10 +85,11 @@ class CheckpointStore:
                 self.problems.append(f"{manifest_path.name}: manifest unreadable ({err!r})")
         return sorted(found, key=lambda c: c.round)
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint whose weights match their recorded hash. What was passed
-        over on the way (newer ones that do not verify) is in `problems`."""
-        checkpoints = self.all()
+    def latest(self, before: int | None = None) -> Checkpoint | None:
+        """The newest checkpoint whose weights match their recorded hash (of a round before
+        `before`, if given). What was passed over on the way (newer ones that do not
+        verify) is in `problems`."""
+        checkpoints = [c for c in self.all() if before is None or c.round < before]
         for ckpt in reversed(checkpoints):
             if ckpt.weights_path.is_file() and \
                     hashlib.sha256(ckpt.weights_path.read_bytes()).hexdigest() == ckpt.sha256:

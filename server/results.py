@@ -4,7 +4,9 @@ metrics.jsonl has one object per round; participation.jsonl one per (round, clie
 with what the client did and reported; summary.json is rendered from both, so anyone
 can recompute each client's ε from (noise_multiplier, sample_rate, steps) with an
 independent accountant. Lines are appended after the round's checkpoint is written; on
-resume, rows past the checkpoint are dropped, so the files always match the weights.
+resume, rows past the checkpoint are dropped, so the files always match the weights (and
+a checkpoint whose round has no row, the process killed between the two, is passed over:
+its round runs again).
 """
 
 from __future__ import annotations
@@ -65,19 +67,31 @@ class RunRecorder:
             if p.get("epsilon") is not None:
                 self.epsilon[p["client_id"]] = p["epsilon"]
 
+    def _kept(self, last_round: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The metrics and participation rows recorded up to `last_round`: the files', or
+        the run store's when the files lost rows (deleted, cut short)."""
+        rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= last_round]
+        participation = [p for p in read_jsonl(self.participation_path)
+                         if p["round"] <= last_round]
+        if self.store is not None and len(rows) < last_round:
+            stored = [r for r in self.store.metrics_rows(self.run_id) if r["round"] <= last_round]
+            if len(stored) > len(rows):
+                rows = stored
+                participation = [p for p in self.store.participation_rows(self.run_id)
+                                 if p["round"] <= last_round]
+        return rows, participation
+
+    def recorded_through(self, last_round: int) -> int:
+        """The last round up to `last_round` whose metrics row was recorded (0 if none). A
+        round's checkpoint is written before its rows: a process killed between the two
+        leaves a checkpoint newer than this."""
+        return max((r["round"] for r in self._kept(last_round)[0]), default=0)
+
     def restore(self, last_round: int) -> None:
         """Keep what was recorded up to `last_round` (the checkpoint being resumed). A file
         that lost rows (deleted, cut short) is rebuilt from the run store, which keeps
         each row verbatim."""
-        self.rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= last_round]
-        self.participation = [p for p in read_jsonl(self.participation_path)
-                              if p["round"] <= last_round]
-        if self.store is not None and len(self.rows) < last_round:
-            stored = [r for r in self.store.metrics_rows(self.run_id) if r["round"] <= last_round]
-            if len(stored) > len(self.rows):
-                self.rows = stored
-                self.participation = [p for p in self.store.participation_rows(self.run_id)
-                                      if p["round"] <= last_round]
+        self.rows, self.participation = self._kept(last_round)
         self.epsilon = {}
         self._note_epsilons(self.participation)
         self._rewrite(self.metrics_path, self.rows)

@@ -191,15 +191,26 @@ class RoundWorkflow:
         checkpoint, and says so when it passes over newer ones that do not verify (their
         rounds run again, and the clients spend for them again)."""
         latest = self.checkpoints.latest() if resume else None
+        problems = list(self.checkpoints.problems)
+        if latest is not None and latest.round > 0 and \
+                self.recorder.recorded_through(latest.round) == latest.round - 1:
+            # Killed between the round's checkpoint and its rows (metrics.jsonl,
+            # participation.jsonl, the store): the round is not on record, so it runs again.
+            problems.append(f"round {latest.round}: checkpoint {latest.weights_path.name} was "
+                            "written but the round was not recorded (the process stopped "
+                            "between the two)")
+            latest = self.checkpoints.latest(before=latest.round)
+            problems += self.checkpoints.problems
         if resume and latest is None:  # not a silent restart from round 0
-            found = "; ".join(self.checkpoints.problems) or "none there"
+            found = "; ".join(problems) or "none there"
             raise ResultsDirError(f"--resume: no checkpoint in {self.checkpoints.directory} "
                                   f"verifies ({found}); the run cannot continue where it "
                                   "stopped: restore checkpoints/ or start a new run in another "
                                   f"results directory ({RESULTS_DIR_SETTING[self.kind]})")
-        if latest is not None and self.checkpoints.problems:
-            passed = "; ".join(self.checkpoints.problems)
-            log.warning("resuming after round %d, the latest checkpoint that verifies (%s): "
+        if latest is not None and problems:
+            passed = "; ".join(problems)
+            log.warning("resuming after round %d, the latest checkpoint that verifies and "
+                        "whose round is on record (%s): "
                         "the rounds after it run again, and clients spend ε for them again",
                         latest.round, passed)
             if self.store is not None:

@@ -1,0 +1,75 @@
+"""Resuming a run that a crash cut off: what the process left on disk between two writes."""
+
+from pathlib import Path
+
+import numpy as np
+
+from consortia.config import load_config
+from consortia.server.checkpoint import CheckpointStore
+from consortia.server.results import read_jsonl
+from consortia.server.run_dir import prepare_out_dir
+from consortia.server.store import RunStore
+from consortia.server.validation import ReplyOutcome
+
+SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits-dp-smoke.toml"
+
+
+def workflow(cfg, out, run_id, store):
+    from consortia.server.workflow import RoundWorkflow
+    from consortia.strategies import build_strategy
+    from consortia.tasks import get_task
+
+    return RoundWorkflow(cfg, get_task(cfg.task, cfg.task_options()), build_strategy(cfg), out,
+                         run_id, store=store)
+
+
+def checkpoint_round(flow, server_round, arrays):
+    from consortia.server.workflow import arrays_to_numpy
+
+    ckpt = flow.checkpoints.save(server_round, arrays_to_numpy(arrays), {"accuracy": 0.5},
+                                 flow.state())
+    flow.record_checkpoint(ckpt)
+    return ckpt
+
+
+def test_a_round_checkpointed_but_not_recorded_runs_again(tmp_path):
+    """SIGKILL between a round's checkpoint and its rows (metrics.jsonl, participation.jsonl,
+    the store): the resume continued after that checkpoint, so the round was never on
+    record (sim run digits-dp-smoke, killed in RunRecorder.record_round of round 2, then
+    --resume: metrics.jsonl rounds [1, 3], store rounds [1, 3], summary rounds_completed 2
+    of a completed run). The round runs again, after the checkpoint before it."""
+    cfg = load_config(SMOKE, ["rounds=3", "privacy.enabled=false"])
+    out = tmp_path / "run"
+    run_id = prepare_out_dir(cfg, out, resume=False)
+    store = RunStore(out / "store.db")
+    store.start_run(run_id, task=cfg.task, rounds_total=cfg.rounds, config={})
+    first = workflow(cfg, out, run_id, store)
+    _, arrays = first.start_state(resume=False)
+    one = checkpoint_round(first, 1, arrays)
+    first.recorder.record_round(1, {"accuracy": 0.5}, [ReplyOutcome(1, "trained", "")], 1.0,
+                                one.sha256)
+    checkpoint_round(first, 2, arrays)  # ... and the process is killed here
+
+    resumed = workflow(cfg, out, run_id, store)
+    start, _ = resumed.start_state(resume=True)
+    assert start == 1
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [c["round"] for c in store.checkpoints(run_id)] == [0, 1]
+    assert any(e["event"] == "resume-passed-over-checkpoints"
+               and "round 2: checkpoint round-00002.safetensors was written but the round "
+                   "was not recorded" in e["detail"] for e in store.audit_log(run_id))
+    # Round 2 again: its checkpoint replaces the one left behind, chained to round 1's.
+    again = checkpoint_round(resumed, 2, arrays)
+    assert again.parent_sha256 == one.sha256
+    store.close()
+
+
+def test_a_checkpoint_is_chained_to_the_round_before_it_not_a_newer_one(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for r in range(3):
+        store.save(r, {"w": np.full(2, r, np.float32)}, {})
+    one = CheckpointStore(tmp_path).latest(before=2)
+    assert one.round == 1
+    assert CheckpointStore(tmp_path).save(2, {"w": np.zeros(2, np.float32)}, {}).parent_sha256 \
+        == one.sha256
+
