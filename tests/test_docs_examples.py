@@ -42,29 +42,35 @@ def test_the_example_configs_listed_in_configuration_md_are_those_in_the_directo
     assert named == {p.name for p in experiments.glob("*.toml")}
 
 
-# ---- configuration.md's key table against the schema (consortia/config.py) ----
+# ---- the key tables of configuration.md, partners.md, operators.md against the schemas ----
 
 # A default cell that says in words what an unset (None) key means.
 _UNSET_WORDS = ("unset", "Flower's", "majority", "even ≥", "the most", "K / 20", "`store.db`")
 
 
 def _leaves(model, prefix=""):
-    """(dotted key, pydantic FieldInfo) for every leaf of a schema."""
+    """(dotted key, pydantic FieldInfo) for every leaf of a schema (a section that may be
+    left out, `X | None`, included)."""
+    from typing import get_args
+
     from pydantic import BaseModel
 
     for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            yield from _leaves(field.annotation, f"{prefix}{name}.")
+        sections = [a for a in (field.annotation, *get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sections:
+            yield from _leaves(sections[0], f"{prefix}{name}.")
         else:
             yield prefix + name, field
 
 
-def _table_rows(doc: str, first_column: str) -> dict[str, list[str]]:
-    """key -> [default, accepted, meaning] of a markdown table whose header starts with
-    `| first_column |`; a row naming several keys (`a`, `b`) gives each its part of a
-    default cell that lists one value per key."""
+def _table_rows(doc: str) -> dict[str, list[str]]:
+    """key -> [default, accepted, meaning] of the first `| key | default | accepted |
+    meaning |` table in docs/`doc`; a row naming several keys (`a`, `b`) gives each its
+    part of a default cell that lists one value per key (and of an accepted cell that
+    lists them with "; ")."""
     text = (DOCS / doc).read_text()
-    start = text.index(f"| {first_column} |")
+    start = text.index("| key | default | accepted | meaning |")
     rows = {}
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
@@ -80,10 +86,12 @@ def _table_rows(doc: str, first_column: str) -> dict[str, list[str]]:
 
 
 def _value(text: str):
-    """A default cell's value: a number, a bool, or a `quoted` string; None otherwise."""
+    """A default cell's value: a number, a bool, `[]`, or a `quoted` string; None otherwise."""
     text = text.strip()
     if text in ("true", "false"):
         return text == "true"
+    if text == "`[]`":
+        return []
     if re.fullmatch(r"`[^`]+`", text):
         return text.strip("`")
     try:
@@ -103,36 +111,36 @@ def _flower_defaults(key: str) -> set:
             for cls, mapping in RULES.values() if name in mapping}
 
 
-def test_every_config_key_is_in_configuration_md_with_its_default_and_range():
-    """Each schema key has a row; each row names a schema key; the default a row states is
-    the schema's (or, for a strategy parameter left to Flower, Flower's), its accepted
-    values are the Literal's, and a bound the row states is the schema's."""
+def _check_key_table(doc: str, schema: dict) -> dict[str, list[str]]:
+    """Each schema key has a row in `doc`'s key table; each row names a schema key; the
+    default a row states is the schema's ("required" for a key without one; for a strategy
+    parameter left to Flower, Flower's), its accepted values are the Literal's, and a
+    bound the row states (≥ a, > a, [a, b), (a, b], …) is the schema's."""
     from typing import Literal, get_args, get_origin
 
-    from consortia.config import RunConfig
-    from consortia.tasks import TASKS
+    from pydantic_core import PydanticUndefined
 
-    rows = _table_rows("configuration.md", "key")
-    schema = dict(_leaves(RunConfig))
-    assert set(rows) - set(schema) == set(), "documented keys the schema does not have"
-    assert set(schema) - set(rows) == set(), "schema keys configuration.md does not document"
+    rows = _table_rows(doc)
+    assert set(rows) - set(schema) == set(), f"keys {doc} documents that the schema lacks"
+    assert set(schema) - set(rows) == set(), f"schema keys {doc} does not document"
 
     for key, field in schema.items():
         default_text, accepted, _ = rows[key]
         stated = _value(default_text)
-        if field.default is None:
+        default = field.default_factory() if field.default_factory else field.default
+        if default is PydanticUndefined:
+            assert default_text == "required", (key, default_text)
+        elif default is None:
             if stated is not None and key.startswith("strategy."):
                 assert _flower_defaults(key) == {stated}, (key, default_text)
             else:
                 assert default_text.startswith(_UNSET_WORDS), (key, default_text)
         else:
-            assert stated == field.default, (key, default_text, field.default)
+            assert stated == default, (key, default_text, default)
 
         annotation = field.annotation
         if get_origin(annotation) is Literal:
             assert re.findall(r"`([^`]+)`", accepted) == list(get_args(annotation)), key
-        if key == "task":
-            assert re.findall(r"`([^`]+)`", accepted) == sorted(TASKS)
         bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
                   if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
         if key == "privacy.noise_multiplier":  # σ = 0 is refused by a rule with its own message
@@ -149,6 +157,32 @@ def test_every_config_key_is_in_configuration_md_with_its_default_and_range():
             high = "Le" if match.group(4) == "]" else "Lt"
             assert (bounds.get(low), bounds.get(high)) == (
                 float(match.group(2)), float(match.group(3))), (key, accepted, bounds)
+        match = re.match(r"([0-9]+) … ([0-9]+)$", accepted)
+        if match:
+            assert (bounds.get("Ge"), bounds.get("Le")) == (
+                int(match.group(1)), int(match.group(2))), (key, accepted, bounds)
+    return rows
+
+
+def test_every_config_key_is_in_configuration_md_with_its_default_and_range():
+    from consortia.config import RunConfig
+    from consortia.tasks import TASKS
+
+    rows = _check_key_table("configuration.md", dict(_leaves(RunConfig)))
+    assert re.findall(r"`([^`]+)`", rows["task"][1]) == sorted(TASKS)
+
+
+def test_every_site_toml_key_is_in_partners_md_with_its_default_and_range():
+    from consortia.client.site_config import SiteConfig
+
+    _check_key_table("partners.md", dict(_leaves(SiteConfig)))
+
+
+def test_every_server_toml_key_is_in_operators_md_with_its_default_and_range():
+    from consortia.server.deploy_config import ServerDeployConfig
+
+    _check_key_table("operators.md", {k: f for k, f in _leaves(ServerDeployConfig)
+                                      if k.startswith("server.")})
 
 
 def test_the_python_version_readme_and_pyproject_state_is_one_the_dependencies_install_on():
