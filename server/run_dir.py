@@ -95,8 +95,15 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
 
 
 def run_finished(cfg: RunConfig, out_dir: Path) -> bool:
-    """Every round of the run is checkpointed and its summary written: a resume has
-    nothing to run (a run stopped early has its summary, but not its last rounds)."""
+    """Every round of the run is checkpointed and its summary, written after the last
+    round, says so: a resume has nothing to run. A run stopped early has its summary, but
+    not its last rounds; one killed after its last checkpoint, before its summary, may
+    still have a stopped run's summary, of fewer rounds."""
     latest = CheckpointStore(out_dir / CHECKPOINTS_DIR).latest()
-    return (latest is not None and latest.round >= cfg.rounds
-            and (out_dir / SUMMARY_FILE).is_file())
+    if latest is None or latest.round < cfg.rounds:
+        return False
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):  # none yet (or not one a finished run wrote)
+        return False
+    return isinstance(summary, dict) and summary.get("rounds_completed", 0) >= cfg.rounds

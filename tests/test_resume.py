@@ -1,5 +1,6 @@
 """Resuming a run that a crash cut off: what the process left on disk between two writes."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import numpy as np
 from consortia.config import load_config
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.results import read_jsonl
-from consortia.server.run_dir import prepare_out_dir
+from consortia.server.run_dir import prepare_out_dir, run_finished
 from consortia.server.store import RunStore
 from consortia.server.validation import ReplyOutcome
 
@@ -73,3 +74,19 @@ def test_a_checkpoint_is_chained_to_the_round_before_it_not_a_newer_one(tmp_path
     assert CheckpointStore(tmp_path).save(2, {"w": np.zeros(2, np.float32)}, {}).parent_sha256 \
         == one.sha256
 
+
+def test_a_run_killed_after_its_last_checkpoint_is_not_taken_for_finished(tmp_path):
+    """A run stopped after round 1 (runs stop) writes its summary; resumed, and killed
+    after round 3's checkpoint before its summary, it was taken for finished: --resume
+    said 'already completed all 3 rounds: nothing to run', leaving summary.json at round
+    1 (rounds_completed 1, round 1's accuracy) and the store's run 'running'."""
+    cfg = load_config(SMOKE, ["rounds=3"])
+    prepare_out_dir(cfg, tmp_path, resume=False)
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    for r in range(4):
+        checkpoints.save(r, {"w": np.zeros(2, np.float32)}, {})
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"rounds": 3, "rounds_completed": 1}))
+    assert not run_finished(cfg, tmp_path)
+    summary.write_text(json.dumps({"rounds": 3, "rounds_completed": 3}))
+    assert run_finished(cfg, tmp_path)

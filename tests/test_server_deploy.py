@@ -447,7 +447,8 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
     checkpoints = CheckpointStore(cfg.server.out / "checkpoints")
     for r in range(checkpointed + 1):
         checkpoints.save(r, {"w": np.zeros(2, np.float32)}, {})
-    (cfg.server.out / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    summary = {"final_accuracy": 0.5, "rounds_completed": checkpointed}
+    (cfg.server.out / "summary.json").write_text(json.dumps(summary))
 
     class Started(Exception):
         pass
@@ -461,7 +462,7 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
         with pytest.raises(Started):
             deploy.serve(path, resume=True, log=said.append)
     else:
-        assert deploy.serve(path, resume=True, log=said.append) == {"final_accuracy": 0.5}
+        assert deploy.serve(path, resume=True, log=said.append) == summary
         assert said == [f"run {json.loads((cfg.server.out / 'run.json').read_text())['run_id']} "
                         f"already completed all 3 rounds: nothing to run (results in "
                         f"{cfg.server.out})"]

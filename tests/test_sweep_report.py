@@ -212,8 +212,10 @@ def test_a_cell_stopped_before_its_last_round_is_resumed_not_reported_as_done(
                      on_cell=lambda i, n, name, done: seen.append(done))
     assert seen == [False] and resumed == [("seed=0", True)]
     assert next(csv.DictReader(path.open()))["final_accuracy"] == "0.3"
-    # Its last round checkpointed: done, skipped.
+    # Its last round checkpointed and its summary written after it: done, skipped.
     store.save(3, {"w": np.zeros(2, dtype=np.float32)}, {"accuracy": 0.3}, {})
+    (cell / "summary.json").write_text(json.dumps({"final_accuracy": 0.3, "rounds": 3,
+                                                   "rounds_completed": 3, "clients": []}))
     monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("re-ran a cell"))
     seen.clear()
     run_sweep(SMOKE, ["seed=0"], tmp_path, ["rounds=3"],
