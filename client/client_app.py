@@ -30,7 +30,7 @@ from consortia.messages import (
     update_vector_order,
 )
 from consortia.privacy.dp import LedgerMismatchError, PrivacyLedger
-from consortia.privacy.dp.user_level import add_noise_share, clip_update
+from consortia.privacy.dp.user_level import add_noise_share, clip_indicator, clip_update
 from consortia.privacy.secagg import RoundSetup
 from consortia.tasks import Task, WeightsMismatch
 
@@ -46,7 +46,8 @@ def protect_update(ins: TrainInstructions, global_weights: dict, weights: dict, 
     delta = {k: (v.double() - global_weights[k].double()) for k, v in weights.items()}
     clipped, within = clip_update(delta, ins.user_clip)
     noised = add_noise_share(clipped, ins.user_noise_std, generator)
-    indicator = float(within) + ins.user_count_noise_std * float(torch.randn(1, generator=generator))
+    indicator = clip_indicator(within) + ins.user_count_noise_std * float(
+        torch.randn(1, generator=generator))
     new = {k: (global_weights[k].double() + d).to(weights[k].dtype) for k, d in noised.items()}
     return new, within, indicator
 

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from consortia.config import RunConfig, config_to_dict
 from consortia.messages import ARRAYS, TrainInstructions, check_message_size
 from consortia.privacy.dp.distributed import choose_scale, model_step
-from consortia.privacy.dp.user_level import UserLevelDP
+from consortia.privacy.dp.user_level import UserLevelDP, clip_indicator
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
@@ -341,8 +341,8 @@ class RoundWorkflow:
                 accepted = self.check_user_clip(outcomes, arrays)
                 summed = UpdateSum.of_replies(accepted, arrays, weighted=False) if accepted else None
                 if summed is not None:  # the server adds the count noise (noise_at = server)
-                    summed.indicator = float(sum(bool(o.report.within_clip) for o in outcomes
-                                                 if o.status == "trained"))
+                    summed.indicator = float(sum(clip_indicator(bool(o.report.within_clip))
+                                                 for o in outcomes if o.status == "trained"))
 
         if self.user_dp is not None and summed is not None:
             average, dp_metrics = self.user_dp.release(summed.total, summed.indicator,

@@ -13,6 +13,7 @@ from consortia.config import ConfigError, load_config
 from consortia.privacy.dp.user_level import (
     UserLevelDP,
     add_noise_share,
+    clip_indicator,
     clip_update,
     update_noise_multiplier,
 )
@@ -25,7 +26,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "d
 def release_rounds(dp, rounds, norms_fn, rng):
     for _ in range(rounds):
         norms = norms_fn()
-        within = float(np.sum(norms <= dp.clip))
+        within = sum(clip_indicator(n <= dp.clip) for n in norms)
         dp.release({"w": np.zeros(3)}, within, len(norms), rng)
 
 
@@ -128,3 +129,25 @@ def test_user_dp_split_among_clients_under_secure_aggregation(tmp_path):
     acc.history = [tuple(h) for h in summary["user_dp"]["history"]]
     assert summary["user_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert summary["user_dp"]["rounds"] == 3  # rounds, not history entries (one here)
+
+
+def test_the_clipped_count_moves_by_at_most_half_a_client():
+    # update_noise_multiplier's (2σ_b)⁻² is Andrew et al.'s charge for a count query whose
+    # sum one client moves by at most 1/2: each client adds b − 1/2, not b ∈ {0, 1} (which
+    # moves it by 1, so the pair would cost (z_Δ⁻² + σ_b⁻²)^(−1/2) < z, more than reported).
+    from consortia.client.client_app import protect_update
+    from consortia.messages import TrainInstructions
+
+    ins = TrainInstructions(run_id="r", task="digits-mlp", model_activation="tanh",
+                            local_epochs=1, batch_size=8, lr=0.1, momentum=0.0, seed=0,
+                            dp_enabled=False, max_grad_norm=1.0, planned_rounds=1,
+                            user_clip=1.0, user_noise_std=0.0, user_count_noise_std=0.0)
+    old = {"w": torch.zeros(2)}
+    indicators = {protect_update(ins, old, {"w": torch.tensor([x, 0.0])}, 0)[2]
+                  for x in (0.5, 3.0)}  # one update within the clip, one beyond it
+    assert indicators == {0.5, -0.5}
+    # The server undoes the centring: four clients of four within the clip read 1.
+    dp = UserLevelDP(noise_multiplier=1.0, clip=1.0, expected_clients=4, sample_rate=1.0,
+                     noise_at="clients", target_quantile=0.5, count_noise=1.0)
+    _, metrics = dp.release({"w": np.zeros(2)}, 4 * 0.5, 4, np.random.default_rng(0))
+    assert metrics["user_within_clip_fraction"] == pytest.approx(1.0)

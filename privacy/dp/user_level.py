@@ -12,11 +12,13 @@ aggregation, the server never sees an un-noised sum. If only m < K clients contr
 the realized noise multiplier is z_Δ·sqrt(m/K) and that is what the accountant records.
 
 Adaptive clipping (Andrew et al. 2021): each client also reports whether its update
-was within C (a bit b_i); the server forms b̃ = (Σ b_i + N(0, σ_b²)) / K and moves C
-geometrically toward the target quantile γ: C ← C·exp(−η_C·(b̃ − γ)). The count query
-costs privacy too; Andrew et al. show the pair is equivalent to one Gaussian query with
-noise multiplier z when z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), which is what we use: the
-accountant sees z, the update gets z_Δ.
+was within C (a bit b_i), centred: b_i − 1/2 (:func:`clip_indicator`); the server forms
+b̃ = (Σ (b_i − 1/2) + N(0, σ_b²)) / K + 1/2 and moves C geometrically toward the target
+quantile γ: C ← C·exp(−η_C·(b̃ − γ)). The count query costs privacy too; adding or
+removing one client moves its sum by at most 1/2 (the reason for the centring), and
+Andrew et al. show the pair is then equivalent to one Gaussian query with noise
+multiplier z when z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), which is what we use: the accountant sees
+z, the update gets z_Δ.
 
 Accounting: Opacus's RDP accountant for the sampled Gaussian mechanism, one step per
 round, sampling rate q = K/N (clients are sampled uniformly without replacement; the
@@ -47,6 +49,14 @@ def update_noise_multiplier(z: float, count_noise: float | None) -> float:
 
 
 # --- the client's side -----------------------------------------------------------------
+
+def clip_indicator(within: bool) -> float:
+    """A client's term of the clipped count: b − 1/2 ∈ {−1/2, +1/2} (Andrew et al. 2021;
+    TF Privacy's QuantileEstimatorQuery), so one client moves the sum by at most 1/2, the
+    sensitivity update_noise_multiplier's (2σ_b)⁻² charges for. b ∈ {0, 1} would move it
+    by 1, and the pair would cost more than the z accounted."""
+    return float(within) - 0.5
+
 
 def clip_update(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], bool]:
     """Δ scaled to norm at most `clip`, and whether it was already within it."""
@@ -102,7 +112,9 @@ class UserLevelDP:
 
     def release(self, update_sum: dict[str, np.ndarray], within_count: float, contributors: int,
                 rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The DP average update from the clipped sum; steps the accountant, adapts C."""
+        """The DP average update from the clipped sum; steps the accountant, adapts C.
+        `within_count`: Σ clip_indicator(b_i) over the contributors (with their shares
+        of the count noise when noise_at = "clients")."""
         k = self.expected_clients
         clip_used = self.clip
         if self.noise_at == "server":
@@ -124,7 +136,7 @@ class UserLevelDP:
         if self.adaptive:
             if self.noise_at == "server":
                 within_count += rng.normal(0.0, self.count_noise)
-            noisy_fraction = within_count / k
+            noisy_fraction = within_count / k + 0.5  # the indicators are centred
             self.clip = clip_used * math.exp(-self.clip_lr * (noisy_fraction - self.target_quantile))
             metrics["user_within_clip_fraction"] = noisy_fraction
         return average, metrics
