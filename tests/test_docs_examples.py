@@ -255,3 +255,39 @@ def test_the_sweep_csv_columns_simulations_md_names_are_the_ones_written():
     # run_sweep writes "cell" (the folder), then sweep_row's: the --grid keys, then these.
     written = ["cell"] + [k for k in sweep_row({}, {}) if k != "cell"]
     assert named == written
+
+
+def _sim_commands():
+    """(doc, config path, --set values, --grid specs) of every `consortia sim run` /
+    `sim sweep` command in README.md and docs/ that names an example config."""
+    for path in [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())  # continued lines
+        text = re.sub(r"\n\s*(?=--set )", " ", text)  # a command wrapped in prose
+        for match in re.finditer(r"consortia sim (?:run|sweep) (\S+\.toml)([^`\n#|]*)", text):
+            config, rest = match.groups()
+            config = DOCS.parent / (config if "/" in config else f"simulations/experiments/{config}")
+            if "..." in rest or config.name == "experiment.toml":
+                continue  # a placeholder (`--set ...`, simulations.md's experiment.toml)
+            yield (path.name, config, re.findall(r"--set[= ](\S+)", rest),
+                   re.findall(r"--grid[= ](\S+)", rest))
+
+
+def test_the_sim_commands_in_the_docs_load_and_set_nothing_inert():
+    """Each command's config (each sweep cell's) passes the schema, and the command sets
+    no key the run would call inert at start ('set but changing nothing in this run')."""
+    import itertools
+
+    from consortia.config import inert_settings_warning
+
+    commands = list(_sim_commands())
+    assert len(commands) > 30
+    for doc, config, sets, grids in commands:
+        keys = [g.split("=", 1)[0] for g in grids]
+        values = [g.split("=", 1)[1].split(",") for g in grids]
+        for cell in itertools.product(*values):
+            overrides = sets + [f"{k}={v}" for k, v in zip(keys, cell, strict=True)]
+            try:
+                cfg = load_config(config, overrides)
+            except ConfigError as err:
+                raise AssertionError(f"{doc}: {config.name} {overrides}: {err}") from None
+            assert inert_settings_warning(cfg) is None, (doc, config.name, overrides)
