@@ -292,6 +292,41 @@ def test_the_fast_fashion_mnist_variant_learns_within_its_budget(tmp_path):
     assert (tmp_path / "report.html").read_text().count("epsilon_if_secagg_fails") == 1
 
 
+@pytest.mark.slow
+def test_a_runs_reported_epsilons_are_reproduced_by_an_independent_accountant(tmp_path):
+    """summary.json's ε and ε_if_secagg_fails of each client, recomputed from what the run
+    records (each round's σᵢ, σ_floor and t, the config's γ, the model's d) with the
+    published formulas (independent_sigma_hat) and Google's dp-accounting."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from consortia.server.results import read_jsonl
+    from consortia.server.workflow import distributed_scale
+    from consortia.simulations.runner import run_simulation
+    from consortia.tasks import get_task
+
+    cfg = load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml",
+                      ["rounds=2", "eval_every=2", "train_examples=2000", "test_examples=200"])
+    summary = run_simulation(cfg, tmp_path)
+    thresholds = {r["round"]: r["secagg_threshold"] for r in read_jsonl(tmp_path / "metrics.jsonl")}
+    sent = [p for p in read_jsonl(tmp_path / "participation.jsonl") if p["status"] == "trained"]
+    model = get_task(cfg.task).build_model(cfg.model.activation)
+    d = sum(v.numel() for v in model.state_dict().values())
+    scale, clip, delta = distributed_scale(cfg), cfg.privacy.max_grad_norm, cfg.privacy.delta
+    assert len(summary["clients"]) == 4
+    for c in summary["clients"]:
+        mine = [p for p in sent if p["client_id"] == c["id"]]
+        assert len(mine) == c["steps"] == 2
+        for shares, reported in ((None, c["epsilon"]), (1, c["epsilon_if_secagg_fails"])):
+            google = dp_accounting.rdp.RdpAccountant()
+            for p in mine:
+                t = thresholds[p["round"]]
+                sigma_hat = independent_sigma_hat(p["noise_multiplier"], clip, scale, t, d,
+                                                  shares or t, p["noise_floor"])
+                google.compose(dp_accounting.PoissonSampledDpEvent(
+                    p["sample_rate"], dp_accounting.GaussianDpEvent(sigma_hat)))
+            assert reported == pytest.approx(google.get_epsilon(delta), rel=1e-3)
+        assert c["epsilon"] <= c["epsilon_budget"]
+
+
 # --- the client's round -----------------------------------------------------------------
 
 def client_step(tmp_path, cap=None, budget=3.0, **overrides):
