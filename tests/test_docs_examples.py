@@ -291,3 +291,23 @@ def test_the_sim_commands_in_the_docs_load_and_set_nothing_inert():
             except ConfigError as err:
                 raise AssertionError(f"{doc}: {config.name} {overrides}: {err}") from None
             assert inert_settings_warning(cfg) is None, (doc, config.name, overrides)
+
+
+def test_every_repository_file_the_docs_name_exists():
+    """A `folder/file.py` (or .toml, .md; `path::test` and `path:function` too) named in
+    README.md or docs/, and every relative link, is a file of this repository."""
+    root = DOCS.parent
+    missing = []
+    for path in [root / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text()
+        named = re.findall(r"`([A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+\.(?:py|toml|md))(?:[:`])", text)
+        linked = re.findall(r"\]\(([A-Za-z0-9_./-]+)(?:#[^)]*)?\)", text)
+        for name in named:
+            if name.startswith("my_"):  # a partner's own file, in an example
+                continue
+            if not ((root / name).is_file() or (path.parent / name).is_file()):
+                missing.append(f"{path.name}: {name}")
+        for name in linked:
+            if not (path.parent / name).exists():
+                missing.append(f"{path.name}: link {name}")
+    assert missing == []
