@@ -59,6 +59,10 @@ def site_status(config: str | Path | SiteConfig) -> dict[str, Any]:
                                 epsilon_budget=p.epsilon_budget)
     audit = AuditLog(cfg.site.state_dir)
     return {"site": cfg.site.name, "epsilon": ledger.epsilon, "epsilon_budget": p.epsilon_budget,
+            # Distributed DP's second guarantee (this site's own noise shares alone), which
+            # [policy] max_epsilon_if_secagg_fails caps; None when the site never took part.
+            "epsilon_if_secagg_fails": ledger.epsilon_if_secagg_fails,
+            "max_epsilon_if_secagg_fails": p.max_epsilon_if_secagg_fails,
             "delta": p.delta, "accountant": p.accountant, "steps": ledger.steps,
             "ledger_events": ledger.events, "audit": audit.entries(),
             "audit_damaged_lines": audit.damaged_lines()}

@@ -164,6 +164,10 @@ def client_status(config: Path = typer.Option(..., "--config", help="site TOML")
         return
     typer.echo(f"{status['site']}: ε {status['epsilon']:.4f} of {status['epsilon_budget']} "
                f"(δ {status['delta']}, {status['accountant']}), {status['steps']} DP-SGD steps")
+    if status["epsilon_if_secagg_fails"] is not None:  # distributed DP's second guarantee
+        cap = status["max_epsilon_if_secagg_fails"]
+        typer.echo(f"  ε if secure aggregation fails {status['epsilon_if_secagg_fails']:.4f}"
+                   + (f" of cap {cap}" if cap is not None else " (no cap in [policy])"))
     if status["audit_damaged_lines"]:
         typer.echo(f"warning: audit.jsonl line(s) {', '.join(map(str, status['audit_damaged_lines']))}"
                    " cannot be read (cut short by a crash?) and are left out")
