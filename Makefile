@@ -4,7 +4,8 @@ PYTHON      ?= python3
 # The build machines carry a local CPU build of torch 2.13.0; elsewhere set TORCH_SPEC
 # (e.g. TORCH_SPEC=torch for your platform's default, CUDA included).
 TORCH_SPEC  ?= torch==2.13.0
-FMNIST_DIR  ?= /usr/share/datasets/fashion-mnist
+# Fashion-MNIST's folder: $CONSORTIA_FASHION_MNIST_DIR (what the task reads) when set.
+FMNIST_DIR  ?= $(or $(CONSORTIA_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.consortia-installed
 DEMO_OUT    ?= results/demo
@@ -30,7 +31,7 @@ data:
 		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	else \
 		echo "Fashion-MNIST is missing from $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'," \
-		     "or set data_dir in the config (or CONSORTIA_FASHION_MNIST_DIR) to your copy."; exit 1; \
+		     "or give your copy's folder: make $(or $(MAKECMDGOALS),demo) FMNIST_DIR=/path/to/it"; exit 1; \
 	fi
 
 # The console's browser test drives Debian's chromium through chromium-driver (no browser
@@ -46,13 +47,13 @@ browser:
 
 demo: install data
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/consortia sim run simulations/experiments/fmnist-dp.toml --out $(DEMO_OUT) --set rounds=5
+	CONSORTIA_FASHION_MNIST_DIR=$(FMNIST_DIR) $(VENV)/bin/consortia sim run simulations/experiments/fmnist-dp.toml --out $(DEMO_OUT) --set rounds=5
 	@echo "Results are in $(DEMO_OUT)/: report.html (plots), metrics.jsonl (per round), summary.json (per client ε), checkpoints/"
 	@echo "Watch it in the console: $(VENV)/bin/consortia console --store $(DEMO_OUT)"
 
 # pytest exits 5 when it collects no tests: that is not a failure of the set-up.
 test: install data browser
-	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+	CONSORTIA_FASHION_MNIST_DIR=$(FMNIST_DIR) $(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,9 @@
-"""The configuration examples in docs/ load, and agree with one another."""
+"""README.md and docs/ agree with the code: their config examples load and agree with one
+another, their key tables are the schemas', and the commands, files and output fields
+they name exist."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -311,3 +314,26 @@ def test_every_repository_file_the_docs_name_exists():
             if not (path.parent / name).exists():
                 missing.append(f"{path.name}: link {name}")
     assert missing == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("how", ["FMNIST_DIR", "CONSORTIA_FASHION_MNIST_DIR"])
+def test_make_demo_takes_your_own_fashion_mnist_copy_as_readme_says(tmp_path, how):
+    """README: without the Debian package, give make your copy's folder (FMNIST_DIR=, or
+    $CONSORTIA_FASHION_MNIST_DIR): make's data check and the demo run both read it. (Before,
+    the check looked only at /usr/share/... and the run at the environment, so a copy
+    given either way failed `make data` or was not what the demo read.)"""
+    import os
+    import subprocess
+
+    copy = tmp_path / "my-fashion-mnist"
+    env = {**os.environ, "CONSORTIA_FASHION_MNIST_DIR": str(copy)} if how != "FMNIST_DIR" else \
+        {k: v for k, v in os.environ.items() if k != "CONSORTIA_FASHION_MNIST_DIR"}
+    args = [f"FMNIST_DIR={copy}"] if how == "FMNIST_DIR" else []
+    readme = (DOCS.parent / "README.md").read_text()
+    assert f"`make demo {how}=" in readme or f"`{how}` set" in readme
+    plan = subprocess.run(["make", "-n", "data", "demo", *args], cwd=DOCS.parent, env=env,
+                          capture_output=True, text=True, check=True).stdout  # -n: runs nothing
+    assert f"[ -f {copy}/train-images-idx3-ubyte.gz ]" in plan
+    demo = next(line for line in plan.splitlines() if "consortia sim run" in line)
+    assert f"CONSORTIA_FASHION_MNIST_DIR={copy} " in demo
