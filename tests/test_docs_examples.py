@@ -229,7 +229,7 @@ def test_the_output_fields_the_docs_name_are_the_ones_a_run_writes(tmp_path):
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     participation = read_jsonl(tmp_path / "participation.jsonl")[0]
-    conditional = {"eval_every", "user_epsilon", "byzantine_clients"}  # other runs' fields
+    conditional = {"eval_every", "user_epsilon", "byzantine_clients", "train_loss"}  # other runs'
 
     assert _named_fields("README.md", "| `metrics.jsonl` |") - conditional <= row.keys()
     text = (DOCS / "secagg.md").read_text()
