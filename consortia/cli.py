@@ -561,11 +561,13 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
                                x["clients_failed"], _fmt(x["epsilon_max"], 3),
                                x["secagg_status"] or "-", _fmt(x["duration_s"], 1)))
     fallback = any(c.get("epsilon_if_secagg_fails") is not None for c in info["clients"])
-    clients = Table("client", "status", "rounds joined", "last seen", "ε", "budget",
+    clients = Table("client", "status", "rounds joined", "last seen", "ε", "δ", "budget",
                     *(["ε if secagg fails"] if fallback else []), "reason", title="clients")
     for c in info["clients"]:
+        # δ is each client's own (a partner's site.toml sets it), the δ of its ε.
         clients.add_row(*_cells(c["client_id"], c["status"], c["rounds_joined"],
                                 f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
+                                "-" if c.get("delta") is None else f"{c['delta']:g}",
                                 _fmt(c["epsilon_budget"], 2),
                                 *([_fmt(c["epsilon_if_secagg_fails"], 3)] if fallback else []),
                                 c["reason"]))

@@ -162,7 +162,8 @@ def write_report(run_dir: str | Path) -> Path:
     config = summary.get("config", {})
     facts = [("task", summary.get("task")), ("rounds", f"{len(rows)} of {summary.get('rounds', '?')}"),
              ("final accuracy", summary.get("final_accuracy")),
-             ("δ", summary.get("delta")), ("user-level ε", summary.get("user_epsilon")),
+             ("δ (run config)", summary.get("delta")),
+             ("user-level ε", summary.get("user_epsilon")),
              ("strategy", config.get("strategy", {}).get("name")),
              ("secure aggregation", config.get("secagg", {}).get("enabled")),
              ("wall time (s)", summary.get("wall_s"))]
@@ -175,7 +176,7 @@ def write_report(run_dir: str | Path) -> Path:
     body = (f"<h1>consortia run {html.escape(str(summary.get('run_id', run_dir.name)))}</h1>"
             f"{facts_html}<h2>Plots</h2><div class='grid'>{images}</div>"
             f"<h2>Clients</h2>"
-            + _table(clients, ["id", "epsilon", "epsilon_budget"]
+            + _table(clients, ["id", "epsilon", "delta", "epsilon_budget"]
                      + (["epsilon_if_secagg_fails"]
                         if any(c.get("epsilon_if_secagg_fails") is not None for c in clients) else [])
                      + ["noise_multiplier", "sample_rate",

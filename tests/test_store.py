@@ -87,6 +87,38 @@ def test_client_table_carries_the_distributed_dp_fallback_epsilon(store):
     assert clients["1"]["epsilon_if_secagg_fails"] is None  # local DP: one guarantee
 
 
+def test_each_clients_epsilon_is_shown_with_its_own_delta(store, tmp_path):
+    """A partner's site.toml sets its own δ: the run's privacy.delta is not every ε's. The
+    client table, `runs show` and report.html showed ε without δ, under the run's δ alone
+    (a site at δ 1e-3 read ε 0.45 beside one at 1e-5 with 1.2, for the same σ, q, steps)."""
+    from typer.testing import CliRunner
+
+    from consortia.cli import app
+    from consortia.messages import TrainReport
+    from consortia.simulations.report import write_report
+
+    recorder = RunRecorder(tmp_path, store, "run1")
+    recorder.restore(0)
+    reports = [TrainReport(client_id=name, status="trained", num_examples=500, dp_enabled=True,
+                           accountant="rdp", delta=delta, epsilon=eps, epsilon_budget=3.0,
+                           noise_multiplier=1.1, sample_rate=0.1, steps=10)
+               for name, delta, eps in (("site-a", 1e-5, 1.2), ("site-b", 1e-3, 0.45))]
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0},
+                          [ReplyOutcome(i + 1, "trained", "", r) for i, r in enumerate(reports)],
+                          0.1, "0" * 64)
+    recorder.write_summary(task="digits-mlp", rounds=1, delta=1e-5, config={})
+    assert [(c["client_id"], c["delta"]) for c in store.clients("run1")] \
+        == [("site-a", 1e-5), ("site-b", 1e-3)]
+    shown = CliRunner().invoke(app, ["runs", "show", "run1", "--store", str(tmp_path / "store.db")],
+                               env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert [line.split("│")[5:7] for line in shown.output.splitlines() if "site-" in line] \
+        == [[" 1.200 ", " 1e-05 "], [" 0.450 ", " 0.001 "]]
+    html = write_report(tmp_path).read_text()
+    assert "<th>epsilon</th><th>delta</th>" in html
+    assert "<td>site-b</td><td>0.45</td><td>0.001</td>" in html
+
+
 def test_client_table_reads_reports_holding_nan_or_infinity(store):
     """A diverging client reports train_loss NaN or Infinity (Python's json writes them,
     as participation.jsonl has them); SQLite's json_extract called such a report malformed

@@ -448,6 +448,9 @@ class RunStore:
     def clients(self, run_id: str) -> list[dict[str, Any]]:
         """Per client: latest status, rounds joined, last seen, ε spent against its budget."""
         fallback = Participation.report["epsilon_if_secagg_fails"].as_float()
+        # The δ of the client's ε: its own ledger's (a partner's site.toml may set another
+        # than the run's privacy.delta), so each ε is shown with its δ.
+        delta = Participation.report["delta"].as_float()
         loose: Any = null()  # the whole report, where SQL cannot read it
         if self._read_engine.dialect.name == "sqlite":
             # A report holding NaN or Infinity (a diverging client's train_loss: Python's
@@ -456,26 +459,31 @@ class RunStore:
             # comes back whole, to be read in Python.
             valid = func.json_valid(Participation.report) == 1
             fallback = case((valid, fallback), else_=None)
+            delta = case((valid, delta), else_=None)
             loose = case((valid, null()), else_=Participation.report)
         with self._read() as s:
             self._run(s, run_id)
             rows = s.execute(
                 select(Participation.client_id, Participation.round, Participation.status,
                        Participation.reason, Participation.epsilon, Participation.epsilon_budget,
-                       Round.recorded_at, fallback, loose)
+                       Round.recorded_at, fallback, delta, loose)
                 .join(Round, (Round.run_id == Participation.run_id)
                       & (Round.round == Participation.round), isouter=True)
                 .where(Participation.run_id == run_id).order_by(Participation.id)).all()
         clients: dict[str, dict[str, Any]] = {}
-        for client_id, rnd, status, reason, eps, budget, seen_at, eps_fallback, report in rows:
+        for client_id, rnd, status, reason, eps, budget, seen_at, eps_fallback, eps_delta, \
+                report in rows:
             if report is not None:
-                eps_fallback = report.get("epsilon_if_secagg_fails")
+                eps_fallback, eps_delta = report.get("epsilon_if_secagg_fails"), report.get("delta")
             c = clients.setdefault(client_id, {
                 "client_id": client_id, "status": None, "reason": "", "rounds_joined": 0,
                 "rounds_seen": 0, "last_seen_round": None, "last_seen_at": None,
-                "epsilon": None, "epsilon_budget": None, "epsilon_if_secagg_fails": None})
+                "epsilon": None, "epsilon_budget": None, "epsilon_if_secagg_fails": None,
+                "delta": None})
             if eps_fallback is not None:  # distributed DP's second guarantee
                 c["epsilon_if_secagg_fails"] = eps_fallback
+            if eps_delta is not None:
+                c["delta"] = eps_delta
             c["status"], c["reason"] = status, reason
             c["rounds_seen"] += 1
             c["rounds_joined"] += status == "trained"

@@ -224,7 +224,9 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
       const share = c.epsilon_budget ? c.epsilon / c.epsilon_budget : 0;
       const cls = share > 1 ? "eps over" : share > 0.85 ? "eps high" : "eps";
       eps = el("div", {class: "epscell"}, bar(share, cls),
-               el("span", {text: `${fmt.num(c.epsilon, 3)} / ${fmt.num(c.epsilon_budget, 2)}`}));
+               el("span", {text: `${fmt.num(c.epsilon, 3)} / ${fmt.num(c.epsilon_budget, 2)}` +
+                                 // The δ of this ε: the client's own (a partner sets it).
+                                 (c.delta === null || c.delta === undefined ? "" : ` at δ ${c.delta}`)}));
       if (c.epsilon_if_secagg_fails !== null && c.epsilon_if_secagg_fails !== undefined) {
         // Distributed DP: the second guarantee, from the client's own noise shares alone.
         eps.append(el("span", {class: "eps-fallback",
