@@ -19,9 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from consortia.config import ConfigError, RunConfig, _format_errors, read_toml
+from consortia.config import (
+    ConfigError,
+    RunConfig,
+    _format_errors,
+    _set_away_from_default,
+    read_toml,
+)
 from consortia.privacy.certs import (
     CA_CERT,
     ENROLLED,
@@ -56,6 +62,23 @@ class ServerDeployConfig(BaseModel):
 
     server: ServerSection
     run: RunConfig
+
+    @model_validator(mode="after")
+    def _no_simulation_settings(self) -> ServerDeployConfig:
+        """[run] takes a simulation experiment's keys, but the simulation's own (fault
+        injection, Ray's resources, the simulated engine's polling and dispatch) would be
+        recorded in the run and change nothing here: refused, as configuration.md says.
+        At their defaults they pass (a stored run's full config holds them all)."""
+        given = (_set_away_from_default("run.faults", self.run.faults)
+                 + _set_away_from_default("run.sim", self.run.sim, exclude=("reply_timeout_s",)))
+        if given:
+            what, it = (("is a simulation setting", "it") if len(given) == 1
+                        else ("are simulation settings", "them"))
+            raise ValueError(
+                f"{', '.join(given)} {what} that a deployed server does not use: it would "
+                f"be recorded in the run and change nothing; remove {it} (of [run.sim], a "
+                "deployment uses reply_timeout_s only)")
+        return self
 
     def check_files(self) -> None:
         """Fail at start, naming the file, if a certificate or key is missing."""

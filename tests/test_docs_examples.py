@@ -337,3 +337,20 @@ def test_make_demo_takes_your_own_fashion_mnist_copy_as_readme_says(tmp_path, ho
     assert f"[ -f {copy}/train-images-idx3-ubyte.gz ]" in plan
     demo = next(line for line in plan.splitlines() if "consortia sim run" in line)
     assert f"CONSORTIA_FASHION_MNIST_DIR={copy} " in demo
+
+
+def test_a_deployed_server_refuses_the_simulations_own_keys(tmp_path):
+    """configuration.md: faults.* and sim.* but reply_timeout_s do nothing in a deployment
+    and fail at start there, away from their defaults. (Before, operators.md's server.toml
+    with run.faults.byzantine_fraction = 0.2 or run.sim.max_actors = 2 loaded, and the run
+    recorded settings that changed nothing.)"""
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(toml_block("operators.md", "## server.toml"))
+    assert load_server_config(server_toml).run.sim.reply_timeout_s == 600
+    for key in ("run.faults.byzantine_fraction=0.2", "run.faults.dropout=0.1",
+                "run.sim.max_actors=2", "run.sim.dispatch='flower'", "run.sim.poll_interval_s=0.1"):
+        with pytest.raises(ConfigError, match=re.escape(key.split("=")[0]) + ".* a deployed "
+                           "server does not use"):
+            load_server_config(server_toml, [key])
+    # At their defaults they pass: a stored run's full config holds them all.
+    assert load_server_config(server_toml, ["run.faults.dropout=0.0", "run.sim.dispatch='prompt'"])
