@@ -285,3 +285,18 @@ def test_client_status_states_both_guarantees_of_a_distributed_dp_site(tmp_path)
     assert f"site-a: ε {ledger.epsilon:.4f} of 3.0" in result.output
     fallback = epsilon_for("rdp", [(0.75, 0.05, 20)], DELTA)
     assert f"ε if secure aggregation fails {fallback:.4f} of cap 10.0" in result.output
+
+
+def test_round_steps_is_what_opacus_charges_for_any_size_and_batch():
+    # round_steps (the σ search, the budget checks, the start checks) against what
+    # make_private's accountant hook records: rate 1/len(loader), len(loader) steps an epoch.
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from consortia.privacy.dp import round_steps
+
+    for batch in (1, 2, 3, 7, 32):
+        for n in range(1, 400):
+            records = TensorDataset(torch.zeros(n, 1))
+            loader = DPDataLoader.from_data_loader(DataLoader(records, batch_size=batch))
+            assert round_steps(n, batch, 2, "local") == (1 / len(loader), 2 * len(loader)), (n, batch)
