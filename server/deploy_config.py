@@ -66,18 +66,28 @@ class ServerDeployConfig(BaseModel):
     @model_validator(mode="after")
     def _no_simulation_settings(self) -> ServerDeployConfig:
         """[run] takes a simulation experiment's keys, but the simulation's own (fault
-        injection, Ray's resources, the simulated engine's polling and dispatch) would be
-        recorded in the run and change nothing here: refused, as configuration.md says.
-        At their defaults they pass (a stored run's full config holds them all)."""
-        given = (_set_away_from_default("run.faults", self.run.faults)
-                 + _set_away_from_default("run.sim", self.run.sim, exclude=("reply_timeout_s",)))
+        injection, Ray's resources, the simulated engine's polling and dispatch, how the
+        task's training set is cut into virtual clients) would be recorded in the run and
+        change nothing here, where each partner brings its own records: refused, as
+        configuration.md says. At their defaults they pass (a stored run's full config
+        holds them all); partition.kind = "natural" too, which a task whose data names its
+        clients requires."""
+        run = self.run
+        given = (_set_away_from_default("run.faults", run.faults)
+                 + _set_away_from_default("run.sim", run.sim, exclude=("reply_timeout_s",))
+                 + _set_away_from_default("run.partition", run.partition, exclude=("kind",)))
+        if run.partition.kind == "dirichlet":
+            given.append("run.partition.kind = 'dirichlet'")
+        if run.train_examples is not None:
+            given.append(f"run.train_examples = {run.train_examples}")
         if given:
             what, it = (("is a simulation setting", "it") if len(given) == 1
                         else ("are simulation settings", "them"))
             raise ValueError(
                 f"{', '.join(given)} {what} that a deployed server does not use: it would "
                 f"be recorded in the run and change nothing; remove {it} (of [run.sim], a "
-                "deployment uses reply_timeout_s only)")
+                "deployment uses reply_timeout_s only; each partner's [data] is its training "
+                "set)")
         return self
 
     def check_files(self) -> None:

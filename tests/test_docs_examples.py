@@ -348,9 +348,15 @@ def test_a_deployed_server_refuses_the_simulations_own_keys(tmp_path):
     server_toml.write_text(toml_block("operators.md", "## server.toml"))
     assert load_server_config(server_toml).run.sim.reply_timeout_s == 600
     for key in ("run.faults.byzantine_fraction=0.2", "run.faults.dropout=0.1",
-                "run.sim.max_actors=2", "run.sim.dispatch='flower'", "run.sim.poll_interval_s=0.1"):
+                "run.sim.max_actors=2", "run.sim.dispatch='flower'", "run.sim.poll_interval_s=0.1",
+                "run.train_examples=1000", "run.partition.kind='dirichlet'",
+                "run.partition.alpha=0.1"):
         with pytest.raises(ConfigError, match=re.escape(key.split("=")[0]) + ".* a deployed "
                            "server does not use"):
             load_server_config(server_toml, [key])
     # At their defaults they pass: a stored run's full config holds them all.
-    assert load_server_config(server_toml, ["run.faults.dropout=0.0", "run.sim.dispatch='prompt'"])
+    assert load_server_config(server_toml, ["run.faults.dropout=0.0", "run.sim.dispatch='prompt'",
+                                            "run.partition.kind='iid'"])
+    natural = load_server_config(server_toml, ["run.task='shakespeare-smollm2-lora'",
+                                               "run.partition.kind='natural'"])
+    assert natural.run.partition.kind == "natural"
