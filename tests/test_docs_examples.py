@@ -213,6 +213,38 @@ def _named_fields(doc: str, row_start: str) -> set[str]:
     return set(re.findall(r"`([a-z][a-z0-9_]*)`", line))
 
 
+def _check_console_api_fields(out, run_id: str) -> None:
+    """operators.md's JSON API table: each field a route's row names is in its answer for
+    the run in `out`'s store."""
+    from fastapi.testclient import TestClient
+
+    from consortia.server.console.app import create_app
+    from consortia.server.console.auth import ConsoleToken
+    from consortia.server.store.store import RunStore
+
+    store = RunStore(out / "store.db", create=False)
+    token = ConsoleToken(out / "console-token")
+    headers = {"Authorization": f"Bearer {token.rotate()}"}
+    client = TestClient(create_app(store, token))
+    text = (DOCS / "operators.md").read_text()
+    try:
+        for route, path in (("`GET /api/runs`", "/api/runs"),
+                            ("`GET /api/runs/{run}`", f"/api/runs/{run_id}"),
+                            ("`GET /api/runs/{run}/rounds`", f"/api/runs/{run_id}/rounds"),
+                            ("`GET /api/runs/{run}/clients`", f"/api/runs/{run_id}/clients"),
+                            ("`GET /api/runs/{run}/checkpoints`", f"/api/runs/{run_id}/checkpoints"),
+                            ("`GET /api/runs/{run}/audit?limit=N`", f"/api/runs/{run_id}/audit")):
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"| {route} |"))
+            named = set(re.findall(r"`([a-z][a-z_]*)`", line.split(" | ", 1)[1]))
+            answer = client.get(path, headers=headers)
+            assert answer.status_code == 200, (path, answer.text)
+            first = answer.json()[0] if isinstance(answer.json(), list) else answer.json()
+            named -= {"rounds", "protocol", "operator", "limit"}  # words, not fields
+            assert named <= first.keys(), (route, named - first.keys())
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 def test_the_output_fields_the_docs_name_are_the_ones_a_run_writes(tmp_path):
     """README's table of a run's files and secagg.md's metrics.jsonl fields, against a
@@ -240,6 +272,8 @@ def test_the_output_fields_the_docs_name_are_the_ones_a_run_writes(tmp_path):
         summary.keys() | summary["clients"][0].keys())
     statuses = {"trained", "rejected", "failed"}
     assert _named_fields("README.md", "| `participation.jsonl` |") - statuses <= participation.keys()
+
+    _check_console_api_fields(tmp_path, summary["run_id"])
 
     readme = (DOCS.parent / "README.md").read_text()
     table = readme[readme.index("Each run writes to `--out`:"):readme.index("## Documentation")]
