@@ -31,6 +31,7 @@ from consortia.messages import (
     SECAGG_ADVERTISE,
     SECAGG_UNMASK,
     SecAggInstructions,
+    TrainInstructions,
     TrainReport,
     decode_array,
     secagg_run_id,
@@ -94,6 +95,30 @@ def noise_std_ratio(reports: list, threshold: int, floor: float) -> float:
     sigmas = [r.noise_multiplier if r is not None and r.noise_multiplier else floor
               for r in reports]
     return (sum(max(s, floor) ** 2 for s in sigmas) / threshold) ** 0.5 / floor
+
+
+# The chance that a user-level DP client's noisy vector passes encode_clip's bound.
+NOISE_TAIL = 1e-12
+
+
+def encode_clip(clip: float, ins: TrainInstructions, length: int) -> float:
+    """The L2 clip of a round's encoding (quantize.encode): `clip` (secagg.clip), raised
+    under user-level DP with the noise split among the clients so that it does not bind.
+
+    Each such client sends its update clipped to user_clip, its clipping indicator
+    (|b − 1/2| = 1/2) and Gaussian shares (std user_noise_std on each of the length − 1
+    update values, user_count_noise_std on the indicator). An encoding clip below that
+    vector's norm would scale it, noise share, update and indicator alike, by a factor that
+    depends on the data: the sum would not be the Gaussian mechanism accounted (z·C noise
+    for sensitivity C) and the adaptive clip would read a scaled fraction. The noise's
+    norm is max(std)-Lipschitz, so it passes its root mean square by more than
+    max(std)·√(2 ln(1/NOISE_TAIL)) with probability at most NOISE_TAIL."""
+    if ins.user_clip is None or (ins.user_noise_std == 0 and ins.user_count_noise_std == 0):
+        return clip
+    std, count_std = ins.user_noise_std, ins.user_count_noise_std
+    noise = (math.sqrt(std * std * (length - 1) + count_std * count_std)
+             + max(std, count_std) * math.sqrt(2 * math.log(1 / NOISE_TAIL)))
+    return max(clip, ins.user_clip + 0.5 + noise)
 
 
 def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, int]:
@@ -208,7 +233,11 @@ class SecureAggregator:
                                          num_neighbours=k, threshold=t)
         scale = max(self.examples[n] for n in participants)
         floor = self.noise_floor()  # a σ search: once a round
-        instructions = SecAggInstructions(setup=setup.to_bytes(), clip=self.cfg.secagg.clip,
+        clip = self.cfg.secagg.clip
+        if unweighted and messages:  # user-level DP: a noise share may ride in the vector
+            clip = encode_clip(clip, TrainInstructions.from_content(messages[0].content)[1],
+                               length)
+        instructions = SecAggInstructions(setup=setup.to_bytes(), clip=clip,
                                           bits=bits, weight_scale=scale, unweighted=unweighted,
                                           dp_scale=self.dp_scale,
                                           dp_noise_floor=floor).to_config_record()
@@ -267,7 +296,7 @@ class SecureAggregator:
         if self.dp_scale is not None:  # distributed DP: the noisy integer sum, centered
             total = from_ring(result.total).astype(np.float64)
         else:
-            total = decode_sum(result.total, clip=self.cfg.secagg.clip, bits=bits,
+            total = decode_sum(result.total, clip=clip, bits=bits,
                                num_summed=len(contributors))
         summed, offset = {}, 0
         for name in names:
@@ -275,7 +304,7 @@ class SecureAggregator:
             size = math.prod(shape)
             summed[name] = total[offset:offset + size].reshape(shape)
             offset += size
-        bound = quantization_error_bound(clip=self.cfg.secagg.clip, bits=bits,
+        bound = quantization_error_bound(clip=clip, bits=bits,
                                          num_summed=len(contributors))
         metrics = {"secagg_status": "ok", "secagg_dropped": len(result.dropped),
                    "secagg_participants": len(participants), "secagg_unmask_asked": asked,

@@ -151,3 +151,42 @@ def test_the_clipped_count_moves_by_at_most_half_a_client():
                      noise_at="clients", target_quantile=0.5, count_noise=1.0)
     _, metrics = dp.release({"w": np.zeros(2)}, 4 * 0.5, 4, np.random.default_rng(0))
     assert metrics["user_within_clip_fraction"] == pytest.approx(1.0)
+
+
+def test_secure_aggregation_carries_the_client_noise_shares_unscaled():
+    # Secure aggregation's encoding L2-clips each client's vector to its clip. With
+    # noise_at = "clients" that vector holds the noise share too (norm ≈ std·√d): at the
+    # configured secagg.clip = 10 it was scaled by ≈ 0.68 in this setting, noise, update and
+    # clipping indicator alike, so the sum's noise was not the z·C accounted (0.346
+    # released for 0.516) and the adaptive clip read a fraction 0.68 times too small.
+    from consortia.messages import TrainInstructions
+    from consortia.privacy.secagg.quantize import decode_sum, encode, max_bits
+    from consortia.server.secure_aggregation import encode_clip
+
+    dp = UserLevelDP(noise_multiplier=0.5, clip=1.0, expected_clients=6, sample_rate=1.0,
+                     noise_at="clients", target_quantile=0.5, count_noise=1.0)
+    d = 4810  # digits-mlp's values
+    ins = TrainInstructions(run_id="r", task="digits-mlp", model_activation="tanh",
+                            local_epochs=1, batch_size=8, lr=0.1, momentum=0.0, seed=0,
+                            dp_enabled=False, max_grad_norm=1.0, planned_rounds=1,
+                            user_clip=dp.clip, user_noise_std=dp.client_noise_std(),
+                            user_count_noise_std=dp.client_count_noise_std())
+    clip = encode_clip(10.0, ins, d + 1)  # the update and the clipping indicator
+    rng = np.random.default_rng(0)
+    update = np.zeros(d + 1)
+    update[0], update[d] = 1.0, 0.5  # an update at the user clip, within it
+    encoded = []
+    for _ in range(6):
+        noisy = update + rng.normal(0.0, dp.client_noise_std(), d + 1)
+        noisy[d] = 0.5 + rng.normal(0.0, dp.client_count_noise_std())
+        assert np.linalg.norm(noisy) < clip
+        encoded.append(encode(noisy, clip=clip, bits=max_bits(6), num_clients=6, rng=rng)
+                       .astype(np.uint64))
+    total = decode_sum((sum(encoded) % 2**32).astype(np.uint32), clip=clip, bits=max_bits(6),
+                       num_summed=6)
+    assert float(np.std(total[1:d])) == pytest.approx(dp.update_multiplier * dp.clip, rel=0.03)
+    assert total[0] == pytest.approx(6.0, abs=4 * dp.update_multiplier)
+    # Nothing else changes: without user-level noise shares the configured clip stands.
+    plain = ins.model_copy(update={"user_noise_std": 0.0, "user_count_noise_std": 0.0})
+    assert encode_clip(10.0, plain, d + 1) == 10.0
+    assert encode_clip(10.0, ins.model_copy(update={"user_clip": None}), d + 1) == 10.0
