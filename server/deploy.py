@@ -175,7 +175,10 @@ def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
         for row in read_rows(out / METRICS_FILE):
             if row["round"] <= said_round:
                 continue
-            log(f"round {row['round']}: accuracy {row['accuracy']:.4f}, trained "
+            # A round between evaluations (eval_every) has no accuracy in its row.
+            evaluated = (f"accuracy {row['accuracy']:.4f}, " if row.get("accuracy") is not None
+                         else "")
+            log(f"round {row['round']}: {evaluated}trained "
                 f"{row['clients_trained']}/{row['clients_sampled']}"
                 + (f", ε max {row['epsilon_max']:.3f}" if row.get("epsilon_max") else ""))
             said_round = row["round"]

@@ -394,3 +394,35 @@ def test_a_deployed_server_refuses_the_simulations_own_keys(tmp_path):
     natural = load_server_config(server_toml, ["run.task='shakespeare-smollm2-lora'",
                                                "run.partition.kind='natural'"])
     assert natural.run.partition.kind == "natural"
+
+
+def test_server_start_says_rounds_between_evaluations(tmp_path, monkeypatch):
+    """configuration.md: with eval_every > 1 the rows in between have no accuracy;
+    operators.md: server start prints each round as it is recorded. It raised KeyError
+    'accuracy' at the first such row (server/deploy.py wait_for_run), which ended the
+    command in the middle of the run (fmnist-dp-distributed.toml evaluates every 50)."""
+    import json
+    import threading
+
+    from consortia.server import deploy
+
+    class FinishedLink:
+        process, log_path = None, "superlink.log"
+
+        def guard(self, flower_run, nodes):
+            return dict.fromkeys(nodes, "online")
+
+        def run_status(self, run_id):
+            return "finished", "completed", ""
+
+    monkeypatch.setattr(deploy, "POLL_S", 0.001)
+    rows = [{"round": 1, "clients_trained": 2, "clients_sampled": 2, "epsilon_max": 0.5},
+            {"round": 2, "accuracy": 0.5, "loss": 1.0, "clients_trained": 2,
+             "clients_sampled": 2, "epsilon_max": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = []
+    assert deploy.wait_for_run(FinishedLink(), 7, {"site-a": 11, "site-b": 12},
+                               threading.Event(), tmp_path, said.append) == ("completed", "")
+    assert [line for line in said if line.startswith("round")] == [
+        "round 1: trained 2/2, ε max 0.500",
+        "round 2: accuracy 0.5000, trained 2/2, ε max 0.700"]
