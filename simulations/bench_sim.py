@@ -95,7 +95,7 @@ def bench_sim(clients: int = 1000, per_round: int = 100, rounds: int = 4,
     # that waits for nodes that will never come.
     cfg = load_config(None, [f"task={TASK}", f"clients={clients}", f"clients_per_round={per_round}",
                              f"rounds={rounds}", "local_epochs=0", "privacy.enabled=false",
-                             "partition.min_samples=1", f"sim.num_cpus_per_client={cpus_per_client}"]
+                             f"sim.num_cpus_per_client={cpus_per_client}"]
                       + ([] if poll_interval_s is None else [f"sim.poll_interval_s={poll_interval_s}"])
                       + ([] if dispatch is None else [f"sim.dispatch={dispatch}"]))
     if rounds < 2:

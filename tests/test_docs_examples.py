@@ -426,3 +426,23 @@ def test_server_start_says_rounds_between_evaluations(tmp_path, monkeypatch):
     assert [line for line in said if line.startswith("round")] == [
         "round 1: trained 2/2, ε max 0.500",
         "round 2: accuracy 0.5000, trained 2/2, ε max 0.700"]
+
+
+def test_bench_sim_runs_our_runner_with_nothing_set_in_vain(monkeypatch):
+    """results.md: `consortia bench sim` times our runner with its defaults. It set
+    partition.min_samples = 1, which an IID partition never reads, so every run began with
+    'set but changing nothing in this run: partition.min_samples = 1 ...'."""
+    from consortia.config import inert_settings_warning
+    from consortia.simulations import bench_sim
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        cfg = load_config(*args, **kwargs)
+        raise Built(inert_settings_warning(cfg))
+
+    monkeypatch.setattr(bench_sim, "load_config", built)
+    with pytest.raises(Built) as said:  # before any simulation starts
+        bench_sim.bench_sim(clients=1000, per_round=100, rounds=8)
+    assert said.value.args[0] is None
