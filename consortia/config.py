@@ -432,6 +432,11 @@ def inert_settings_warning(cfg: RunConfig) -> str | None:
         given = _set_away_from_default("faults", cfg.faults, exclude=(
             "byzantine_fraction", "dropout", "straggler_s"))
         inert += [f"{g} (no client attacks: faults.byzantine_fraction = 0)" for g in given]
+    if cfg.user_dp.enabled and cfg.user_dp.target_quantile is None:
+        given = [g for g in _set_away_from_default("user_dp", cfg.user_dp)
+                 if g.split(" = ")[0] in ("user_dp.clip_lr", "user_dp.count_noise")]
+        inert += [f"{g} (only adaptive clipping uses it: user_dp.target_quantile is unset)"
+                  for g in given]
     if not inert:
         return None
     return "set but changing nothing in this run: " + "; ".join(inert)

@@ -446,3 +446,20 @@ def test_bench_sim_runs_our_runner_with_nothing_set_in_vain(monkeypatch):
     with pytest.raises(Built) as said:  # before any simulation starts
         bench_sim.bench_sim(clients=1000, per_round=100, rounds=8)
     assert said.value.args[0] is None
+
+
+def test_adaptive_clipping_keys_without_a_target_quantile_are_said_at_start():
+    """configuration.md: user_dp.clip_lr and user_dp.count_noise serve adaptive clipping
+    only (server/workflow.py passes count_noise on only with a target_quantile); set
+    without one they changed nothing, and nothing said so."""
+    from consortia.config import inert_settings_warning
+
+    smoke = DOCS.parent / "simulations" / "experiments" / "digits-dp-smoke.toml"
+    base = ["clients=10", "clients_per_round=10", "user_dp.enabled=true"]
+    said = inert_settings_warning(load_config(smoke, base + ["user_dp.count_noise=2",
+                                                             "user_dp.clip_lr=0.1"]))
+    assert said is not None
+    assert "user_dp.clip_lr = 0.1 (only adaptive clipping" in said
+    assert "user_dp.count_noise = 2.0 (only adaptive clipping" in said
+    adaptive = base + ["user_dp.count_noise=2", "user_dp.target_quantile=0.5"]
+    assert inert_settings_warning(load_config(smoke, adaptive)) is None
