@@ -225,9 +225,16 @@ class RoundWorkflow:
             self.recorder.restore(latest.round)
             if self.user_dp is not None:  # the user-level accountant and clip carry on
                 self.user_dp.load_state_dict(latest.manifest["user_dp"])
+            if "server_rng" in latest.manifest:  # and the server's noise, where it left off
+                self.rng.bit_generator.state = latest.manifest["server_rng"]
             self.base_sha256 = self.check_base(latest.manifest.get("base_sha256"))
             log.info("resuming after round %d (checkpoint %s)", latest.round, latest.sha256[:12])
-            arrays = numpy_to_arrays(latest.load_weights())
+            weights = latest.load_weights()
+            # In the model's order, as the run held them: safetensors gives them back in
+            # its own, and the server's user-level DP noise is drawn tensor by tensor.
+            order = self.task.travelling_weights(self.model())
+            arrays = numpy_to_arrays({**{k: weights[k] for k in order if k in weights},
+                                      **weights})
             self.check_sizes(arrays)
             return latest.round, arrays
         arrays = self.initial_model()
@@ -247,6 +254,9 @@ class RoundWorkflow:
             state["base_sha256"] = self.base_sha256
         if self.user_dp is not None:
             state["user_dp"] = self.user_dp.state_dict()
+            # The server-side noise generator, drawn from every round: a resume that began
+            # it again from the seed would add other noise than the run it continues.
+            state["server_rng"] = self.rng.bit_generator.state
         return state
 
     def record_checkpoint(self, ckpt: Checkpoint) -> None:
