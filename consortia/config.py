@@ -432,6 +432,12 @@ def inert_settings_warning(cfg: RunConfig) -> str | None:
         given = _set_away_from_default("faults", cfg.faults, exclude=(
             "byzantine_fraction", "dropout", "straggler_s"))
         inert += [f"{g} (no client attacks: faults.byzantine_fraction = 0)" for g in given]
+    if cfg.physical_batch_size is not None and not (cfg.privacy.enabled
+                                                    and cfg.privacy.mode == "local"):
+        why = ("privacy.enabled = false" if not cfg.privacy.enabled
+               else "privacy.mode = 'distributed' takes one step per round")
+        inert.append(f"physical_batch_size = {cfg.physical_batch_size} (only local DP-SGD "
+                     f"cuts its batches: {why})")
     if cfg.user_dp.enabled and cfg.user_dp.target_quantile is None:
         given = [g for g in _set_away_from_default("user_dp", cfg.user_dp)
                  if g.split(" = ")[0] in ("user_dp.clip_lr", "user_dp.count_noise")]

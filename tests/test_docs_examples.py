@@ -463,3 +463,19 @@ def test_adaptive_clipping_keys_without_a_target_quantile_are_said_at_start():
     assert "user_dp.count_noise = 2.0 (only adaptive clipping" in said
     adaptive = base + ["user_dp.count_noise=2", "user_dp.target_quantile=0.5"]
     assert inert_settings_warning(load_config(smoke, adaptive)) is None
+
+
+@pytest.mark.parametrize("setting", ["privacy.enabled=false", "privacy.mode='distributed'"])
+def test_physical_batch_size_outside_local_dp_is_said_at_start(setting):
+    """configuration.md: physical_batch_size cuts local DP-SGD's batches (client/trainer.py
+    passes it only there); without DP, or under distributed DP's one step a round, it ran
+    silently as if it counted."""
+    from consortia.config import inert_settings_warning
+
+    experiments = DOCS.parent / "simulations" / "experiments"
+    config = experiments / ("fmnist-dp-distributed-fast.toml" if "distributed" in setting
+                            else "digits-dp-smoke.toml")
+    said = inert_settings_warning(load_config(config, [setting, "physical_batch_size=16"]))
+    assert said is not None and "physical_batch_size = 16 (only local DP-SGD" in said
+    local = load_config(experiments / "digits-dp-smoke.toml", ["physical_batch_size=16"])
+    assert inert_settings_warning(local) is None
