@@ -300,6 +300,8 @@ def _sim_commands():
     for path in [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]:
         text = re.sub(r"\\\n\s*", " ", path.read_text())  # continued lines
         text = re.sub(r"\n\s*(?=--set )", " ", text)  # a command wrapped in prose
+        # A command quoted in prose (`consortia sim run ...`) may be wrapped over lines.
+        text = re.sub(r"`consortia sim [^`]*`", lambda m: re.sub(r"\s*\n\s*", " ", m[0]), text)
         for match in re.finditer(r"consortia sim (?:run|sweep) (\S+\.toml)([^`\n#|]*)", text):
             config, rest = match.groups()
             config = DOCS.parent / (config if "/" in config else f"simulations/experiments/{config}")
