@@ -151,7 +151,7 @@ def check_server_names(consortium_dir: str | Path, host: str, setting: str, *,
     [ca, *_] = load_certificates(root / CA_CERT)
     cert = load_certificates(root / SERVER_CERT)[0]
     try:
-        _server_verifier(ca, host, at or dt.datetime.now(dt.timezone.utc)).verify(cert, [])
+        _server_verifier(ca, host, at or dt.datetime.now(dt.UTC)).verify(cert, [])
     except VerificationError as err:
         reason = str(err).split(" (encountered processing", 1)[0].removeprefix("validation failed: ")
         raise CertsError(
@@ -167,7 +167,7 @@ def init_consortium(out_dir: str | Path, hosts: list[str], name: str = "consorti
     if (out / CA_KEY).exists() or (out / CA_CERT).exists():
         raise CertsError(f"{out} already holds a CA ({CA_CERT}); choose another --out")
     _san(hosts)  # a bad host fails before anything is written
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
     ca_cert = (
@@ -204,7 +204,7 @@ def issue_server_cert(consortium_dir: str | Path, hosts: list[str]) -> Path:
     san = _san(hosts)
     ca_key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((root / CA_CERT).read_bytes())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
@@ -312,7 +312,7 @@ def check_validity(cert: x509.Certificate, path: Path, remedy: str, *,
     `at` (now): a TLS handshake refuses it then. cryptography's verifier checks the same
     and says only "cert is not valid at validation time"; the operator needs the date and
     what to do (`remedy`)."""
-    at = at or dt.datetime.now(dt.timezone.utc)
+    at = at or dt.datetime.now(dt.UTC)
     if at > cert.not_valid_after_utc:
         raise CertsError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
                          f"and TLS refuses an expired certificate; {remedy}")

@@ -171,7 +171,7 @@ def test_a_consortium_ca_of_its_own_making_needs_only_what_tls_needs(tmp_path):
 
     from consortia.privacy.certs import check_server_files, check_server_names, write_private
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     root = tmp_path / "c"
     root.mkdir()
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(

@@ -192,9 +192,8 @@ def test_the_python_version_readme_and_pyproject_state_is_one_the_dependencies_i
     """README's "Python 3.N+" is pyproject's requires-python, and that is no older than what
     Flower (the dependency that asks the most) and the standard library modules we import
     (tomllib, 3.11) need: pip would otherwise install consortia and fail on flwr."""
-    from importlib.metadata import metadata
-
     import tomllib
+    from importlib.metadata import metadata
 
     root = DOCS.parent
     requires = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]

@@ -4,9 +4,9 @@ with carries no code, only the names of installed consortia apps."""
 import datetime as dt
 import importlib
 import shutil
+import tomllib
 
 import pytest
-import tomllib
 from deploy_harness import resign
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -356,7 +356,7 @@ def test_a_server_certificate_without_the_address_server_start_dials_fails_at_st
         load_server_config(path).check_files()
 
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.mark.parametrize("name, not_before, not_after, message", [

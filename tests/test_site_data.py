@@ -336,7 +336,7 @@ def test_an_expired_ca_fails_at_start_unless_the_bundle_holds_a_valid_one(tmp_pa
 
     cfg = load_site_config(site_toml(tmp_path))
     generate_node_key(tmp_path)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     fresh, old = init_consortium(tmp_path / "c", ["127.0.0.1"]), init_consortium(
         tmp_path / "old", ["127.0.0.1"])
     resign(old, "ca.pem", now - dt.timedelta(days=3660), now - dt.timedelta(days=3))
