@@ -5,7 +5,7 @@ task's model, peft folds the adapters into the base weights (`merge_and_unload`)
 transformers writes the result with its tokenizer, so `from_pretrained(DIR)` loads it
 offline with no consortia and no peft. Beside it, consortia-manifest.json says what it
 is: task, run, round, the hashes of the base weights, the checkpoint and the exported
-weights, and the ε each client reported.
+weights, the ε each client reported with its δ, and the user-level ε (user_dp).
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from consortia.tasks.adapters import AdapterTask
 
 FORMAT = "consortia-export/1"
 MANIFEST = "consortia-manifest.json"
+
+
+def privacy_terms(dp: bool, summary: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's privacy terms, from the run's summary.json: each client's ε with the
+    δ it is at (a partner's site.toml sets its own, which need not be the run's `delta`),
+    and the user-level ε of the model (user_dp; at the run's δ), None without it."""
+    clients = summary.get("clients", [])
+    return {"dp": dp, "delta": summary.get("delta"),
+            "epsilon_per_client": {c["id"]: c["epsilon"] for c in clients},
+            "delta_per_client": {c["id"]: c.get("delta") for c in clients},
+            "user_epsilon": summary.get("user_epsilon")}
 
 
 class ExportError(ValueError):
@@ -72,8 +83,7 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
         "base_sha256": base, "checkpoint_sha256": latest.sha256,
         "weights_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                            for p in sorted(out.glob("*.safetensors"))},
-        "dp": cfg.privacy.enabled, "delta": summary.get("delta"),
-        "epsilon_per_client": {c["id"]: c["epsilon"] for c in summary.get("clients", [])},
+        **privacy_terms(cfg.privacy.enabled, summary),
         "lora": {"rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha},
         "config": run["config"],
     }

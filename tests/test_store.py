@@ -119,6 +119,27 @@ def test_each_clients_epsilon_is_shown_with_its_own_delta(store, tmp_path):
     assert "<td>site-b</td><td>0.45</td><td>0.001</td>" in html
 
 
+def test_an_exported_models_manifest_states_each_epsilons_delta_and_the_user_level_one(tmp_path):
+    """consortia export's manifest gave one δ (the run's) beside every client's ε, and no
+    user-level ε at all, though summary.json has both."""
+    from consortia.messages import TrainReport
+    from consortia.server.export import privacy_terms
+
+    recorder = RunRecorder(tmp_path)
+    recorder.restore(0)
+    reports = [TrainReport(client_id=name, status="trained", num_examples=500, dp_enabled=True,
+                           accountant="rdp", delta=delta, epsilon=eps, epsilon_budget=3.0)
+               for name, delta, eps in (("site-a", 1e-5, 1.2), ("site-b", 1e-3, 0.45))]
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0},
+                          [ReplyOutcome(i + 1, "trained", "", r) for i, r in enumerate(reports)],
+                          0.1, "0" * 64)
+    summary = recorder.write_summary(task="digits-mlp", rounds=1, delta=1e-5, config={},
+                                     extra={"user_epsilon": 4.2})
+    assert privacy_terms(True, summary) == {
+        "dp": True, "delta": 1e-5, "epsilon_per_client": {"site-a": 1.2, "site-b": 0.45},
+        "delta_per_client": {"site-a": 1e-5, "site-b": 1e-3}, "user_epsilon": 4.2}
+
+
 def test_client_table_reads_reports_holding_nan_or_infinity(store):
     """A diverging client reports train_loss NaN or Infinity (Python's json writes them,
     as participation.jsonl has them); SQLite's json_extract called such a report malformed
