@@ -14,7 +14,7 @@ from pathlib import Path
 from consortia.config import RunConfig, config_to_dict, validate_config
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.results import SUMMARY_FILE
+from consortia.server.results import METRICS_FILE, PARTICIPATION_FILE, SUMMARY_FILE
 
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"  # in a results directory: server/checkpoint.py
@@ -74,7 +74,8 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
                 f"(the \"config\" in {run_file}), or start a new run, from a new model, in "
                 "another results directory")
         checkpoints = CheckpointStore(out_dir / CHECKPOINTS_DIR)
-        if checkpoints.latest() is None:  # resuming would silently start again from round 0
+        # Resuming would silently start again from round 0, unless the run never began.
+        if checkpoints.latest() is None and not never_began(out_dir):
             found = "; ".join(checkpoints.problems) or "none there"
             raise ResultsDirError(f"--resume: no checkpoint in {checkpoints.directory} verifies "
                                   f"({found}); the run cannot continue where it stopped: "
@@ -92,6 +93,18 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
                               f"({setting})") from None
     atomic_write_json(run_file, {"run_id": run_id, "config": config_to_dict(cfg)})
     return run_id
+
+
+def never_began(out_dir: Path) -> bool:
+    """No round of the run in `out_dir` began: no checkpoint manifest is there (round 0's,
+    written before any round is sent, is written after its weights), and no round is
+    recorded. A run killed while it started (Ray, the SuperLink) leaves this: nothing is
+    lost by starting it, and its --resume does."""
+    checkpoints = out_dir / CHECKPOINTS_DIR
+    if checkpoints.is_dir() and any(checkpoints.glob("round-*.json")):
+        return False
+    return not any((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0
+                   for name in (METRICS_FILE, PARTICIPATION_FILE))
 
 
 def run_finished(cfg: RunConfig, out_dir: Path) -> bool:

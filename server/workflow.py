@@ -35,6 +35,7 @@ from consortia.server.run_dir import (
     RESULTS_DIR_SETTING,
     RUN_FILE,
     ResultsDirError,
+    never_began,
 )
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.store import Heartbeat
@@ -201,7 +202,8 @@ class RoundWorkflow:
                             "between the two)")
             latest = self.checkpoints.latest(before=latest.round)
             problems += self.checkpoints.problems
-        if resume and latest is None:  # not a silent restart from round 0
+        # Not a silent restart from round 0, unless the run was stopped before it began.
+        if resume and latest is None and not never_began(self.out_dir):
             found = "; ".join(problems) or "none there"
             raise ResultsDirError(f"--resume: no checkpoint in {self.checkpoints.directory} "
                                   f"verifies ({found}); the run cannot continue where it "

@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from consortia.config import load_config
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.results import read_jsonl
-from consortia.server.run_dir import prepare_out_dir, run_finished
+from consortia.server.run_dir import ResultsDirError, prepare_out_dir, run_finished
 from consortia.server.store import RunStore
 from consortia.server.validation import ReplyOutcome
 
@@ -116,3 +117,29 @@ def test_a_resume_continues_the_servers_user_dp_noise_where_the_run_left_it(tmp_
     start, resumed_arrays = resumed.start_state(resume=True)
     assert start == 1 and list(resumed_arrays) == list(arrays)
     assert np.array_equal(resumed.rng.normal(size=3), uninterrupted)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path):
+    """Killed while Ray started (run.json written, round 0's checkpoint not yet), a run could
+    be neither resumed nor started again in its directory: --resume said 'no checkpoint in
+    .../checkpoints verifies (none there); ... restore checkpoints/ from a copy, or start a
+    new run in another results directory', and sim run without it 'already holds run ...;
+    pass --resume'; Ctrl-C there printed that --resume command. No round began, so nothing
+    is lost: the resume starts the run. A run that recorded a round still refuses."""
+    cfg = load_config(SMOKE, ["rounds=2", "privacy.enabled=false"])
+    out = tmp_path / "run"
+    run_id = prepare_out_dir(cfg, out, resume=False)  # ... and the process is killed here
+    assert prepare_out_dir(cfg, out, resume=True) == run_id
+    (out / "checkpoints").mkdir()  # or as it wrote round 0's weights, before their manifest
+    (out / "checkpoints" / "round-00000.safetensors").write_bytes(b"cut")
+    assert prepare_out_dir(cfg, out, resume=True) == run_id
+    start, _ = workflow(cfg, out, run_id, None).start_state(resume=True)
+    assert start == 0 and CheckpointStore(out / "checkpoints").latest().round == 0
+
+    gone = tmp_path / "checkpoints-lost"
+    prepare_out_dir(cfg, gone, resume=False)
+    (gone / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(ResultsDirError, match="no checkpoint in .* verifies .none there"):
+        prepare_out_dir(cfg, gone, resume=True)
+    with pytest.raises(ResultsDirError, match="no checkpoint in .* verifies .none there"):
+        workflow(cfg, gone, "r", None).start_state(resume=True)
