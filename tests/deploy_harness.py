@@ -21,6 +21,39 @@ from consortia.privacy.certs import enroll_node, generate_node_key, init_consort
 
 CONSORTIA = [sys.executable, "-m", "consortia.cli"]
 
+# A site.toml for tests of a partner's config: site_toml writes it, with `replace`'s
+# substitutions, into tmp_path.
+SITE = """
+[site]
+name = "site-a"
+superlink = "127.0.0.1:9093"
+ca_cert = "ca.pem"
+node_key = "node.key"
+state_dir = "state"
+task = "{task}"
+{extra}
+
+[data]
+kind = "partition"
+index = 0
+count = 3
+
+[policy]
+tasks = ["{task}"]
+epsilon_budget = 3.0
+delta = 1e-5
+"""
+
+
+def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
+    text = SITE.format(task=task, extra=extra)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path
+
+
 def resign(consortium: Path, name: str, not_before, not_after) -> None:
     """Sign `consortium`/`name` (ca.pem or server.pem) again with the CA's key, with
     another validity period: an expired or not yet valid certificate, as time makes them."""

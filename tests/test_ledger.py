@@ -247,40 +247,19 @@ def test_a_prv_round_allowed_at_the_exact_budget_does_not_pass_it(tmp_path):
     assert open_ledger(tmp_path, accountant="prv").epsilon <= after.epsilon_after
 
 
-SITE_TOML = """
-[site]
-name = "site-a"
-superlink = "127.0.0.1:9093"
-ca_cert = "ca.pem"
-node_key = "node.key"
-state_dir = "state"
-task = "digits-mlp"
-
-[data]
-kind = "partition"
-index = 0
-count = 3
-
-[policy]
-tasks = ["digits-mlp"]
-epsilon_budget = 3.0
-delta = 1e-5
-max_epsilon_if_secagg_fails = 10.0
-"""
-
-
 def test_client_status_states_both_guarantees_of_a_distributed_dp_site(tmp_path):
     # The site's own view showed only ε; the ε its own noise shares give (which its
     # policy caps) was only in --json's ledger events.
+    from deploy_harness import site_toml
     from typer.testing import CliRunner
 
     from consortia.cli import app
 
-    (tmp_path / "site.toml").write_text(SITE_TOML)
+    config = site_toml(tmp_path, **{"delta = 1e-5": "delta = 1e-5\nmax_epsilon_if_secagg_fails = 10.0"})
     ledger = open_ledger(tmp_path / "state")
     for r in range(1, 21):
         ledger.spend_share((1.5, 0.05, 1), (0.75, 0.05, 1), run_id="r", server_round=r)
-    result = CliRunner().invoke(app, ["client", "status", "--config", str(tmp_path / "site.toml")])
+    result = CliRunner().invoke(app, ["client", "status", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert f"site-a: ε {ledger.epsilon:.4f} of 3.0" in result.output
     fallback = epsilon_for("rdp", [(0.75, 0.05, 20)], DELTA)

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from deploy_harness import site_toml
 from PIL import Image
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
@@ -239,37 +240,6 @@ def test_a_hook_returns_your_own_dataset(tmp_path, monkeypatch):
         load_site_data(DataSection(kind="hook", hook="my_site_data:bad"), TASK)
     with pytest.raises(DataError, match="cannot be loaded"):
         load_site_data(DataSection(kind="hook", hook="my_site_data:missing"), TASK)
-
-
-SITE = """
-[site]
-name = "site-a"
-superlink = "127.0.0.1:9093"
-ca_cert = "ca.pem"
-node_key = "node.key"
-state_dir = "state"
-task = "{task}"
-{extra}
-
-[data]
-kind = "partition"
-index = 0
-count = 3
-
-[policy]
-tasks = ["{task}"]
-epsilon_budget = 3.0
-delta = 1e-5
-"""
-
-
-def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
-    text = SITE.format(task=task, extra=extra)
-    for old, new in replace.items():
-        text = text.replace(old, new)
-    path = tmp_path / "site.toml"
-    path.write_text(text)
-    return path
 
 
 def test_a_site_toml_saved_by_a_windows_editor_loads_or_is_named(tmp_path):
