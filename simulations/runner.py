@@ -206,6 +206,16 @@ def resume_checks(cfg: RunConfig, out_dir: Path) -> bool:
     return run_finished(cfg, out_dir)
 
 
+def write_report_if_behind(out_dir: Path) -> None:
+    """A finished run whose report.html is missing, or older than its summary.json (the
+    process killed between the two): write it, from the results files."""
+    from consortia.simulations.report import REPORT_FILE, write_report
+
+    report, summary = out_dir / REPORT_FILE, out_dir / "summary.json"
+    if not report.is_file() or report.stat().st_mtime_ns < summary.stat().st_mtime_ns:
+        write_report(out_dir)
+
+
 def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                    on_round: RoundCallback | None = None, verbose: bool = False,
                    client_mods: list | None = None, store: RunStore | None = None,
@@ -257,6 +267,7 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             store.close()
         if on_status is not None:
             on_status(f"already completed all {cfg.rounds} rounds: nothing to run")
+        write_report_if_behind(out_dir)
         return json.loads((out_dir / "summary.json").read_text())
     store = store or RunStore(default_store_url(out_dir))
     if not verbose:

@@ -143,3 +143,28 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
         prepare_out_dir(cfg, gone, resume=True)
     with pytest.raises(ResultsDirError, match="no checkpoint in .* verifies .none there"):
         workflow(cfg, gone, "r", None).start_state(resume=True)
+
+
+def test_a_finished_run_killed_before_its_report_gets_it_on_resume(tmp_path, monkeypatch):
+    """Killed after summary.json, before report.html (simulations.report.write_report), a
+    run had no report for good: --resume said 'already completed all 3 rounds: nothing to
+    run' and wrote none. A finished run's resume now writes a report that is missing or
+    older than the summary, and leaves a current one alone."""
+    from consortia.simulations import report, runner
+
+    cfg = load_config(SMOKE, ["rounds=1", "privacy.enabled=false"])
+    out = tmp_path / "run"
+    prepare_out_dir(cfg, out, resume=False)
+    checkpoints = CheckpointStore(out / "checkpoints")
+    for r in range(2):
+        checkpoints.save(r, {"w": np.zeros(2, np.float32)}, {})
+    (out / "summary.json").write_text(json.dumps({"rounds": 1, "rounds_completed": 1}))
+    written = []
+    monkeypatch.setattr(report, "write_report", lambda run_dir: written.append(run_dir))
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    assert runner.run_simulation(cfg, out, resume=True)["rounds_completed"] == 1
+    assert written == [out]
+    (out / "report.html").write_text("<html></html>")
+    written.clear()
+    runner.run_simulation(cfg, out, resume=True)
+    assert written == []
