@@ -103,11 +103,8 @@ def serve(config_path: str | Path, *, resume: bool = False,
             f"{link.log_path}")
         launcher = link.launcher()
         threading.Thread(target=launcher.run, args=(flower_run, stop), daemon=True).start()
-        resumed_after = 0  # a resumed run's rounds up to its checkpoint were said before
-        if resume and (latest := CheckpointStore(srv.out / CHECKPOINTS_DIR).latest()):
-            resumed_after = latest.round
         status = wait_for_run(link, flower_run, nodes, stop, srv.out, log, needed=cfg.clients,
-                              after_round=resumed_after)
+                              after_round=rounds_said_before(srv.out) if resume else 0)
     except KeyboardInterrupt:
         status = None
     finally:
@@ -145,6 +142,16 @@ def base_model_sha256(config_path: str | Path) -> str:
     model = task.build_model(cfg.model.activation)
     weights = arrays_to_numpy(ArrayRecord(task.travelling_weights(model)))
     return hashlib.sha256(weights_bytes(weights)).hexdigest()
+
+
+def rounds_said_before(out: Path) -> int:
+    """The rounds a resumed run continues after, which were said before: up to its latest
+    verified checkpoint, and only those on record (a round checkpointed but not recorded,
+    the server killed between the two, runs again, RoundWorkflow.start_state)."""
+    latest = CheckpointStore(out / CHECKPOINTS_DIR).latest()
+    if latest is None:
+        return 0
+    return min(latest.round, max((r["round"] for r in read_rows(out / METRICS_FILE)), default=0))
 
 
 def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],

@@ -168,3 +168,19 @@ def test_a_finished_run_killed_before_its_report_gets_it_on_resume(tmp_path, mon
     written.clear()
     runner.run_simulation(cfg, out, resume=True)
     assert written == []
+
+
+def test_a_resumed_deployment_says_the_round_it_runs_again(tmp_path):
+    """server start --resume said no round up to the latest checkpoint again; a round
+    checkpointed but not recorded (the server killed between the two) runs again, and its
+    line ('round 2: ...') was not said when it was recorded this time."""
+    from consortia.server.deploy import rounds_said_before
+
+    assert rounds_said_before(tmp_path) == 0
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    for r in range(3):
+        checkpoints.save(r, {"w": np.zeros(2, np.float32)}, {})
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert rounds_said_before(tmp_path) == 1
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+    assert rounds_said_before(tmp_path) == 2
