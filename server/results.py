@@ -69,16 +69,18 @@ class RunRecorder:
 
     def _kept(self, last_round: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The metrics and participation rows recorded up to `last_round`: the files', or
-        the run store's when the files lost rows (deleted, cut short)."""
+        the run store's when the files lost rows (deleted, cut short, a line unreadable:
+        read_jsonl ends a file there)."""
         rows = [r for r in read_jsonl(self.metrics_path) if r["round"] <= last_round]
         participation = [p for p in read_jsonl(self.participation_path)
                          if p["round"] <= last_round]
-        if self.store is not None and len(rows) < last_round:
+        if self.store is not None and last_round > 0:
             stored = [r for r in self.store.metrics_rows(self.run_id) if r["round"] <= last_round]
-            if len(stored) > len(rows):
-                rows = stored
-                participation = [p for p in self.store.participation_rows(self.run_id)
-                                 if p["round"] <= last_round]
+            stored_participation = [p for p in self.store.participation_rows(self.run_id)
+                                    if p["round"] <= last_round]
+            if len(stored) > len(rows) or (len(stored) == len(rows)
+                                           and len(stored_participation) > len(participation)):
+                rows, participation = stored, stored_participation
         return rows, participation
 
     def recorded_through(self, last_round: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from consortia.config import load_config
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.results import read_jsonl
+from consortia.server.results import RunRecorder, read_jsonl
 from consortia.server.run_dir import ResultsDirError, prepare_out_dir, run_finished
 from consortia.server.store import RunStore
 from consortia.server.validation import ReplyOutcome
@@ -184,3 +184,27 @@ def test_a_resumed_deployment_says_the_round_it_runs_again(tmp_path):
     assert rounds_said_before(tmp_path) == 1
     (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
     assert rounds_said_before(tmp_path) == 2
+
+
+def test_a_participation_file_with_an_unreadable_line_is_rebuilt_from_the_store(tmp_path):
+    """read_jsonl ends a file at its first unreadable line (a crash cuts only the last);
+    one in the middle of participation.jsonl made a resume keep the rows before it and
+    then replace the store's copy, whole, with them: the digits smoke run stopped before
+    round 3, its participation.jsonl's 2nd line damaged, --resume -> participation.jsonl
+    and the store 5 rows of 12 (1 of round 1, none of round 2), summary.json
+    rounds_participated [] for clients 0-2. The store's rows are taken instead."""
+    store = RunStore(tmp_path / "store.db")
+    store.start_run("run1", task="digits-mlp", rounds_total=3, config={})
+    recorder = RunRecorder(tmp_path, store, "run1")
+    recorder.restore(0)
+    for r in (1, 2):
+        recorder.record_round(r, {"accuracy": 0.5}, [ReplyOutcome(n, "trained", "")
+                                                     for n in (1, 2)], 1.0, f"{r:064x}")
+    kept = read_jsonl(tmp_path / "participation.jsonl")
+    lines = (tmp_path / "participation.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    (tmp_path / "participation.jsonl").write_text("".join(lines))
+    RunRecorder(tmp_path, store, "run1").restore(2)
+    assert read_jsonl(tmp_path / "participation.jsonl") == kept
+    assert store.participation_rows("run1") == kept
+    store.close()
