@@ -130,7 +130,7 @@ def sim_run(
                          if row.get("accuracy") is not None else "")
             status = (f"{evaluated}trained "
                       f"{row['clients_trained']}/{row['clients_sampled']}"
-                      + (f"  ε max {eps:.2f}" if eps is not None else ""))
+                      + (f"  ε max {eps:.3f}" if eps is not None else ""))
             progress.update(bar, completed=row["round"], status=status)
 
         try:
