@@ -35,6 +35,28 @@ class Checkpoint:
     def load_weights(self) -> dict[str, np.ndarray]:
         return load_safetensors(self.weights_path.read_bytes())
 
+    @property
+    def state_path(self) -> Path | None:
+        """The server optimizer's state beside the weights (see CheckpointStore.save)."""
+        state = self.manifest.get("state_arrays")
+        return self.weights_path.parent / state["file"] if state else None
+
+    def state_problem(self) -> str | None:
+        """Why the optimizer state this checkpoint names cannot be used, or None."""
+        path = self.state_path
+        if path is None:
+            return None
+        if not path.is_file():
+            return f"state {path.name} missing"
+        if hashlib.sha256(path.read_bytes()).hexdigest() != self.manifest["state_arrays"]["sha256"]:
+            return f"state {path.name} does not match its hash"
+        return None
+
+    def load_state_arrays(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state saved with this checkpoint ({} if none)."""
+        path = self.state_path
+        return load_safetensors(path.read_bytes()) if path is not None else {}
+
 
 def weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
     """The checkpoint file's bytes (safetensors); their SHA-256 names the checkpoint."""
@@ -52,7 +74,11 @@ class CheckpointStore:
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
     def save(self, server_round: int, weights: dict[str, np.ndarray],
-             metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Checkpoint:
+             metrics: dict[str, Any], extra: dict[str, Any] | None = None,
+             state_arrays: dict[str, np.ndarray] | None = None) -> Checkpoint:
+        """`state_arrays`: the server optimizer's state (a momentum, moments), which a
+        resume needs to go on as the run would have; written beside the weights, before
+        the manifest that names it with its hash."""
         # The parent is the checkpoint of the rounds before this one: on a resume, not a
         # newer one left by the stopped process (its round runs again, this save replaces it).
         parent = self._last if self._last is not None and self._last.round < server_round \
@@ -67,6 +93,12 @@ class CheckpointStore:
             "weights": weights_path.name, "created_at": time.time(),
             "metrics": metrics, **(extra or {}),
         }
+        if state_arrays:
+            state_path = weights_path.with_suffix(".state.safetensors")
+            state = weights_bytes(state_arrays)
+            atomic_write_bytes(state_path, state)
+            manifest["state_arrays"] = {"file": state_path.name,
+                                        "sha256": hashlib.sha256(state).hexdigest()}
         atomic_write_json(manifest_path, manifest)
         self._last = Checkpoint(server_round, digest, manifest["parent_sha256"], weights_path,
                                 manifest)
@@ -93,7 +125,11 @@ class CheckpointStore:
         for ckpt in reversed(checkpoints):
             if ckpt.weights_path.is_file() and \
                     hashlib.sha256(ckpt.weights_path.read_bytes()).hexdigest() == ckpt.sha256:
-                return ckpt
+                state_problem = ckpt.state_problem()
+                if state_problem is None:
+                    return ckpt
+                self.problems.append(f"round {ckpt.round}: {state_problem}")
+                continue
             why = "missing" if not ckpt.weights_path.is_file() else "do not match their hash"
             self.problems.append(f"round {ckpt.round}: weights {ckpt.weights_path.name} {why}")
         return None

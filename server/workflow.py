@@ -40,6 +40,7 @@ from consortia.server.run_dir import (
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.store import Heartbeat
 from consortia.server.validation import ReplyOutcome, inspect_train_reply
+from consortia.strategies import load_optimizer_state, optimizer_state
 from consortia.tasks import Task, default_device
 
 if TYPE_CHECKING:
@@ -237,6 +238,8 @@ class RoundWorkflow:
             order = self.task.travelling_weights(self.model())
             arrays = numpy_to_arrays({**{k: weights[k] for k in order if k in weights},
                                       **weights})
+            # The server optimizer (FedAvgM's momentum, FedAdam's moments) carries on.
+            load_optimizer_state(self.strategy, latest.load_state_arrays(), list(arrays))
             self.check_sizes(arrays)
             return latest.round, arrays
         arrays = self.initial_model()
@@ -394,7 +397,7 @@ class RoundWorkflow:
         if train_metrics is not None and "train_loss" in train_metrics:
             metrics["train_loss"] = float(train_metrics["train_loss"])
         checkpoint = self.checkpoints.save(server_round, arrays_to_numpy(arrays), metrics,
-                                           self.state())
+                                           self.state(), optimizer_state(self.strategy))
         self.record_checkpoint(checkpoint)
         # Every node is named as the directory knows it (a deployment: by its enrolled name,
         # whatever its report says), a node that sent no report (no reply, an error) too.

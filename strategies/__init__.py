@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from consortia.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 
@@ -89,3 +91,40 @@ def build_strategy(cfg) -> Strategy:
         configrecord_key=CONFIG,
         **kwargs,
     )
+
+
+# A server optimizer's state, which a checkpoint keeps so that a resumed run goes on as
+# the run would have: FedAvgM's momentum (a list in the order of the model's tensors),
+# FedAdam's, FedYogi's and FedAdagrad's moments (by tensor name). By "<slot>/<name>".
+MOMENTS = ("m_t", "v_t")
+
+
+def optimizer_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The rule's state that a resume needs ({} for a rule that keeps none)."""
+    state: dict[str, np.ndarray] = {}
+    if isinstance(strategy, FedAvgM) and strategy.momentum_vector is not None:
+        names = list(strategy.current_arrays.keys())
+        state |= {f"momentum_vector/{name}": np.asarray(value)
+                  for name, value in zip(names, strategy.momentum_vector, strict=True)}
+    if isinstance(strategy, FedOpt):
+        for slot in MOMENTS:
+            state |= {f"{slot}/{name}": np.asarray(value)
+                      for name, value in (getattr(strategy, slot, None) or {}).items()}
+    return state
+
+
+def load_optimizer_state(strategy: Strategy, state: dict[str, np.ndarray],
+                         names: list[str]) -> None:
+    """Give the rule back the state `optimizer_state` took; `names`: the model's tensors in
+    the order the run holds them (FedAvgM's momentum is a list in that order)."""
+    def slot_of(slot: str) -> dict[str, np.ndarray]:
+        return {key.split("/", 1)[1]: value for key, value in state.items()
+                if key.startswith(f"{slot}/")}
+
+    momentum = slot_of("momentum_vector")
+    if isinstance(strategy, FedAvgM) and momentum:
+        strategy.momentum_vector = [momentum[name] for name in names]
+    if isinstance(strategy, FedOpt):
+        for slot in MOMENTS:
+            if moments := slot_of(slot):
+                setattr(strategy, slot, moments)
