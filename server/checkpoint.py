@@ -117,6 +117,27 @@ class CheckpointStore:
                 self.problems.append(f"{manifest_path.name}: manifest unreadable ({err!r})")
         return sorted(found, key=lambda c: c.round)
 
+    def chain_break(self, ckpt: Checkpoint) -> str | None:
+        """Where the chain of manifests from `ckpt` back to round 0 contradicts itself, or
+        None: each checkpoint must name as parent the hash the previous round's manifest
+        records (round 0: none). Manifests only (the weights of the newest are checked by
+        `latest`); a round whose manifest is gone leaves that link unchecked, since nothing
+        there contradicts it. A break means checkpoints/ is not one run's history: a
+        manifest edited, or files from another run mixed in."""
+        by_round = {c.round: c for c in self.all()}
+        for r in range(ckpt.round, -1, -1):
+            child = by_round.get(r)
+            if child is None:
+                continue
+            parent = by_round.get(r - 1)
+            if r == 0 and child.parent_sha256 is not None:
+                return (f"round-00000.json names a parent ({child.parent_sha256[:16]}...), but "
+                        "round 0 is the initial model")
+            if parent is not None and child.parent_sha256 != parent.sha256:
+                return (f"round-{r:05d}.json names parent {str(child.parent_sha256)[:16]}..., "
+                        f"but round {r - 1}'s checkpoint is {parent.sha256[:16]}...")
+        return None
+
     def latest(self, before: int | None = None) -> Checkpoint | None:
         """The newest checkpoint whose weights match their recorded hash (of a round before
         `before`, if given). What was passed over on the way (newer ones that do not

@@ -60,9 +60,14 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
                           "model: its weights are in the run's checkpoints/ (safetensors)")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose a new --out directory")
-    latest = CheckpointStore(results_dir / "checkpoints").latest()
+    checkpoints = CheckpointStore(results_dir / "checkpoints")
+    latest = checkpoints.latest()
     if latest is None:
         raise ExportError(f"{results_dir / 'checkpoints'} holds no checkpoint with valid weights")
+    broken = checkpoints.chain_break(latest)
+    if broken is not None:  # the manifest would vouch for a history the files do not hold
+        raise ExportError(f"the checkpoints in {results_dir / 'checkpoints'} do not form one "
+                          f"chain ({broken}); restore checkpoints/ from a copy")
 
     model = task.build_model(cfg.model.activation)
     base = task.base_sha256(model)

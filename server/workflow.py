@@ -210,6 +210,13 @@ class RoundWorkflow:
                                   f"verifies ({found}); the run cannot continue where it "
                                   "stopped: restore checkpoints/ or start a new run in another "
                                   f"results directory ({RESULTS_DIR_SETTING[self.kind]})")
+        broken = self.checkpoints.chain_break(latest) if latest is not None else None
+        if broken is not None:
+            raise ResultsDirError(f"--resume: the checkpoints in {self.checkpoints.directory} "
+                                  f"do not form one chain ({broken}): they are not this run's "
+                                  "history as it was written; restore checkpoints/ from a copy "
+                                  "or start a new run in another results directory "
+                                  f"({RESULTS_DIR_SETTING[self.kind]})")
         if latest is not None and problems:
             passed = "; ".join(problems)
             log.warning("resuming after round %d, the latest checkpoint that verifies and "

@@ -268,3 +268,41 @@ def test_a_resumed_server_optimizer_goes_on_as_the_run_would(tmp_path, rule, tas
     assert reader.latest().round == 1
     assert reader.problems == ["round 2: state round-00002.state.safetensors does not match "
                                "its hash"]
+
+
+def test_a_broken_checkpoint_chain_is_refused_on_resume_naming_the_link(tmp_path):
+    """A manifest whose parent hash is not the previous round's checkpoint (edited, or from
+    another run) resumed silently (crash audit): the chain the manifests record was never
+    read back."""
+    cfg = load_config(SMOKE, ["rounds=3", "privacy.enabled=false"])
+    out = tmp_path / "run"
+    run_id = prepare_out_dir(cfg, out, resume=False)
+    first = workflow(cfg, out, run_id, None)
+    _, arrays = first.start_state(resume=False)
+    for r in (1, 2):
+        ckpt = checkpoint_round(first, r, arrays)
+        first.recorder.record_round(r, {"accuracy": 0.5}, [ReplyOutcome(1, "trained", "")], 1.0,
+                                    ckpt.sha256)
+    store = CheckpointStore(out / "checkpoints")
+    assert store.chain_break(store.latest()) is None
+    assert workflow(cfg, out, run_id, None).start_state(resume=True)[0] == 2
+
+    manifest_path = out / "checkpoints" / "round-00002.json"
+    manifest = json.loads(manifest_path.read_text())
+    one = manifest["parent_sha256"]
+    manifest["parent_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ResultsDirError, match=rf"do not form one chain \(round-00002.json names "
+                                              rf"parent 0000000000000000\.\.\., but round 1's "
+                                              rf"checkpoint is {one[:16]}\.\.\.\).*restore "
+                                              r"checkpoints/ from a copy"):
+        workflow(cfg, out, run_id, None).start_state(resume=True)
+    # A round whose manifest is gone leaves its link unchecked: nothing contradicts it.
+    manifest["parent_sha256"] = one
+    manifest_path.write_text(json.dumps(manifest))
+    (out / "checkpoints" / "round-00001.json").unlink()
+    assert store.chain_break(store.latest()) is None
+    round_zero = out / "checkpoints" / "round-00000.json"
+    zero = json.loads(round_zero.read_text())
+    round_zero.write_text(json.dumps({**zero, "parent_sha256": one}))
+    assert "round 0 is the initial model" in store.chain_break(store.latest())
