@@ -254,9 +254,11 @@ class SecureAggregator:
                 for reply in replies:
                     outcome, masked_input = self._inspect(reply)
                     by_node[outcome.node_id] = outcome
-                    if masked_input is not None:
+                    # Only an input the session accepts is in the sum: one it refuses
+                    # (wrong length, round, holders...) is a dropout like a missing one.
+                    if masked_input is not None and \
+                            self.session.add_masked_input(outcome.node_id, masked_input):
                         masked.add(outcome.node_id)
-                        self.session.add_masked_input(outcome.node_id, masked_input)
                 background.run(self.session.sum_masked_inputs)
             for n in participants:
                 by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))

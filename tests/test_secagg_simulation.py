@@ -105,11 +105,16 @@ def test_unmasking_asks_a_cover_and_the_others_only_when_one_of_it_fails(tmp_pat
 def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
     cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
                               "secagg.enabled=true", "privacy.enabled=false"])
-    faults = SecAggFaults({i: "drop-train" for i in range(4)})
+    # Two fail before masking, two send a masked input the server refuses: 2 survivors of
+    # 6, below t = 3. The refused count as dropped too (before the fix the aborted round's
+    # secagg_dropped counted only the two that sent nothing: 2, not 4).
+    faults = SecAggFaults({0: "drop-train", 1: "drop-train",
+                           2: "truncate-masked", 3: "truncate-masked"})
     run_simulation(cfg, tmp_path, client_mods=[faults])
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
-    assert row["secagg_status"] == "aborted" and row["secagg_reason"]
-    assert row["clients_trained"] == 0
+    assert row["secagg_status"] == "aborted" and "2 valid masked inputs" in row["secagg_reason"]
+    assert row["secagg_dropped"] == 4
+    assert row["clients_trained"] == 0 and row["clients_rejected"] == 2
     chain = CheckpointStore(tmp_path / "checkpoints").all()
     w0, w1 = chain[0].load_weights(), chain[1].load_weights()
     assert all(np.array_equal(w0[k], w1[k]) for k in w0)
