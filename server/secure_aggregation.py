@@ -347,8 +347,11 @@ class SecureAggregator:
                     log.warning("secure aggregation: node %s sent no unmask response: %r",
                                 src, err)
                     continue
-                answered.add(src)
-                self.session.add_unmask_response(src, response)
+                if self.session.add_unmask_response(src, response):
+                    answered.add(src)
+                elif src in self.session.rejected:  # malformed, replayed or forged
+                    log.warning("secure aggregation: refused node %s's unmask response: %s",
+                                src, self.session.rejected[src])
             background.run(self.session.remove_rebuilt_masks)
         return answered
 

@@ -102,6 +102,38 @@ def test_unmasking_asks_a_cover_and_the_others_only_when_one_of_it_fails(tmp_pat
         assert np.array_equal(a[name], b[name]) and np.array_equal(a[name], c[name])
 
 
+class GarbleUnmask:
+    """A client mod: partition 0 sends its unmask response with a byte too many."""
+
+    def __call__(self, msg, context, call_next):
+        from consortia.messages import SECAGG, SECAGG_UNMASK
+
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == SECAGG_UNMASK and \
+                int(context.node_config["partition-id"]) == 0 and not reply.has_error():
+            reply.content[SECAGG]["unmask"] = bytes(reply.content[SECAGG]["unmask"]) + b"\0"
+        return reply
+
+
+def test_a_malformed_unmask_response_is_refused_with_its_reason_logged(tmp_path, caplog):
+    # Complete graph (k = 5), t = 3, every survivor asked: the round completes with the
+    # other five answers. Before the fix the refusal was kept in the session only, and
+    # nothing in the run's log said that node's response had been refused, or why.
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
+                              "secagg.enabled=true", "secagg.neighbours=5",
+                              "secagg.threshold=3", "secagg.unmask=all",
+                              "privacy.enabled=false"])
+    with caplog.at_level("WARNING", logger="consortia.server"):
+        run_simulation(cfg, tmp_path, client_mods=[GarbleUnmask()])
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["secagg_status"] == "ok" and row["secagg_dropped"] == 0
+    node = next(p["node_id"] for p in read_jsonl(tmp_path / "participation.jsonl")
+                if p["client_id"] == "0")
+    refused = [r.getMessage() for r in caplog.records if "unmask response" in r.getMessage()]
+    assert refused == [f"secure aggregation: refused node {node}'s unmask response: "
+                       "UnmaskResponse: 1 unexpected trailing bytes"], refused
+
+
 def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
     cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
                               "secagg.enabled=true", "privacy.enabled=false"])
