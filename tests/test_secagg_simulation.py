@@ -153,6 +153,12 @@ def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path
 
 
 def test_secagg_with_a_rule_that_needs_individual_updates_fails_at_start():
+    # The test's name was not tested: each robust rule is refused naming the rule and secagg.
+    for rule in ("krum", "multikrum", "median", "trimmed-mean", "bulyan"):
+        with pytest.raises(ConfigError, match=f"secagg.enabled = true cannot be combined with "
+                                              f"strategy.name = '{rule}': that rule needs each"):
+            load_config(SMOKE, ["secagg.enabled=true", f"strategy.name={rule}",
+                                "clients=20", "clients_per_round=20"])
     with pytest.raises(ConfigError, match="secure aggregation needs clients_per_round >= 3"):
         load_config(SMOKE, ["secagg.enabled=true", "clients_per_round=2"])
     with pytest.raises(ConfigError, match="secagg.bits = 31"):
