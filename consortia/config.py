@@ -267,13 +267,15 @@ class RunConfig(_Section):
         self._check_attackers()
         self._check_model_keys()
         self._check_keys_of_features_off()
-        from consortia.strategies import check_strategy
-
-        check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
         if self.secagg.enabled:
             self._check_secagg()
         if self.user_dp.enabled:
             self._check_user_dp()
+        # After those: a robust rule refused with secure aggregation or user-level DP is
+        # said as that, not as a count the rule would need.
+        from consortia.strategies import check_strategy
+
+        check_strategy(self.strategy.name, self.strategy.parameters(), self.clients_per_round)
         if self.privacy.enabled and self.privacy.noise_multiplier == 0:
             raise ValueError("privacy.noise_multiplier = 0 adds no noise: ε would be infinite; "
                              "accepted: σ > 0, or leave it unset to derive σ from the budget "

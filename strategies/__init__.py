@@ -3,14 +3,20 @@
 Thin adapters over `flwr.serverapp.strategy`: Flower has every rule offered here, so
 each is imported and configured, not copied. Server optimizers (FedAvgM, FedAdam,
 FedYogi, FedAdagrad) work on the aggregated update, so they stay compatible with secure
-aggregation; the robust rules look at each update and are refused with it.
+aggregation; the robust rules look at each update and are refused with it. Krum,
+multi-Krum and trimmed-mean are Flower's with one guard added: a round with fewer valid
+updates than the rule needs keeps the global model (as Flower's Bulyan does).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from inspect import signature
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -29,6 +35,67 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from consortia.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 
+log = logging.getLogger("consortia.server")
+
+
+def trimmed_mean_needs(beta: float) -> int:
+    """The fewest updates from which trimmed-mean (Flower's: int(beta * n) cut from each
+    end) cuts one; beta = 0 is the plain mean, asked for."""
+    n = 1
+    while beta > 0 and int(beta * n) < 1:
+        n += 1
+    return n
+
+
+class _NeedsEnoughReplies:
+    """A robust rule given fewer updates than its guarantee needs (clients dropped or were
+    rejected this round) keeps the global model for the round, with a warning, as
+    Flower's Bulyan does: Flower's Krum would score each update on fewer neighbours (two
+    colluding attackers out of f = 2 then win with 5 replies), and its trimmed mean would
+    cut nothing and be the plain mean."""
+
+    rule = ""  # strategy.name
+
+    def replies_needed(self) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        got = sum(not reply.has_error() for reply in replies)
+        needed, why = self.replies_needed()
+        if got < needed:
+            log.warning("round %d: %d valid update(s), %s needs at least %d (%s): the global "
+                        "model stays as it was this round", server_round, got, self.rule,
+                        needed, why)
+            return None, None
+        return super().aggregate_train(server_round, replies)
+
+
+class GuardedKrum(_NeedsEnoughReplies, Krum):
+    rule = "krum"
+
+    def replies_needed(self) -> tuple[int, str]:
+        f = self.num_malicious_nodes
+        return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
+
+
+class GuardedMultiKrum(_NeedsEnoughReplies, MultiKrum):
+    rule = "multikrum"
+
+    def replies_needed(self) -> tuple[int, str]:
+        f = self.num_malicious_nodes
+        return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
+
+
+class GuardedTrimmedAvg(_NeedsEnoughReplies, FedTrimmedAvg):
+    rule = "trimmed-mean"
+
+    def replies_needed(self) -> tuple[int, str]:
+        return (trimmed_mean_needs(self.beta),
+                f"to cut int(beta * n) >= 1 from each end with beta = {self.beta}")
+
+
 # name -> (Flower class, {our parameter: Flower's argument})
 RULES: dict[str, tuple[type[Strategy], dict[str, str]]] = {
     "fedavg": (FedAvg, {}),
@@ -37,11 +104,11 @@ RULES: dict[str, tuple[type[Strategy], dict[str, str]]] = {
     "fedadam": (FedAdam, {"server_lr": "eta", "beta_1": "beta_1", "beta_2": "beta_2", "tau": "tau"}),
     "fedyogi": (FedYogi, {"server_lr": "eta", "beta_1": "beta_1", "beta_2": "beta_2", "tau": "tau"}),
     "fedadagrad": (FedAdagrad, {"server_lr": "eta", "tau": "tau"}),
-    "krum": (Krum, {"num_malicious": "num_malicious_nodes"}),
-    "multikrum": (MultiKrum, {"num_malicious": "num_malicious_nodes",
+    "krum": (GuardedKrum, {"num_malicious": "num_malicious_nodes"}),
+    "multikrum": (GuardedMultiKrum, {"num_malicious": "num_malicious_nodes",
                               "num_selected": "num_nodes_to_select"}),
     "median": (FedMedian, {}),
-    "trimmed-mean": (FedTrimmedAvg, {"beta": "beta"}),
+    "trimmed-mean": (GuardedTrimmedAvg, {"beta": "beta"}),
     "bulyan": (Bulyan, {"num_malicious": "num_malicious_nodes"}),
 }
 
@@ -66,6 +133,12 @@ def check_strategy(name: str, params: dict[str, Any], clients_per_round: int) ->
     if name == "bulyan" and n < 4 * f + 3:
         raise ValueError(f"bulyan with strategy.num_malicious = {f} needs clients_per_round >= "
                          f"4f + 3 = {4 * f + 3}, got {n}")
+    beta = params.get("beta", signature(FedTrimmedAvg).parameters["beta"].default)  # Flower's
+    if name == "trimmed-mean" and n < trimmed_mean_needs(beta):
+        raise ValueError(f"trimmed-mean with strategy.beta = {beta} cuts int({beta} * {n}) = 0 "
+                         f"updates from each end of clients_per_round = {n}: it would be the "
+                         f"plain mean; needs clients_per_round >= {trimmed_mean_needs(beta)} "
+                         f"or strategy.beta >= 1/{n} (or 0, for the mean)")
     if name == "multikrum" and params.get("num_selected", 1) > n:
         raise ValueError(f"strategy.num_selected = {params['num_selected']} exceeds "
                          f"clients_per_round = {n}")

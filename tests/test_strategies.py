@@ -36,11 +36,14 @@ def replies(values, weights=None):
         for i, (v, w) in enumerate(zip(values, weights, strict=True))]
 
 
-def aggregate(rule, current, values, weights=None, server_round=1):
+def aggregate(rule, current, values, weights=None, server_round=1, sampled=None):
+    """The rule's new model (None: it kept the old), `sampled` clients asked (default:
+    those that replied)."""
     arrays = ArrayRecord({"w": Array(np.asarray(current, dtype=np.float32))})
-    list(rule.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(len(values))))
+    list(rule.configure_train(server_round, arrays, ConfigRecord(),
+                              FakeGrid(sampled or len(values))))
     out, _ = rule.aggregate_train(server_round, replies(values, weights))
-    return out["w"].numpy()
+    return None if out is None else out["w"].numpy()
 
 
 def test_fedavg_is_the_example_weighted_mean():
@@ -89,6 +92,36 @@ def test_robust_rules_ignore_an_outlier_that_moves_fedavg(name, params):
     robust = aggregate(strategy(name, 7, *params), [0, 0], values)
     assert np.abs(fedavg - 1).max() > 100
     assert np.abs(robust - 1).max() < 0.1
+
+
+@pytest.mark.parametrize("name, params, honest, attackers", [
+    # f = 2 and 7 sampled (7 >= 2f + 3), but 2 dropped: Flower's Krum scores each of the 5
+    # on max(1, n - f - 2) = 1 neighbour, so two colluding attackers score 0 and win.
+    ("krum", ["strategy.num_malicious=2"], 3, 2),
+    ("multikrum", ["strategy.num_malicious=2", "strategy.num_selected=3"], 3, 2),
+    # beta = 0.2 of 5 sampled cuts one from each end; of 4 replies int(0.8) = 0: the mean.
+    ("trimmed-mean", ["strategy.beta=0.2"], 3, 1),
+])
+def test_robust_rules_keep_the_model_when_too_few_updates_arrive(name, params, honest,
+                                                                 attackers, caplog):
+    sampled = 7 if "krum" in name else 5
+    values = [[1.0 + 0.01 * i, 1.0 - 0.01 * i] for i in range(honest)]
+    values += [[1000.0, -1000.0]] * attackers
+    rule = strategy(name, sampled, *params)
+    assert np.abs(aggregate(rule, [0, 0], values + [[1.0, 1.0]] * (sampled - len(values)))
+                  - 1).max() < 0.1  # all replied: the attackers are kept out
+    with caplog.at_level("WARNING", logger="consortia.server"):
+        assert aggregate(strategy(name, sampled, *params), [0, 0], values,
+                         sampled=sampled) is None
+    assert f"{len(values)} valid update(s), {name} needs at least" in caplog.text
+
+
+def test_trimmed_mean_that_would_cut_nothing_fails_at_start():
+    with pytest.raises(ConfigError, match=r"trimmed-mean with strategy.beta = 0.2 cuts "
+                                          r"int\(0.2 \* 4\) = 0 updates"):
+        load_config(None, ["strategy.name=trimmed-mean"])  # beta 0.2 (Flower's), K = 4
+    load_config(None, ["strategy.name=trimmed-mean", "strategy.beta=0.25"])
+    load_config(None, ["strategy.name=trimmed-mean", "strategy.beta=0"])  # the mean, asked
 
 
 def test_fedprox_sends_mu_and_the_client_pulls_toward_the_global_model(tmp_path):
