@@ -338,8 +338,12 @@ class SecureAggregator:
             for reply in replies:
                 src = reply.metadata.src_node_id
                 if reply.has_error():
+                    # One line, as a failed train reply's (Ray hands over its whole chained
+                    # traceback; the client's refusal, e.g. forged shares, is one line of it).
+                    reason = reply.error.reason
                     log.warning("secure aggregation: node %s failed to unmask: %s",
-                                src, reply.error.reason)
+                                src, client_error_reason(reason))
+                    log.debug("node %s's whole error: %s", src, reason)
                     continue
                 try:
                     response = bytes(reply.content[SECAGG]["unmask"])

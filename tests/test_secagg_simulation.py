@@ -134,6 +134,25 @@ def test_a_malformed_unmask_response_is_refused_with_its_reason_logged(tmp_path,
                        "UnmaskResponse: 1 unexpected trailing bytes"], refused
 
 
+def test_a_client_refusing_forged_shares_says_why_in_one_log_line(tmp_path, caplog):
+    # Partition 0 flips a bit in every share it sends: each of its holders refuses the
+    # unmask request (AES-GCM fails), and the round is abandoned. The server's warning
+    # was Ray's whole chained traceback (40-odd lines, colour codes included), the
+    # refusal's reason buried in it; now it is the reason, as for a failed train reply.
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
+                              "secagg.enabled=true", "privacy.enabled=false"])
+    with caplog.at_level("WARNING", logger="consortia.server"):
+        run_simulation(cfg, tmp_path, client_mods=[SecAggFaults({0: "tamper-shares"})])
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["secagg_status"] == "aborted"
+    failed = [r.getMessage() for r in caplog.records if "failed to unmask" in r.getMessage()]
+    assert failed
+    for line in failed:
+        assert "\n" not in line and "\x1b" not in line, line
+        assert line.endswith("share ciphertext failed authentication (altered, or not for "
+                             "this run, round and recipient)"), line
+
+
 def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
     cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
                               "secagg.enabled=true", "privacy.enabled=false"])
