@@ -5,7 +5,8 @@ each is imported and configured, not copied. Server optimizers (FedAvgM, FedAdam
 FedYogi, FedAdagrad) work on the aggregated update, so they stay compatible with secure
 aggregation; the robust rules look at each update and are refused with it. Krum,
 multi-Krum and trimmed-mean are Flower's with one guard added: a round with fewer valid
-updates than the rule needs keeps the global model (as Flower's Bulyan does).
+updates than the rule needs keeps the global model (as Flower's Bulyan does); Krum,
+multi-Krum and Bulyan score updates with exact float64 distances (krum_distances).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from inspect import signature
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -32,6 +33,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from consortia.messages import ARRAYS, CONFIG, NUM_EXAMPLES
 
@@ -72,7 +74,52 @@ class _NeedsEnoughReplies:
         return super().aggregate_train(server_round, replies)
 
 
-class GuardedKrum(_NeedsEnoughReplies, Krum):
+def krum_distances(records: list[ArrayRecord]) -> np.ndarray:
+    """Squared L2 distances between the updates, in float64 and pair by pair.
+
+    Flower's compute_distances takes ‖a‖² + ‖b‖² − 2a·b in the weights' own dtype: for a
+    float16 model the squared norms overflow to inf and every distance is NaN (its Krum
+    then keeps the first reply, attacker or not), and in float32 the difference of large
+    norms loses the small distances between close updates."""
+    flat = [np.concatenate([a.ravel() for a in record.to_numpy_ndarrays()]).astype(np.float64)
+            for record in records]
+    n = len(flat)
+    distances = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            distances[i, j] = distances[j, i] = float(np.sum((flat[i] - flat[j]) ** 2))
+    return distances
+
+
+def select_multikrum(contents: list[RecordDict], num_malicious_nodes: int,
+                     num_nodes_to_select: int) -> list[RecordDict]:
+    """Flower's select_multikrum (Blanchard et al. 2017: each update's score is the sum of
+    its squared distances to its n − f − 2 nearest others; the lowest scores are kept)
+    with exact distances (krum_distances); ties go to the earlier reply (client order)."""
+    key = list(contents[0].array_records.keys())[0]
+    distances = krum_distances([content[key] for content in contents])
+    n = len(contents)
+    closest = max(1, n - num_malicious_nodes - 2)
+    scores = [np.sort(np.delete(distances[i], i))[:closest].sum() for i in range(n)]
+    best = np.argsort(scores, kind="stable")[:num_nodes_to_select]
+    return [contents[i] for i in best]
+
+
+class _ExactKrum:
+    """Flower's MultiKrum.aggregate_train with select_multikrum above."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        selected = select_multikrum([msg.content for msg in valid], self.num_malicious_nodes,
+                                    self.num_nodes_to_select)
+        return (aggregate_arrayrecords(selected, self.weighted_by_key),
+                self.train_metrics_aggr_fn(selected, self.weighted_by_key))
+
+
+class GuardedKrum(_NeedsEnoughReplies, _ExactKrum, Krum):
     rule = "krum"
 
     def replies_needed(self) -> tuple[int, str]:
@@ -80,12 +127,23 @@ class GuardedKrum(_NeedsEnoughReplies, Krum):
         return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
 
 
-class GuardedMultiKrum(_NeedsEnoughReplies, MultiKrum):
+class GuardedMultiKrum(_NeedsEnoughReplies, _ExactKrum, MultiKrum):
     rule = "multikrum"
 
     def replies_needed(self) -> tuple[int, str]:
         f = self.num_malicious_nodes
         return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
+
+
+class ExactBulyan(Bulyan):
+    """Flower's Bulyan, its Multi-Krum selection with exact distances."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # Set here, not through __init__'s selection_rule: the class keeps Flower's
+        # signature, whose defaults configuration.md states.
+        self.selection_rule = select_multikrum
+        return super().aggregate_train(server_round, replies)
 
 
 class GuardedTrimmedAvg(_NeedsEnoughReplies, FedTrimmedAvg):
@@ -109,7 +167,7 @@ RULES: dict[str, tuple[type[Strategy], dict[str, str]]] = {
                               "num_selected": "num_nodes_to_select"}),
     "median": (FedMedian, {}),
     "trimmed-mean": (GuardedTrimmedAvg, {"beta": "beta"}),
-    "bulyan": (Bulyan, {"num_malicious": "num_malicious_nodes"}),
+    "bulyan": (ExactBulyan, {"num_malicious": "num_malicious_nodes"}),
 }
 
 # Rules that look at each client's update; secure aggregation gives only the sum.

@@ -116,6 +116,31 @@ def test_robust_rules_keep_the_model_when_too_few_updates_arrive(name, params, h
     assert f"{len(values)} valid update(s), {name} needs at least" in caplog.text
 
 
+@pytest.mark.parametrize("name, params", [
+    ("krum", ["strategy.num_malicious=1"]),
+    ("multikrum", ["strategy.num_malicious=1", "strategy.num_selected=3"]),
+    ("bulyan", ["strategy.num_malicious=1"]),
+])
+def test_krum_scores_a_float16_model_exactly(name, params):
+    """A float16 model whose squared norm passes float16's 65504: Flower's distances
+    (‖a‖² + ‖b‖² − 2a·b in float16) were all NaN and its Krum kept the first reply, here
+    the attacker's."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 100_000).astype(np.float16)
+    honest = [(base + rng.normal(0, 0.01, base.size)).astype(np.float16) for _ in range(6)]
+    attacker = (base - 10 * (honest[0] - base)).astype(np.float16)  # sign-flip, s = 10
+    rule = strategy(name, 7, *params)
+    current = ArrayRecord({"w": Array(base)})
+    list(rule.configure_train(1, current, ConfigRecord(), FakeGrid(7)))
+    msgs = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(v)}),
+                                        "metrics": MetricRecord({"num-examples": 1})}),
+                    dst_node_id=i + 1, message_type="train")
+            for i, v in enumerate([attacker, *honest])]
+    out, _ = rule.aggregate_train(1, msgs)
+    moved = np.abs(out["w"].numpy().astype(np.float64) - base).max()
+    assert moved < 0.1  # an honest update moves a weight by ~0.04 at most, the attack ~0.4
+
+
 def test_trimmed_mean_that_would_cut_nothing_fails_at_start():
     with pytest.raises(ConfigError, match=r"trimmed-mean with strategy.beta = 0.2 cuts "
                                           r"int\(0.2 \* 4\) = 0 updates"):
