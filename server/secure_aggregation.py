@@ -222,7 +222,8 @@ class SecureAggregator:
             why = f"{len(participants)} clients with keys that can pay for the round; 3 needed"
             outcomes += [ReplyOutcome(n, "failed", f"not asked: round abandoned: {why}")
                          for n in participants]
-            return self._abandon(outcomes, why, **not_asked)
+            return self._abandon(outcomes, why, secagg_participants=len(participants),
+                                 **not_asked)
 
         names = update_vector_order(arrays.keys())
         unweighted = self.cfg.user_dp.enabled  # DP-FedAvg: unweighted sum + clip indicator
@@ -286,7 +287,9 @@ class SecureAggregator:
                 self._note_budgets(server_round, by_node)
                 return self._abandon(outcomes + list(by_node.values()), str(abort),
                                      secagg_dropped=len(participants) - len(masked),
-                                     **not_asked)
+                                     secagg_participants=len(participants),
+                                     secagg_neighbours=k, secagg_threshold=t,
+                                     secagg_bits=bits, **not_asked)
         self._note_budgets(server_round, by_node)
 
         contributors = set(result.contributors)
@@ -418,7 +421,9 @@ class SecureAggregator:
 
     @staticmethod
     def _abandon(outcomes: list[ReplyOutcome], reason: str, **metrics: int) -> SecureRoundResult:
-        """`metrics`: the round's counts (secagg_dropped, 0 unless given; secagg_not_asked)."""
+        """`metrics`: the round's counts (secagg_dropped, 0 unless given; secagg_not_asked;
+        secagg_participants) and, once the round was set up, its k, t and bits, as a
+        completed round's row has them (the console's table and the report read them)."""
         log.warning("secure aggregation round abandoned: %s; the global model stays as it was",
                     reason)
         return SecureRoundResult(outcomes, None, {

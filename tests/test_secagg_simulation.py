@@ -165,6 +165,10 @@ def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert row["secagg_status"] == "aborted" and "2 valid masked inputs" in row["secagg_reason"]
     assert row["secagg_dropped"] == 4
+    # The abandoned round's row has its setup as a completed one's does (the console's
+    # participants column read None): 6 participants, k = 4 (even ≥ log2 6), t = 3, 29 bits.
+    assert (row["secagg_participants"], row["secagg_neighbours"], row["secagg_threshold"],
+            row["secagg_bits"]) == (6, 4, 3, 29)
     assert row["clients_trained"] == 0 and row["clients_rejected"] == 2
     chain = CheckpointStore(tmp_path / "checkpoints").all()
     w0, w1 = chain[0].load_weights(), chain[1].load_weights()
