@@ -76,11 +76,7 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
         checkpoints = CheckpointStore(out_dir / CHECKPOINTS_DIR)
         # Resuming would silently start again from round 0, unless the run never began.
         if checkpoints.latest() is None and not never_began(out_dir):
-            found = "; ".join(checkpoints.problems) or "none there"
-            raise ResultsDirError(f"--resume: no checkpoint in {checkpoints.directory} verifies "
-                                  f"({found}); the run cannot continue where it stopped: "
-                                  "restore checkpoints/ from a copy, or start a new run in "
-                                  f"another results directory ({setting})")
+            raise no_checkpoint_verifies(checkpoints.directory, checkpoints.problems, setting)
         return stored["run_id"]
     if resume:
         raise ResultsDirError(f"--resume: {out_dir} holds no run to resume")
@@ -93,6 +89,17 @@ def prepare_out_dir(cfg: RunConfig, out_dir: Path, resume: bool, kind: str = "si
                               f"({setting})") from None
     atomic_write_json(run_file, {"run_id": run_id, "config": config_to_dict(cfg)})
     return run_id
+
+
+def no_checkpoint_verifies(directory: Path, problems: list[str],
+                           setting: str) -> ResultsDirError:
+    """The --resume error for a run that began but has no checkpoint to continue from
+    (`problems`: what CheckpointStore passed over; `setting`: where the results
+    directory is set, RESULTS_DIR_SETTING)."""
+    found = "; ".join(problems) or "none there"
+    return ResultsDirError(f"--resume: no checkpoint in {directory} verifies ({found}); the "
+                           "run cannot continue where it stopped: restore checkpoints/ from a "
+                           f"copy, or start a new run in another results directory ({setting})")
 
 
 def never_began(out_dir: Path) -> bool:

@@ -36,6 +36,7 @@ from consortia.server.run_dir import (
     RUN_FILE,
     ResultsDirError,
     never_began,
+    no_checkpoint_verifies,
 )
 from consortia.server.secure_aggregation import SecureAggregator
 from consortia.server.store import Heartbeat
@@ -205,11 +206,8 @@ class RoundWorkflow:
             problems += self.checkpoints.problems
         # Not a silent restart from round 0, unless the run was stopped before it began.
         if resume and latest is None and not never_began(self.out_dir):
-            found = "; ".join(problems) or "none there"
-            raise ResultsDirError(f"--resume: no checkpoint in {self.checkpoints.directory} "
-                                  f"verifies ({found}); the run cannot continue where it "
-                                  "stopped: restore checkpoints/ or start a new run in another "
-                                  f"results directory ({RESULTS_DIR_SETTING[self.kind]})")
+            raise no_checkpoint_verifies(self.checkpoints.directory, problems,
+                                         RESULTS_DIR_SETTING[self.kind])
         broken = self.checkpoints.chain_break(latest) if latest is not None else None
         if broken is not None:
             raise ResultsDirError(f"--resume: the checkpoints in {self.checkpoints.directory} "

@@ -12,6 +12,7 @@ multi-Krum and Bulyan score updates with exact float64 distances (krum_distances
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from inspect import signature
 from typing import Any
@@ -43,8 +44,12 @@ log = logging.getLogger("consortia.server")
 def trimmed_mean_needs(beta: float) -> int:
     """The fewest updates from which trimmed-mean (Flower's: int(beta * n) cut from each
     end) cuts one; beta = 0 is the plain mean, asked for."""
-    n = 1
-    while beta > 0 and int(beta * n) < 1:
+    if beta <= 0:
+        return 1
+    # ceil(1 / beta), stepped past a product that float rounding leaves just below 1 (a
+    # count, not a loop from 1: strategy.beta may be as small as the user likes).
+    n = max(1, math.ceil(1 / beta))
+    while int(beta * n) < 1:
         n += 1
     return n
 
@@ -57,9 +62,8 @@ class _NeedsEnoughReplies:
     cut nothing and be the plain mean."""
 
     rule = ""  # strategy.name
-
-    def replies_needed(self) -> tuple[int, str]:
-        raise NotImplementedError
+    # A subclass (or a mixin after this one, _ExactKrum) defines replies_needed() ->
+    # (the fewest valid updates, why), which aggregate_train asks.
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -106,7 +110,12 @@ def select_multikrum(contents: list[RecordDict], num_malicious_nodes: int,
 
 
 class _ExactKrum:
-    """Flower's MultiKrum.aggregate_train with select_multikrum above."""
+    """Flower's MultiKrum.aggregate_train with select_multikrum above; Krum's guarantee
+    needs 2f + 3 updates."""
+
+    def replies_needed(self) -> tuple[int, str]:
+        f = self.num_malicious_nodes
+        return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -122,17 +131,9 @@ class _ExactKrum:
 class GuardedKrum(_NeedsEnoughReplies, _ExactKrum, Krum):
     rule = "krum"
 
-    def replies_needed(self) -> tuple[int, str]:
-        f = self.num_malicious_nodes
-        return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
-
 
 class GuardedMultiKrum(_NeedsEnoughReplies, _ExactKrum, MultiKrum):
     rule = "multikrum"
-
-    def replies_needed(self) -> tuple[int, str]:
-        f = self.num_malicious_nodes
-        return 2 * f + 3, f"2f + 3 with num_malicious f = {f}"
 
 
 class ExactBulyan(Bulyan):
