@@ -39,7 +39,12 @@ def split_host_port(value: str, what: str = "(e.g. fl.example.org:9093)") -> tup
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `privacy.epsilon_budjet` must not be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict types: TOML (and --set, read as TOML) gives each value its own type, so
+    # `clients = true`, `privacy.enabled = 1` or `rounds = "3"` is a mistake to name, not
+    # one to coerce (lax pydantic would run clients = 1); an int is still a float. Every
+    # number is finite: `lr = inf` or `faults.straggler_s = inf` would fail mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class PartitionConfig(_Section):

@@ -53,6 +53,29 @@ def test_wrong_type_and_out_of_range_name_the_value(tmp_path):
     assert "privacy.delta" in text and "less than 1" in text
 
 
+@pytest.mark.parametrize("assignment, named", [
+    ("clients=true", "clients: Input should be a valid integer (got True)"),
+    ('rounds="3"', "rounds: Input should be a valid integer (got '3')"),
+    ("privacy.enabled=yes", "privacy.enabled: Input should be a valid boolean (got 'yes')"),
+    ("privacy.enabled=1", "privacy.enabled: Input should be a valid boolean (got 1)"),
+    ("lr=inf", "lr: Input should be a finite number (got inf)"),
+    ("faults.straggler_s=inf", "faults.straggler_s: Input should be a finite number (got inf)"),
+    ("privacy.epsilon_budget=inf", "privacy.epsilon_budget: Input should be a finite number"),
+])
+def test_a_value_of_another_type_or_infinite_is_refused_not_coerced(assignment, named):
+    # Lax pydantic ran `clients = true` as 1 client and `privacy.enabled = "yes"` as true.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [assignment])
+    assert named in str(err.value)
+
+
+def test_an_int_is_still_a_float():
+    cfg = load_config(None, ["lr=1", "privacy.epsilon_budget=8", "secagg.enabled=true",
+                             "secagg.threshold=3", "clients_per_round=4"])
+    assert (cfg.lr, cfg.privacy.epsilon_budget, cfg.secagg.threshold) == (1.0, 8.0, 3.0)
+    assert isinstance(cfg.lr, float)
+
+
 def test_clients_per_round_cannot_exceed_clients():
     with pytest.raises(ConfigError, match=r"clients_per_round \(5\) must be at most clients \(4\)"):
         load_config(None, ["clients=4", "clients_per_round=5"])
