@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from consortia.messages import IDENTIFY
@@ -47,6 +47,35 @@ def poll_replies_every(grid: Grid, seconds: float) -> None:
         grid.pull_interval = seconds
 
 
+# What the link state answers for a request whose time to live (the exchange's timeout,
+# below) ran out before its node replied, or whose reply expired unread: Flower's whole
+# paragraph about TTLs, removed SuperNodes and messages that never existed, which reads as
+# a client's failure. exchange_as_replied says what happened instead.
+try:
+    from flwr.server.superlink.linkstate.utils import (
+        MESSAGE_UNAVAILABLE_ERROR_REASON,
+        REPLY_MESSAGE_UNAVAILABLE_ERROR_REASON,
+    )
+    _EXPIRED_REASONS = frozenset({MESSAGE_UNAVAILABLE_ERROR_REASON,
+                                  REPLY_MESSAGE_UNAVAILABLE_ERROR_REASON})
+except ImportError:  # pragma: no cover - a Flower that moved them: its words pass through
+    _EXPIRED_REASONS = frozenset()
+
+
+# Why a node that never answered an exchange failed (its request expired, or the exchange
+# ended first): the start of every such reason, which callers test for.
+NO_REPLY = "no reply before the timeout"
+
+
+def expired_reason(timeout: float) -> str:
+    return f"{NO_REPLY} ({timeout:g} s, sim.reply_timeout_s)"
+
+
+def _say_expired(reply: Message, timeout: float | None) -> None:
+    if timeout is not None and reply.has_error() and reply.error.reason in _EXPIRED_REASONS:
+        reply.error = Error(code=reply.error.code, reason=expired_reason(timeout))
+
+
 # A deployment's grid (Flower's HttpGrid) has no `pull_interval`: its own send_and_receive
 # sleeps 3 s between looks for replies (flwr 1.41), and `exchange_as_replied` keeps that.
 DEPLOYED_PULL_PAUSE_S = 3.0
@@ -65,7 +94,8 @@ def exchange_as_replied(grid: Grid, messages: list[Message], timeout: float | No
 
     In a deployment the SuperLink itself answers for a node that stopped heartbeating:
     an error reply whose source is the SuperLink (node 1), not the node. Matching the
-    reply to its request keeps that failure on the node it belongs to.
+    reply to its request keeps that failure on the node it belongs to. The link state's
+    answer for a request that expired unanswered says so (:func:`expired_reason`).
     """
     messages = list(messages)
     if timeout is not None:
@@ -91,6 +121,7 @@ def exchange_as_replied(grid: Grid, messages: list[Message], timeout: float | No
             node = sent.get(reply.metadata.reply_to_message_id)
             if node is not None and reply.metadata.src_node_id != node:
                 reply.metadata.__dict__["_src_node_id"] = node
+            _say_expired(reply, timeout)
         if replies:
             yield replies
         if not waiting or time.monotonic() >= deadline:

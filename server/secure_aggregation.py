@@ -51,7 +51,7 @@ from consortia.privacy.secagg import (
     quantization_error_bound,
 )
 from consortia.server.aggregates import UpdateSum
-from consortia.server.directory import exchange, exchange_as_replied
+from consortia.server.directory import exchange, exchange_as_replied, expired_reason
 from consortia.server.validation import ReplyOutcome, client_error_reason, report_outcome
 
 log = logging.getLogger("consortia.server")
@@ -262,7 +262,7 @@ class SecureAggregator:
                         masked.add(outcome.node_id)
                 background.run(self.session.sum_masked_inputs)
             for n in participants:
-                by_node.setdefault(n, ReplyOutcome(n, "failed", "no reply before the timeout"))
+                by_node.setdefault(n, ReplyOutcome(n, "failed", expired_reason(self.timeout)))
 
             try:
                 requests = self.session.unmask_requests(cover=self.cfg.secagg.unmask == "cover")

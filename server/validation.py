@@ -23,6 +23,7 @@ from consortia.messages import (
     decode_array,
     record_of,
 )
+from consortia.server.directory import NO_REPLY
 
 log = logging.getLogger("consortia.server")
 
@@ -95,6 +96,10 @@ def report_outcome(reply: Message) -> ReplyOutcome:
     node_id = reply.metadata.src_node_id
     if reply.has_error():
         reason = reply.error.reason
+        if reason.startswith(NO_REPLY):  # the exchange's own words (directory.expired_reason)
+            outcome = ReplyOutcome(node_id, "failed", reason)
+            log.warning("round reply from node %s failed: %s", node_id, reason)
+            return outcome
         outcome = ReplyOutcome(node_id, "failed", f"client error: {client_error_reason(reason)}")
         log.warning("round reply from node %s failed: %s", node_id, outcome.reason)
         if outcome.reason != f"client error: {reason}":

@@ -28,7 +28,12 @@ from consortia.privacy.dp.distributed import choose_scale, model_step
 from consortia.privacy.dp.user_level import UserLevelDP, clip_indicator
 from consortia.server.aggregates import UpdateSum, aggregate_reply, match_dtypes
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.directory import NodeDirectory, exchange_as_replied, natural_key
+from consortia.server.directory import (
+    NodeDirectory,
+    exchange_as_replied,
+    expired_reason,
+    natural_key,
+)
 from consortia.server.results import RunRecorder
 from consortia.server.run_dir import (
     CHECKPOINTS_DIR,
@@ -68,7 +73,7 @@ def plain_exchange(grid: Grid, messages: list[Message], arrays: ArrayRecord, tim
     outcomes = [inspect_train_reply(reply, arrays)
                 for replies in exchange_as_replied(grid, messages, timeout) for reply in replies]
     answered = {o.node_id for o in outcomes}
-    outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", "no reply before the timeout")
+    outcomes += [ReplyOutcome(m.metadata.dst_node_id, "failed", expired_reason(timeout))
                  for m in messages if m.metadata.dst_node_id not in answered]
     # Aggregate in client order: a float sum must not depend on who answered first.
     trained = sorted((o for o in outcomes if o.status == "trained"),

@@ -126,6 +126,43 @@ def test_a_request_lives_only_as_long_as_its_exchange_waits():
     assert unlimited.metadata.ttl == 43200  # no timeout: Flower's own
 
 
+class ExpiringGrid(ScriptedGrid):
+    """Node 70's request expires unanswered: the link state answers for it with Flower's
+    own error message (what InMemoryGrid and the SuperLink return once a request's time to
+    live has run out); node 71's reply is a client's error."""
+
+    def pull_messages(self, message_ids):
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_ins_message,
+        )
+
+        replies = []
+        for i in list(message_ids):
+            m = self.out.pop(i)
+            if m.metadata.dst_node_id == 70:
+                replies.append(create_message_error_unavailable_ins_message(i, m.metadata.run_id))
+            else:
+                replies.append(Message(Error(code=0, reason="ValueError: bad batch"), reply_to=m))
+        return replies
+
+
+def test_a_request_that_expired_unanswered_is_called_a_missed_timeout_not_a_client_error(caplog):
+    """Flower's answer for an expired request is a paragraph on TTLs, SuperNodes removed
+    from the federation and messages that never existed; the round's records said
+    'client error: Error: Message Unavailable - ...' for a client that was only slow."""
+    from consortia.server.validation import report_outcome
+
+    replies = {r.metadata.src_node_id: r for r in exchange(ExpiringGrid({}), requests([70, 71]),
+                                                           timeout=4)}
+    assert replies[70].error.reason == "no reply before the timeout (4 s, sim.reply_timeout_s)"
+    assert replies[71].error.reason == "ValueError: bad batch"  # a client's own error: as sent
+    expired, failed = report_outcome(replies[70]), report_outcome(replies[71])
+    assert (expired.status, expired.reason) == (
+        "failed", "no reply before the timeout (4 s, sim.reply_timeout_s)")
+    assert failed.reason == "client error: ValueError: bad batch"
+    assert "Message Unavailable" not in caplog.text
+
+
 class IdentifyingGrid(ScriptedGrid):
     """Every node answers identify with the name in its own site config (`says`); the
     SuperLink knows the nodes registered from enrolled keys by their enrolled name."""
