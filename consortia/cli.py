@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,18 @@ def _open_store(store: str | None):
         raise fail(err) from None
 
 
+@contextmanager
+def _store_read(run_store):
+    """A read of the store that fails (its file damaged or removed, its server down) is
+    one line saying which store and what to do, not a traceback."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield
+    except DBAPIError as err:
+        raise fail(run_store.unusable(err, "read")) from None
+
+
 def _resolve_run(run_store, run: str) -> str:
     from consortia.server.store import UnknownRun
 
@@ -519,7 +532,9 @@ def runs_ls(store: str | None = StoreOption, as_json: bool = JsonOption) -> None
     """List the runs in the store, newest first."""
     from rich.table import Column, Table
 
-    runs = _open_store(store).list_runs()
+    run_store = _open_store(store)
+    with _store_read(run_store):
+        runs = run_store.list_runs()
     if as_json:
         typer.echo(_json(runs))
         return
@@ -541,10 +556,11 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     from rich.table import Table
 
     run_store = _open_store(store)
-    run_id = _resolve_run(run_store, run)
-    info = {"run": run_store.get_run(run_id), "rounds": run_store.rounds(run_id),
-            "clients": run_store.clients(run_id), "checkpoints": run_store.checkpoints(run_id),
-            "audit": run_store.audit_log(run_id, limit=20)}
+    with _store_read(run_store):
+        run_id = _resolve_run(run_store, run)
+        info = {"run": run_store.get_run(run_id), "rounds": run_store.rounds(run_id),
+                "clients": run_store.clients(run_id), "checkpoints": run_store.checkpoints(run_id),
+                "audit": run_store.audit_log(run_id, limit=20)}
     if as_json:
         typer.echo(_json(info))
         return
@@ -590,14 +606,18 @@ def runs_stop(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     from sqlalchemy.exc import DBAPIError
 
     from consortia.server.store import RunNotRunning
+    from consortia.server.store.store import is_damaged
 
     run_store = _open_store(store)
-    run_id = _resolve_run(run_store, run)
+    with _store_read(run_store):
+        run_id = _resolve_run(run_store, run)
     try:
         info = run_store.request_stop(run_id, actor=f"cli:{getpass.getuser()}")
     except RunNotRunning as err:
         raise fail(err, 1) from None
     except DBAPIError as err:  # a store this user may read but not write, a lock held too long
+        if is_damaged(err):
+            raise fail(run_store.unusable(err, "written")) from None
         raise fail(f"cannot record the stop request in the run store "
                    f"{run_store.display_url}: {err.orig}; a stop is a write to the store, "
                    "which the running server reads: run this as a user that can write it") from None

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from consortia.config import RunConfig, config_to_dict, validate_config
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
-from consortia.server.results import METRICS_FILE, PARTICIPATION_FILE, SUMMARY_FILE
+from consortia.server.results import METRICS_FILE, PARTICIPATION_FILE, SUMMARY_FILE, read_jsonl
+
+if TYPE_CHECKING:
+    from consortia.server.store import RunStore
 
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"  # in a results directory: server/checkpoint.py
@@ -127,3 +131,33 @@ def run_finished(cfg: RunConfig, out_dir: Path) -> bool:
     except (OSError, ValueError):  # none yet (or not one a finished run wrote)
         return False
     return isinstance(summary, dict) and summary.get("rounds_completed", 0) >= cfg.rounds
+
+
+def record_finished_run(store: RunStore, cfg: RunConfig, out_dir: Path, run_id: str,
+                        kind: str = "simulation") -> bool:
+    """A finished run that `store` does not hold whole (a damaged store file moved aside,
+    or a new store.url): record it there from its results directory, as it finished
+    (its rounds, participation and checkpoints; times of recording are now). True when it
+    did; a store that has the run completed is left as it is."""
+    from consortia.server.store import UnknownRun
+
+    try:
+        known = store.get_run(run_id)
+    except UnknownRun:
+        known = None
+    if known is not None and known["status"] == "completed" \
+            and known["rounds_completed"] >= cfg.rounds:
+        return False
+    rows = read_jsonl(out_dir / METRICS_FILE)
+    participation = read_jsonl(out_dir / PARTICIPATION_FILE)
+    store.start_run(run_id, task=cfg.task, rounds_total=cfg.rounds, config=config_to_dict(cfg),
+                    out_dir=out_dir.resolve(), kind=kind)
+    store.replace_rounds(run_id, max((r["round"] for r in rows), default=0), rows, participation)
+    for ckpt in CheckpointStore(out_dir / CHECKPOINTS_DIR).all():
+        store.record_checkpoint(run_id, ckpt.round, ckpt.sha256, ckpt.parent_sha256,
+                                ckpt.weights_path.resolve(), ckpt.manifest.get("created_at"))
+    store.audit(run_id, "run-recorded-from-files",
+                f"the store did not hold the finished run whole: recorded from {out_dir.resolve()} "
+                f"({METRICS_FILE}, {PARTICIPATION_FILE}, {CHECKPOINTS_DIR}/)")
+    store.finish_run(run_id, "completed")
+    return True

@@ -27,6 +27,7 @@ from consortia.server.run_dir import (
     RUN_FILE,
     ResultsDirError,
     prepare_out_dir,
+    record_finished_run,
     run_finished,
 )
 from consortia.server.store import RunStore, default_store_url
@@ -263,10 +264,18 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             store.close()
         raise
     if finished:
-        if own_store and store is not None:
-            store.close()
+        # Nothing to run; but a store that lost the run (its damaged file moved aside, as
+        # the store's error says to) is given it again, from the results files.
+        try:
+            store = store or RunStore(default_store_url(out_dir))
+            recorded = record_finished_run(store, cfg, out_dir, run_id)
+        finally:
+            if own_store and store is not None:
+                store.close()
         if on_status is not None:
-            on_status(f"already completed all {cfg.rounds} rounds: nothing to run")
+            on_status(f"already completed all {cfg.rounds} rounds: nothing to run"
+                      + (f"; recorded it again in the run store {store.display_url}"
+                         if recorded else ""))
         write_report_if_behind(out_dir)
         return json.loads((out_dir / "summary.json").read_text())
     store = store or RunStore(default_store_url(out_dir))

@@ -500,3 +500,30 @@ def test_cli_names_the_run_stores_inside_a_sweeps_results_directory(tmp_path):
     assert result.exit_code == 2 and "yet" not in flat
     assert "2 of its folders do" in flat
     assert str(tmp_path / "seed=0") in flat and str(tmp_path / "seed=1") in flat
+
+
+def test_a_store_damaged_past_its_schema_is_one_line_saying_what_to_do(tmp_path):
+    """A store.db whose first page reads but whose tables do not (a disk error, a partial
+    copy) opens; `runs show` then ended in a 300-line traceback ('database disk image is
+    malformed'), and the console's 503 said only that. Both now name the file and the
+    way out: move it aside, then --resume records each run in a new store."""
+    path = tmp_path / "store.db"
+    store = RunStore(path)
+    store.start_run("run1", task="digits-mlp", rounds_total=2, config={})
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))  # every page but the schema's
+    runner = CliRunner()
+    for args in (["runs", "ls"], ["runs", "show", "run1"], ["runs", "stop", "run1"]):
+        result = runner.invoke(cli, [*args, "--store", str(tmp_path)])
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in flat and "malformed" in flat
+        assert f"mv {path} {path}.damaged" in flat and "--resume" in flat
+    token = ConsoleToken(tmp_path / "token")
+    secret = token.rotate()
+    client = TestClient(create_app(RunStore(tmp_path, create=False), token),
+                        raise_server_exceptions=False)
+    response = client.get("/api/runs", headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code == 503
+    assert f"mv {path} {path}.damaged" in response.json()["detail"]

@@ -419,3 +419,83 @@ def test_a_resume_records_where_the_results_directory_is_now(store, tmp_path):
     store.start_run("run1", task="digits-mlp", rounds_total=3, config={"rounds": 3},
                     out_dir=tmp_path / "moved")
     assert store.get_run("run1")["out_dir"] == str(tmp_path / "moved")
+
+
+def damaged_store(path: Path) -> Path:
+    """A store file whose schema (page 1) reads but whose tables do not: every later page
+    overwritten, as a disk error or a partial copy leaves one."""
+    store = RunStore(path)
+    store.start_run("run1", task="digits-mlp", rounds_total=2, config={})
+    store.record_round("run1", row(1), [{"round": 1, "client_id": "0", "status": "trained",
+                                         "epsilon": 1.0, "epsilon_budget": 3.0}])
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))
+    return path
+
+
+def test_a_damaged_store_file_is_refused_at_a_writers_open_naming_it_and_what_to_do(tmp_path):
+    """A run resumed on a store.db damaged past its first page opened it, started Ray,
+    and failed in the ServerApp with 1,624 lines of traceback ending in SQLAlchemy's
+    'database disk image is malformed'. The writer's open now runs SQLite's quick_check:
+    the run fails before it starts, naming the file and the way out (move it aside,
+    --resume records the run in a new one)."""
+    path = damaged_store(tmp_path / "store.db")
+    with pytest.raises(StoreError) as caught:
+        RunStore(path)
+    message = str(caught.value)
+    assert "quick_check" in message and f"mv {path} {path}.damaged" in message
+    assert "--resume" in message
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"\x13" * 5000)  # not a database at all
+    for create in (True, False):
+        with pytest.raises(StoreError, match=f"not a database; the store file {garbage} is "
+                                             "damaged: move it aside"):
+            RunStore(garbage, create=create)
+
+
+def test_a_finished_runs_resume_records_it_in_a_store_that_lost_it(tmp_path, monkeypatch):
+    """The way out of a damaged store: move it aside and --resume. An unfinished run is
+    recorded again as it resumes; a finished one was not ('already completed all 1 rounds:
+    nothing to run', no store.db made), so `consortia runs` and the console had nothing of
+    it for good. Its resume now records it from its results directory, once."""
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.run_dir import prepare_out_dir
+    from consortia.simulations import report, runner
+
+    smoke = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / \
+        "digits-dp-smoke.toml"
+    cfg = load_config(smoke, ["rounds=1"])
+    out = tmp_path / "run"
+    run_id = prepare_out_dir(cfg, out, resume=False)
+    import numpy as np
+
+    checkpoints = [CheckpointStore(out / "checkpoints").save(r, {"w": np.zeros(2, np.float32)}, {})
+                   for r in range(2)]
+    metrics = [row(1, epsilon_max=1.5, secagg_status="ok", secagg_participants=2)]
+    participation = [{"round": 1, "client_id": str(i), "status": "trained", "reason": "",
+                      "epsilon": 1.5, "epsilon_budget": 3.0, "delta": 1e-5} for i in range(2)]
+    for name, rows in (("metrics.jsonl", metrics), ("participation.jsonl", participation)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "summary.json").write_text(json.dumps({"rounds": 1, "rounds_completed": 1}))
+    monkeypatch.setattr(report, "write_report", lambda run_dir: None)
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    said: list[str] = []
+    runner.run_simulation(cfg, out, resume=True, on_status=said.append)
+    assert "nothing to run; recorded it again in the run store" in said[-1]
+    store = RunStore(out, create=False)
+    run = store.get_run(run_id)
+    assert (run["status"], run["rounds_completed"], run["rounds_total"]) == ("completed", 1, 1)
+    assert store.metrics_rows(run_id) == metrics
+    assert store.participation_rows(run_id) == participation
+    assert [(c["client_id"], c["epsilon"], c["delta"]) for c in store.clients(run_id)] == \
+        [("0", 1.5, 1e-5), ("1", 1.5, 1e-5)]
+    assert [c["sha256"] for c in store.checkpoints(run_id)] == [c.sha256 for c in checkpoints]
+    assert all(c["available"] for c in store.checkpoints(run_id))
+    events = [e["event"] for e in store.audit_log(run_id)]
+    assert "run-recorded-from-files" in events
+    said.clear()
+    runner.run_simulation(cfg, out, resume=True, on_status=said.append)  # it has it: left alone
+    assert said[-1].endswith("nothing to run")
+    assert [e["event"] for e in store.audit_log(run_id)] == events
+    store.close()

@@ -70,8 +70,7 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
     async def store_unreadable(request: Request, err: DBAPIError) -> JSONResponse:
         # The store's file removed or damaged, its server down: say so, not a bare 500.
         used = "written" if request.method == "POST" else "read"
-        return JSONResponse({"detail": f"the run store {store.display_url} cannot be {used}: "
-                                       f"{err.orig}"}, status_code=503)
+        return JSONResponse({"detail": store.unusable(err, used)}, status_code=503)
 
     def presented_token(request: Request) -> tuple[str | None, str]:
         header = request.headers.get("authorization", "")

@@ -125,6 +125,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# SQLite's result codes for a file that is not a database (26) or is one damaged (11):
+# the primary code is the low byte of an extended one.
+_DAMAGED_CODES = (11, 26)
+
+
+def is_damaged(err: BaseException) -> bool:
+    """Whether `err` (a DBAPIError, or the sqlite3 error inside one) says the SQLite file
+    is damaged or not a database, rather than busy, read-only or gone."""
+    orig = getattr(err, "orig", err)
+    code = getattr(orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _DAMAGED_CODES
+
+
+def damaged_advice(path: Path | str) -> str:
+    """What an operator does about a damaged store file: it holds only copies of the runs'
+    results files, so a new one is recorded from them."""
+    return (f"the store file {path} is damaged: move it aside (mv {path} {path}.damaged), "
+            "then record each of its runs in a new store from the run's results directory "
+            "with --resume (consortia sim run CONFIG --out DIR --resume; a finished run is "
+            "recorded again without running a round)")
+
+
+def _sqlite_intact(path: Path) -> str | None:
+    """SQLite's own PRAGMA quick_check of the file at `path` (read-only): None when it
+    passes or there is no file yet, else what it found."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        found = [row for (row,) in conn.execute("PRAGMA quick_check(5)")]
+    return None if found == ["ok"] else "; ".join(" ".join(f.split()) for f in found)
+
+
 def _sqlite_tables(path: Path) -> list[str]:
     """The tables in a SQLite file, read without writing to it (read-only connection)."""
     with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
@@ -175,6 +207,12 @@ class RunStore:
                                          "does not exist")
                     if not create:  # before the engine's pragmas write to the file
                         self._require_tables(_sqlite_tables(Path(parsed.database)))
+                    else:  # a writer: a damaged file fails here, before the run, not in it
+                        found = _sqlite_intact(Path(parsed.database))
+                        if found is not None:
+                            raise StoreError(f"cannot open store {self.display_url!r}: SQLite's "
+                                             f"quick_check found: {found}; "
+                                             + damaged_advice(parsed.database))
                 self._read_engine = _sqlite_engine(parsed, "BEGIN", create)
                 self._write_engine = (self._read_engine if parsed.database in (None, "", ":memory:")
                                       else _sqlite_engine(parsed, "BEGIN IMMEDIATE", create))
@@ -190,10 +228,13 @@ class RunStore:
                              ) from None
         except StoreError:
             raise
-        except DBAPIError as err:  # connection refused, not a database, bad credentials...
-            raise StoreError(f"cannot open store {self.display_url!r}: {err.orig}") from None
-        except sqlite3.Error as err:  # the read-only look at a file that is not a database
-            raise StoreError(f"cannot open store {self.display_url!r}: {err}") from None
+        except (DBAPIError, sqlite3.Error) as err:
+            # connection refused, bad credentials; a file that is not a database or damaged
+            # (the read-only look at a SQLite file raises sqlite3's own errors)
+            raise StoreError(f"cannot open store {self.display_url!r}: "
+                             f"{getattr(err, 'orig', err)}"
+                             + (f"; {damaged_advice(parsed.database)}" if is_damaged(err) else "")
+                             ) from None
         except Exception as err:
             raise StoreError(f"cannot open store {self.display_url!r}: {err}") from None
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
@@ -208,6 +249,15 @@ class RunStore:
             raise StoreError(f"{self.display_url!r} is not a consortia run store (it has no "
                              f"{', '.join(sorted(missing))} table); a run writes its store to "
                              "DIR/store.db, or to the URL in [store] url")
+
+    def unusable(self, err: DBAPIError, used: str = "read") -> str:
+        """Why a read or write (`used`) of the store failed, and, for a damaged SQLite
+        file, what to do about it."""
+        text = f"the run store {self.display_url} cannot be {used}: {err.orig}"
+        database = make_url(self.url).database
+        if is_damaged(err) and database not in (None, "", ":memory:"):
+            text += f"; {damaged_advice(database)}"
+        return text
 
     def close(self) -> None:
         self._read_engine.dispose()
