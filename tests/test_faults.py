@@ -47,6 +47,36 @@ def test_fault_config_is_validated():
         load_config(None, ["faults.dropout=1.5"])
 
 
+@pytest.mark.usefixtures("task_identity")
+def test_an_injected_dropout_is_an_error_reply_not_a_raised_exception():
+    # Raised, it reached Flower's engine, which logs each ClientApp exception as two ERROR
+    # records holding Ray's whole chained traceback: about 100 console lines per dropout.
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from consortia.messages import CONFIG, SERVER_ROUND
+    from consortia.server.validation import report_outcome
+    from consortia.simulations.faults import DropoutsAndStragglers
+
+    request = Message(RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 2})}), dst_node_id=103,
+                      message_type="train")
+    context = Context(run_id=1, node_id=103, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 3, "num-partitions": 4})
+    trained = []
+
+    def call_next(msg, ctx):
+        trained.append(msg)
+        return Message(RecordDict(), reply_to=msg)
+
+    reply = DropoutsAndStragglers(dropout=0.999999, straggler_s=0.0, seed=0)(
+        request, context, call_next)
+    assert not trained and reply.has_error()
+    outcome = report_outcome(reply)
+    assert (outcome.status, outcome.reason) == (
+        "failed", "client error: ConnectionError: injected dropout of client 3 in round 2")
+    kept = DropoutsAndStragglers(dropout=0.0, straggler_s=0.0, seed=0)(request, context, call_next)
+    assert len(trained) == 1 and not kept.has_error()
+
+
 @pytest.mark.slow
 def test_sign_flippers_wreck_fedavg_but_not_the_median(tmp_path):
     common = ["clients=8", "clients_per_round=8", "rounds=3", "privacy.enabled=false",
