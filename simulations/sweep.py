@@ -31,10 +31,39 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
         items = [v.strip() for v in values.split(",") if v.strip()]
         if not items:
             raise ConfigError(f"--grid {key}: no values given")
+        key = key.strip()
         if key in grid:
             raise ConfigError(f"--grid {key} given twice")
-        grid[key.strip()] = items
+        repeated = sorted({v for v in items if items.count(v) > 1})
+        if repeated:  # the same cell twice: run once, reported twice in sweep.csv
+            raise ConfigError(f"--grid {key}={values}: {', '.join(repeated)} given twice; "
+                              "accepted: each value once")
+        grid[key] = items
     return grid
+
+
+def check_grid(grid: dict[str, list[str]], overrides: list[str]) -> None:
+    """A --set of a key the grid varies would be replaced in every cell (set in vain), and
+    two cells whose folders have one name would be one run reported twice."""
+    from consortia.config import parse_override
+
+    for assignment in overrides:
+        key = ".".join(parse_override(assignment)[0])
+        if key in grid:
+            raise ConfigError(f"--set {assignment} and --grid {key}: every cell takes its "
+                              f"value of {key} from the grid, so the --set changes nothing; "
+                              "remove one of them")
+    folders: dict[str, dict[str, str]] = {}
+    for assignments in cells(grid):
+        name = cell_name(assignments)
+        if name in folders:
+            def said(a: dict[str, str]) -> str:
+                return ", ".join(f"{k}={v}" for k, v in a.items())
+            raise ConfigError(f"sweep cells {said(folders[name])} and {said(assignments)} "
+                              f"would share the folder {name!r} (characters other than "
+                              "letters, digits and _.=- become '-'); give values whose "
+                              "folder names differ")
+        folders[name] = assignments
 
 
 def cell_name(assignments: dict[str, str]) -> str:
@@ -101,6 +130,7 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
     from consortia.simulations import runner
 
     grid = parse_grid(grid_specs)
+    check_grid(grid, list(overrides or []))
     out_dir = Path(out_dir)
     todo = cells(grid)
     # Every cell to run passes the config schema and sim run's start checks before the

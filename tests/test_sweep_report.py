@@ -22,6 +22,26 @@ def test_grid_parsing_and_cells():
         parse_grid(["lr=1", "lr=2"])
 
 
+@pytest.mark.parametrize("grid, sets, named", [
+    # The same cell twice: it ran once and sweep.csv had two rows of it.
+    (["seed=0,1,0"], [], r"--grid seed=0,1,0: 0 given twice"),
+    # The --set was replaced in every cell, silently.
+    (["lr=0.1,0.2"], ["lr=0.5"], r"--set lr=0.5 and --grid lr: .*changes nothing"),
+    # Two values whose folders have one name: one run, reported as both.
+    (["data_dir=a b,a-b"], [], r"sweep cells data_dir=a b and data_dir=a-b would share the "
+                               r"folder 'data_dir=a-b'"),
+])
+def test_a_grid_whose_cells_repeat_or_override_a_set_is_refused(tmp_path, monkeypatch, grid,
+                                                                 sets, named):
+    import consortia.simulations.runner as runner
+
+    monkeypatch.setattr(runner, "run_simulation", lambda *a, **k: pytest.fail("ran a cell"))
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    with pytest.raises(ConfigError, match=named):
+        run_sweep(SMOKE, grid, tmp_path, ["rounds=1", *sets])
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("grid, named", [
     (["clients_per_round=2,9"], r"sweep cell clients_per_round=9: .*clients_per_round \(9\)"),
     # sim run's start checks, not only the schema: a σ too small for one round under the
