@@ -387,6 +387,15 @@ def _open_store(store: str | None):
                              f"{STORE_FILE}) or the file's URL")
         if file is not None and not file.is_file():
             folder = file.parent
+            elsewhere = _store_url_of_run(folder)
+            if elsewhere is not None:  # the run records in the store its store.url names
+                run_id, shown = elsewhere
+                relative = "://" not in shown and not Path(shown).expanduser().is_absolute()
+                raise StoreError(f"{folder} holds run {run_id}, which records in the store "
+                                 f"its store.url names, not in {folder / STORE_FILE}: pass "
+                                 f"--store {shlex.quote(shown)}"
+                                 + (" (relative to the folder the run was started in)"
+                                    if relative else ""))
             cells = sorted(p.parent for p in folder.glob(f"*/{STORE_FILE}")) \
                 if folder.is_dir() else []
             if cells:  # a sweep's --out: each cell is a run with its own results directory
@@ -415,6 +424,30 @@ def _store_read(run_store):
         yield
     except DBAPIError as err:
         raise fail(run_store.unusable(err, "read")) from None
+
+
+def _store_url_of_run(folder: Path) -> tuple[str, str] | None:
+    """(run id, store URL with its password masked) when `folder` is a run's results
+    directory whose run.json sets store.url; else None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from consortia.server.run_dir import RUN_FILE
+
+    try:
+        run = json.loads((folder / RUN_FILE).read_text())
+        url = run["config"]["store"]["url"]
+        run_id = str(run["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(url, str) or not url:
+        return None
+    if "://" in url:
+        try:
+            url = make_url(url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return None
+    return run_id, url
 
 
 def _resolve_run(run_store, run: str) -> str:

@@ -527,3 +527,34 @@ def test_a_store_damaged_past_its_schema_is_one_line_saying_what_to_do(tmp_path)
     response = client.get("/api/runs", headers={"Authorization": f"Bearer {secret}"})
     assert response.status_code == 503
     assert f"mv {path} {path}.damaged" in response.json()["detail"]
+
+
+def test_a_results_directory_whose_run_records_elsewhere_names_that_store(tmp_path):
+    """A run started with store.url records there, not in DIR/store.db; `runs ls --store
+    DIR` (and `console`) said 'no run store at DIR/store.db yet: ... start the run' of a
+    run that had finished. They now name the store the run's run.json sets."""
+    from consortia.config import config_to_dict, load_config
+
+    shared = tmp_path / "shared.db"
+    RunStore(shared).close()
+    for name, url in (("a", str(shared)),
+                      ("b", "postgresql://ops:s3cret@db.example.org/consortia"),
+                      ("c", "runs/shared.db")):
+        out = tmp_path / name
+        out.mkdir()
+        cfg = config_to_dict(load_config(None, [f"store.url={url}"]))
+        (out / "run.json").write_text(json.dumps({"run_id": f"run{name}", "config": cfg}))
+        for args in (["runs", "ls"], ["console"]):
+            result = CliRunner().invoke(cli, [*args, "--store", str(out)])
+            flat = " ".join(result.output.split())
+            assert result.exit_code == 2, result.output
+            assert f"holds run run{name}, which records in the store its store.url names" in flat
+            assert "yet" not in flat and "s3cret" not in flat
+        assert not (out / "store.db").exists()
+    flat_a = " ".join(CliRunner().invoke(cli, ["runs", "ls", "--store", str(tmp_path / "a")])
+                      .output.split())
+    assert f"pass --store {shared}" in flat_a
+    flat_b = " ".join(CliRunner().invoke(cli, ["runs", "ls", "--store", str(tmp_path / "b")])
+                      .output.split())
+    assert "pass --store 'postgresql://ops:***@db.example.org/consortia'" in flat_b
+    assert "relative to the folder the run was started in" in flat
