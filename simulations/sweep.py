@@ -87,6 +87,25 @@ def sweep_row(assignments: dict[str, str], summary: dict[str, Any]) -> dict[str,
             "rounds_total": summary.get("rounds")}
 
 
+def unfinished_row(assignments: dict[str, str], cfg: RunConfig, cell_dir: Path
+                   ) -> dict[str, Any]:
+    """The sweep.csv row of a cell that stopped without its summary: no result, the rounds
+    its metrics.jsonl records."""
+    from consortia.server.results import METRICS_FILE, read_jsonl
+
+    metrics = cell_dir / METRICS_FILE
+    done = len(read_jsonl(metrics)) if metrics.is_file() else 0
+    return sweep_row(assignments, {"rounds_completed": done, "rounds": cfg.rounds})
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def cell_error(assignments: dict[str, str], err: Exception | str, ran: bool) -> ConfigError:
     """`err` (its message names the value and what is accepted) said of the cell it is in."""
     where = ", ".join(f"{k}={v}" for k, v in assignments.items())
@@ -147,7 +166,8 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
         except runner.RUN_ERRORS as err:
             raise cell_error(assignments, err, ran=False) from None
         configs.append(cfg)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    path = out_dir / SWEEP_FILE
     for i, (assignments, cfg) in enumerate(zip(todo, configs, strict=True)):
         cell_dir = out_dir / cell_name(assignments)
         summary_path = cell_dir / "summary.json"
@@ -162,16 +182,16 @@ def run_sweep(config: str | Path, grid_specs: list[str], out_dir: str | Path,
             resume = (cell_dir / "run.json").exists()  # a cell cut short continues
             try:
                 summary = runner.run_simulation(cfg, cell_dir, resume=resume, checked=True)
-            except runner.RUN_ERRORS as err:
-                raise cell_error(assignments, err, ran=True) from None
-            except Exception as err:  # a bug: its traceback, saying which cell
-                err.add_note(str(cell_error(assignments, "failed", ran=True)))
+            except BaseException as err:
+                # A cell that fails (or is interrupted) stops the sweep: sweep.csv still
+                # has the cells before it, and this one with the rounds it completed.
+                write_rows(path, rows + [{"cell": cell_dir.name,
+                                          **unfinished_row(assignments, cfg, cell_dir)}])
+                if isinstance(err, runner.RUN_ERRORS):
+                    raise cell_error(assignments, err, ran=True) from None
+                if isinstance(err, Exception):  # a bug: its traceback, saying which cell
+                    err.add_note(str(cell_error(assignments, "failed", ran=True)))
                 raise
         rows.append({"cell": cell_dir.name, **sweep_row(assignments, summary)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / SWEEP_FILE
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(path, rows)
     return path

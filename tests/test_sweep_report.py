@@ -87,6 +87,35 @@ def test_the_sweep_command_names_a_cell_that_cannot_start_or_fails_without_a_tra
     assert "run the same command" in result.output
 
 
+def test_a_cell_that_fails_leaves_sweep_csv_with_the_cells_before_it_and_how_far_it_got(
+        tmp_path, monkeypatch):
+    # sweep.csv was written only after the last cell: a failure at cell 3 of 3 left none,
+    # the finished cells' results only in their folders.
+    import json
+
+    import consortia.simulations.runner as runner
+
+    def run(cfg, out_dir, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5}) + "\n")
+        if cfg.lr == 0.3:
+            raise runner.SimulationFailed(f"the simulation ended without writing {out_dir}")
+        summary = {"rounds": 2, "rounds_completed": 2, "final_accuracy": cfg.lr,
+                   "clients": [{"id": "0", "epsilon": 1.5}], "wall_s": 3.0}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(runner, "run_simulation", run)
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    with pytest.raises(ConfigError, match="sweep cell lr=0.3: the simulation ended"):
+        run_sweep(SMOKE, ["lr=0.1,0.2,0.3"], tmp_path, ["rounds=2"])
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["cell"], r["final_accuracy"], r["epsilon_max"], r["rounds_completed"],
+             r["rounds_total"]) for r in rows] == [
+        ("lr=0.1", "0.1", "1.5", "2", "2"), ("lr=0.2", "0.2", "1.5", "2", "2"),
+        ("lr=0.3", "", "", "1", "2")]
+
+
 @pytest.mark.slow
 def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, monkeypatch):
     seen = []
