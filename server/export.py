@@ -21,6 +21,8 @@ import torch
 from consortia.config import validate_config
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
+from consortia.server.directory import natural_key
+from consortia.server.results import RunRecorder, read_jsonl
 from consortia.tasks import get_task
 from consortia.tasks.adapters import AdapterTask
 
@@ -29,7 +31,8 @@ MANIFEST = "consortia-manifest.json"
 
 
 def privacy_terms(dp: bool, summary: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's privacy terms, from the run's summary.json: each client's ε with the
+    """The manifest's privacy terms, from `summary` (summary.json's fields, or
+    recorded_through's for the exported round): each client's ε with the
     δ it is at (a partner's site.toml sets its own, which need not be the run's `delta`),
     and the user-level ε of the model (user_dp; at the run's δ), None without it."""
     clients = summary.get("clients", [])
@@ -37,6 +40,21 @@ def privacy_terms(dp: bool, summary: dict[str, Any]) -> dict[str, Any]:
             "epsilon_per_client": {c["id"]: c["epsilon"] for c in clients},
             "delta_per_client": {c["id"]: c.get("delta") for c in clients},
             "user_epsilon": summary.get("user_epsilon")}
+
+
+def recorded_through(results_dir: Path, cfg: Any, server_round: int) -> dict[str, Any]:
+    """What summary.json would say of the run's privacy after `server_round` (its δ, each
+    client's latest ε with its δ, the user-level ε), from metrics.jsonl and
+    participation.jsonl: summary.json is written when a run ends, so during a run it is
+    missing, or of an earlier stop, and a checkpoint that does not verify is exported
+    from an earlier round than the summary's."""
+    recorder = RunRecorder(results_dir)
+    recorder.participation = [p for p in read_jsonl(recorder.participation_path)
+                              if p["round"] <= server_round]
+    row = next((r for r in read_jsonl(recorder.metrics_path) if r["round"] == server_round), {})
+    return {"delta": cfg.privacy.delta if cfg.privacy.enabled or cfg.user_dp.enabled else None,
+            "clients": sorted(recorder.clients().values(), key=lambda c: natural_key(c["id"])),
+            "user_epsilon": row.get("user_epsilon")}
 
 
 class ExportError(ValueError):
@@ -80,15 +98,14 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
     task.merged(model).save_pretrained(out)
     task.tokenizer().save_pretrained(out)
 
-    summary_path = results_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    recorded = recorded_through(results_dir, cfg, latest.round)
     manifest = {
         "format": FORMAT, "task": cfg.task, "run_id": run["run_id"],
         "round": latest.round, "rounds": cfg.rounds,
         "base_sha256": base, "checkpoint_sha256": latest.sha256,
         "weights_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                            for p in sorted(out.glob("*.safetensors"))},
-        **privacy_terms(cfg.privacy.enabled, summary),
+        **privacy_terms(cfg.privacy.enabled, recorded),
         "lora": {"rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha},
         "config": run["config"],
     }

@@ -265,3 +265,42 @@ def test_a_run_whose_messages_gRPC_would_refuse_stops_before_ray_starts(tmp_path
     with pytest.raises(MessageTooLarge, match="task 'digits-mlp'"):
         run_simulation(load_config(None), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_an_export_states_the_privacy_of_the_round_it_exports(tmp_path, fast_cfg, task):
+    """The manifest's ε came from summary.json, which a run writes when it ends: exported
+    while the run went on (consortia export l1 after round 1 of 3), it said dp true with
+    "delta": null and "epsilon_per_client": {} though participation.jsonl had each
+    client at ε 6.02 (δ 1e-5); after a stop and a resume, the ε of the stop beside a later
+    round's weights. It now states the exported round's, from the results files."""
+    from consortia.config import config_to_dict
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.export import MANIFEST, export_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"run_id": "r1",
+                                              "config": config_to_dict(fast_cfg)}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    weights = {k: v.detach().numpy() for k, v in task.travelling_weights(model).items()}
+    store = CheckpointStore(out / "checkpoints")
+    for r in range(3):
+        store.save(r, weights, {}, {"base_sha256": task.base_sha256(model)})
+    participation = [{"round": r, "client_id": c, "status": "trained", "epsilon": eps,
+                      "delta": delta}
+                     for r in (1, 2, 3) for c, eps, delta in
+                     (("0", 2.0 * r, 1e-5), ("1", 1.5 * r, 1e-6))]
+    (out / "participation.jsonl").write_text("".join(json.dumps(p) + "\n" for p in participation))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
+    # summary.json of a stop after round 1, the run resumed since; round 3 has rows but no
+    # checkpoint (one that does not verify is passed over: round 2 is exported)
+    (out / "summary.json").write_text(json.dumps({
+        "rounds_completed": 1, "delta": 1e-5,
+        "clients": [{"id": "0", "epsilon": 2.0, "delta": 1e-5},
+                    {"id": "1", "epsilon": 1.5, "delta": 1e-6}]}))
+    manifest = json.loads((export_run(out, tmp_path / "model") / MANIFEST).read_text())
+    assert manifest["round"] == 2
+    assert manifest["epsilon_per_client"] == {"0": 4.0, "1": 3.0}
+    assert manifest["delta_per_client"] == {"0": 1e-5, "1": 1e-6}
+    assert manifest["delta"] == fast_cfg.privacy.delta and manifest["user_epsilon"] is None
