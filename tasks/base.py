@@ -159,6 +159,13 @@ def _subset_data(load: Callable[[str | None], TaskData], data_dir: str | None,
     if data.natural_clients is not None and train_examples is not None:
         raise ValueError("train_examples does not apply to a task whose data names its "
                          "clients (its rows are the clients' own); take fewer clients instead")
+    for key, limit, rows, name in ((
+            "train_examples", train_examples, len(data.train), "training"),
+            ("test_examples", test_examples, len(data.test), "test")):
+        if limit is not None and limit > rows:  # not silently all: the run would say limit
+            raise ValueError(f"{key} = {limit}, but the task's {name} set has {rows:,} "
+                             f"examples; accepted: 1 … {rows}, or leave {key} unset for all "
+                             "of them")
     return dataclasses.replace(data, train=fixed_subset(data.train, train_examples),
                                test=fixed_subset(data.test, test_examples))
 

@@ -95,3 +95,21 @@ def test_train_examples_is_refused_for_a_task_whose_data_names_its_clients():
                                           "'shakespeare-smollm2-lora'"):
         load_config(None, ["task=shakespeare-smollm2-lora", "partition.kind=natural",
                            "train_examples=100"])
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("train_examples=5000", "train_examples = 5000, but the task's training set has 1,438 "
+                            "examples; accepted: 1 … 1438"),
+    ("test_examples=360", "test_examples = 360, but the task's test set has 359 examples; "
+                          "accepted: 1 … 359"),
+])
+def test_more_train_or_test_examples_than_the_task_has_fail_at_start(assignment, named):
+    """They were taken as all of the set, silently: a run recorded as train_examples = 5000
+    trained on digits' 1,438."""
+    from consortia.config import load_config
+    from consortia.simulations.runner import start_checks
+
+    with pytest.raises(ValueError, match=named):
+        start_checks(load_config(None, [assignment]))
+    start_checks(load_config(None, ["train_examples=1438", "test_examples=359",
+                                    "privacy.enabled=false"]))
