@@ -33,9 +33,16 @@ from consortia.server.run_dir import (
     RUN_FILE,
     ResultsDirError,
     prepare_out_dir,
+    record_finished_run,
     run_finished,
 )
-from consortia.server.store import RunStore, default_store_url, mark_interrupted
+from consortia.server.store import (
+    STORE_FILE,
+    RunStore,
+    StoreError,
+    default_store_url,
+    mark_interrupted,
+)
 from consortia.server.superlink import DeploymentError, SuperLink
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -57,16 +64,30 @@ def serve(config_path: str | Path, *, resume: bool = False,
     # server.pem does not name it.
     link.check_port_free()
     deployment.check_files()
-    if cfg.store.url:
-        RunStore(cfg.store.url).close()  # a store that cannot be opened fails here
+    # A store that cannot be opened (unreachable, damaged) fails here, before the SuperLink;
+    # the results directory's own is checked only once a run made it.
+    store_url = cfg.store.url or (default_store_url(srv.out)
+                                  if (srv.out / STORE_FILE).is_file() else None)
+    if store_url:
+        try:
+            RunStore(store_url).close()
+        except StoreError as err:
+            raise DeploymentError(str(err)) from None
     try:
         keys = enrolled_keys(srv.certs)
         run_id = prepare_out_dir(cfg, srv.out, resume, kind="deployment")
     except (CertsError, ResultsDirError) as err:
         raise DeploymentError(str(err)) from None
-    if resume and run_finished(cfg, srv.out):  # left as it is: no SuperLink, no new records
+    if resume and run_finished(cfg, srv.out):  # no SuperLink, no round
         log(f"run {run_id} already completed all {cfg.rounds} rounds: nothing to run "
             f"(results in {srv.out})")
+        # but a store that lost the run (its damaged file moved aside) is given it again
+        store = RunStore(cfg.store.url or default_store_url(srv.out))
+        try:
+            if record_finished_run(store, cfg, srv.out, run_id, kind="deployment"):
+                log(f"recorded run {run_id} again in the run store {store.display_url}")
+        finally:
+            store.close()
         return json.loads((srv.out / SUMMARY_FILE).read_text())
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -145,14 +145,14 @@ def record_finished_run(store: RunStore, cfg: RunConfig, out_dir: Path, run_id: 
         known = store.get_run(run_id)
     except UnknownRun:
         known = None
-    if known is not None and known["status"] == "completed" \
-            and known["rounds_completed"] >= cfg.rounds:
-        return False
     rows = read_jsonl(out_dir / METRICS_FILE)
+    last = max((r["round"] for r in rows), default=0)
+    if known is not None and known["status"] == "completed" and known["rounds_completed"] >= last:
+        return False
     participation = read_jsonl(out_dir / PARTICIPATION_FILE)
     store.start_run(run_id, task=cfg.task, rounds_total=cfg.rounds, config=config_to_dict(cfg),
                     out_dir=out_dir.resolve(), kind=kind)
-    store.replace_rounds(run_id, max((r["round"] for r in rows), default=0), rows, participation)
+    store.replace_rounds(run_id, last, rows, participation)
     for ckpt in CheckpointStore(out_dir / CHECKPOINTS_DIR).all():
         store.record_checkpoint(run_id, ckpt.round, ckpt.sha256, ckpt.parent_sha256,
                                 ckpt.weights_path.resolve(), ckpt.manifest.get("created_at"))

@@ -429,7 +429,8 @@ def test_server_start_on_a_host_not_this_machines_names_the_host_not_the_certifi
 @pytest.mark.parametrize("checkpointed, started", [(3, False), (2, True)])
 def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed, started):
     """A finished run (every round checkpointed, its summary written) has nothing to
-    resume: no SuperLink, no new records. A run stopped after round 2 of 3 resumes."""
+    resume: no SuperLink, no new rounds (a store without the run is given it, once). A
+    run stopped after round 2 of 3 resumes."""
     import json
 
     import numpy as np
@@ -438,6 +439,7 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
     from consortia.server import deploy
     from consortia.server.checkpoint import CheckpointStore
     from consortia.server.run_dir import prepare_out_dir
+    from consortia.server.store import RunStore, default_store_url
 
     init_consortium(tmp_path / "consortium", ["127.0.0.1"])
     enroll_run_clients(tmp_path)
@@ -463,10 +465,45 @@ def test_resume_leaves_a_completed_run_alone(tmp_path, monkeypatch, checkpointed
             deploy.serve(path, resume=True, log=said.append)
     else:
         assert deploy.serve(path, resume=True, log=said.append) == summary
-        assert said == [f"run {json.loads((cfg.server.out / 'run.json').read_text())['run_id']} "
-                        f"already completed all 3 rounds: nothing to run (results in "
-                        f"{cfg.server.out})"]
+        run_id = json.loads((cfg.server.out / 'run.json').read_text())['run_id']
+        done = (f"run {run_id} already completed all 3 rounds: nothing to run (results in "
+                f"{cfg.server.out})")
+        # The run's store had not the run (here: none was made; a damaged one moved aside):
+        # it is recorded there from the results directory, once.
+        assert said == [done, f"recorded run {run_id} again in the run store "
+                              f"{default_store_url(cfg.server.out)}"]
+        store = RunStore(cfg.server.out, create=False)
+        run = store.get_run(run_id)
+        assert (run["kind"], run["status"], run["rounds_total"]) == ("deployment", "completed", 3)
+        assert [c["round"] for c in store.checkpoints(run_id)] == [0, 1, 2, 3]
+        store.close()
+        said.clear()
+        deploy.serve(path, resume=True, log=said.append)
+        assert said == [done]
     assert not (cfg.server.out / "deployment.json").exists()
+
+
+def test_a_store_that_cannot_be_opened_is_a_deployment_error_not_a_traceback(tmp_path):
+    """`consortia server start` with a store.url that cannot be opened (a file that is
+    not a database: 'StoreError: cannot open store ...' after a 258-line traceback), or a
+    damaged store.db in [server] out (not checked at all: it failed in the ServerApp's
+    process once the SuperLink was up), fails at start in one line naming the file."""
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"\x13" * 5000)
+    path = server_toml(tmp_path, free_port(), f'\n[run.store]\nurl = "{garbage}"\n')
+    with pytest.raises(DeploymentError, match=f"not a database; the store file {garbage} is "
+                                              "damaged: move it aside"):
+        serve(path)
+    path = server_toml(tmp_path, free_port())
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "store.db").write_bytes(garbage.read_bytes())
+    with pytest.raises(DeploymentError, match="consortia server start --config FILE --resume"):
+        serve(path, resume=True)
 
 
 def test_a_results_directory_in_use_names_the_setting_each_command_has(tmp_path):

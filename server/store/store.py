@@ -143,8 +143,9 @@ def damaged_advice(path: Path | str) -> str:
     results files, so a new one is recorded from them."""
     return (f"the store file {path} is damaged: move it aside (mv {path} {path}.damaged), "
             "then record each of its runs in a new store from the run's results directory "
-            "with --resume (consortia sim run CONFIG --out DIR --resume; a finished run is "
-            "recorded again without running a round)")
+            "with --resume (consortia sim run CONFIG --out DIR --resume, or consortia server "
+            "start --config FILE --resume; a finished run is recorded again without running "
+            "a round)")
 
 
 def _sqlite_intact(path: Path) -> str | None:
