@@ -86,6 +86,17 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
     if broken is not None:  # the manifest would vouch for a history the files do not hold
         raise ExportError(f"the checkpoints in {results_dir / 'checkpoints'} do not form one "
                           f"chain ({broken}); restore checkpoints/ from a copy")
+    # The privacy terms of the exported round: summary.json's when the run ended there,
+    # else from the results files (the run goes on, or resumed after a stop).
+    summary_path = results_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    recorded = (summary if summary.get("rounds_completed") == latest.round
+                else recorded_through(results_dir, cfg, latest.round))
+    if cfg.privacy.enabled and latest.round > 0 and not recorded.get("clients"):
+        raise ExportError(f"the ε of round {latest.round} cannot be stated: "
+                          f"{results_dir / 'participation.jsonl'} has no row up to it (and "
+                          "summary.json is not of that round): restore it from a copy (the "
+                          "run store keeps its rows too) and export again")
 
     model = task.build_model(cfg.model.activation)
     base = task.base_sha256(model)
@@ -98,7 +109,6 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
     task.merged(model).save_pretrained(out)
     task.tokenizer().save_pretrained(out)
 
-    recorded = recorded_through(results_dir, cfg, latest.round)
     manifest = {
         "format": FORMAT, "task": cfg.task, "run_id": run["run_id"],
         "round": latest.round, "rounds": cfg.rounds,

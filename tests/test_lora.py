@@ -304,3 +304,30 @@ def test_an_export_states_the_privacy_of_the_round_it_exports(tmp_path, fast_cfg
     assert manifest["epsilon_per_client"] == {"0": 4.0, "1": 3.0}
     assert manifest["delta_per_client"] == {"0": 1e-5, "1": 1e-6}
     assert manifest["delta"] == fast_cfg.privacy.delta and manifest["user_epsilon"] is None
+
+
+def test_an_export_without_its_rounds_participation_says_so(tmp_path, fast_cfg, task):
+    """With the exported round's ε read from participation.jsonl, a file lost would give a
+    manifest of DP with no ε at all: the summary of that round is used when there is one,
+    and without either the export is refused, naming the file."""
+    from consortia.config import config_to_dict
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.export import MANIFEST, ExportError, export_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"run_id": "r1",
+                                              "config": config_to_dict(fast_cfg)}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    weights = {k: v.detach().numpy() for k, v in task.travelling_weights(model).items()}
+    for r in range(3):
+        CheckpointStore(out / "checkpoints").save(r, weights, {},
+                                                  {"base_sha256": task.base_sha256(model)})
+    with pytest.raises(ExportError, match="the ε of round 2 cannot be stated: .*participation"):
+        export_run(out, tmp_path / "none")
+    (out / "summary.json").write_text(json.dumps({
+        "rounds_completed": 2, "delta": 1e-5, "clients": [{"id": "0", "epsilon": 2.5,
+                                                          "delta": 1e-5}]}))
+    manifest = json.loads((export_run(out, tmp_path / "model") / MANIFEST).read_text())
+    assert manifest["epsilon_per_client"] == {"0": 2.5}
