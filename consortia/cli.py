@@ -259,12 +259,14 @@ def sim_compare(
 @sim_app.command("report")
 def sim_report(run: Path = typer.Argument(..., help="run directory")) -> None:
     """(Re)write RUN/report.html from the run's files."""
-    from consortia.simulations.report import write_report
+    from consortia.simulations.report import unread_rows, write_report
 
     try:
         typer.echo(f"report: {write_report(run).resolve()}")
     except FileNotFoundError as err:
         raise fail(err) from None
+    for note in unread_rows(run):
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 @bench_app.command("sim")

@@ -52,6 +52,24 @@ def _load(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     return read_jsonl(run_dir / METRICS_FILE), read_jsonl(run_dir / PARTICIPATION_FILE), summary
 
 
+def unread_rows(run_dir: Path) -> list[str]:
+    """What the report leaves out: read_jsonl ends a file at its first line that does not
+    parse (a crash cuts only the last), so a line damaged in the middle hides every row
+    after it. One sentence per such file."""
+    notes = []
+    for name in (METRICS_FILE, PARTICIPATION_FILE):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        read = len(read_jsonl(path))
+        if read < len(lines):
+            notes.append(f"{path}: line {read + 1} of {len(lines)} cannot be read, so this "
+                         f"report shows only the {read} row(s) before it (the run store keeps "
+                         "every row: `consortia runs show`, the console)")
+    return notes
+
+
 def run_figures(rows: list[dict], participation: list[dict]) -> dict[str, str]:
     """name -> base64 PNG, for the plots this run has data for."""
     figures: dict[str, str] = {}
@@ -143,7 +161,8 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100p
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}img{max-width:100%}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1em}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.25em .5em;
-text-align:right}th{background:#f3f3f3}.facts td:first-child{text-align:left;font-weight:600}"""
+text-align:right}th{background:#f3f3f3}.facts td:first-child{text-align:left;font-weight:600}
+.warn{color:#b71c1c;font-weight:600}"""
 
 
 def _page(title: str, body: str) -> str:
@@ -173,8 +192,9 @@ def write_report(run_dir: str | Path) -> Path:
     images = "".join(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'></figure>"
                      for name, data in figures.items())
     clients = summary.get("clients", [])
+    warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>" for note in unread_rows(run_dir))
     body = (f"<h1>consortia run {html.escape(str(summary.get('run_id', run_dir.name)))}</h1>"
-            f"{facts_html}<h2>Plots</h2><div class='grid'>{images}</div>"
+            f"{warnings}{facts_html}<h2>Plots</h2><div class='grid'>{images}</div>"
             f"<h2>Clients</h2>"
             + _table(clients, ["id", "epsilon", "delta", "epsilon_budget"]
                      + (["epsilon_if_secagg_fails"]

@@ -282,3 +282,34 @@ def test_a_sweep_row_says_how_far_a_stopped_cell_got():
     assert row == {"seed": "0", "final_accuracy": 0.52, "epsilon_max": 1.9,
                    "user_epsilon": None, "duration_s": None, "rounds_completed": 2,
                    "rounds_total": 6}
+
+
+def test_a_report_says_which_rows_a_damaged_line_hides(tmp_path):
+    """read_jsonl ends a file at its first line that does not parse: a 5-round run whose
+    metrics.jsonl had line 2 damaged got a report of '1 of 5' rounds, without a word of
+    why (`consortia sim report`, the report of a finished run's resume). The report and
+    `sim report` now name the file and the line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from consortia.cli import app as cli
+
+    rows = [{"round": r, "accuracy": 0.5, "loss": 1.0, "clients_trained": 1,
+             "clients_sampled": 1} for r in range(1, 6)]
+    lines = [json.dumps(r) + "\n" for r in rows]
+    lines[1] = lines[1][:20] + "\n"
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    (tmp_path / "participation.jsonl").write_text("".join(
+        json.dumps({"round": r, "client_id": "0", "status": "trained"}) + "\n" for r in range(1, 6)))
+    (tmp_path / "summary.json").write_text(json.dumps({"run_id": "r", "rounds": 5}))
+    result = CliRunner().invoke(cli, ["sim", "report", str(tmp_path)])
+    flat = " ".join(result.output.split())
+    said = (f"{tmp_path / 'metrics.jsonl'}: line 2 of 5 cannot be read, so this report shows "
+            "only the 1 row(s) before it")
+    assert result.exit_code == 0 and f"warning: {said}" in flat
+    assert said in (tmp_path / "report.html").read_text()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(cli, ["sim", "report", str(tmp_path)])
+    assert "warning" not in result.output
+    assert "class='warn'" not in (tmp_path / "report.html").read_text()
