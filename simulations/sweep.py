@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consortia.config import ConfigError, RunConfig, load_config
+from consortia.config import ConfigError, RunConfig, load_config, parse_override
 
 SWEEP_FILE = "sweep.csv"
 
@@ -34,10 +34,18 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
         key = key.strip()
         if key in grid:
             raise ConfigError(f"--grid {key} given twice")
-        repeated = sorted({v for v in items if items.count(v) > 1})
-        if repeated:  # the same cell twice: run once, reported twice in sweep.csv
-            raise ConfigError(f"--grid {key}={values}: {', '.join(repeated)} given twice; "
-                              "accepted: each value once")
+        # The same value twice, however written (0.1 and 1e-1 are one value, read as TOML
+        # as --set reads it): the same run twice, or one run reported twice in sweep.csv.
+        seen: dict[tuple, str] = {}
+        for item in items:
+            value = parse_override(f"v={item}")[1]
+            same = (isinstance(value, bool), value if isinstance(value, (int, float, bool, str))
+                    else repr(value))
+            if same in seen:
+                also = "" if seen[same] == item else f" (as {seen[same]})"
+                raise ConfigError(f"--grid {key}={values}: {item} given twice{also}; accepted: "
+                                  "each value once")
+            seen[same] = item
         grid[key] = items
     return grid
 
@@ -45,8 +53,6 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 def check_grid(grid: dict[str, list[str]], overrides: list[str]) -> None:
     """A --set of a key the grid varies would be replaced in every cell (set in vain), and
     two cells whose folders have one name would be one run reported twice."""
-    from consortia.config import parse_override
-
     for assignment in overrides:
         key = ".".join(parse_override(assignment)[0])
         if key in grid:

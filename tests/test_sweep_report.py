@@ -25,6 +25,8 @@ def test_grid_parsing_and_cells():
 @pytest.mark.parametrize("grid, sets, named", [
     # The same cell twice: it ran once and sweep.csv had two rows of it.
     (["seed=0,1,0"], [], r"--grid seed=0,1,0: 0 given twice"),
+    # ... however written: two folders, one value, the same run twice.
+    (["lr=0.1,1e-1"], [], r"--grid lr=0.1,1e-1: 1e-1 given twice \(as 0.1\)"),
     # The --set was replaced in every cell, silently.
     (["lr=0.1,0.2"], ["lr=0.5"], r"--set lr=0.5 and --grid lr: .*changes nothing"),
     # Two values whose folders have one name: one run, reported as both.
