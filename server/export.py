@@ -22,7 +22,7 @@ from consortia.config import validate_config
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.directory import natural_key
-from consortia.server.results import RunRecorder, read_jsonl
+from consortia.server.results import METRICS_FILE, RunRecorder, read_jsonl
 from consortia.tasks import get_task
 from consortia.tasks.adapters import AdapterTask
 
@@ -82,14 +82,25 @@ def export_run(results_dir: str | Path, out: str | Path) -> Path:
     latest = checkpoints.latest()
     if latest is None:
         raise ExportError(f"{results_dir / 'checkpoints'} holds no checkpoint with valid weights")
+    summary_path = results_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    # A round's checkpoint is written before its rows: one whose round is not on record
+    # (the run in between, or killed there) is passed over, as --resume does, so the
+    # weights are never those of a round whose ε the files do not have yet.
+    on_record = [r["round"] for r in read_jsonl(results_dir / METRICS_FILE)
+                 if r["round"] <= latest.round]
+    if latest.round > 0 and summary.get("rounds_completed") != latest.round \
+            and max(on_record, default=0) == latest.round - 1:
+        latest = checkpoints.latest(before=latest.round)
+        if latest is None:
+            raise ExportError(f"{results_dir / 'checkpoints'} holds no checkpoint with valid "
+                              "weights of a round on record")
     broken = checkpoints.chain_break(latest)
     if broken is not None:  # the manifest would vouch for a history the files do not hold
         raise ExportError(f"the checkpoints in {results_dir / 'checkpoints'} do not form one "
                           f"chain ({broken}); restore checkpoints/ from a copy")
     # The privacy terms of the exported round: summary.json's when the run ended there,
     # else from the results files (the run goes on, or resumed after a stop).
-    summary_path = results_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     recorded = (summary if summary.get("rounds_completed") == latest.round
                 else recorded_through(results_dir, cfg, latest.round))
     if cfg.privacy.enabled and latest.round > 0 and not recorded.get("clients"):

@@ -267,26 +267,33 @@ def test_a_run_whose_messages_gRPC_would_refuse_stops_before_ray_starts(tmp_path
     assert not (tmp_path / "run").exists()  # nothing was started or written
 
 
+def exported_run(tmp_path, cfg, task, checkpointed: int) -> Path:
+    """A results directory of `cfg` with checkpoints of rounds 0..checkpointed (a fresh
+    model's weights) and no rows yet."""
+    from consortia.config import config_to_dict
+    from consortia.server.checkpoint import CheckpointStore
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"run_id": "r1", "config": config_to_dict(cfg)}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    weights = {k: v.detach().numpy() for k, v in task.travelling_weights(model).items()}
+    for r in range(checkpointed + 1):
+        CheckpointStore(out / "checkpoints").save(r, weights, {},
+                                                  {"base_sha256": task.base_sha256(model)})
+    return out
+
+
 def test_an_export_states_the_privacy_of_the_round_it_exports(tmp_path, fast_cfg, task):
     """The manifest's ε came from summary.json, which a run writes when it ends: exported
     while the run went on (consortia export l1 after round 1 of 3), it said dp true with
     "delta": null and "epsilon_per_client": {} though participation.jsonl had each
     client at ε 6.02 (δ 1e-5); after a stop and a resume, the ε of the stop beside a later
     round's weights. It now states the exported round's, from the results files."""
-    from consortia.config import config_to_dict
-    from consortia.server.checkpoint import CheckpointStore
     from consortia.server.export import MANIFEST, export_run
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps({"run_id": "r1",
-                                              "config": config_to_dict(fast_cfg)}))
-    torch.manual_seed(0)
-    model = task.build_model()
-    weights = {k: v.detach().numpy() for k, v in task.travelling_weights(model).items()}
-    store = CheckpointStore(out / "checkpoints")
-    for r in range(3):
-        store.save(r, weights, {}, {"base_sha256": task.base_sha256(model)})
+    out = exported_run(tmp_path, fast_cfg, task, checkpointed=2)
     participation = [{"round": r, "client_id": c, "status": "trained", "epsilon": eps,
                       "delta": delta}
                      for r in (1, 2, 3) for c, eps, delta in
@@ -310,20 +317,9 @@ def test_an_export_without_its_rounds_participation_says_so(tmp_path, fast_cfg, 
     """With the exported round's ε read from participation.jsonl, a file lost would give a
     manifest of DP with no ε at all: the summary of that round is used when there is one,
     and without either the export is refused, naming the file."""
-    from consortia.config import config_to_dict
-    from consortia.server.checkpoint import CheckpointStore
     from consortia.server.export import MANIFEST, ExportError, export_run
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps({"run_id": "r1",
-                                              "config": config_to_dict(fast_cfg)}))
-    torch.manual_seed(0)
-    model = task.build_model()
-    weights = {k: v.detach().numpy() for k, v in task.travelling_weights(model).items()}
-    for r in range(3):
-        CheckpointStore(out / "checkpoints").save(r, weights, {},
-                                                  {"base_sha256": task.base_sha256(model)})
+    out = exported_run(tmp_path, fast_cfg, task, checkpointed=2)
     with pytest.raises(ExportError, match="the ε of round 2 cannot be stated: .*participation"):
         export_run(out, tmp_path / "none")
     (out / "summary.json").write_text(json.dumps({
@@ -331,3 +327,22 @@ def test_an_export_without_its_rounds_participation_says_so(tmp_path, fast_cfg, 
                                                           "delta": 1e-5}]}))
     manifest = json.loads((export_run(out, tmp_path / "model") / MANIFEST).read_text())
     assert manifest["epsilon_per_client"] == {"0": 2.5}
+
+
+def test_an_export_passes_over_a_checkpoint_whose_round_is_not_on_record(tmp_path, fast_cfg,
+                                                                         task):
+    """A round's checkpoint is written before its rows: exported in between (or after the
+    run was killed there), the manifest gave round 3's weights with the ε of round 2. Such
+    a checkpoint is passed over, as --resume does: round 2's weights and ε."""
+    from consortia.server.checkpoint import CheckpointStore
+    from consortia.server.export import MANIFEST, export_run
+
+    out = exported_run(tmp_path, fast_cfg, task, checkpointed=3)
+    (out / "participation.jsonl").write_text("".join(
+        json.dumps({"round": r, "client_id": "0", "status": "trained", "epsilon": 2.0 * r,
+                    "delta": 1e-5}) + "\n" for r in (1, 2)))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2)))
+    manifest = json.loads((export_run(out, tmp_path / "model") / MANIFEST).read_text())
+    assert (manifest["round"], manifest["epsilon_per_client"]) == (2, {"0": 4.0})
+    second = CheckpointStore(out / "checkpoints").all()[2]
+    assert manifest["checkpoint_sha256"] == second.sha256
