@@ -68,6 +68,20 @@ def physical_batches(loader, optimizer, max_physical: int | None):
                               optimizer=optimizer)
 
 
+def empty_batch_gradients(optimizer) -> None:
+    """The gradients of an empty Poisson-sampled batch: none per sample, zero in sum.
+
+    Opacus steps on an empty batch as on any other (the noise is added, the accountant
+    counts the step: skipping it would tell whether the batch was empty), but its
+    per-sample gradients come from a forward pass, and a transformers model cannot run one
+    on zero rows (BERT's attention reshape fails). So the model is not run: each parameter
+    gets a per-sample gradient of zero rows (hooks mode) and a zero gradient (ghost mode).
+    """
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        p.grad = torch.zeros_like(p)
+
+
 class Proximal:
     """FedProx's term (mu/2)·||w − w_global||², applied as its own gradient step.
 
@@ -184,6 +198,10 @@ class LocalTrainer:
             with physical_batches(loader, optimizer, physical_batch_size) as pieces:
                 for batch in pieces:
                     optimizer.zero_grad(set_to_none=True)
+                    if len(batch[0]) == 0:  # a Poisson batch may be empty (DP only)
+                        empty_batch_gradients(optimizer)
+                        optimizer.step()
+                        continue
                     loss = self.task.train_step(model, batch, self.device, criterion)
                     loss.backward()
                     optimizer.step()
