@@ -162,6 +162,23 @@ def test_checkpoint_download_is_the_weights_with_the_recorded_hash(world):
     assert hashlib.sha256(response.content).hexdigest() == store.checkpoints(RUN)[1]["sha256"]
 
 
+def test_a_weights_file_changed_since_its_checkpoint_is_not_served_as_it(world):
+    """The download served whatever bytes the weights file held: a file changed after the
+    run wrote it (64 bytes zeroed in a 2-round run's round-00002.safetensors) came as the
+    round's weights, with SHA-256 7b58e8604755..., beside the page's 20b80328f2ed...."""
+    client, auth, store, *_, tmp_path = world
+    path = tmp_path / "checkpoints" / "round-00002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00" * 4
+    path.write_bytes(bytes(data))
+    response = client.get(f"/api/runs/{RUN}/checkpoints/2/weights", headers=auth)
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert str(path) in detail and store.checkpoints(RUN)[2]["sha256"] in detail
+    assert "changed after the run wrote it" in detail
+    assert client.get(f"/api/runs/{RUN}/checkpoints/1/weights", headers=auth).status_code == 200
+
+
 def test_stop_is_recorded_and_refused_for_a_finished_run(world):
     client, auth, store, *_ = world
     response = client.post("/api/runs/running0/stop", headers=auth)

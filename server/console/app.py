@@ -10,6 +10,7 @@ served is a checkpoint's global-model weights (.safetensors).
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from importlib import resources
 from pathlib import Path
@@ -142,13 +143,21 @@ def create_app(store: RunStore, token: ConsoleToken) -> FastAPI:
     @app.get("/api/runs/{run_id}/checkpoints/{server_round}/weights", dependencies=guarded)
     def checkpoint_weights(server_round: int = PathParam(ge=0, le=MAX_ROUND),
                            run_id: str = Depends(resolved)) -> FileResponse:
-        path = store.checkpoint_path(run_id, server_round)
-        if path is None:
+        found = store.checkpoint_file(run_id, server_round)
+        if found is None:
             raise HTTPException(404, f"run {run_id} has no checkpoint for round {server_round}")
+        path, sha256 = found
         # Only a global model's weights are ever served, whatever a store row says.
         if path.suffix != ".safetensors" or not Path(path).is_file():
             raise HTTPException(404, f"the weights of round {server_round} are not on this "
                                      f"machine ({path.name})")
+        # and only the weights the run wrote: the file's hash is the checkpoint's.
+        with path.open("rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != sha256:
+            raise HTTPException(409, f"the weights file of round {server_round} ({path}) has "
+                                     f"SHA-256 {actual}, not the checkpoint's {sha256}: it "
+                                     "changed after the run wrote it; restore it from a copy")
         return FileResponse(path, media_type="application/octet-stream",
                             filename=f"{run_id}-round-{server_round:05d}.safetensors")
 

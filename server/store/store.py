@@ -554,12 +554,13 @@ class RunStore:
                      "created_at": c.created_at, "available": bool(c.path) and Path(c.path).is_file()}
                     for c in rows]
 
-    def checkpoint_path(self, run_id: str, server_round: int) -> Path | None:
-        """The weights file of a checkpoint, or None when the store has no such checkpoint."""
+    def checkpoint_file(self, run_id: str, server_round: int) -> tuple[Path, str] | None:
+        """The weights file of a checkpoint and the SHA-256 recorded for it, or None when
+        the store has no such checkpoint (or no file for it)."""
         with self._read() as s:
             self._run(s, run_id)
             c = s.get(CheckpointRecord, (run_id, server_round))
-            return Path(c.path) if c is not None and c.path else None
+            return (Path(c.path), c.sha256) if c is not None and c.path else None
 
     def audit_log(self, run_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
         """Newest first."""
