@@ -439,6 +439,15 @@ def inert_settings_warning(cfg: RunConfig) -> str | None:
         given = _set_away_from_default("faults", cfg.faults, exclude=(
             "byzantine_fraction", "dropout", "straggler_s"))
         inert += [f"{g} (no client attacks: faults.byzantine_fraction = 0)" for g in given]
+    distributed = cfg.privacy.enabled and cfg.privacy.mode == "distributed"
+    if distributed:  # the clients send a noisy gradient sum; the server takes the step
+        why = "privacy.mode = 'distributed' takes one DP step per round, on the server"
+        defaults = RunConfig.model_fields
+        inert += [f"{key} = {getattr(cfg, key)!r} ({why})"
+                  for key in ("local_epochs", "momentum", "optimizer")
+                  if getattr(cfg, key) != defaults[key].default]
+    elif cfg.optimizer == "adam" and cfg.momentum != 0:
+        inert.append(f"momentum = {cfg.momentum!r} (optimizer = 'adam' does not use it)")
     if cfg.physical_batch_size is not None and not (cfg.privacy.enabled
                                                     and cfg.privacy.mode == "local"):
         why = ("privacy.enabled = false" if not cfg.privacy.enabled

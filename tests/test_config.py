@@ -244,3 +244,21 @@ def test_a_key_of_a_feature_that_is_off_fails_at_start(sets, named):
     stored = config_to_dict(load_config(None, []))
     assert {"clip", "unmask"} <= set(stored["secagg"]) and "noise_at" in stored["user_dp"]
     assert config_to_dict(validate_config(stored)) == stored
+
+
+def test_momentum_under_adam_and_local_training_keys_under_distributed_dp_are_said_at_start():
+    """Set, they changed nothing and the run said nothing: Adam takes no momentum, and
+    distributed DP's clients send a gradient sum that the server steps with."""
+    from consortia.config import inert_settings_warning
+
+    said = inert_settings_warning(load_config(EXPERIMENTS / "fmnist-nodp.toml",
+                                              ["optimizer='adam'"]))
+    assert said == ("set but changing nothing in this run: momentum = 0.9 (optimizer = 'adam' "
+                    "does not use it)")
+    said = inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml",
+                                              ["local_epochs=3", "momentum=0.9"]))
+    assert "local_epochs = 3 (privacy.mode = 'distributed'" in said
+    assert "momentum = 0.9 (privacy.mode = 'distributed'" in said
+    assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml")) is None
+    assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-nodp.toml",
+                                              ["optimizer='adam'", "momentum=0.0"])) is None
