@@ -239,7 +239,7 @@ def sim_compare(
     out: Path = typer.Option(..., "--out", help="HTML file to write"),
 ) -> None:
     """Overlay runs (accuracy, loss, largest client ε) in one self-contained HTML page."""
-    from consortia.simulations.report import write_comparison
+    from consortia.simulations.report import unread_rows, write_comparison
 
     # A shell glob over a sweep's folder (results/sweep/*) also names its sweep.csv: files
     # are passed over, saying so; a folder that is not a run still fails.
@@ -254,6 +254,8 @@ def sim_compare(
     except FileNotFoundError as err:
         raise fail(err) from None
     typer.echo(f"comparison: {path.resolve()}")
+    for note in (note for run in runs for note in unread_rows(run)):
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 @sim_app.command("report")

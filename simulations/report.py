@@ -245,7 +245,9 @@ def write_comparison(run_dirs: list[str | Path], out_file: str | Path) -> Path:
                      for k, v in figures.items())
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>"
+                       for d in run_dirs for note in unread_rows(Path(d)))
     out_file.write_text(_page("consortia comparison",
-                              f"<h1>Comparison of {len(runs)} runs</h1>{table}"
+                              f"<h1>Comparison of {len(runs)} runs</h1>{warnings}{table}"
                               f"<div class='grid'>{images}</div>"))
     return out_file

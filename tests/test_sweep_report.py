@@ -289,8 +289,9 @@ def test_a_sweep_row_says_how_far_a_stopped_cell_got():
 def test_a_report_says_which_rows_a_damaged_line_hides(tmp_path):
     """read_jsonl ends a file at its first line that does not parse: a 5-round run whose
     metrics.jsonl had line 2 damaged got a report of '1 of 5' rounds, without a word of
-    why (`consortia sim report`, the report of a finished run's resume). The report and
-    `sim report` now name the file and the line."""
+    why (`consortia sim report`, the report of a finished run's resume), and `sim compare`
+    a row of 1 round for it. The pages, `sim report` and `sim compare` now name the file
+    and the line."""
     import json
 
     from typer.testing import CliRunner
@@ -311,6 +312,10 @@ def test_a_report_says_which_rows_a_damaged_line_hides(tmp_path):
             "only the 1 row(s) before it")
     assert result.exit_code == 0 and f"warning: {said}" in flat
     assert said in (tmp_path / "report.html").read_text()
+    compared = CliRunner().invoke(cli, ["sim", "compare", str(tmp_path), "--out",
+                                        str(tmp_path / "cmp.html")])
+    assert compared.exit_code == 0 and f"warning: {said}" in " ".join(compared.output.split())
+    assert said in (tmp_path / "cmp.html").read_text()
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(cli, ["sim", "report", str(tmp_path)])
     assert "warning" not in result.output
