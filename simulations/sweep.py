@@ -9,6 +9,7 @@ client ε, user-level ε (if any), wall time, and the rounds completed of the ro
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import re
@@ -72,9 +73,18 @@ def check_grid(grid: dict[str, list[str]], overrides: list[str]) -> None:
         folders[name] = assignments
 
 
+# File systems take names of up to 255 bytes: a longer cell name (many --grid keys, long
+# values) keeps its start and ends with a digest of the whole, so cells stay apart.
+MAX_CELL_NAME = 200
+
+
 def cell_name(assignments: dict[str, str]) -> str:
     text = "__".join(f"{k}={v}" for k, v in assignments.items())
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
+    if len(name) <= MAX_CELL_NAME:
+        return name
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{name[:MAX_CELL_NAME - 18]}__{digest}"
 
 
 def cells(grid: dict[str, list[str]]) -> list[dict[str, str]]:

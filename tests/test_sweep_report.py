@@ -118,6 +118,33 @@ def test_a_cell_that_fails_leaves_sweep_csv_with_the_cells_before_it_and_how_far
         ("lr=0.3", "", "", "1", "2")]
 
 
+def test_a_cell_whose_folder_name_would_pass_the_file_systems_limit_gets_a_shorter_one(
+        tmp_path, monkeypatch):
+    # Many --grid keys, or a long value, made a folder name over 255 bytes: the sweep
+    # stopped at start with OSError 'File name too long' and a traceback.
+    import json
+
+    import consortia.simulations.runner as runner
+    from consortia.simulations.sweep import cell_name
+
+    def run(cfg, out_dir, **kwargs):
+        out_dir.mkdir(parents=True)
+        summary = {"rounds": 1, "rounds_completed": 1, "final_accuracy": 0.5, "clients": []}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(runner, "run_simulation", run)
+    monkeypatch.setattr(runner, "start_checks", lambda cfg: None)
+    long_a, long_b = "/data/" + "a" * 300, "/data/" + "a" * 299 + "b"
+    path = run_sweep(SMOKE, [f"data_dir={long_a},{long_b}"], tmp_path, ["rounds=1"])
+    rows = list(csv.DictReader(path.open()))
+    assert [r["data_dir"] for r in rows] == [long_a, long_b]
+    names = [r["cell"] for r in rows]
+    assert len(set(names)) == 2 and all(len(n.encode()) <= 255 for n in names)
+    assert all((tmp_path / n).is_dir() for n in names)
+    assert cell_name({"lr": "0.1"}) == "lr=0.1"  # short names as they were
+
+
 @pytest.mark.slow
 def test_sweep_runs_each_cell_once_writes_csv_reports_and_compares(tmp_path, monkeypatch):
     seen = []
