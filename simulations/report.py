@@ -134,9 +134,10 @@ def run_figures(rows: list[dict], participation: list[dict]) -> dict[str, str]:
         ax.bar([r["round"] for r in ok], [r["secagg_dropped"] for r in ok],
                bottom=[r.get("secagg_participants", 0) - r["secagg_dropped"] for r in ok],
                color="#757575", label="dropped (recovered)")
-        if aborted:
-            ax.bar([r["round"] for r in aborted], [max(1, r.get("secagg_dropped", 1))
-                                                   for r in aborted],
+        if aborted:  # every participant's update is lost (an older row without the count: its dropped)
+            ax.bar([r["round"] for r in aborted],
+                   [r.get("secagg_participants") or max(1, r.get("secagg_dropped") or 1)
+                    for r in aborted],
                    color="#c62828", label="round abandoned")
         ax.legend(loc="upper left", fontsize="small")
         figures["secagg"] = _png(fig)

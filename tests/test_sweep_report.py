@@ -347,3 +347,24 @@ def test_a_report_says_which_rows_a_damaged_line_hides(tmp_path):
     result = CliRunner().invoke(cli, ["sim", "report", str(tmp_path)])
     assert "warning" not in result.output
     assert "class='warn'" not in (tmp_path / "report.html").read_text()
+
+
+def test_an_abandoned_secure_round_is_drawn_as_all_its_participants(tmp_path, monkeypatch):
+    """The secure-aggregation plot drew an abandoned round as a bar of its dropped clients
+    (4 and 3 for the 5-participant rounds 2 and 4 of a digits run at faults.dropout 0.6),
+    beside completed rounds' bars of all 5: every participant's update is lost."""
+    from matplotlib.axes import Axes
+
+    from consortia.simulations.report import run_figures
+
+    drawn = []
+    bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, x, height, *a, **kw: (
+        drawn.append((kw.get("label"), list(x), list(height))), bar(self, x, height, *a, **kw))[1])
+    rows = [{"round": 1, "secagg_status": "ok", "secagg_participants": 5, "secagg_dropped": 2},
+            {"round": 2, "secagg_status": "aborted", "secagg_participants": 5,
+             "secagg_dropped": 4},
+            {"round": 3, "secagg_status": "aborted", "secagg_dropped": 2}]  # an older row
+    run_figures(rows, [{"round": 1, "client_id": "0", "status": "trained"}])
+    assert ("round abandoned", [2, 3], [5, 2]) in drawn
+    assert ("in the secure sum", [1], [3]) in drawn
