@@ -261,9 +261,13 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
         raise DataError(f"each record must be a tuple; record 0 is a {type(first).__name__}; "
                         f"task {task.name!r} takes records {task.records}")
     tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
-    labels = tensors[1] if len(tensors) == 2 and tensors[1].dim() == 1 else None
-    if labels is not None and labels.is_floating_point():  # (features, label) records
-        raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
+    # The label comes last in every task's records: (features, label), or a text task's
+    # (input_ids, attention_mask, label); all of them are checked against the classes.
+    labels = tensors[-1] if len(tensors) >= 2 and tensors[-1].dim() == 1 else None
+    if labels is not None and labels.is_floating_point():
+        if len(tensors) == 2:  # (features, label) records
+            raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
+        labels = None  # an own task's float target: the probe below is its check
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
     model = model if model is not None else task.build_model()
     try:

@@ -346,3 +346,22 @@ def test_an_export_passes_over_a_checkpoint_whose_round_is_not_on_record(tmp_pat
     assert (manifest["round"], manifest["epsilon_per_client"]) == (2, {"0": 4.0})
     second = CheckpointStore(out / "checkpoints").all()[2]
     assert manifest["checkpoint_sha256"] == second.sha256
+
+
+def test_a_review_label_beyond_the_probed_records_is_refused_at_start():
+    # (input_ids, attention_mask, label) records: the label is checked in every record, not
+    # only in the 8 put through the model (before: a third class in record 20 passed the
+    # start check, and the first batch holding it failed training with "Target 2 is out of
+    # bounds").
+    from torch.utils.data import TensorDataset
+
+    from consortia.client.data import DataError, check_records
+    from consortia.tasks.base import TaskOptions
+
+    small = get_task("reviews-minilm-lora").with_options(
+        TaskOptions(max_length=16, train_examples=40, test_examples=8))
+    ids, mask, labels = small.load_data(None).train.tensors
+    labels = labels.clone()
+    labels[20] = 2
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 1\].*record 20: 2"):
+        check_records(TensorDataset(ids, mask, labels), small)
