@@ -32,14 +32,15 @@ from consortia.flower_exec import RETRYABLE_HTTP, runtime_client
 log = logging.getLogger("consortia.client")
 
 
-def _runtime_client(address: str, token: str | None):
+def _runtime_client(address: str, token: str | None, stop: threading.Event | None = None):
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 
     component = "SuperExec" if token is None else "flwr-clientapp"
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return runtime_client(address, interceptors)  # fails by exception, never by signal
+    # fails by exception, never by signal; gives up at once once `stop` is set
+    return runtime_client(address, interceptors, stop=stop)
 
 
 def task_heartbeat(client, gone: threading.Event) -> Callable[[], bool]:
@@ -74,10 +75,12 @@ def task_heartbeat(client, gone: threading.Event) -> Callable[[], bool]:
 
 
 def run_task(address: str, token: str, client_app: ClientApp,
-             on_bundle: Callable[[str, str], None] | None = None) -> str:
+             on_bundle: Callable[[str, str], None] | None = None,
+             stop: threading.Event | None = None) -> str:
     """Run one task with the installed ClientApp; returns Flower's sub-status. A task the
     SuperNode no longer knows (it was restarted meanwhile) fails: its input cannot be
-    pulled or its reply cannot be pushed (httpx.HTTPStatusError, 401)."""
+    pulled or its reply cannot be pushed (httpx.HTTPStatusError, 401). Once `stop` is set,
+    a SuperNode that does not answer (it is being stopped) is not waited for."""
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supernode.runtime.run_clientapp import (
@@ -86,7 +89,7 @@ def run_task(address: str, token: str, client_app: ClientApp,
         push_task_output,
     )
 
-    client = _runtime_client(address, token)
+    client = _runtime_client(address, token, stop)
     heartbeat = HeartbeatSender(task_heartbeat(client, threading.Event()))
     heartbeat.start()
     message = context = reply = None
@@ -130,7 +133,9 @@ def serve_client_app(address: str, client_app: ClientApp, stop: threading.Event,
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
-    acquirer = _runtime_client(address, None)
+    # A call in flight when `stop` is set (the SuperNode stopping with it) is not retried:
+    # the client ends at once rather than after RUNTIME_RETRY_S.
+    acquirer = _runtime_client(address, None, stop)
     try:
         while not stop.is_set():
             try:
@@ -143,7 +148,7 @@ def serve_client_app(address: str, client_app: ClientApp, stop: threading.Event,
             if res.HasField("task") and res.token:
                 started = time.monotonic()
                 try:
-                    status = run_task(address, res.token, client_app, on_bundle)
+                    status = run_task(address, res.token, client_app, on_bundle, stop)
                 except Exception as err:  # noqa: BLE001 - e.g. the SuperNode went away mid-task
                     log.warning("task %s could not be completed: %s", res.task.task_id, err)
                     continue

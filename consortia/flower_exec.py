@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ RETRYABLE_HTTP = frozenset({502, 503, 504})  # as Flower's invoker: the server i
 
 
 def runtime_client(address: str, interceptors: list, root_certificates: bytes | None = None,
-                   max_time: float | None = RUNTIME_RETRY_S):
+                   max_time: float | None = RUNTIME_RETRY_S, stop: threading.Event | None = None):
     """A client of a Flower Runtime API (the SuperLink's or a SuperNode's) whose failures
     are exceptions raised to the caller, never signals.
 
@@ -126,18 +127,24 @@ def runtime_client(address: str, interceptors: list, root_certificates: bytes | 
     task it was running and answers 401, and the partner's client would leave the
     federation. So this invoker retries what Flower's retries (transport errors; 502, 503,
     504), for at most `max_time` seconds, and raises everything else, a 401 included.
+
+    Once `stop` is set it retries no more: a client or server being stopped gives up a
+    call to a SuperNode or SuperLink that is away (stopping too) at once, instead of
+    retrying it for up to `max_time` seconds before it can end.
     """
     import httpx
     from flwr.supercore.retry import RetryInvoker, exponential
     from flwr.supercore.runtime import RuntimeHttpClient
 
     def give_up(err: Exception) -> bool:
-        return (isinstance(err, httpx.HTTPStatusError)
-                and err.response.status_code not in RETRYABLE_HTTP)
+        return (stop is not None and stop.is_set()) or (
+            isinstance(err, httpx.HTTPStatusError)
+            and err.response.status_code not in RETRYABLE_HTTP)
 
     invoker = RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=5),
                            recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
-                           max_tries=None, max_time=max_time, should_giveup=give_up)
+                           max_tries=None, max_time=max_time, should_giveup=give_up,
+                           wait_function=time.sleep if stop is None else stop.wait)
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None,
         root_certificates=root_certificates, interceptors=interceptors, retry_invoker=invoker)

@@ -318,3 +318,41 @@ def test_join_gives_sigterm_back_to_the_callers_handler_when_it_returns(tmp_path
         assert mine == ["caller"]
     finally:
         signals.signal(signals.SIGTERM, before)
+
+
+def test_a_stopped_client_loop_does_not_retry_a_supernode_that_went_away(supernode):
+    """`client join` stopped (SIGTERM) while its SuperNode does not answer (it stops with
+    the client, or cannot reach the server yet): the loop's call in flight gives up at
+    once instead of retrying for RUNTIME_RETRY_S (30 s) before the client can end."""
+    from consortia.client.runtime import serve_client_app
+
+    node = supernode(busy=10**6)  # a SuperNode that never answers but 503
+    stop = threading.Event()
+    loop = threading.Thread(target=serve_client_app, args=(node.address, never_called, stop))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(node.calls) < 2 and time.monotonic() < deadline:  # retrying inside a call
+            time.sleep(0.05)
+        stop.set()
+        asked = len(node.calls)
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+    assert not loop.is_alive()
+    assert len(node.calls) - asked <= 1, node.calls  # the old invoker asked again for 30 s
+
+
+def test_a_runtime_call_gives_up_once_stop_is_set(supernode):
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    node = supernode(busy=10**6)
+    stop = threading.Event()
+    stop.set()
+    client = runtime_client(node.address, [], stop=stop)
+    try:
+        with pytest.raises(httpx.HTTPStatusError):
+            client.AcquireTask(AcquireTaskRequest())
+    finally:
+        client.close()
+    assert node.calls == ["/v1/runtime/acquire-task"]  # asked once, not retried
