@@ -270,6 +270,7 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
         labels = None  # an own task's float target: the probe below is its check
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
     model = model if model is not None else task.build_model()
+    check_token_ids(tensors, task, model)
     try:
         batch = next(iter(torch.utils.data.DataLoader(probe, batch_size=len(probe))))
         with torch.no_grad():
@@ -290,6 +291,29 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
         raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
                         f"{type(err).__name__}: {err}; task {task.name!r} takes records "
                         f"{task.records}{read}") from None
+
+
+def check_token_ids(tensors: tuple[torch.Tensor, ...], task: Task, model: torch.nn.Module) -> None:
+    """A text task's token ids (its records' first tensor), all of them, against the model's
+    vocabulary: ids from another tokenizer fail in the embedding mid-run (on a GPU, as a
+    device-side assert) when they are not among the records probed."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    if not tensors or tensors[0].is_floating_point() or not callable(embeddings):
+        return
+    try:
+        vocab = int(embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError):  # a model without a token embedding
+        return
+    ids = tensors[0]
+    bad = ((ids < 0) | (ids >= vocab)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        named = ", ".join(f"record {i}: {int(ids[i][(ids[i] < 0) | (ids[i] >= vocab)][0])}"
+                          for i in bad[:MAX_NAMED])
+        more = f"; and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+        raise DataError(f"token ids must lie in [0, {vocab - 1}], the vocabulary of task "
+                        f"{task.name!r} (tokenize with task.tokenizer()); {len(bad)} record"
+                        f"{'s hold' if len(bad) != 1 else ' holds'} others (counted from 0): "
+                        f"{named}{more}")
 
 
 def _outside(dataset: Dataset, labels: torch.Tensor, classes: int) -> str:

@@ -365,3 +365,23 @@ def test_a_review_label_beyond_the_probed_records_is_refused_at_start():
     labels[20] = 2
     with pytest.raises(DataError, match=r"labels must lie in \[0, 1\].*record 20: 2"):
         check_records(TensorDataset(ids, mask, labels), small)
+
+
+def test_token_ids_from_another_tokenizer_are_refused_at_start():
+    # Before: an id beyond MiniLM's 30,522 in record 20 (not probed) passed the start
+    # check, and training failed in the embedding ("index out of range in self"; on a GPU
+    # a device-side assert).
+    from torch.utils.data import TensorDataset
+
+    from consortia.client.data import DataError, check_records
+    from consortia.tasks.base import TaskOptions
+
+    small = get_task("reviews-minilm-lora").with_options(
+        TaskOptions(max_length=16, train_examples=40, test_examples=8))
+    ids, mask, labels = small.load_data(None).train.tensors
+    ids = ids.clone()
+    ids[20, 3] = 50_000
+    with pytest.raises(DataError, match=r"token ids must lie in \[0, 30521\].* 1 record holds "
+                                        r"others \(counted from 0\): record 20: 50000"):
+        check_records(TensorDataset(ids, mask, labels), small)
+    check_records(TensorDataset(ids[:20], mask[:20], labels[:20]), small)  # the others fit
