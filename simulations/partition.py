@@ -38,6 +38,7 @@ def dirichlet_partition(
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    best = 0  # the most clients one draw gave min_samples: said if no draw gives all
     for _ in range(MAX_DIRICHLET_DRAWS):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for idx in by_class:
@@ -46,11 +47,16 @@ def dirichlet_partition(
             for client, chunk in enumerate(np.split(idx, cuts)):
                 parts[client].append(chunk)
         merged = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(p) for p in merged) >= min_samples:
+        enough = sum(len(p) >= min_samples for p in merged)
+        if enough == num_clients:
             return merged
+        best = max(best, enough)
+    lower = " a lower partition.min_samples," if min_samples > 1 else ""
     raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw in {MAX_DIRICHLET_DRAWS} gave all {num_clients} "
-        f"clients at least {min_samples} samples; raise alpha or lower partition.min_samples"
+        f"partition.alpha = {alpha:g}: no Dirichlet draw in {MAX_DIRICHLET_DRAWS} gave all "
+        f"{num_clients} clients at least partition.min_samples = {min_samples} samples (the "
+        f"best gave {best} of them that many); accepted: a higher partition.alpha,{lower} or "
+        "fewer clients"
     )
 
 

@@ -67,6 +67,22 @@ def test_impossible_partitions_fail_with_reasons():
         partition(np.zeros(50, dtype=int), 2, "shards", 0.5, 0)
 
 
+def test_a_dirichlet_draw_that_cannot_be_had_names_the_keys_and_what_is_accepted():
+    # Said 'raise alpha or lower partition.min_samples' even at min_samples = 1, the
+    # lowest there is, and never that fewer clients would do.
+    labels = np.repeat(np.arange(10), 100)
+    with pytest.raises(ValueError) as err:
+        dirichlet_partition(labels, 30, 0.01, 0, min_samples=1)
+    message = str(err.value)
+    assert message.startswith("partition.alpha = 0.01: no Dirichlet draw in 1000 gave all 30 "
+                              "clients at least partition.min_samples = 1 samples (the best "
+                              "gave ")
+    assert message.endswith("accepted: a higher partition.alpha, or fewer clients")
+    with pytest.raises(ValueError, match="accepted: a higher partition.alpha, a lower "
+                                         "partition.min_samples, or fewer clients"):
+        dirichlet_partition(labels, 30, 0.01, 0, min_samples=10)
+
+
 def test_train_and_test_examples_cut_the_data_of_the_tasks_trained_from_scratch():
     """digits-mlp (and fashion-mnist-cnn) ignored train_examples / test_examples: every
     client kept its whole partition and the server tested on the whole test set."""
