@@ -536,8 +536,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        _set(node, path[-1], value)
     return data
+
+
+def _set(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, but a table given for a table merges into it, key by key (as
+    TOML's dotted keys would): `--set 'privacy={enabled=true}'` must not reset the file's
+    other privacy keys to their defaults."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for inner, item in value.items():
+            _set(node[key], inner, item)
+    else:
+        node[key] = value
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:

@@ -262,3 +262,14 @@ def test_momentum_under_adam_and_local_training_keys_under_distributed_dp_are_sa
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml")) is None
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-nodp.toml",
                                               ["optimizer='adam'", "momentum=0.0"])) is None
+
+
+def test_a_table_given_with_set_merges_into_the_files_section():
+    """--set 'privacy={enabled=true}' replaced the file's whole [privacy]: max_grad_norm 0.1
+    (fmnist-dp.toml) became the schema's 1.0, without a word."""
+    cfg = load_config(EXPERIMENTS / "fmnist-dp.toml", ["privacy={enabled=true, delta=1e-6}"])
+    assert cfg.privacy.max_grad_norm == 0.1 and cfg.privacy.delta == 1e-6
+    assert cfg.strategy.server_momentum == 0.5
+    cfg = load_config(EXPERIMENTS / "fmnist-dp.toml", ["strategy={server_lr=0.5}"])
+    assert (cfg.strategy.name, cfg.strategy.server_momentum, cfg.strategy.server_lr) == (
+        "fedavgm", 0.5, 0.5)
