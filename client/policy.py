@@ -25,7 +25,9 @@ AUDIT_LOG = "audit.jsonl"
 class SitePolicy(BaseModel):
     """The [policy] section of site.toml."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict TOML types and finite numbers, as the rest of site.toml (site_config._Section):
+    # `epsilon_budget = inf` would be no budget at all, `require_dp = "no"` a string.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     tasks: list[str] = Field(min_length=1, description="task names this site trains")
     base_model_sha256: list[str] = Field(

@@ -30,7 +30,7 @@ import ipaddress
 import re
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,15 +51,22 @@ _DIALLABLE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # As the run's config (consortia/config.py): unknown keys are errors, each value has
+    # its TOML type (`require_secagg = "yes"`, `max_rounds = "3"` are mistakes to name, not
+    # to coerce) and every number is finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# A path, written in site.toml as a string.
+TomlPath = Annotated[Path, Field(strict=False)]
 
 
 class SiteSection(_Section):
     name: str = Field(pattern=NAME_PATTERN.pattern, description="the enrolled node name")
     superlink: str = Field(description="host:port of the consortium's SuperLink")
-    ca_cert: Path
-    node_key: Path
-    state_dir: Path
+    ca_cert: TomlPath
+    node_key: TomlPath
+    state_dir: TomlPath
     task: str
     task_modules: list[str] = Field(
         default_factory=list, description="modules that register your own tasks (register_task)")
@@ -90,7 +97,7 @@ class DataSection(_Section):
     """Where the site's training records come from (client/data.py reads them)."""
 
     kind: Literal["partition", "csv", "parquet", "folder", "hook"]
-    path: Path | None = Field(None, description="csv, parquet: a file; folder: a directory")
+    path: TomlPath | None = Field(None, description="csv, parquet: a file; folder: a directory")
     label_column: str = Field("label", description="csv, parquet: the label's column")
     hook: str | None = Field(None, description='hook: "package.module:function" returning a '
                                                "torch Dataset of (features, label)")

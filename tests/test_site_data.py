@@ -277,6 +277,17 @@ def test_a_superlink_address_flower_can_dial_is_accepted(tmp_path, superlink):
     ({'index = 0': 'index = 5'}, "data.index (5) must be below data.count (3)"),
     ({'tasks = ["digits-mlp"]': 'tasks = ["fashion-mnist-cnn"]'}, "would refuse every request"),
     ({'delta = 1e-5': 'delta = 1e-5\nepsilon_budjet = 2'}, "policy.epsilon_budjet: unknown key"),
+    # As the run's config: a number is finite and a value has its TOML type. An infinite
+    # budget is no budget; a string is not the bool it reads as (lax pydantic took "yes").
+    ({'epsilon_budget = 3.0': 'epsilon_budget = inf'},
+     "policy.epsilon_budget: Input should be a finite number (got inf)"),
+    ({'delta = 1e-5': 'delta = 1e-5\nmax_epsilon_if_secagg_fails = inf'},
+     "policy.max_epsilon_if_secagg_fails: Input should be a finite number (got inf)"),
+    ({'delta = 1e-5': 'delta = 1e-5\nrequire_dp = "yes"'},
+     "policy.require_dp: Input should be a valid boolean (got 'yes')"),
+    ({'delta = 1e-5': 'delta = 1e-5\nmax_rounds = "3"'},
+     "policy.max_rounds: Input should be a valid integer (got '3')"),
+    ({'count = 3': 'count = "3"'}, "data.count: Input should be a valid integer (got '3')"),
 ])
 def test_a_bad_site_config_fails_at_start_naming_the_value(tmp_path, replace, message):
     with pytest.raises(ConfigError) as err:
