@@ -153,14 +153,14 @@ class SiteConfig(_Section):
         if not key.is_file():
             raise ConfigError(f"site.node_key: {key} not found (from `consortia certs keygen` "
                               "or the operator's `certs enroll`)")
+        try:  # first: node.pub (0644, as keygen writes it) is the wrong file, not one to chmod
+            load_node_private_key(key)
+        except CertsError as err:
+            raise ConfigError(f"site.node_key: {err}") from None
         if stat.S_IMODE(key.stat().st_mode) & 0o077:
             raise ConfigError(f"site.node_key: {key} is readable by others "
                               f"({oct(stat.S_IMODE(key.stat().st_mode))}); accepted: 0600 "
                               f"(chmod 600 {key})")
-        try:
-            load_node_private_key(key)
-        except CertsError as err:
-            raise ConfigError(f"site.node_key: {err}") from None
 
 
 def site_config_from_dict(data: dict[str, Any], base: Path, source: str = "site config"

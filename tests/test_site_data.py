@@ -309,6 +309,21 @@ def test_missing_or_exposed_keys_fail_before_anything_starts(tmp_path):
     cfg.check_files()
 
 
+def test_node_key_set_to_node_pub_is_named_the_public_key_not_told_to_chmod(tmp_path):
+    """keygen writes node.pub 0644: a partner who sets node_key to it is told it is the
+    public half, not to chmod 600 it (and then told, after doing so, it is the wrong file)."""
+    cfg = load_site_config(site_toml(tmp_path, **{'node_key = "node.key"':
+                                                  'node_key = "node.pub"'}))
+    init_consortium(tmp_path / "c", ["127.0.0.1"])
+    shutil.copy(tmp_path / "c" / "ca.pem", tmp_path / "ca.pem")
+    generate_node_key(tmp_path)
+    assert (tmp_path / "node.pub").stat().st_mode & 0o077  # as keygen leaves it
+    with pytest.raises(ConfigError) as err:
+        cfg.check_files()
+    assert "is a public key (node.pub?), not the private half" in str(err.value)
+    assert "chmod" not in str(err.value)
+
+
 def test_an_expired_ca_fails_at_start_unless_the_bundle_holds_a_valid_one(tmp_path):
     """An expired ca.pem started a SuperNode whose every TLS handshake then failed."""
     import datetime as dt
