@@ -337,8 +337,8 @@ class RunConfig(_Section):
             raise ValueError(
                 f"faults.byzantine_fraction = {f:g} of clients = {self.clients} is "
                 f"{f * self.clients:.3g} clients, which rounds to none: the run would have no "
-                f"attacker; accepted: 0 (no attack), or at least {1 / self.clients:.3g} "
-                "(one client)")
+                f"attacker; accepted: 0 (no attack), or above {0.5 / self.clients:.3g} "
+                f"(round(fraction · clients) >= 1; {1 / self.clients:.3g} is one client)")
         if f > 0 and self.privacy.enabled and self.privacy.mode == "distributed":
             # An attacker transforms the weights it trained (ByzantineUpdate); under
             # distributed DP a client sends its noisy clipped gradient sum instead, which

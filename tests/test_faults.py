@@ -185,10 +185,16 @@ def test_a_byzantine_fraction_that_rounds_to_no_client_fails_at_start():
     nobody attacking, and summary.json's byzantine_clients empty."""
     with pytest.raises(ConfigError, match=r"faults.byzantine_fraction = 0.1 of clients = 4 is "
                                           r"0.4 clients, which rounds to none.*accepted: 0 "
-                                          r"\(no attack\), or at least 0.25 \(one client\)"):
+                                          r"\(no attack\), or above 0.125 "
+                                          r"\(round\(fraction · clients\) >= 1; 0.25 is one client\)"):
         load_config(None, ["faults.byzantine_fraction=0.1", "strategy.name=median"])
-    cfg = load_config(None, ["faults.byzantine_fraction=0.25", "strategy.name=median"])
-    assert len(byzantine_clients(cfg.clients, cfg.faults.byzantine_fraction, cfg.seed)) == 1
+    with pytest.raises(ConfigError, match="rounds to none"):  # 0.5 rounds to 0 (half to even)
+        load_config(None, ["faults.byzantine_fraction=0.125", "strategy.name=median"])
+    # What the message accepts is what runs: just above 0.5 / clients is one attacker.
+    for fraction, attackers in ((0.13, 1), (0.25, 1), (0.6, 2)):
+        cfg = load_config(None, [f"faults.byzantine_fraction={fraction}", "strategy.name=median"])
+        assert len(byzantine_clients(cfg.clients, cfg.faults.byzantine_fraction,
+                                     cfg.seed)) == attackers
 
 
 def test_attackers_under_distributed_dp_fail_at_start():
