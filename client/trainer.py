@@ -198,17 +198,18 @@ class LocalTrainer:
             with physical_batches(loader, optimizer, physical_batch_size) as pieces:
                 for batch in pieces:
                     optimizer.zero_grad(set_to_none=True)
+                    loss = None
                     if len(batch[0]) == 0:  # a Poisson batch may be empty (DP only)
                         empty_batch_gradients(optimizer)
-                        optimizer.step()
-                        continue
-                    loss = self.task.train_step(model, batch, self.device, criterion)
-                    loss.backward()
+                    else:
+                        loss = self.task.train_step(model, batch, self.device, criterion)
+                        loss.backward()
                     optimizer.step()
                     # Under virtual batches the optimizer steps once per logical batch.
                     if anchor is not None and not getattr(optimizer, "_is_last_step_skipped", False):
                         anchor.step()
-                    loss_sum, batches = loss_sum + loss.item(), batches + 1
+                    if loss is not None:
+                        loss_sum, batches = loss_sum + loss.item(), batches + 1
         return loss_sum / max(batches, 1)
 
     def _report(self, status: str, *, dp: bool, reason: str = "", sigma: float | None = None,

@@ -62,9 +62,17 @@ class NoEmptyBatches(torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("physical_batch_size", [None, 1])
-def test_an_empty_poisson_batch_is_a_noisy_step_not_a_crash(tmp_path, mode, physical_batch_size):
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_an_empty_poisson_batch_is_a_noisy_step_not_a_crash(tmp_path, monkeypatch, mode,
+                                                            physical_batch_size, proximal_mu):
     # 4 records at batch_size 1: rate 1/4, each of the 4 steps is empty with p = 0.32.
     import dataclasses
+
+    from consortia.client.trainer import Proximal
+
+    proximal_steps = []
+    step = Proximal.step
+    monkeypatch.setattr(Proximal, "step", lambda self: (proximal_steps.append(1), step(self)))
 
     digits = get_task("digits-mlp")
     data = torch.utils.data.Subset(digits.load_data(None).train, range(4))
@@ -79,16 +87,18 @@ def test_an_empty_poisson_batch_is_a_noisy_step_not_a_crash(tmp_path, mode, phys
                                 local_epochs=1, batch_size=1, lr=0.5, momentum=0.0, seed=1,
                                 dp_enabled=True, max_grad_norm=1.0, noise_multiplier=1.0,
                                 planned_rounds=1, grad_sample_mode=mode,
-                                physical_batch_size=physical_batch_size)
+                                physical_batch_size=physical_batch_size,
+                                proximal_mu=proximal_mu)
         torch.manual_seed(0)
         model = task.build_model("tanh")
         results[name] = LocalTrainer("3", task, data, ledger, torch.device("cpu"),
                                      seeded=True).train(model, ins, server_round=1)
     (report, weights), (plain_report, plain) = results["fragile"], results["plain"]
     assert report.status == "trained" and report.steps == 4
+    assert len(proximal_steps) == (8 if proximal_mu else 0)  # after every step, of both runs
     assert sum(1 for n in forwards if n > 0) < 4  # some logical batch was empty
     # The empty step is Opacus's own: noise added and counted, as for a model that runs
-    # on zero rows.
+    # on zero rows (and FedProx's proximal step follows it, as it follows every step).
     assert report.epsilon == pytest.approx(plain_report.epsilon, rel=1e-12)
     for name, value in plain.items():
         torch.testing.assert_close(weights["mlp." + name], value, atol=1e-6, rtol=1e-5)
