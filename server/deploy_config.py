@@ -46,12 +46,15 @@ def local_host(host: str) -> str:
 
 
 class ServerSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # As [run] (consortia/config.py): each value has its TOML type (`port = "9093"` is a
+    # mistake to name) and every number is finite (`start_timeout_s = inf` would wait
+    # forever for a SuperLink that does not come up); paths are read from strings.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="address the SuperLink binds")
     port: int = Field(9093, ge=1, le=65535)
-    certs: Path = Field(description="consortium directory (consortia certs init)")
-    out: Path = Field(description="results directory of the run")
+    certs: Path = Field(strict=False, description="consortium directory (consortia certs init)")
+    out: Path = Field(strict=False, description="results directory of the run")
     start_timeout_s: float = Field(60.0, gt=0, description="how long the SuperLink may take to start")
     task_modules: list[str] = Field(
         default_factory=list, description="modules that register your own tasks (register_task)")

@@ -89,6 +89,10 @@ def test_server_certs_the_superlink_cannot_serve_fail_at_start(tmp_path, damage,
     (70000, "", "server.port: Input should be less than or equal to 65535"),
     (9093, "\n[run.privacy]\nepsilon_budjet = 2\n", "run.privacy.epsilon_budjet: unknown key"),
     (9093, "\n[run.secagg]\nenabled = true\nbits = 31\n", "secagg.bits = 31"),
+    # [server] as strict as [run]: a TOML string is no port, inf no timeout
+    ('"9093"', "", "server.port: Input should be a valid integer"),
+    ("9093\nstart_timeout_s = inf", "",
+     "server.start_timeout_s: Input should be a finite number"),
 ])
 def test_a_bad_server_config_fails_naming_the_key(tmp_path, port, extra, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
