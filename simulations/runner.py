@@ -93,6 +93,23 @@ def check_local_resources(cfg: RunConfig) -> None:
         + ", or sim.ray_address for a Ray cluster that has them")
 
 
+def unused_gpu_warning(cfg: RunConfig) -> str | None:
+    """A GPU here that the virtual clients will not see: Ray hides the GPUs from an actor
+    that asks for none (CUDA_VISIBLE_DEVICES=""), so with sim.num_gpus_per_client = 0 they
+    train on the CPU while the server evaluates on the GPU."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.sim.ray_address or gpus == 0 or cfg.sim.num_gpus_per_client > 0:
+        return None
+    if os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1").lower() in ("0", "false"):
+        return None  # Ray told to leave the actors' CUDA_VISIBLE_DEVICES alone
+    return (f"this machine has {gpus} GPU{'s' if gpus != 1 else ''}, but "
+            "sim.num_gpus_per_client = 0: Ray hides them from the virtual clients, which "
+            "train on the CPU; set sim.num_gpus_per_client (1, or 0.25 for four clients "
+            "per GPU) to train on the GPU")
+
+
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -173,7 +190,8 @@ def start_checks(cfg: RunConfig) -> None:
         check_local_resources(cfg)
     check_model_fits(cfg)
     # Choices an experiment may make: said, not refused.
-    for warning in (dropout_abort_warning(cfg), inert_settings_warning(cfg)):
+    for warning in (dropout_abort_warning(cfg), inert_settings_warning(cfg),
+                    unused_gpu_warning(cfg)):
         if warning is not None:
             log.warning(warning)
 

@@ -273,3 +273,21 @@ def test_a_table_given_with_set_merges_into_the_files_section():
     cfg = load_config(EXPERIMENTS / "fmnist-dp.toml", ["strategy={server_lr=0.5}"])
     assert (cfg.strategy.name, cfg.strategy.server_momentum, cfg.strategy.server_lr) == (
         "fedavgm", 0.5, 0.5)
+
+
+def test_a_gpu_the_virtual_clients_will_not_see_is_said_at_start(monkeypatch):
+    # Ray sets CUDA_VISIBLE_DEVICES="" for an actor that asks for no GPU: with the default
+    # sim.num_gpus_per_client = 0 every client trained on the CPU of a GPU machine, unsaid.
+    import torch
+
+    from consortia.simulations import runner
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(runner, "check_model_fits", lambda cfg: None)
+    warned = []
+    monkeypatch.setattr(runner.log, "warning", lambda msg, *args: warned.append(msg % args))
+    runner.start_checks(load_config(None, ["task=digits-mlp"]))
+    assert [w for w in warned if "1 GPU" in w and "sim.num_gpus_per_client" in w], warned
+    assert runner.unused_gpu_warning(load_config(None, ["sim.num_gpus_per_client=0.25"])) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert runner.unused_gpu_warning(load_config(None, [])) is None
