@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,51 @@ def empty_batch_gradients(optimizer) -> None:
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         p.grad = torch.zeros_like(p)
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+_autocast_saved = threading.local()
+
+
+def _full_precision_in(module, args):
+    """Forward pre-hook: autocast off until the forward hook (torch's own autocast blocks,
+    entered here and left there) and floating inputs in fp32."""
+    off = [torch.autocast(device_type, enabled=False) for device_type in _AUTOCAST_DEVICES]
+    for block in off:
+        block.__enter__()
+    _autocast_saved.__dict__.setdefault("stack", []).append(off)
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _autocast_back(module, args, output):
+    for block in reversed(_autocast_saved.stack.pop()):
+        block.__exit__(None, None, None)
+
+
+@contextmanager
+def trainable_layers_in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """Within this block, every module holding trainable parameters (a pretrained model's
+    LoRA adapters and head) computes in fp32, even inside a task's bf16 autocast.
+
+    DP clips each example's gradient to C using a norm Opacus computes from the layer's
+    activations and output gradients: ghost clipping (the LoRA tasks' mode) computes it in
+    their dtype, so under bf16 autocast (the GPU path) the norm is off by a fraction of a
+    percent, and a clipped gradient can pass C; the training audit, imitating the GPU
+    path on the CPU, measured up to 1.0055 C on the reviews task, an ε above what the
+    ledger records. In fp32 the trainable layers' per-example gradients, their norms and
+    their sum are fp32 computations (the frozen base still runs in bf16: its rounding only
+    changes the function being differentiated, not the bound). The layers are small, so
+    this costs little of bf16's speed."""
+    handles = []
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(_full_precision_in))
+            handles.append(module.register_forward_hook(_autocast_back))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Proximal:
@@ -176,8 +223,9 @@ class LocalTrainer:
                 self.ledger.record_refusal(decision, run_id=ins.run_id, server_round=server_round)
                 return self._report("refused-budget", dp=True, reason=decision.reason,
                                     sigma=sigma, rate=rate, can_train_again=False), None
-            loss = self._sgd(dp_model, optimizer, loader, criterion, ins.local_epochs, anchor,
-                             ins.physical_batch_size)
+            with trainable_layers_in_fp32(model):
+                loss = self._sgd(dp_model, optimizer, loader, criterion, ins.local_epochs,
+                                 anchor, ins.physical_batch_size)
         finally:
             dp_model._close()  # remove Opacus's hooks: the module may be trained again
         # Written atomically before the reply (and so the update) leaves this client.
