@@ -153,19 +153,23 @@ def fixed_subset(dataset: TensorDataset, limit: int | None) -> TensorDataset:
 
 
 @lru_cache(maxsize=8)
+def check_examples_limit(key: str, limit: int | None, rows: int) -> None:
+    """`train_examples` / `test_examples` (`key`) above the set's `rows` would silently mean
+    all of them, while the run records the limit: refused, naming both."""
+    if limit is not None and limit > rows:
+        name = "training" if key == "train_examples" else "test"
+        raise ValueError(f"{key} = {limit}, but the task's {name} set has {rows:,} "
+                         f"examples; accepted: 1 … {rows}, or leave {key} unset for all of them")
+
+
 def _subset_data(load: Callable[[str | None], TaskData], data_dir: str | None,
                  train_examples: int | None, test_examples: int | None) -> TaskData:
     data = load(data_dir)
     if data.natural_clients is not None and train_examples is not None:
         raise ValueError("train_examples does not apply to a task whose data names its "
                          "clients (its rows are the clients' own); take fewer clients instead")
-    for key, limit, rows, name in ((
-            "train_examples", train_examples, len(data.train), "training"),
-            ("test_examples", test_examples, len(data.test), "test")):
-        if limit is not None and limit > rows:  # not silently all: the run would say limit
-            raise ValueError(f"{key} = {limit}, but the task's {name} set has {rows:,} "
-                             f"examples; accepted: 1 … {rows}, or leave {key} unset for all "
-                             "of them")
+    check_examples_limit("train_examples", train_examples, len(data.train))
+    check_examples_limit("test_examples", test_examples, len(data.test))
     return dataclasses.replace(data, train=fixed_subset(data.train, train_examples),
                                test=fixed_subset(data.test, test_examples))
 

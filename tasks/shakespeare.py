@@ -33,7 +33,7 @@ from consortia.tasks.adapters import (
     quiet_transformers,
     require,
 )
-from consortia.tasks.base import TaskData, TaskOptions, subset_indices
+from consortia.tasks.base import TaskData, TaskOptions, check_examples_limit, subset_indices
 
 NAME = "shakespeare-smollm2-lora"
 MIN_LINES = 50  # LEAF keeps roles with at least this many lines
@@ -172,6 +172,7 @@ def load_data(data_dir: str | None = None, *, options: TaskOptions = TaskOptions
         train_lines += train
         test_lines += test
         owners.append(np.arange(start, len(train_lines)))
+    check_examples_limit("test_examples", options.test_examples, len(test_lines))
     if options.test_examples is not None and options.test_examples < len(test_lines):
         test_lines = [test_lines[i] for i in subset_indices(len(test_lines), options.test_examples)]
     return TaskData(train=_encode(train_lines, options.max_length),

@@ -385,3 +385,24 @@ def test_token_ids_from_another_tokenizer_are_refused_at_start():
                                         r"others \(counted from 0\): record 20: 50000"):
         check_records(TensorDataset(ids, mask, labels), small)
     check_records(TensorDataset(ids[:20], mask[:20], labels[:20]), small)  # the others fit
+
+
+@pytest.mark.parametrize("task, assignment, named", [
+    ("reviews-minilm-lora", "train_examples=4001",
+     "train_examples = 4001, but the task's training set has 4,000 examples; accepted: 1 … 4000"),
+    ("reviews-minilm-lora", "test_examples=1001",
+     "test_examples = 1001, but the task's test set has 1,000 examples; accepted: 1 … 1000"),
+    ("shakespeare-smollm2-lora", "test_examples=9891",
+     "test_examples = 9891, but the task's test set has 9,890 examples; accepted: 1 … 9890"),
+])
+def test_more_examples_than_a_pretrained_tasks_set_has_fail_at_start(task, assignment, named):
+    """The LoRA tasks cut their own sets (tasks/reviews.py, tasks/shakespeare.py), and took
+    a larger train_examples / test_examples as all rows, silently, the run recording the
+    larger figure (as tasks/base.py's loader did before 4c4387f)."""
+    from consortia.config import load_config
+    from consortia.simulations.runner import start_checks
+
+    with pytest.raises(ValueError, match=named):
+        start_checks(load_config(None, [f'task="{task}"', assignment] + (
+            ['partition.kind="natural"', "clients=2", "clients_per_round=2"]
+            if task.startswith("shakespeare") else [])))
