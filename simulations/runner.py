@@ -93,21 +93,29 @@ def check_local_resources(cfg: RunConfig) -> None:
         + ", or sim.ray_address for a Ray cluster that has them")
 
 
+# Ray hides the GPUs from an actor that asks for none (CUDA_VISIBLE_DEVICES="") unless this
+# is 0. A local simulation sets it to 0 (run_simulation) unless the environment says
+# otherwise, so its virtual clients see the machine's GPUs with sim.num_gpus_per_client = 0.
+RAY_GPU_ENV = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+
+
 def unused_gpu_warning(cfg: RunConfig) -> str | None:
-    """A GPU here that the virtual clients will not see: Ray hides the GPUs from an actor
-    that asks for none (CUDA_VISIBLE_DEVICES=""), so with sim.num_gpus_per_client = 0 they
-    train on the CPU while the server evaluates on the GPU."""
+    """A GPU here that the virtual clients will not see: only when this environment sets
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO to hide the GPUs from actors that ask for none (with
+    sim.num_gpus_per_client = 0 they would train on the CPU while the server evaluates on
+    the GPU). By default a local simulation leaves them visible (RAY_GPU_ENV)."""
     import torch
 
     gpus = torch.cuda.device_count()
     if cfg.sim.ray_address or gpus == 0 or cfg.sim.num_gpus_per_client > 0:
         return None
-    if os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1").lower() in ("0", "false"):
-        return None  # Ray told to leave the actors' CUDA_VISIBLE_DEVICES alone
+    if os.environ.get(RAY_GPU_ENV, "0").lower() not in ("1", "true"):
+        return None  # the actors keep CUDA_VISIBLE_DEVICES: they train on the GPU
     return (f"this machine has {gpus} GPU{'s' if gpus != 1 else ''}, but "
-            "sim.num_gpus_per_client = 0: Ray hides them from the virtual clients, which "
-            "train on the CPU; set sim.num_gpus_per_client (1, or 0.25 for four clients "
-            "per GPU) to train on the GPU")
+            f"{RAY_GPU_ENV}={os.environ[RAY_GPU_ENV]} in this environment makes Ray hide them "
+            "from the virtual clients, which ask for none (sim.num_gpus_per_client = 0): they "
+            "will train on the CPU; unset it, or set sim.num_gpus_per_client (1, or 0.25 for "
+            "four clients per GPU) to train on the GPU")
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -253,7 +261,10 @@ def run_simulation(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray notice
+    # Leaves the GPUs visible to actors that ask for none (Ray would set CUDA_VISIBLE_DEVICES
+    # to "" for them): with sim.num_gpus_per_client = 0 every local client trains on cuda:0.
+    # It also silences Ray's notice that this default is to change.
+    os.environ.setdefault(RAY_GPU_ENV, "0")
     # Ray's driver would answer SIGTERM with a C++ stack dump and an abort (exit 134): the
     # caller's own handler (sim run records the run stopped and prints the resume command).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")

@@ -276,8 +276,11 @@ def test_a_table_given_with_set_merges_into_the_files_section():
 
 
 def test_a_gpu_the_virtual_clients_will_not_see_is_said_at_start(monkeypatch):
-    # Ray sets CUDA_VISIBLE_DEVICES="" for an actor that asks for no GPU: with the default
-    # sim.num_gpus_per_client = 0 every client trained on the CPU of a GPU machine, unsaid.
+    # Ray sets CUDA_VISIBLE_DEVICES="" for an actor that asks for no GPU unless
+    # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0, which run_simulation sets by default (a Ray actor
+    # started here saw CUDA_VISIBLE_DEVICES '' with it unset or 1, '0' with it 0): so with
+    # the default sim.num_gpus_per_client = 0 the clients see the GPU, and only an
+    # environment that sets it to 1 hides it from them, which start_checks says.
     import torch
 
     from consortia.simulations import runner
@@ -286,8 +289,13 @@ def test_a_gpu_the_virtual_clients_will_not_see_is_said_at_start(monkeypatch):
     monkeypatch.setattr(runner, "check_model_fits", lambda cfg: None)
     warned = []
     monkeypatch.setattr(runner.log, "warning", lambda msg, *args: warned.append(msg % args))
+    monkeypatch.delenv(runner.RAY_GPU_ENV, raising=False)
     runner.start_checks(load_config(None, ["task=digits-mlp"]))
-    assert [w for w in warned if "1 GPU" in w and "sim.num_gpus_per_client" in w], warned
+    assert not [w for w in warned if "GPU" in w], warned  # the clients will see it
+    monkeypatch.setenv(runner.RAY_GPU_ENV, "1")
+    runner.start_checks(load_config(None, ["task=digits-mlp"]))
+    assert [w for w in warned if "1 GPU" in w and "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1" in w
+            and "sim.num_gpus_per_client" in w], warned
     assert runner.unused_gpu_warning(load_config(None, ["sim.num_gpus_per_client=0.25"])) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert runner.unused_gpu_warning(load_config(None, [])) is None
