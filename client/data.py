@@ -262,10 +262,11 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
                         f"task {task.name!r} takes records {task.records}")
     tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
     # The label comes last in every task's records: (features, label), or a text task's
-    # (input_ids, attention_mask, label); all of them are checked against the classes.
-    labels = tensors[-1] if len(tensors) >= 2 and tensors[-1].dim() == 1 else None
+    # (input_ids, attention_mask, label); all of them are checked against the classes,
+    # whatever Dataset holds them (a Subset, a ConcatDataset, the partner's own class).
+    labels = all_labels(dataset)
     if labels is not None and labels.is_floating_point():
-        if len(tensors) == 2:  # (features, label) records
+        if len(first) == 2:  # (features, label) records
             raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
         labels = None  # an own task's float target: the probe below is its check
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))
@@ -291,6 +292,32 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
         raise DataError(f"the site's records do not fit task {task.name!r}'s model: "
                         f"{type(err).__name__}: {err}; task {task.name!r} takes records "
                         f"{task.records}{read}") from None
+
+
+def all_labels(dataset: Dataset) -> torch.Tensor | None:
+    """Every record's label (its last element, one number each) in record order, or None
+    when the records end in something else (a text task's attention mask). Tensors are
+    read whole (TensorDataset, and Subset / ConcatDataset of them); any other Dataset is
+    read record by record, once."""
+    if isinstance(dataset, TensorDataset):
+        last = dataset.tensors[-1]
+        return last if len(dataset.tensors) >= 2 and last.dim() == 1 else None
+    if isinstance(dataset, Subset):
+        inner = all_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        parts = [all_labels(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+    labels = []
+    for i in range(len(dataset)):
+        record = dataset[i]
+        if not isinstance(record, (tuple, list)) or len(record) < 2:
+            return None
+        label = torch.as_tensor(record[-1])
+        if label.dim() != 0:
+            return None
+        labels.append(label)
+    return torch.stack(labels)
 
 
 def check_token_ids(tensors: tuple[torch.Tensor, ...], task: Task, model: torch.nn.Module) -> None:

@@ -495,6 +495,22 @@ def records(n=20, width=64, features=torch.float32, labels=torch.int64, top=10):
                          torch.randint(0, top, (n,), generator=gen).to(labels))
 
 
+class OwnRecords(torch.utils.data.Dataset):
+    """A partner's own Dataset class (not a TensorDataset): record 50's label is 12."""
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        return torch.zeros(64), 12 if i == 50 else i % 10
+
+
+def bad_label_at(i, n=60):
+    data = records(n=n)
+    data.tensors[1][i] = 12
+    return data
+
+
 @pytest.mark.parametrize(("dataset", "message"), [
     (records(top=12), "labels must lie in [0, 9] (task 'digits-mlp' has 10 classes); found"),
     (records(width=7), "do not fit task 'digits-mlp''s model: RuntimeError: mat1 and mat2"),
@@ -503,6 +519,12 @@ def records(n=20, width=64, features=torch.float32, labels=torch.int64, top=10):
     (DictRecords(), "each record must be a tuple; record 0 is a dict; task 'digits-mlp' takes "
                     "records (features, label): features float32 of shape [64]"),
     (records(n=0), "the site's dataset is empty"),
+    # beyond the 8 records put through the model, in any Dataset, not only a TensorDataset
+    (OwnRecords(), "has 10 classes); found 0 to 12: 1 record (counted from 0): record 50: 12"),
+    (torch.utils.data.Subset(bad_label_at(40), range(10, 60)),
+     "found 0 to 12: 1 record (counted from 0): record 30: 12"),
+    (torch.utils.data.ConcatDataset([records(), bad_label_at(15, n=30)]),
+     "found 0 to 12: 1 record (counted from 0): record 35: 12"),
 ])
 def test_a_partners_own_dataset_that_does_not_fit_the_task_fails_at_start(tmp_path, dataset,
                                                                          message):
