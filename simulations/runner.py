@@ -141,13 +141,30 @@ def check_model_fits(cfg: RunConfig) -> int:
     from flwr.app import ArrayRecord
 
     from consortia.messages import check_message_size
-    from consortia.tasks import get_task
+    from consortia.tasks import BUILT_IN, get_task
 
     task = get_task(cfg.task, cfg.task_options())
     model = task.build_model(cfg.model.activation)
     if cfg.privacy.enabled:  # and one Opacus cannot make private
         check_dp_model(model, f"task {cfg.task!r}")
+    if cfg.task not in BUILT_IN:  # an own task's records, as client join checks a site's
+        check_own_task_records(task, model, cfg.data_dir)
     return check_message_size(ArrayRecord(task.travelling_weights(model)), f"task {cfg.task!r}")
+
+
+def check_own_task_records(task, model, data_dir: str | None) -> None:
+    """A registered task's training and test sets must fit its model (every label within
+    its classes, a batch its model and loss take): else a client fails its rounds mid-run,
+    or the server's evaluation stops the run, with the loss's words only."""
+    from consortia.client.data import DataError, check_records
+
+    data = task.load_data(data_dir)
+    for which, records in (("training", data.train), ("test", data.test)):
+        try:
+            check_records(records, task, model)
+        except DataError as err:
+            raise ValueError(f"task {task.name!r}: its {which} set (load_data) does not fit "
+                             f"its model: {err}") from None
 
 
 def check_privacy_terms(cfg: RunConfig, sizes: list[int]) -> None:
