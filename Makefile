@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 .PHONY: install data browser demo test lint clean
 
 $(STAMP): pyproject.toml setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A venv without pip (Debian's python3 without python3-venv leaves one) is made again, so
+	# the second try says what is missing rather than 'No module named pip'.
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,llm]"

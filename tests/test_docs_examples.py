@@ -480,3 +480,32 @@ def test_physical_batch_size_outside_local_dp_is_said_at_start(setting):
     assert said is not None and "physical_batch_size = 16 (only local DP-SGD" in said
     local = load_config(experiments / "digits-dp-smoke.toml", ["physical_batch_size=16"])
     assert inert_settings_warning(local) is None
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_says_what_a_python_without_venv_lacks_on_every_try(tmp_path):
+    """README: Debian's python3 needs python3-venv. Without it, `python3 -m venv` leaves a
+    venv without pip and fails; the next `make` saw .venv/bin/python there, kept it, and
+    failed with 'No module named pip', hiding what to install. Now a venv without pip is
+    made again, so every try says what is missing. (A fake python stands for Debian's: it
+    makes the venv without pip and fails as Debian's does; nothing is installed.)"""
+    import subprocess
+    import sys
+
+    assert "`python3-venv`" in (DOCS.parent / "README.md").read_text()
+    python = tmp_path / "debian-python3"
+    python.write_text(f"""#!/bin/sh
+if [ "$1 $2" = "-m venv" ]; then
+  {sys.executable} -m venv --without-pip "$3"
+  echo "ensurepip is not available: install the python3-venv package" >&2
+  exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    for attempt in (1, 2):
+        done = subprocess.run(["make", "install", f"VENV={tmp_path / 'venv'}", f"PYTHON={python}"],
+                              cwd=DOCS.parent, capture_output=True, text=True)
+        assert done.returncode != 0
+        assert "install the python3-venv package" in done.stderr, (attempt, done.stderr)
+        assert "No module named pip" not in done.stderr
