@@ -20,7 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from consortia.client.join import join
+from consortia.client.join import JoinError, join
 from consortia.client.policy import AuditLog
 from consortia.client.site_config import SiteConfig, load_site_config
 from consortia.privacy.dp import PrivacyLedger
@@ -36,8 +36,14 @@ def join_federation(config: str | Path | SiteConfig, *, dataset: Dataset | None 
     (its name must be the site's `task` and one the server runs).
     """
     if task is not None:
-        register_task(task)
-    join(config, dataset=dataset, log_fn=log_fn, stop=stop)
+        register_task(task)  # before the config is read: site.task may name it
+    cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
+    if task is not None and task.name != cfg.site.task:  # else the site's task would train
+        raise JoinError(f"join_federation(task=...): your task is named {task.name!r}, but "
+                        f"site.task is {cfg.site.task!r}, the task this site trains; accepted: "
+                        f"a task named as site.task (or site.task = {task.name!r}, listed in "
+                        "policy.tasks)")
+    join(cfg, dataset=dataset, log_fn=log_fn, stop=stop)
 
 
 def site_status(config: str | Path | SiteConfig) -> dict[str, Any]:

@@ -630,3 +630,27 @@ def test_client_status_on_a_state_dir_that_is_a_file_names_the_setting(tmp_path)
     assert "site.state_dir:" in said and "is a file" in said and "ε" not in said
     with pytest.raises(ConfigError, match="is a file"):
         site_status(path)
+
+
+def test_join_federation_with_a_task_not_the_sites_task_fails_naming_both(tmp_path, monkeypatch):
+    """join_federation(task=mine) registered `mine` and joined as site.toml's task: a
+    partner whose site.task still named digits-mlp trained digits-mlp's model, not theirs,
+    without a word (its records fitting both)."""
+    from consortia.client import join, join_federation
+
+    def started(*args):
+        raise AssertionError("the site joined with another task than the one it was given")
+
+    monkeypatch.setattr(join, "SuperNodeProcess", started)
+    mine = Task(name="my-own-mlp", description="a partner's own model",
+                build_model=lambda activation="tanh": torch.nn.Linear(64, 10),
+                load_data=TASK.load_data)
+    try:
+        with pytest.raises(JoinError) as err:
+            join_federation(site_toml(tmp_path), dataset=records(), task=mine)
+    finally:
+        TASKS.pop("my-own-mlp", None)
+    assert str(err.value) == (
+        "join_federation(task=...): your task is named 'my-own-mlp', but site.task is "
+        "'digits-mlp', the task this site trains; accepted: a task named as site.task (or "
+        "site.task = 'my-own-mlp', listed in policy.tasks)")
