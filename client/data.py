@@ -308,16 +308,20 @@ def all_labels(dataset: Dataset) -> torch.Tensor | None:
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         parts = [all_labels(d) for d in dataset.datasets]
         return None if any(p is None for p in parts) else torch.cat(parts)
-    labels = []
+    labels, shapes = [], None
     for i in range(len(dataset)):
         record = dataset[i]
         if not isinstance(record, (tuple, list)) or len(record) < 2:
             return None
-        label = torch.as_tensor(record[-1])
-        if label.dim() != 0:
-            return None
-        labels.append(label)
-    return torch.stack(labels)
+        # Training stacks records into batches: one of another shape fails mid-run.
+        shaped = [tuple(getattr(t, "shape", ())) for t in record]
+        if shapes is None:
+            shapes = shaped
+        elif shaped != shapes:
+            raise DataError(f"record {i} (counted from 0) has shapes {shaped}, record 0 has "
+                            f"{shapes}; accepted: records of one shape (a batch stacks them)")
+        labels.append(torch.as_tensor(record[-1]))
+    return torch.stack(labels) if labels[0].dim() == 0 else None
 
 
 def check_token_ids(tensors: tuple[torch.Tensor, ...], task: Task, model: torch.nn.Module) -> None:

@@ -505,6 +505,13 @@ class OwnRecords(torch.utils.data.Dataset):
         return torch.zeros(64), 12 if i == 50 else i % 10
 
 
+class RaggedRecords(OwnRecords):
+    """Record 30's features are [63], the others' [64]."""
+
+    def __getitem__(self, i):
+        return torch.zeros(63 if i == 30 else 64), i % 10
+
+
 def bad_label_at(i, n=60):
     data = records(n=n)
     data.tensors[1][i] = 12
@@ -525,6 +532,10 @@ def bad_label_at(i, n=60):
      "found 0 to 12: 1 record (counted from 0): record 30: 12"),
     (torch.utils.data.ConcatDataset([records(), bad_label_at(15, n=30)]),
      "found 0 to 12: 1 record (counted from 0): record 35: 12"),
+    # a record of another shape beyond those 8 failed training at its batch ("stack expects
+    # each tensor to be equal size")
+    (RaggedRecords(), "record 30 (counted from 0) has shapes [(63,), ()], record 0 has "
+                      "[(64,), ()]; accepted: records of one shape (a batch stacks them)"),
 ])
 def test_a_partners_own_dataset_that_does_not_fit_the_task_fails_at_start(tmp_path, dataset,
                                                                          message):
