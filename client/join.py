@@ -69,7 +69,8 @@ def build_site(cfg: SiteConfig, dataset: Dataset | None = None) -> Site:
         raise JoinError(f"[policy] {err}") from None
     if p.require_dp:
         try:
-            check_dp_model(model, f"task {task.name!r}")
+            check_dp_model(model, f"task {task.name!r}", "[policy] require_dp = false in "
+                           "site.toml, for runs without DP only")
         except ValueError as err:
             raise JoinError(str(err)) from None
     state = cfg.site.state_dir

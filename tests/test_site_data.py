@@ -601,9 +601,13 @@ def test_privacy_terms_that_protect_nothing_fail_when_the_site_joins(tmp_path):
     try:
         register_task(bn)
         cfg = load_site_config(site_toml(tmp_path, task="bn-mlp"))
-        with pytest.raises(JoinError, match="cannot be trained with DP: .*BatchNorm.*GroupNorm"):
+        with pytest.raises(JoinError, match="cannot be trained with DP: .*BatchNorm.*GroupNorm"
+                           ) as err:
             build_site(cfg, dataset=TensorDataset(torch.rand(16, 64),
                                                   torch.zeros(16, dtype=torch.long)))
+        # the site's own setting, not a run config's privacy.enabled (site.toml has none)
+        assert str(err.value).endswith("or train without DP ([policy] require_dp = false in "
+                                       "site.toml, for runs without DP only)")
         # A site that does not require DP may serve it (a run without DP).
         lax = load_site_config(site_toml(tmp_path, task="bn-mlp",
                                          **{"delta = 1e-5": "delta = 1e-5\nrequire_dp = false"}))

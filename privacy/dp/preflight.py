@@ -30,8 +30,10 @@ def check_delta(delta: float, records: int, who: str) -> None:
             f"1/n^1.1 (here {records ** -1.1:.2g})")
 
 
-def check_dp_model(model: torch.nn.Module, what: str) -> None:
-    """Opacus must be able to compute per-example gradients of `model`."""
+def check_dp_model(model: torch.nn.Module, what: str,
+                   without_dp: str = "privacy.enabled = false") -> None:
+    """Opacus must be able to compute per-example gradients of `model`. `without_dp` is
+    the setting that trains without DP where the check is made (a run's, a site's)."""
     from opacus.validators import ModuleValidator
 
     errors = ModuleValidator.validate(model, strict=False)
@@ -40,7 +42,7 @@ def check_dp_model(model: torch.nn.Module, what: str) -> None:
         raise ValueError(
             f"{what}'s model cannot be trained with DP: {reasons}. Replace those layers "
             "(BatchNorm by GroupNorm or LayerNorm: Opacus's ModuleValidator.fix does it), or "
-            "train without DP (privacy.enabled = false)")
+            f"train without DP ({without_dp})")
 
 
 def check_first_round(*, noise_multiplier: float, records: int, batch_size: int,
