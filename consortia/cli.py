@@ -164,6 +164,10 @@ def sim_run(
                       f"(eval_every = {cfg.eval_every})")
     else:
         console.print("no round completed")
+    total = summary.get("rounds", cfg.rounds)
+    if 0 < done < total:  # a run ends early only on a stop request (runs stop, the console)
+        say(f"stopped after round {done} of {total} (a stop request); continue with: "
+            f"{resume_command(config, out, overrides)}")
     typer.echo(f"results: {out.resolve()}  (metrics.jsonl, summary.json, checkpoints/)")
 
 

@@ -247,3 +247,25 @@ def test_a_run_stopped_between_evaluations_is_not_said_to_have_completed_no_roun
     assert "no round completed" not in said
     assert ("final accuracy not measured: the run ended after round 2 of 6, before its next "
             "evaluation (eval_every = 4)") in said
+
+
+@pytest.mark.parametrize("done", [3, 6])
+def test_a_run_stopped_by_a_stop_request_says_so_and_how_to_continue(tmp_path, monkeypatch,
+                                                                       done):
+    """quickstart.md: `consortia runs stop` (or the console's button) stops a run after its
+    round, and `--resume` continues it. sim run's own terminal said only 'final accuracy'
+    of a run stopped at round 3 of 6, as of a finished one; Ctrl-C printed the command."""
+    import consortia.simulations.runner as sim_runner
+
+    monkeypatch.setattr(sim_runner, "run_simulation", lambda cfg, out, **kwargs: {
+        "final_accuracy": 0.5, "rounds": 6, "rounds_completed": done})
+    result = runner.invoke(app, ["sim", "run", "simulations/experiments/digits-dp-smoke.toml",
+                                 "--out", str(tmp_path), "--set", "rounds=6"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    resume = (f"consortia sim run simulations/experiments/digits-dp-smoke.toml --out {tmp_path} "
+              "--set rounds=6 --resume")
+    if done < 6:
+        assert f"stopped after round 3 of 6 (a stop request); continue with: {resume}" in said
+    else:
+        assert "stopped after" not in said
