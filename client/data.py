@@ -266,7 +266,10 @@ def check_records(dataset: Dataset, task: Task, model: torch.nn.Module | None = 
     # whatever Dataset holds them (a Subset, a ConcatDataset, the partner's own class).
     labels = all_labels(dataset)
     if labels is not None and labels.is_floating_point():
-        if len(first) == 2:  # (features, label) records
+        # (features, label) records for the cross-entropy Task trains with; a task with a
+        # loss of its own (Task.criterion or train_step overridden) may take float targets
+        if len(first) == 2 and type(task).criterion is Task.criterion \
+                and type(task).train_step is Task.train_step:
             raise DataError(f"labels must be class indices (int64), got {labels.dtype}")
         labels = None  # an own task's float target: the probe below is its check
     probe = Subset(dataset, range(min(PROBE_RECORDS, len(dataset))))

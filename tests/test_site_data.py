@@ -669,3 +669,40 @@ def test_join_federation_with_a_task_not_the_sites_task_fails_naming_both(tmp_pa
         "join_federation(task=...): your task is named 'my-own-mlp', but site.task is "
         "'digits-mlp', the task this site trains; accepted: a task named as site.task (or "
         "site.task = 'my-own-mlp', listed in policy.tasks)")
+
+
+def test_an_own_task_with_its_own_loss_takes_float_targets_at_join(tmp_path):
+    """Task's docs: override criterion / train_step for a loss other than cross-entropy.
+    A binary task (one logit, BCEWithLogitsLoss, float targets) was refused at join with
+    "labels must be class indices (int64), got torch.float32", a rule of the default loss."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class BinaryTask(Task):
+        def criterion(self):
+            return torch.nn.BCEWithLogitsLoss()
+
+        def forward(self, model, batch, device):
+            x, y = (t.to(device) for t in batch)
+            return model(x).squeeze(-1), y
+
+    class OwnBinary(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return torch.zeros(64), float(i % 2)
+
+    binary = BinaryTask(name="binary-mlp", description="", load_data=TASK.load_data,
+                        build_model=lambda activation="tanh": torch.nn.Linear(64, 1))
+    try:
+        register_task(binary)
+        cfg = load_site_config(site_toml(tmp_path, task="binary-mlp"))
+        x = torch.rand(30, 64)
+        assert len(build_site(cfg, TensorDataset(x, (x[:, 0] > 0.5).float())).dataset) == 30
+        assert len(build_site(cfg, OwnBinary()).dataset) == 30
+        # the default loss still wants class indices
+        with pytest.raises(JoinError, match=r"labels must be class indices \(int64\)"):
+            build_site(load_site_config(site_toml(tmp_path)), TensorDataset(x, x[:, 0]))
+    finally:
+        TASKS.pop("binary-mlp", None)
