@@ -489,6 +489,7 @@ def test_make_says_what_a_python_without_venv_lacks_on_every_try(tmp_path):
     failed with 'No module named pip', hiding what to install. Now a venv without pip is
     made again, so every try says what is missing. (A fake python stands for Debian's: it
     makes the venv without pip and fails as Debian's does; nothing is installed.)"""
+    import os
     import subprocess
     import sys
 
@@ -504,8 +505,11 @@ exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
     for attempt in (1, 2):
+        # A clean environment, as a fresh shell's: variables other tests of this process
+        # set (Ray's, for one) must not reach the venv's python.
         done = subprocess.run(["make", "install", f"VENV={tmp_path / 'venv'}", f"PYTHON={python}"],
-                              cwd=DOCS.parent, capture_output=True, text=True)
+                              cwd=DOCS.parent, capture_output=True, text=True,
+                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")})
         assert done.returncode != 0
         assert "install the python3-venv package" in done.stderr, (attempt, done.stderr)
         assert "No module named pip" not in done.stderr
