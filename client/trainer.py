@@ -117,16 +117,23 @@ def trainable_layers_in_fp32(model: torch.nn.Module) -> Iterator[None]:
     their sum are fp32 computations (the frozen base still runs in bf16: its rounding only
     changes the function being differentiated, not the bound). The layers are small, so
     this costs little of bf16's speed."""
-    handles = []
-    for module in model.modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(_full_precision_in))
-            handles.append(module.register_forward_hook(_autocast_back))
+    handles = fp32_trainable_layers_hooks(model)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def fp32_trainable_layers_hooks(model: torch.nn.Module) -> list:
+    """The hooks of :func:`trainable_layers_in_fp32`, put on `model` for good (a caller
+    that discards the model, as bench dp does); their handles remove them."""
+    handles = []
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(_full_precision_in))
+            handles.append(module.register_forward_hook(_autocast_back))
+    return handles
 
 
 class Proximal:

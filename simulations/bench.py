@@ -190,10 +190,9 @@ def _make_step(
     model.train()
     batch_stream = cycle(batches)
     if mode != "nonprivate":  # as the trainer trains under DP (client/trainer.py)
-        from consortia.client.trainer import trainable_layers_in_fp32
+        from consortia.client.trainer import fp32_trainable_layers_hooks
 
-        in_fp32 = trainable_layers_in_fp32(model)
-        in_fp32.__enter__()  # for the model's life: its hooks go with it
+        fp32_trainable_layers_hooks(model)  # for the model's life: its hooks go with it
 
     def step() -> None:
         batch = next(batch_stream)
@@ -201,8 +200,6 @@ def _make_step(
         criterion(*spec.forward(model, batch, device)).backward()
         optimizer.step()
 
-    if mode != "nonprivate":
-        step.in_fp32 = in_fp32  # type: ignore[attr-defined]  # kept: closing it removes the hooks
     return step
 
 
