@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install data browser demo test lint clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py privacy/secagg/_aesctr.c
 	# A venv without pip (Debian's python3 without python3-venv leaves one) is made again, so
 	# the second try says what is missing rather than 'No module named pip'.
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consortia.privacy.secagg import aead, labels, masks, shamir
+from consortia.privacy.secagg import aead, fast_stream, labels, masks, shamir
 from consortia.privacy.secagg.errors import SecAggProtocolError
 from consortia.privacy.secagg.graph import (
     default_num_neighbours,
@@ -49,7 +49,11 @@ def restore_stream_code():
     masks._chosen_code = kept
 
 
-@pytest.mark.parametrize("code", ["gcm", "ctr"])
+_VAES = pytest.param("vaes", marks=pytest.mark.skipif(
+    not fast_stream.available(), reason=f"our VAES code: {fast_stream.unavailable_reason()}"))
+
+
+@pytest.mark.parametrize("code", ["gcm", "ctr", _VAES])
 def test_mask_is_the_aes256_ctr_keystream_across_chunk_boundaries(code, restore_stream_code):
     key = os.urandom(32)
     length = 100_003  # > one 256 KiB chunk, and not a multiple of the AES block
@@ -63,13 +67,90 @@ def test_mask_is_the_aes256_ctr_keystream_across_chunk_boundaries(code, restore_
 def test_the_stream_code_is_chosen_once_and_a_wrong_one_refused(restore_stream_code):
     masks._chosen_code = None
     chosen = masks.stream_code()
-    assert chosen in ("gcm", "ctr") and masks.stream_code() == chosen
+    codes = ["ctr", "gcm"] + (["vaes"] if fast_stream.available() else [])
+    assert chosen in codes and masks.stream_code() == chosen
     key = os.urandom(32)
     assert masks.keystream(key, code="gcm").update(bytes(1 << 20)) == masks.keystream(
         key, code="ctr").update(bytes(1 << 20))
-    with pytest.raises(ValueError, match=r"'ecb' is not one of \['ctr', 'gcm'\]"):
+    with pytest.raises(ValueError, match=rf"'ecb' is not one of {codes}".replace("[", r"\[")):
         masks.stream_code("ecb")
     assert masks.stream_code() == chosen
+    # keystream() is always one of OpenSSL's encryptors, whatever draws the bulk streams.
+    with pytest.raises(ValueError, match="'vaes' is not one of"):
+        masks.keystream(key, code="vaes")
+
+
+def test_our_vaes_code_is_built_and_used_where_the_cpu_has_vaes_and_a_compiler_is_found():
+    """A silent build failure (the extension is optional) would leave every client on
+    OpenSSL's slower code: on an x86-64 Linux machine with VAES and a C compiler, the
+    install must have built it and this process must use it."""
+    import platform
+    import shutil
+
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if platform.machine() != "x86_64" or not {"avx2", "aes", "vaes"} <= flags:
+        pytest.skip("not an x86-64 Linux CPU with AVX2, AES-NI and VAES")
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the install leaves our VAES code out (OpenSSL draws)")
+    assert fast_stream.available(), fast_stream.unavailable_reason()
+
+
+@pytest.mark.skipif(not fast_stream.available(), reason="our VAES code is not available here")
+@settings(max_examples=200, deadline=None)
+@given(words=st.integers(0, 3000), first_block=st.integers(0, 2000),
+       signs=st.lists(st.sampled_from([1, -1, 0]), min_size=1, max_size=5), seed=st.integers(0, 2**32 - 1))
+def test_our_vaes_code_equals_openssls_stream_for_any_length_offset_and_signs(words, first_block,
+                                                                             signs, seed):
+    rng = np.random.default_rng(seed)
+    keyed_signs = [(rng.bytes(32), sign) for sign in signs]
+    start = rng.integers(0, 2**32, size=words, dtype=np.uint32)
+    expected = start.copy()
+    for key, sign in keyed_signs:
+        stream = fast_stream.openssl_stream(key, words, first_block)
+        expected = expected + stream if sign == 1 else (
+            expected - stream if sign == -1 else stream.copy())
+    got = start.copy()
+    fast_stream.apply(got, keyed_signs, first_block=first_block)
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.skipif(not fast_stream.available(), reason="our VAES code is not available here")
+def test_our_vaes_code_refuses_what_it_cannot_draw():
+    key = os.urandom(32)
+    with pytest.raises(ValueError, match="uint32"):
+        fast_stream.apply(np.zeros(8, dtype=np.int32), [(key, 1)])
+    with pytest.raises(ValueError, match="32 bytes"):
+        fast_stream.apply(np.zeros(8, dtype=np.uint32), [(key[:31], 1)])
+    with pytest.raises(ValueError, match="sign"):
+        fast_stream.apply(np.zeros(8, dtype=np.uint32), [(key, 2)])
+    # The 32-bit block counter's last value is block 2**32 - 3 of the stream.
+    fast_stream.apply(np.zeros(4, dtype=np.uint32), [(key, 1)], first_block=2**32 - 3)
+    with pytest.raises(ValueError, match="2\\*\\*32 - 2 blocks"):
+        fast_stream.apply(np.zeros(8, dtype=np.uint32), [(key, 1)], first_block=2**32 - 3)
+    with pytest.raises(ValueError, match="256 keys"):
+        fast_stream.apply(np.zeros(8, dtype=np.uint32), [(key, 1)] * 257)
+
+
+@pytest.mark.parametrize("code", ["gcm", "ctr", _VAES])
+def test_a_word_stream_drawn_in_pieces_is_the_keys_stream(code, restore_stream_code):
+    masks.stream_code(code)
+    key = os.urandom(32)
+    buffer = np.empty(1004, dtype=np.int32)
+    stream = masks.WordStream(key)
+    drawn = []
+    for count in (1000, 64, 8, 333):  # whole blocks, then a partial last draw
+        stream.draw_into(buffer, count)
+        drawn.append(buffer[:count].view(np.uint32).copy())
+    assert np.array_equal(np.concatenate(drawn), fast_stream.openssl_stream(key, 1405))
+    with pytest.raises(ValueError, match="last draw was not a whole number of blocks"):
+        stream.draw_into(buffer, 4)
+    with pytest.raises(ValueError, match="a draw of 1001 words needs a buffer of 1005, got 1004"):
+        masks.WordStream(key).draw_into(buffer, 1001)
 
 
 def test_adding_then_subtracting_a_mask_restores_the_vector_modulo_2_32():

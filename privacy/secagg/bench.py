@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from . import fast_stream
 from .client import ClientSecAggSession
-from .masks import add_mask, keystream, stream_code
+from .masks import FAST_CODE, add_mask, keystream, stream_code
 from .messages import AdvertiseKeys, MaskedInput, RoundSetup, UnmaskRequest, UnmaskResponse
 from .quantize import clip_l2, decode_sum, encode, max_bits, quantization_error_bound
 from .server import ServerSecAggSession
@@ -46,14 +47,17 @@ def bench_masks(
     nbytes = 4 * params
     key = os.urandom(32)
 
-    # Raw AES-256-CTR keystream into a reused buffer, through each of OpenSSL's two codes
-    # for it (masks.stream_code: the one this process chose draws every stream), and the
-    # mask added into a vector.
+    # Raw AES-256-CTR keystream into a reused buffer, through each code that gives it here
+    # (OpenSSL's two, and ours where available; masks.stream_code: the one this process
+    # chose draws every stream), and the mask added into a vector.
     zeros, out = bytes(nbytes), bytearray(nbytes + 16)
     code_s = {
         code: _best_of(repeats, lambda c=code: keystream(key, code=c).update_into(zeros, out))
         for code in ("gcm", "ctr")
     }
+    if fast_stream.available():
+        words = np.empty(params, dtype=np.uint32)
+        code_s[FAST_CODE] = _best_of(repeats, lambda: fast_stream.apply(words, [(key, 0)]))
     chosen = stream_code()
     acc = np.zeros(params, dtype=np.uint32)
     add_s = _best_of(repeats, lambda: add_mask(acc, key, sign=1))
@@ -150,6 +154,7 @@ def bench_masks(
         "mask_expand_gbps": nbytes / code_s[chosen] / 1e9,
         "gcm_code_expand_gbps": nbytes / code_s["gcm"] / 1e9,
         "ctr_code_expand_gbps": nbytes / code_s["ctr"] / 1e9,
+        "vaes_code_expand_gbps": nbytes / code_s[FAST_CODE] / 1e9 if FAST_CODE in code_s else None,
         "mask_add_gbps": nbytes / add_s / 1e9,
         "encode_reused_buffer_s": encode_s,
         **timings,

@@ -6,16 +6,21 @@ vector, so the counter can start anywhere fixed. Expansion encrypts a reused blo
 zeros into a reused buffer with ``update_into`` and adds it chunk by chunk, which keeps
 the working set in cache; several masks go into one vector in one pass (:func:`add_masks`).
 
-The stream is AES-256-CTR from counter block 0^96 || 2. OpenSSL has two codes that give
-it, and which is faster depends on the CPU, so the first stream a process draws times both
-on 256 KiB and keeps the faster (:func:`stream_code`); the stream is the same either way:
-- its CTR code, ``modes.CTR`` from that counter block;
-- its AES-GCM encryptor, never finalized: GCM encrypts in counter mode (the counter block
-  is the 96-bit IV, here zero, and a 32-bit block counter from 2), so its ciphertext of
-  zeros is exactly that keystream. The tag is never computed or used.
+The stream is AES-256-CTR from counter block 0^96 || 2. Three codes give it, and which is
+faster depends on the CPU, so the first stream a process draws times them on 256 KiB and
+keeps the fastest (:func:`stream_code`); the stream is the same whichever draws it:
+- OpenSSL's CTR code, ``modes.CTR`` from that counter block;
+- OpenSSL's AES-GCM encryptor, never finalized: GCM encrypts in counter mode (the counter
+  block is the 96-bit IV, here zero, and a 32-bit block counter from 2), so its ciphertext
+  of zeros is exactly that keystream. The tag is never computed or used;
+- ``vaes``: our own loop over the CPU's 256-bit VAES instructions (``_aesctr.c``, built
+  at install where a C compiler is found, used only where the CPU has VAES and only after
+  its output matched OpenSSL's in this process: :mod:`.fast_stream`). OpenSSL uses VAES
+  only with AVX-512, so on CPUs with VAES but no AVX-512 it draws one block per AES
+  instruction; ours draws two, and adds the masks into the vector in the same pass.
 GCM's code was 1.6 to 1.7x faster than CTR's on one reference machine and 2.8x slower on
 another (docs/secagg.md, Cost; docs/results.md, session 10). Within :data:`MAX_STREAM_BYTES`
-GCM's 32-bit counter never wraps, so the two agree over every stream we draw
+the 32-bit counter never wraps, so the codes agree over every stream we draw
 (tests/test_secagg_primitives.py).
 """
 
@@ -28,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from . import fast_stream
 from .scratch import scratch
 
 MASK_KEY_LEN = 32
@@ -47,49 +53,103 @@ def _check_key(key: bytes) -> None:
 
 
 _FIRST_COUNTER_BLOCK = _ZERO_IV + (2).to_bytes(4, "big")
-_STREAM_CODES = {
+_OPENSSL_CODES = {
     "gcm": lambda: modes.GCM(_ZERO_IV),
     "ctr": lambda: modes.CTR(_FIRST_COUNTER_BLOCK),
 }
+FAST_CODE = "vaes"  # ours (fast_stream), where it is built and the CPU has VAES
 _chosen_code: str | None = None
 
 
-def _checked_code(code: str) -> str:
-    if code not in _STREAM_CODES:
-        raise ValueError(f"stream code {code!r} is not one of {sorted(_STREAM_CODES)}")
+def _available_codes() -> list[str]:
+    return sorted(_OPENSSL_CODES) + ([FAST_CODE] if fast_stream.available() else [])
+
+
+def _checked_code(code: str, accepted: list[str]) -> str:
+    if code not in accepted:
+        why = ""
+        if code == FAST_CODE:
+            why = f" ({FAST_CODE} here: {fast_stream.unavailable_reason()})"
+        raise ValueError(f"stream code {code!r} is not one of {accepted}{why}")
     return code
 
 
 def stream_code(code: str | None = None) -> str:
-    """OpenSSL's code that draws the streams in this process, ``"gcm"`` or ``"ctr"``.
+    """The code that draws the streams in this process: ``"gcm"`` or ``"ctr"`` (OpenSSL's)
+    or ``"vaes"`` (ours, where available).
 
-    Chosen on first use by timing both (best of five draws of 256 KiB each: 2.7 to 3.8 ms
-    in all, once per process, in three runs while other work ran); ``code`` sets it
-    instead (the benchmark and the tests)."""
+    Chosen on first use by timing each (best of five draws of 256 KiB each: 2.7 to 3.8 ms
+    in all for OpenSSL's two, once per process, in three runs while other work ran);
+    ``code`` sets it instead (the benchmark and the tests)."""
     global _chosen_code
     if code is not None:
-        _chosen_code = _checked_code(code)
+        _chosen_code = _checked_code(code, _available_codes())
     if _chosen_code is None:
-        out, zeros = bytearray(_CHUNK_BYTES + 16), ZEROS[:_CHUNK_BYTES]
-
-        def best_draw_s(name: str) -> float:
-            encryptor = keystream(bytes(MASK_KEY_LEN), code=name)
-            return min(timeit.repeat(lambda: encryptor.update_into(zeros, out), number=1, repeat=5))
-
-        _chosen_code = min(_STREAM_CODES, key=best_draw_s)
+        _chosen_code = min(_available_codes(), key=_best_draw_s)
     return _chosen_code
 
 
+def _best_draw_s(code: str) -> float:
+    if code == FAST_CODE:
+        words = np.empty(_CHUNK_BYTES // 4, dtype=np.uint32)
+        key = bytes(MASK_KEY_LEN)
+        return min(timeit.repeat(lambda: fast_stream.apply(words, [(key, 0)]), number=1,
+                                 repeat=5))
+    out, zeros = bytearray(_CHUNK_BYTES + 16), ZEROS[:_CHUNK_BYTES]
+    encryptor = keystream(bytes(MASK_KEY_LEN), code=code)
+    return min(timeit.repeat(lambda: encryptor.update_into(zeros, out), number=1, repeat=5))
+
+
 def keystream(key: bytes, *, code: str | None = None):
-    """An encryptor keyed by the 32-byte ``key`` whose ``update`` / ``update_into`` of
-    zero bytes is the key's pseudorandom stream: AES-256-CTR from counter block 2 (see the
-    module's docstring), at most :data:`MAX_STREAM_BYTES`. Every stream the protocol draws
-    (masks, the neighbour graph's order, the rounding's uniforms) comes from here; each
-    key drives exactly one stream. ``code`` picks OpenSSL's code for this stream (the
-    stream is the same); by default, the faster here (:func:`stream_code`)."""
+    """An OpenSSL encryptor keyed by the 32-byte ``key`` whose ``update`` /
+    ``update_into`` of zero bytes is the key's pseudorandom stream: AES-256-CTR from
+    counter block 2 (see the module's docstring), at most :data:`MAX_STREAM_BYTES`.
+    Every stream the protocol draws (masks, the neighbour graph's order, the rounding's
+    uniforms) is this one; each key drives exactly one stream. ``code`` picks OpenSSL's
+    code for it, ``"gcm"`` or ``"ctr"`` (the stream is the same); by default, the one
+    this process draws with (:func:`stream_code`), or CTR's when that is ours. The bulk
+    draws (:func:`add_masks`, :class:`WordStream`) go through ours where it was chosen."""
     _check_key(key)
-    mode = _STREAM_CODES[_checked_code(code) if code is not None else stream_code()]
+    if code is None:
+        code = stream_code()
+        code = code if code in _OPENSSL_CODES else "ctr"
+    mode = _OPENSSL_CODES[_checked_code(code, sorted(_OPENSSL_CODES))]
     return Cipher(algorithms.AES(key), mode()).encryptor()
+
+
+class WordStream:
+    """The 32-bit words of one key's stream, drawn in order into the caller's buffers
+    (the rounding's uniforms in quantize.py), through the code this process chose."""
+
+    def __init__(self, key: bytes) -> None:
+        _check_key(key)
+        self._fast = stream_code() == FAST_CODE
+        self._key = key
+        self._encryptor = None if self._fast else keystream(key)
+        self._next_block = 0
+        self._ended = False
+
+    def draw_into(self, out: np.ndarray, count: int) -> None:
+        """Write the stream's next ``count`` words into ``out[:count]``. ``out``: a 1-D
+        contiguous buffer of 4-byte values with room for 4 more (OpenSSL's
+        ``update_into`` wants a block of room beyond what it writes). Every draw but the
+        last must be a whole number of blocks (a multiple of 4 words)."""
+        if out.ndim != 1 or out.itemsize != 4 or not out.flags.c_contiguous:
+            raise ValueError("WordStream draws into a contiguous 1-D buffer of 4-byte values")
+        if out.size < count + 4:
+            raise ValueError(f"a draw of {count} words needs a buffer of {count + 4}, "
+                             f"got {out.size}")
+        if 4 * count > len(ZEROS):
+            raise ValueError(f"a draw is at most {len(ZEROS) // 4} words, got {count}")
+        if self._ended:
+            raise ValueError("this stream's last draw was not a whole number of blocks")
+        self._ended = count % 4 != 0
+        if self._fast:
+            fast_stream.apply(out[:count].view(np.uint32), [(self._key, 0)],
+                              first_block=self._next_block)
+            self._next_block += count // 4
+        else:
+            self._encryptor.update_into(ZEROS[: 4 * count], memoryview(out).cast("B"))
 
 
 def expand_mask(key: bytes, length: int) -> np.ndarray:
@@ -147,6 +207,10 @@ _MIN_MASKS_PER_WORKER = 4
 
 
 def _add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
+    if stream_code() == FAST_CODE:
+        # Ours draws each tile of every stream while the vector's tile is in cache.
+        fast_stream.apply(acc, keyed_signs)
+        return
     streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block (4 words) more than it writes.

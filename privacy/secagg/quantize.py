@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from .masks import ZEROS, keystream
+from .masks import ZEROS, WordStream
 from .scratch import scratch
 
 _MODULUS_MAX = 2**32 - 1
@@ -134,13 +134,12 @@ def encode(
     # The rounding's uniforms: 32-bit words of an AES-256-CTR stream keyed by 32 bytes
     # drawn from `rng` (reproducible from its seed like rng.random, and several times
     # faster to draw: 4 bytes a value at the speed of the masks).
-    stream = keystream(rng.bytes(32))
-    # update_into wants a block of room more than it writes.
+    stream = WordStream(rng.bytes(32))
+    # A block of room more than a draw writes (WordStream.draw_into).
     words_buffer = scratch("encode.words", chunk + 4, np.int32)
     # The stream's words read as int32: w * 2**-32 is uniform on [-1/2, 1/2) in steps of
     # 2**-32, so w * 2**-32 + 1/2 is the uniform u on [0, 1).
     words = torch.from_numpy(words_buffer)
-    into = memoryview(words_buffer).cast("B")
     # offset + 1/2 as a 0-dim float64 tensor: added to the int32 words, the sum is float64.
     shift = torch.tensor(offset + 0.5, dtype=torch.float64)
     # Levels below 2**31 are written through an int32 view of `out` (the same bits as
@@ -151,7 +150,7 @@ def encode(
         stop = min(start + chunk, size)
         n = stop - start
         qc = q[:n]
-        stream.update_into(ZEROS[: 4 * n], into)
+        stream.draw_into(words_buffer, n)
         torch.add(shift, words[:n], alpha=2.0**-32, out=qc)  # u + offset
         # float64: the product in float64 even when the update is float32 (in float32,
         # q near 2**bits would be off by several levels).

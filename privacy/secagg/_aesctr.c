@@ -1,0 +1,147 @@
+/*
+ * The mask streams' AES-256-CTR with VAES: two blocks per AES instruction.
+ *
+ * Why this is ours and not OpenSSL's: OpenSSL 3/4 draws AES-CTR with AES-NI one 128-bit
+ * block per instruction unless the CPU has AVX-512; on CPUs with VAES but no AVX-512
+ * (AMD Zen 3, Intel Alder Lake and later client cores) it leaves half the AES units'
+ * width unused. The masks are the largest cost of a secure round on a client (docs/secagg.md,
+ * Cost), so the stream that masks.py defines is drawn here with 256-bit VAES where the CPU
+ * has it. The AES rounds are the CPU's instructions (constant time); the only code of ours
+ * is the standard AES-256 key expansion with AESKEYGENASSIST and the counter blocks.
+ * masks.py checks the output against OpenSSL's stream before it uses this code, and
+ * tests/test_secagg_primitives.py compares the two over many lengths and offsets.
+ *
+ * The stream (masks.py): AES-256 of the counter blocks 0^96 || BE32(2 + j), j = 0, 1, ...;
+ * word w of a vector is word w % 4 of block w / 4, read little-endian (numpy's uint32 on
+ * x86). No Python.h: masks.py loads this library with ctypes, which releases the GIL.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#define AESNI __attribute__((target("avx2,aes,vaes")))
+
+/* 1 when this CPU has AVX2, AES-NI and VAES (checked at run time, so the library loads
+ * anywhere and is used only where it can run). */
+int consortia_aesctr_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("aes") &&
+           __builtin_cpu_supports("vaes");
+}
+
+AESNI static inline __m128i expand_even(__m128i t1, __m128i assist) {
+    assist = _mm_shuffle_epi32(assist, 0xff);
+    __m128i t4 = _mm_slli_si128(t1, 4);
+    t1 = _mm_xor_si128(t1, t4);
+    t4 = _mm_slli_si128(t4, 4);
+    t1 = _mm_xor_si128(t1, t4);
+    t4 = _mm_slli_si128(t4, 4);
+    t1 = _mm_xor_si128(t1, t4);
+    return _mm_xor_si128(t1, assist);
+}
+
+AESNI static inline __m128i expand_odd(__m128i t1, __m128i t3) {
+    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(t1, 0), 0xaa);
+    __m128i t4 = _mm_slli_si128(t3, 4);
+    t3 = _mm_xor_si128(t3, t4);
+    t4 = _mm_slli_si128(t4, 4);
+    t3 = _mm_xor_si128(t3, t4);
+    t4 = _mm_slli_si128(t4, 4);
+    t3 = _mm_xor_si128(t3, t4);
+    return _mm_xor_si128(t3, assist);
+}
+
+/* FIPS-197's AES-256 key expansion: 15 round keys. The round constant must be an
+ * immediate, hence the macro. */
+#define EXPAND(i, rcon)                                                   \
+    t1 = expand_even(t1, _mm_aeskeygenassist_si128(t3, rcon));           \
+    rk[2 * (i)] = _mm256_broadcastsi128_si256(t1);                       \
+    if ((i) < 7) {                                                        \
+        t3 = expand_odd(t1, t3);                                          \
+        rk[2 * (i) + 1] = _mm256_broadcastsi128_si256(t3);               \
+    }
+
+AESNI static void expand_key(const uint8_t key[32], __m256i rk[15]) {
+    __m128i t1 = _mm_loadu_si128((const __m128i *)key);
+    __m128i t3 = _mm_loadu_si128((const __m128i *)(key + 16));
+    rk[0] = _mm256_broadcastsi128_si256(t1);
+    rk[1] = _mm256_broadcastsi128_si256(t3);
+    EXPAND(1, 0x01) EXPAND(2, 0x02) EXPAND(3, 0x04) EXPAND(4, 0x08)
+    EXPAND(5, 0x10) EXPAND(6, 0x20) EXPAND(7, 0x40)
+}
+
+#define TILE_WORDS 64 /* 16 blocks, 8 registers of two: enough AES in flight */
+#define MAX_KEYS 256
+
+/* The 16 keystream blocks of one tile whose first counter is c. */
+AESNI static inline void tile_stream(const __m256i rk[15], uint32_t c, __m256i x[8]) {
+    const __m256i bswap = _mm256_setr_epi8(3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12,
+                                           3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12);
+    for (int i = 0; i < 8; i++) {
+        __m256i ctr = _mm256_setr_epi32(0, 0, 0, (int)(c + 2 * i), 0, 0, 0, (int)(c + 2 * i + 1));
+        x[i] = _mm256_xor_si256(_mm256_shuffle_epi8(ctr, bswap), rk[0]);
+    }
+    for (int r = 1; r < 14; r++)
+        for (int i = 0; i < 8; i++) x[i] = _mm256_aesenc_epi128(x[i], rk[r]);
+    for (int i = 0; i < 8; i++) x[i] = _mm256_aesenclast_epi128(x[i], rk[14]);
+}
+
+AESNI static inline void apply(__m256i *a, const __m256i x[8], int sign) {
+    for (int i = 0; i < 8; i++) {
+        __m256i v = _mm256_loadu_si256(a + i);
+        v = sign > 0 ? _mm256_add_epi32(v, x[i]) : sign < 0 ? _mm256_sub_epi32(v, x[i]) : x[i];
+        _mm256_storeu_si256(a + i, v);
+    }
+}
+
+/* acc[w] (op)= word (4 * first_block + w) of each key's stream, for w < n_words, key by
+ * key in order: op is += for sign +1, -= for -1, = for 0 (uint32, so modulo 2**32).
+ * keys: m keys of 32 bytes. Returns 0, or -1 when m is out of range or the stream would
+ * pass block 2**32 - 3 (the counter's last value; masks.py never asks for more). */
+AESNI int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *keys,
+                                 const int8_t *signs, size_t m, uint64_t first_block) {
+    if (m == 0 || m > MAX_KEYS) return -1;
+    uint64_t blocks = (n_words + 3) / 4;
+    if (first_block > 0xFFFFFFFDull || blocks > 0xFFFFFFFEull - first_block) return -1;
+    static __thread __m256i rk[MAX_KEYS][15]; /* 1.9 MB at most: per thread, not on the stack */
+    for (size_t k = 0; k < m; k++) expand_key(keys + 32 * k, rk[k]);
+    uint32_t c = (uint32_t)(2 + first_block);
+    size_t full = n_words - n_words % TILE_WORDS;
+    __m256i x[8];
+    for (size_t w = 0; w < full; w += TILE_WORDS, c += TILE_WORDS / 4)
+        for (size_t k = 0; k < m; k++) {
+            tile_stream(rk[k], c, x);
+            apply((__m256i *)(acc + w), x, signs[k]);
+        }
+    if (full < n_words) { /* the last, partial tile, through a whole one */
+        __m256i tail[8];
+        memcpy(tail, acc + full, (n_words - full) * 4);
+        for (size_t k = 0; k < m; k++) {
+            tile_stream(rk[k], c, x);
+            apply(tail, x, signs[k]);
+        }
+        memcpy(acc + full, tail, (n_words - full) * 4);
+        memset(tail, 0, sizeof tail);
+    }
+    /* Leave no key material behind: the round keys and the last keystream. */
+    volatile unsigned char *wipe = (volatile unsigned char *)rk;
+    for (size_t i = 0; i < m * sizeof rk[0]; i++) wipe[i] = 0;
+    wipe = (volatile unsigned char *)x;
+    for (size_t i = 0; i < sizeof x; i++) wipe[i] = 0;
+    return 0;
+}
+
+#else /* not x86-64 with GCC or Clang: never used */
+
+int consortia_aesctr_supported(void) { return 0; }
+
+int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *keys,
+                           const int8_t *signs, size_t m, uint64_t first_block) {
+    (void)acc; (void)n_words; (void)keys; (void)signs; (void)m; (void)first_block;
+    return -1;
+}
+
+#endif
