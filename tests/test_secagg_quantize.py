@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consortia.privacy.secagg import fast_stream, masks
 from consortia.privacy.secagg.quantize import (
     check_no_wrap,
     clip_l2,
@@ -146,12 +147,26 @@ def test_weights_scale_each_clipped_update_and_nans_are_refused():
         encode(np.array([np.nan]), clip=clip, bits=bits, num_clients=n)
 
 
+@pytest.fixture(params=["ctr", pytest.param("vaes", marks=pytest.mark.skipif(
+    not fast_stream.available(), reason="our VAES code is not available here"))])
+def stream_code(request):
+    """Each code that can draw the streams here: OpenSSL's (encode's torch loop) and ours
+    (encode's one C pass)."""
+    kept = masks._chosen_code
+    masks.stream_code(request.param)
+    yield request.param
+    masks._chosen_code = kept
+
+
 @pytest.mark.parametrize(("n", "size", "dtype"), [(30, 300_001, np.float32), (1, 1000, np.float64),
-                                                  (100, 5, np.float64)])
-def test_encoding_is_exactly_the_floor_of_the_scaled_update_plus_the_streams_uniform(n, size, dtype):
+                                                  (100, 5, np.float64), (10, 1_003, np.float32),
+                                                  (2, 64, np.float64), (7, 0, np.float32)])
+def test_encoding_is_exactly_the_floor_of_the_scaled_update_plus_the_streams_uniform(
+        n, size, dtype, stream_code):
     """Bit for bit, the documented formula in plain float64 numpy: floor(x * scale +
     offset + u), u = w * 2**-32 + 1/2 for the stream's int32 words w, clamped to the top
-    level. Several chunks and a partial one; 32-bit levels (n = 1) as well."""
+    level. Several chunks and a partial one; 32-bit levels (n = 1) as well; whichever
+    code draws the stream (so OpenSSL's and ours give the same encoding)."""
     from consortia.privacy.secagg.masks import keystream
 
     clip, bits = 2.0, max_bits(n)

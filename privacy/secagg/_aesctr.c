@@ -1,5 +1,6 @@
 /*
- * The mask streams' AES-256-CTR with VAES: two blocks per AES instruction.
+ * The mask streams' AES-256-CTR with VAES, two blocks per AES instruction, and
+ * quantize.encode's loop over the rounding's stream.
  *
  * Why this is ours and not OpenSSL's: OpenSSL 3/4 draws AES-CTR with AES-NI one 128-bit
  * block per instruction unless the CPU has AVX-512; on CPUs with VAES but no AVX-512
@@ -17,6 +18,7 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -99,14 +101,17 @@ AESNI static inline void apply(__m256i *a, const __m256i x[8], int sign) {
 
 /* acc[w] (op)= word (4 * first_block + w) of each key's stream, for w < n_words, key by
  * key in order: op is += for sign +1, -= for -1, = for 0 (uint32, so modulo 2**32).
- * keys: m keys of 32 bytes. Returns 0, or -1 when m is out of range or the stream would
- * pass block 2**32 - 3 (the counter's last value; masks.py never asks for more). */
+ * keys: m keys of 32 bytes. Returns 0, -1 when m is out of range or the stream would
+ * pass block 2**32 - 3 (the counter's last value; masks.py never asks for more), -2 when
+ * memory for the round keys is refused. */
 AESNI int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *keys,
                                  const int8_t *signs, size_t m, uint64_t first_block) {
     if (m == 0 || m > MAX_KEYS) return -1;
     uint64_t blocks = (n_words + 3) / 4;
     if (first_block > 0xFFFFFFFDull || blocks > 0xFFFFFFFEull - first_block) return -1;
-    static __thread __m256i rk[MAX_KEYS][15]; /* 1.9 MB at most: per thread, not on the stack */
+    /* The round keys, 480 bytes a key, from the heap: 120 KiB for MAX_KEYS. */
+    __m256i(*rk)[15] = aligned_alloc(32, m * sizeof *rk);
+    if (rk == NULL) return -2;
     for (size_t k = 0; k < m; k++) expand_key(keys + 32 * k, rk[k]);
     uint32_t c = (uint32_t)(2 + first_block);
     size_t full = n_words - n_words % TILE_WORDS;
@@ -129,8 +134,66 @@ AESNI int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *k
     /* Leave no key material behind: the round keys and the last keystream. */
     volatile unsigned char *wipe = (volatile unsigned char *)rk;
     for (size_t i = 0; i < m * sizeof rk[0]; i++) wipe[i] = 0;
+    free(rk);
     wipe = (volatile unsigned char *)x;
     for (size_t i = 0; i < sizeof x; i++) wipe[i] = 0;
+    return 0;
+}
+
+/* quantize.encode's loop: out[i] = trunc(clamp(x[i] * scale + u_i, 0, top)) with
+ * u_i = w_i * 2**-32 + shift, w_i word i of the key's stream read as int32 (so
+ * w_i * 2**-32 + 1/2 is uniform on [0, 1) and shift = offset + 1/2). x is float32
+ * (x_is_f64 = 0) or float64; everything is computed in float64, product then sum,
+ * each rounded once (no fused multiply-add: this function is not compiled for FMA), so
+ * the result is bit for bit the numpy formula quantize.py's tests check. top must be
+ * below 2**31 (the int32 conversion); quantize.py uses it only then. Returns 0, or -1
+ * when top is out of range or n words pass the stream's 2**32 - 2 blocks. */
+AESNI int consortia_encode(uint32_t *out, const void *x, int x_is_f64, size_t n,
+                           const uint8_t *key, double scale, double shift, double top) {
+    if (!(top >= 0.0 && top < 2147483648.0)) return -1;
+    if ((n + 3) / 4 > 0xFFFFFFFEull) return -1;
+    __m256i rk[15];
+    expand_key(key, rk);
+    const __m256d vscale = _mm256_set1_pd(scale), vshift = _mm256_set1_pd(shift);
+    const __m256d vtop = _mm256_set1_pd(top), vzero = _mm256_setzero_pd();
+    const __m256d unit = _mm256_set1_pd(1.0 / 4294967296.0);
+    const float *xf = (const float *)x;
+    const double *xd = (const double *)x;
+    __m256i words[8];
+    __m128i level[16];
+    uint32_t c = 2;
+    for (size_t w = 0; w < n; w += TILE_WORDS, c += TILE_WORDS / 4) {
+        tile_stream(rk, c, words);
+        size_t count = n - w < TILE_WORDS ? n - w : TILE_WORDS;
+        const int32_t *wd = (const int32_t *)words;
+        for (size_t i = 0; i < TILE_WORDS; i += 4) {
+            __m256d xv;
+            if (i + 4 <= count) {
+                xv = x_is_f64 ? _mm256_loadu_pd(xd + w + i)
+                              : _mm256_cvtps_pd(_mm_loadu_ps(xf + w + i));
+            } else { /* the last, partial group: zeros beyond n, never written out */
+                double part[4] = {0.0, 0.0, 0.0, 0.0};
+                for (size_t j = 0; i + j < count; j++)
+                    part[j] = x_is_f64 ? xd[w + i + j] : (double)xf[w + i + j];
+                xv = _mm256_loadu_pd(part);
+            }
+            __m256d u = _mm256_add_pd(
+                _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(wd + i))), unit),
+                vshift);
+            __m256d q = _mm256_add_pd(_mm256_mul_pd(xv, vscale), u);
+            q = _mm256_max_pd(_mm256_min_pd(q, vtop), vzero);
+            level[i / 4] = _mm256_cvttpd_epi32(q);
+            if (i + 4 >= count) break;
+        }
+        if (count == TILE_WORDS)
+            memcpy(out + w, level, sizeof level);
+        else
+            memcpy(out + w, level, count * 4);
+    }
+    volatile unsigned char *wipe = (volatile unsigned char *)rk;
+    for (size_t i = 0; i < sizeof rk; i++) wipe[i] = 0;
+    wipe = (volatile unsigned char *)words;
+    for (size_t i = 0; i < sizeof words; i++) wipe[i] = 0;
     return 0;
 }
 
@@ -141,6 +204,12 @@ int consortia_aesctr_supported(void) { return 0; }
 int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *keys,
                            const int8_t *signs, size_t m, uint64_t first_block) {
     (void)acc; (void)n_words; (void)keys; (void)signs; (void)m; (void)first_block;
+    return -1;
+}
+
+int consortia_encode(uint32_t *out, const void *x, int x_is_f64, size_t n,
+                     const uint8_t *key, double scale, double shift, double top) {
+    (void)out; (void)x; (void)x_is_f64; (void)n; (void)key; (void)scale; (void)shift; (void)top;
     return -1;
 }
 

@@ -46,6 +46,10 @@ def _load() -> None:
     lib.consortia_aesctr_apply.restype = ctypes.c_int
     lib.consortia_aesctr_apply.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64]
+    lib.consortia_encode.restype = ctypes.c_int
+    lib.consortia_encode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.c_size_t, ctypes.c_char_p, ctypes.c_double,
+                                     ctypes.c_double, ctypes.c_double]
     if not lib.consortia_aesctr_supported():
         _reason = "this CPU lacks AVX2, AES-NI or VAES"
         return
@@ -84,11 +88,36 @@ def apply(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]], *,
     signs = (ctypes.c_int8 * len(keyed_signs))(*(sign for _, sign in keyed_signs))
     if len(keys) != 32 * len(keyed_signs) or any(s not in (-1, 0, 1) for _, s in keyed_signs):
         raise ValueError("each key must be 32 bytes and each sign -1, 0 or 1")
-    if _lib.consortia_aesctr_apply(acc.ctypes.data, acc.size, keys, signs, len(keyed_signs),
-                                   first_block) != 0:
+    status = _lib.consortia_aesctr_apply(acc.ctypes.data, acc.size, keys, signs,
+                                         len(keyed_signs), first_block)
+    if status == -2:
+        raise MemoryError(f"no memory for the round keys of {len(keyed_signs)} streams")
+    if status != 0:
         raise ValueError(f"{len(keyed_signs)} streams of {acc.size} words from block "
                          f"{first_block}: beyond what one key's stream allows (2**32 - 2 "
                          "blocks) or more than 256 keys in one call")
+
+
+def encode(out: np.ndarray, x: np.ndarray, key: bytes, *, scale: float, shift: float,
+           top: float) -> None:
+    """quantize.encode's loop in one pass: ``out = trunc(clamp(x * scale + u, 0, top))``
+    in float64, u = w * 2**-32 + shift for the int32 words w of ``key``'s stream (see
+    quantize.py). ``x``: contiguous 1-D float32 or float64; ``out``: uint32 of its size;
+    ``top`` below 2**31."""
+    if not available():
+        raise RuntimeError(f"the VAES stream code is not available: {_reason}")
+    if x.dtype not in (np.float32, np.float64) or x.ndim != 1 or not x.flags.c_contiguous:
+        raise ValueError(f"encode reads a contiguous 1-D float32 or float64 array, got "
+                         f"{x.dtype} {x.shape}")
+    if out.dtype != np.uint32 or out.shape != x.shape or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise ValueError(f"encode writes a writeable contiguous uint32 array of shape {x.shape}")
+    if len(key) != 32:
+        raise ValueError(f"the rounding's key has {len(key)} bytes, expected 32")
+    if _lib.consortia_encode(out.ctypes.data, x.ctypes.data, int(x.dtype == np.float64),
+                             x.size, key, scale, shift, top) != 0:
+        raise ValueError(f"encode of {x.size} values with top level {top}: top must be in "
+                         "[0, 2**31) and the values at most 2**34 - 8")
 
 
 def openssl_stream(key: bytes, words: int, first_block: int = 0) -> np.ndarray:

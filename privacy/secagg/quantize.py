@@ -30,7 +30,8 @@ import math
 import numpy as np
 import torch
 
-from .masks import ZEROS, WordStream
+from . import fast_stream
+from .masks import FAST_CODE, ZEROS, WordStream, stream_code
 from .scratch import scratch
 
 _MODULUS_MAX = 2**32 - 1
@@ -124,6 +125,13 @@ def encode(
     factor = weight * (clip / norm if norm > clip else 1.0)
     # Clipping, weighting and scaling fold into one multiply; q = x * scale + offset.
     scale, offset, top = factor / step, clip / step, float(2**bits - 1)
+    narrow = top < 2**31
+    if narrow and x.dtype in (np.float32, np.float64) and stream_code() == FAST_CODE:
+        # Our VAES code (masks.py): stream, arithmetic and rounding in one pass, the same
+        # formula below bit for bit (tests/test_secagg_quantize.py).
+        fast_stream.encode(out, np.ascontiguousarray(x), rng.bytes(32), scale=scale,
+                           shift=offset + 0.5, top=top)
+        return out
     # Chunk by chunk through one float64 buffer (this runs once per client per round over
     # the whole model): no full-size temporaries. The arithmetic is torch's: its kernels
     # cast and add a scaled operand in one call, four calls a chunk where numpy takes
@@ -144,7 +152,6 @@ def encode(
     shift = torch.tensor(offset + 0.5, dtype=torch.float64)
     # Levels below 2**31 are written through an int32 view of `out` (the same bits as
     # uint32 for them); 32-bit levels (a single client) go through int64.
-    narrow = top < 2**31
     target = torch.from_numpy(out.view(np.int32)) if narrow else None
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
