@@ -37,6 +37,7 @@ from consortia.flower_exec import (
 )
 from consortia.privacy.dp import LedgerMismatchError
 from consortia.privacy.dp.preflight import check_delta, check_dp_model
+from consortia.privacy.secagg.masks import check_stream_code_env
 from consortia.tasks import default_device, get_task
 from consortia.tasks.adapters import MissingPackage
 
@@ -205,6 +206,10 @@ def join(config: str | Path | SiteConfig, *, dataset: Dataset | None = None,
     """Join the federation as this site until `stop` is set (or SIGTERM / Ctrl-C)."""
     cfg = config if isinstance(config, SiteConfig) else load_site_config(config)
     cfg.check_files()
+    try:
+        check_stream_code_env()
+    except ValueError as err:
+        raise JoinError(str(err)) from None
     site = build_site(cfg, dataset)
     said = ledger_line(site)
     stop = stop or threading.Event()

@@ -342,6 +342,11 @@ def bench_secagg(
         False, "--cpu-split",
         help="also report each exchange's CPU seconds by process (server, client actors, Ray); "
              "adds a few ms a round, so not for the headline figures"),
+    stream_code: str = typer.Option(
+        None, "--stream-code",
+        help="ours: the code that draws the mask streams, gcm or ctr (OpenSSL's) or vaes (ours, "
+             "where built and the CPU has VAES); default: each process times them and keeps "
+             "the fastest"),
 ) -> None:
     """s per round: plain FedAvg vs our secure aggregation vs Flower's SecAgg+, one simulation."""
     from consortia.simulations.bench_secagg import bench_secagg as run
@@ -350,7 +355,8 @@ def bench_secagg(
         result = run(clients=clients, params=params, rounds=rounds,
                      cpus_per_client=cpus_per_client,
                      pull_interval=None if pull_interval == 0 else pull_interval,
-                     dispatch=dispatch, unmask=unmask, cpu_split=cpu_split)
+                     dispatch=dispatch, unmask=unmask, cpu_split=cpu_split,
+                     stream_code=stream_code)
     except ValueError as err:  # sizes it cannot run with, named in the message
         raise fail(err) from None
     typer.echo(json.dumps(result))

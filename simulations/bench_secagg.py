@@ -80,6 +80,7 @@ from consortia.messages import (
     record_of,
     torch_to_arrays,
 )
+from consortia.privacy.secagg import masks
 from consortia.server.aggregates import aggregate_reply
 from consortia.server.directory import poll_replies_every
 from consortia.server.workflow import plain_exchange
@@ -104,6 +105,8 @@ DEFAULT_CPUS_PER_CLIENT = 0.5
 
 # A record the bench's secure replies carry (the server reads only its own records): the
 # CPU the client spent on its masked reply, measured inside the actor.
+# masks.stream_code's names, in a fixed order: a client reports its code's index.
+STREAM_CODES = ("ctr", "gcm", masks.FAST_CODE)
 CLIENT_CPU = "bench.client_cpu"
 UNMASK_CPU = "bench.unmask_cpu"  # likewise, on our unmask answers
 
@@ -172,7 +175,9 @@ def _train(msg: Message, context: Context) -> Message:
     _, ins = TrainInstructions.from_content(content)
     started = time.thread_time()  # this actor thread's CPU, whatever else shares the cores
     content = SecAggClient(context).masked_content(report, secagg, old, new, ins.seed)
-    content[CLIENT_CPU] = MetricRecord({"ms": (time.thread_time() - started) * 1000})
+    content[CLIENT_CPU] = MetricRecord({"ms": (time.thread_time() - started) * 1000,
+                                        # which code drew its streams (index in STREAM_CODES)
+                                        "stream_code": STREAM_CODES.index(masks.stream_code())})
     return Message(content, reply_to=msg)
 
 
@@ -217,6 +222,7 @@ class _TimedGrid:
         self.exchanges: list[tuple[str, float]] = []
         self.client_cpu_ms: list[float] = []  # ours: each masked reply's CPU in its actor
         self.unmask_cpu_ms: list[float] = []  # ours: each unmask answer's CPU in its actor
+        self.client_stream_codes: set[str] = set()  # ours: the codes the clients drew with
         self.unmask_asked: list[int] = []  # ours: each unmask exchange's message count
         self._open: dict[str, _Pushed] = {}  # message id -> its exchange
 
@@ -261,9 +267,12 @@ class _TimedGrid:
 
     def _record_cpu(self, replies) -> None:
         for name, into in ((CLIENT_CPU, self.client_cpu_ms), (UNMASK_CPU, self.unmask_cpu_ms)):
-            cpu = (None if r.has_error() else record_of(r.content, name, MetricRecord)
-                   for r in replies)
+            cpu = [None if r.has_error() else record_of(r.content, name, MetricRecord)
+                   for r in replies]
             into.extend(float(record["ms"]) for record in cpu if record is not None)
+            self.client_stream_codes.update(STREAM_CODES[int(record["stream_code"])]
+                                            for record in cpu
+                                            if record is not None and "stream_code" in record)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -506,7 +515,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
                  cpus_per_client: float = DEFAULT_CPUS_PER_CLIENT,
                  pull_interval: float | None = BENCH_PULL_INTERVAL_S,
                  dispatch: str = "prompt", unmask: str = "cover",
-                 cpu_split: bool = False) -> dict[str, Any]:
+                 cpu_split: bool = False, stream_code: str | None = None) -> dict[str, Any]:
     """Seconds per round (medians over `rounds`): plain FedAvg, ours, Flower's SecAgg+.
 
     `pull_interval`: seconds between the grid's polls for replies, for every kind alike
@@ -516,6 +525,9 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     `cpu_split`: also report each exchange's CPU seconds by process (`exchange_cpu_s`:
     the server's process, the client actors, Ray's other processes; Linux's /proc). The
     readings add a few ms to each round, so leave it off for the headline figures.
+    `stream_code`: the code every process draws our mask streams with (gcm, ctr: OpenSSL's;
+    vaes: ours), through ``CONSORTIA_SECAGG_STREAM_CODE``; None lets each choose the
+    fastest (masks.stream_code).
     """
     if clients < 4 or params < 1 or rounds < 1:
         raise ValueError(f"need clients >= 4 (Flower's threshold is {FLOWER_THRESHOLD}), "
@@ -529,6 +541,10 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
     if cpu_split and not os.path.isfile("/proc/self/stat"):
         raise ValueError("cpu_split reads each process's CPU from Linux's /proc, which this "
                          "system does not have; run without --cpu-split")
+    masks.check_stream_code_env()
+    if stream_code is not None:
+        masks.stream_code(stream_code)  # this process's (the server's); a wrong one fails here
+        os.environ[masks.STREAM_CODE_ENV] = stream_code  # the actors inherit it (left set)
     # Ours as a run with these settings would be configured (a bad value fails here).
     cfg = load_config(None, ["secagg.enabled=true", f"clients={clients}",
                              f"clients_per_round={clients}", "privacy.enabled=false",
@@ -568,6 +584,7 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
                 times["flower_secaggplus"].append(kinds.flower(r))
             extra["max_abs_error"] = kinds.errors
             extra["client_cpu_ms"] = kinds.grid.client_cpu_ms
+            extra["client_stream_codes"] = sorted(kinds.grid.client_stream_codes)
             extra["unmask_cpu_ms"] = kinds.grid.unmask_cpu_ms
             extra["unmask_asked"] = kinds.grid.unmask_asked
             extra["phases"] = kinds.phases
@@ -625,6 +642,8 @@ def bench_secagg(clients: int, params: int, rounds: int = 3,
         "flower_separate_simulation": False,
         "grid_pull_interval_s": extra.get("grid_pull_interval_s"),
         "dispatch": "prompt" if prompted else "flower", "unmask": unmask,
+        # Ours: the code(s) the clients drew their mask streams with (masks.stream_code).
+        "secagg_client_stream_codes": extra["client_stream_codes"],
         "cpus_per_client": cpus_per_client, "ray_actors": int(cores // cpus_per_client),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

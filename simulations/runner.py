@@ -214,6 +214,10 @@ def start_checks(cfg: RunConfig) -> None:
     else:
         check_local_resources(cfg)
     check_model_fits(cfg)
+    if cfg.secagg.enabled:
+        from consortia.privacy.secagg.masks import check_stream_code_env
+
+        check_stream_code_env()  # the clients' environment is this one
     # Choices an experiment may make: said, not refused.
     for warning in (dropout_abort_warning(cfg), inert_settings_warning(cfg),
                     unused_gpu_warning(cfg)):

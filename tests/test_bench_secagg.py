@@ -57,6 +57,19 @@ def test_bench_secagg_splits_each_exchanges_cpu_by_process_when_asked():
     assert split["secagg_train_exchange"]["clients"] > 0
 
 
+def test_bench_secagg_draws_the_clients_streams_with_the_code_it_is_given(monkeypatch):
+    from consortia.privacy.secagg import fast_stream, masks
+
+    monkeypatch.delenv(masks.STREAM_CODE_ENV, raising=False)  # the bench leaves it set
+    monkeypatch.setattr(masks, "_chosen_code", masks._chosen_code)
+    for code in ["ctr"] + (["vaes"] if fast_stream.available() else []):
+        report = bench_secagg(clients=4, params=1000, rounds=1, stream_code=code)
+        assert report["secagg_client_stream_codes"] == [code]
+        assert report["max_abs_error"]["secagg"] < 1e-6
+    with pytest.raises(ValueError, match="stream code 'aes' is not one of"):
+        bench_secagg(clients=4, params=1000, rounds=1, stream_code="aes")
+
+
 def test_bench_secagg_rejects_too_few_clients():
     with pytest.raises(ValueError, match="clients >= 4"):
         bench_secagg(clients=3, params=10)

@@ -320,6 +320,21 @@ def test_join_gives_sigterm_back_to_the_callers_handler_when_it_returns(tmp_path
         signals.signal(signals.SIGTERM, before)
 
 
+def test_join_refuses_a_stream_code_this_machine_cannot_draw_before_it_starts(tmp_path,
+                                                                            monkeypatch):
+    from consortia.client import join as joining
+    from consortia.privacy.certs import generate_node_key, init_consortium
+
+    cfg = site_config(tmp_path)
+    init_consortium(tmp_path / "keys", ["127.0.0.1"])
+    generate_node_key(tmp_path / "keys")
+    monkeypatch.setenv("CONSORTIA_SECAGG_STREAM_CODE", "aes-ni")
+    monkeypatch.setattr(joining, "build_site", lambda *a: pytest.fail("went on past the check"))
+    with pytest.raises(joining.JoinError, match=r"CONSORTIA_SECAGG_STREAM_CODE: stream code "
+                       r"'aes-ni' is not one of \['ctr', 'gcm'.*unset it to choose the fastest"):
+        joining.join(cfg, log_fn=lambda line: None)
+
+
 def test_a_stopped_client_loop_does_not_retry_a_supernode_that_went_away(supernode):
     """`client join` stopped (SIGTERM) while its SuperNode does not answer (it stops with
     the client, or cannot reach the server yet): the loop's call in flight gives up at

@@ -363,3 +363,28 @@ def test_scratch_buffers_are_kept_per_thread_and_name_and_grow_when_asked_for_mo
         assert not np.shares_memory(scratch("t.c", 9, np.uint8), scratch("t.c", 9, np.uint8))
     finally:
         scratch_module.MAX_KEPT_VALUES = kept
+
+
+def test_the_environment_names_the_stream_code_and_a_wrong_name_is_refused_at_start(
+        monkeypatch, restore_stream_code):
+    from consortia.config import load_config
+    from consortia.simulations import runner
+
+    monkeypatch.setenv(masks.STREAM_CODE_ENV, "ctr")
+    masks._chosen_code = None
+    assert masks.stream_code() == "ctr"  # named, not timed
+    monkeypatch.setenv(masks.STREAM_CODE_ENV, "aes-ni")
+    masks._chosen_code = None
+    accepted = ["ctr", "gcm"] + (["vaes"] if fast_stream.available() else [])
+    said = (f"CONSORTIA_SECAGG_STREAM_CODE: stream code 'aes-ni' is not one of {accepted}; "
+            "unset it to choose the fastest")
+    with pytest.raises(ValueError) as err:
+        masks.stream_code()
+    assert str(err.value) == said
+    # At start: a simulation with secure aggregation, and a partner's client join.
+    monkeypatch.setattr(runner, "check_model_fits", lambda cfg: None)
+    with pytest.raises(ValueError) as err:
+        runner.start_checks(load_config(None, ["task=digits-mlp", "secagg.enabled=true"]))
+    assert str(err.value) == said
+    runner.start_checks(load_config(None, ["task=digits-mlp", "secagg.enabled=false"]))
+    # client join: tests/test_client_runtime.py

@@ -26,6 +26,7 @@ the 32-bit counter never wraps, so the codes agree over every stream we draw
 
 from __future__ import annotations
 
+import os
 import timeit
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,30 +75,62 @@ def _checked_code(code: str, accepted: list[str]) -> str:
     return code
 
 
+# Names the code instead of timing (a partner who wants OpenSSL's code only sets "ctr";
+# the benchmark's --stream-code sets it for its clients).
+STREAM_CODE_ENV = "CONSORTIA_SECAGG_STREAM_CODE"
+
+
 def stream_code(code: str | None = None) -> str:
     """The code that draws the streams in this process: ``"gcm"`` or ``"ctr"`` (OpenSSL's)
     or ``"vaes"`` (ours, where available).
 
-    Chosen on first use by timing each (best of five draws of 256 KiB each: 2.7 to 3.8 ms
-    in all for OpenSSL's two, once per process, in three runs while other work ran);
-    ``code`` sets it instead (the benchmark and the tests)."""
+    Chosen on first use: the one named by the environment variable
+    ``CONSORTIA_SECAGG_STREAM_CODE`` when set, else the fastest at adding two masks into
+    256 KiB (best of five tries each, a few ms in all, once per process); ``code`` sets
+    it instead (the benchmark and the tests)."""
     global _chosen_code
     if code is not None:
         _chosen_code = _checked_code(code, _available_codes())
     if _chosen_code is None:
-        _chosen_code = min(_available_codes(), key=_best_draw_s)
+        named = os.environ.get(STREAM_CODE_ENV, "").strip()
+        if named:
+            check_stream_code_env()
+            _chosen_code = named
+        else:
+            _chosen_code = min(_available_codes(), key=_best_add_s)
     return _chosen_code
 
 
-def _best_draw_s(code: str) -> float:
+def check_stream_code_env() -> None:
+    """Raise ValueError, naming the variable, the value and the codes accepted here, when
+    ``CONSORTIA_SECAGG_STREAM_CODE`` names a code this machine cannot draw with: at start
+    (``sim run``, ``client join``) rather than at a client's first masked round."""
+    named = os.environ.get(STREAM_CODE_ENV, "").strip()
+    if named:
+        try:
+            _checked_code(named, _available_codes())
+        except ValueError as err:
+            raise ValueError(f"{STREAM_CODE_ENV}: {err}; unset it to choose the fastest") from None
+
+
+def _best_add_s(code: str) -> float:
+    """Seconds to add two masks into 256 KiB through ``code``, best of five: what a client
+    and the server do with the streams (a single stream's draw is closer between codes,
+    so noisier to choose by)."""
+    acc = np.zeros(_CHUNK_BYTES // 4, dtype=np.uint32)
+    keyed_signs = [(bytes(MASK_KEY_LEN), 1), (bytes(MASK_KEY_LEN - 1) + b"\x01", -1)]
     if code == FAST_CODE:
-        words = np.empty(_CHUNK_BYTES // 4, dtype=np.uint32)
-        key = bytes(MASK_KEY_LEN)
-        return min(timeit.repeat(lambda: fast_stream.apply(words, [(key, 0)]), number=1,
-                                 repeat=5))
-    out, zeros = bytearray(_CHUNK_BYTES + 16), ZEROS[:_CHUNK_BYTES]
-    encryptor = keystream(bytes(MASK_KEY_LEN), code=code)
-    return min(timeit.repeat(lambda: encryptor.update_into(zeros, out), number=1, repeat=5))
+        def add() -> None:
+            fast_stream.apply(acc, keyed_signs)
+    else:
+        words = np.empty(acc.size + 4, dtype=np.uint32)
+        into, zeros = memoryview(words).cast("B"), ZEROS[:_CHUNK_BYTES]
+
+        def add() -> None:
+            for key, sign in keyed_signs:
+                keystream(key, code=code).update_into(zeros, into)
+                (np.add if sign == 1 else np.subtract)(acc, words[: acc.size], out=acc)
+    return min(timeit.repeat(add, number=1, repeat=5))
 
 
 def keystream(key: bytes, *, code: str | None = None):
