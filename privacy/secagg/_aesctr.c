@@ -34,26 +34,22 @@ int consortia_aesctr_supported(void) {
            __builtin_cpu_supports("vaes");
 }
 
+/* w0, w0^w1, w0^w1^w2, w0^w1^w2^w3: each word of a round key XORs all before it. */
+AESNI static inline __m128i prefix_xor(__m128i t) {
+    t = _mm_xor_si128(t, _mm_slli_si128(t, 4));
+    t = _mm_xor_si128(t, _mm_slli_si128(t, 4));
+    return _mm_xor_si128(t, _mm_slli_si128(t, 4));
+}
+
+/* The next even round key from the one two back (t1) and AESKEYGENASSIST of the last
+ * (RotWord, SubWord, Rcon: word 3); the next odd one from t3 and SubWord of the new even
+ * key's last word (AESKEYGENASSIST with Rcon 0: word 2). */
 AESNI static inline __m128i expand_even(__m128i t1, __m128i assist) {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    __m128i t4 = _mm_slli_si128(t1, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    return _mm_xor_si128(t1, assist);
+    return _mm_xor_si128(prefix_xor(t1), _mm_shuffle_epi32(assist, 0xff));
 }
 
 AESNI static inline __m128i expand_odd(__m128i t1, __m128i t3) {
-    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(t1, 0), 0xaa);
-    __m128i t4 = _mm_slli_si128(t3, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    return _mm_xor_si128(t3, assist);
+    return _mm_xor_si128(prefix_xor(t3), _mm_shuffle_epi32(_mm_aeskeygenassist_si128(t1, 0), 0xaa));
 }
 
 /* FIPS-197's AES-256 key expansion: 15 round keys. The round constant must be an
