@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from consortia.tasks.base import Task, check_fits
 # A peft ModulesToSaveWrapper keeps the untrained original of a module whose trained copy
 # travels (the classification head): it is neither base weights nor an update.
 PEFT_ORIGINAL = ".original_module."
+# Per model instance (weakly: a model dropped is forgotten): its base's identity and hash.
+_BASE_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class MissingPackage(ImportError):
@@ -93,7 +96,21 @@ class AdapterTask(Task):
         travelling = {n for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: t for n, t in model.state_dict().items()
                   if PEFT_ORIGINAL not in n and n not in travelling}
-        return tensors_sha256(frozen)
+        # A simulation's actor keeps one model for every request (simulations/sites.py):
+        # hashing its base each time cost 0.67 s a request for SmolLM2 on the CPU. The hash
+        # is kept with what identifies the tensors' contents without reading them: storage,
+        # dtype, shape and torch's version counter, which every in-place write (a
+        # load_state_dict, an optimizer step) bumps. Anything else: hashed again. (Writes
+        # through `.data` bypass that counter; nothing in consortia writes a base that way,
+        # and a deployed site builds a fresh model, so hashes, every request.)
+        identity = tuple((n, t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+                         for n, t in sorted(frozen.items()))
+        kept = _BASE_HASHES.get(model)
+        if kept is not None and kept[0] == identity:
+            return kept[1]
+        digest = tensors_sha256(frozen)
+        _BASE_HASHES[model] = (identity, digest)
+        return digest
 
     def merged(self, model: nn.Module) -> nn.Module:
         """The plain transformers model with the adapters folded into the base weights."""

@@ -157,6 +157,31 @@ def test_other_base_weights_are_refused_with_both_hashes(task):
     assert base in reason and task.base_sha256(model) in reason
 
 
+def test_the_base_hash_is_kept_per_model_until_a_base_tensor_is_written(task, monkeypatch):
+    from consortia.tasks import adapters
+
+    model = task.build_model()
+    hashed = []
+    real = adapters.tensors_sha256
+    monkeypatch.setattr(adapters, "tensors_sha256", lambda named: hashed.append(1) or real(named))
+    base = task.base_sha256(model)
+    # A simulation's actor loads each request's travelling weights into the same model:
+    # the base is not read again.
+    travelling = {n: p.detach().clone() + 1.0 for n, p in model.named_parameters()
+                  if p.requires_grad}
+    task.load_travelling_weights(model, travelling)
+    assert task.base_sha256(model) == base and len(hashed) == 1
+    # Any in-place write to a base tensor is seen (torch's version counter), and hashed.
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight[0, 0] += 1e-3
+    changed = task.base_sha256(model)
+    assert changed != base and len(hashed) == 2
+    assert changed == real({n: t for n, t in model.state_dict().items()
+                            if adapters.PEFT_ORIGINAL not in n and n not in travelling})
+    # Another instance of the same weights is hashed for itself.
+    assert task.base_sha256(task.build_model()) == base and len(hashed) == 3
+
+
 def test_a_lora_rank_above_the_adapted_layers_width_fails_naming_the_range():
     from consortia.tasks.base import TaskOptions
 

@@ -119,6 +119,7 @@ AESNI int consortia_aesctr_apply(uint32_t *acc, size_t n_words, const uint8_t *k
         }
     if (full < n_words) { /* the last, partial tile, through a whole one */
         __m256i tail[8];
+        memset(tail, 0, sizeof tail);
         memcpy(tail, acc + full, (n_words - full) * 4);
         for (size_t k = 0; k < m; k++) {
             tile_stream(rk[k], c, x);
