@@ -388,3 +388,48 @@ def test_the_environment_names_the_stream_code_and_a_wrong_name_is_refused_at_st
     assert str(err.value) == said
     runner.start_checks(load_config(None, ["task=digits-mlp", "secagg.enabled=false"]))
     # client join: tests/test_client_runtime.py
+
+
+def test_without_our_library_the_streams_are_openssls_and_asking_for_ours_says_why(
+        monkeypatch, restore_stream_code):
+    """A machine without a C compiler at install (or off x86-64, or a CPU without VAES)."""
+    monkeypatch.setattr(fast_stream, "_lib", None)
+    monkeypatch.setattr(fast_stream, "_reason", "not built (no C compiler at install, or not "
+                                                "x86-64): reinstall with one to build it")
+    monkeypatch.delenv(masks.STREAM_CODE_ENV, raising=False)
+    masks._chosen_code = None
+    assert masks.stream_code() in ("ctr", "gcm")
+    with pytest.raises(ValueError, match=r"'vaes' is not one of \['ctr', 'gcm'\] \(vaes here: "
+                                         r"not built \(no C compiler"):
+        masks.stream_code("vaes")
+    with pytest.raises(RuntimeError, match="not available: not built"):
+        fast_stream.apply(np.zeros(4, dtype=np.uint32), [(os.urandom(32), 1)])
+    key = os.urandom(32)
+    assert np.array_equal(expand_mask(key, 1001), fast_stream.openssl_stream(key, 1001))
+
+
+def test_a_library_that_is_not_there_or_does_not_load_is_said_not_used(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setattr(fast_stream, "_lib", None)
+    monkeypatch.setattr(fast_stream, "_reason", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not fast_stream.available()
+    assert fast_stream.unavailable_reason().startswith("not built")
+    broken = tmp_path / "_aesctr.so"
+    broken.write_bytes(b"not a library")
+    spec = type("Spec", (), {"origin": str(broken)})()
+    monkeypatch.setattr(fast_stream, "_reason", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert not fast_stream.available()
+    assert fast_stream.unavailable_reason().startswith(f"{broken} does not load")
+
+
+@pytest.mark.skipif(not fast_stream.available(), reason="our VAES code is not available here")
+def test_a_library_whose_stream_differs_from_openssls_is_not_used(monkeypatch):
+    monkeypatch.setattr(fast_stream, "_lib", None)
+    monkeypatch.setattr(fast_stream, "_reason", None)
+    monkeypatch.setattr(fast_stream, "_self_test", lambda: False)
+    assert not fast_stream.available()
+    assert fast_stream.unavailable_reason() == ("its stream differed from OpenSSL's on this "
+                                                "machine (not used)")
