@@ -2,12 +2,11 @@
  * The mask streams' AES-256-CTR with VAES, two blocks per AES instruction, and
  * quantize.encode's loop over the rounding's stream.
  *
- * Why this is ours and not OpenSSL's: OpenSSL 3/4 draws AES-CTR with AES-NI one 128-bit
- * block per instruction unless the CPU has AVX-512; on CPUs with VAES but no AVX-512
- * (AMD Zen 3, Intel Alder Lake and later client cores) it leaves half the AES units'
- * width unused. The masks are the largest cost of a secure round on a client (docs/secagg.md,
- * Cost), so the stream that masks.py defines is drawn here with 256-bit VAES where the CPU
- * has it. The AES rounds are the CPU's instructions (constant time); the only code of ours
+ * Why this is ours and not OpenSSL's: on the reference machine (AMD EPYC: AES-NI, VAES,
+ * AVX2, no AVX-512) OpenSSL 4.0.3 draws AES-256-CTR at AES-NI's rate, one 128-bit block
+ * per instruction (6.9 GB/s, ours 10 GB/s: docs/secagg.md, Cost). The masks are
+ * the largest cost of a secure round on a client, so the stream that masks.py defines is
+ * drawn here with 256-bit VAES, two blocks per instruction, where the CPU has it. The AES rounds are the CPU's instructions (constant time); the only code of ours
  * is the standard AES-256 key expansion with AESKEYGENASSIST and the counter blocks.
  * masks.py checks the output against OpenSSL's stream before it uses this code, and
  * tests/test_secagg_primitives.py compares the two over many lengths and offsets.

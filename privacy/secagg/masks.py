@@ -15,9 +15,9 @@ keeps the fastest (:func:`stream_code`); the stream is the same whichever draws 
   of zeros is exactly that keystream. The tag is never computed or used;
 - ``vaes``: our own loop over the CPU's 256-bit VAES instructions (``_aesctr.c``, built
   at install where a C compiler is found, used only where the CPU has VAES and only after
-  its output matched OpenSSL's in this process: :mod:`.fast_stream`). OpenSSL uses VAES
-  only with AVX-512, so on CPUs with VAES but no AVX-512 it draws one block per AES
-  instruction; ours draws two, and adds the masks into the vector in the same pass.
+  its output matched OpenSSL's in this process: :mod:`.fast_stream`). On the reference
+  machine (VAES, no AVX-512) OpenSSL draws one block per AES instruction; ours draws two,
+  and adds the masks into the vector in the same pass (docs/secagg.md, Primitives).
 GCM's code was 1.6 to 1.7x faster than CTR's on one reference machine and 2.8x slower on
 another (docs/secagg.md, Cost; docs/results.md, session 10). Within :data:`MAX_STREAM_BYTES`
 the 32-bit counter never wraps, so the codes agree over every stream we draw
