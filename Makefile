@@ -60,5 +60,8 @@ test: install data browser
 lint: install
 	$(VENV)/bin/ruff check .
 
+# What make built (the venv, the build folders, our compiled VAES library). Not results/:
+# it holds your runs (the demo's among them), deleted only by hand.
 clean:
-	rm -rf $(VENV) build dist *.egg-info results .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache privacy/secagg/_aesctr*.so
+	@if [ -d results ]; then echo "results/ kept (your runs): rm -rf results to delete them"; fi

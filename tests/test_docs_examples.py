@@ -483,6 +483,22 @@ def test_physical_batch_size_outside_local_dp_is_said_at_start(setting):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_clean_removes_what_make_built_and_keeps_the_runs():
+    """`make clean` deleted results/ (every run's output, the demo's too) with the venv.
+    It now removes what make built, our compiled VAES library included, and says results/
+    is kept."""
+    import subprocess
+
+    plan = subprocess.run(["make", "-n", "clean"], cwd=DOCS.parent, capture_output=True,
+                          text=True, check=True).stdout  # -n: runs nothing
+    removal = next(line for line in plan.splitlines() if line.startswith("rm -rf"))
+    removed = removal.split()[2:]
+    assert {".venv", "build", "privacy/secagg/_aesctr*.so"} <= set(removed)
+    assert "results" not in removed and "results/" not in removed
+    assert "results/ kept (your runs)" in plan
+
+
 def test_make_says_what_a_python_without_venv_lacks_on_every_try(tmp_path):
     """README: Debian's python3 needs python3-venv. Without it, `python3 -m venv` leaves a
     venv without pip and fails; the next `make` saw .venv/bin/python there, kept it, and
