@@ -407,14 +407,16 @@ class RunConfig(_Section):
             raise ValueError(f"secagg.threshold = {t}: a count must be a whole number "
                              "(or give a fraction below 1)")
         if t is not None and t >= 1:
-            from consortia.privacy.secagg import num_neighbours
+            from consortia.privacy.secagg import num_neighbours, share_holders
 
-            holders = num_neighbours(n, k) + 1
+            k = num_neighbours(n, k)
+            holders = share_holders(n, k)
             if not 2 <= t <= holders:
+                odd = ", and an odd k on an odd ring gives each k - 1" if holders == k else ""
                 raise ValueError(
                     f"secagg.threshold = {int(t)}: a count must lie in [2, {holders}], the share "
-                    f"holders each client has (itself and its k = {holders - 1} neighbours at "
-                    f"clients_per_round = {n}); or give a fraction in (0, 1)")
+                    f"holders each client has (itself and its {holders - 1} neighbours: k = {k} "
+                    f"at clients_per_round = {n}{odd}); or give a fraction in (0, 1)")
 
     @property
     def planned_rounds_per_client(self) -> int:

@@ -49,6 +49,7 @@ from consortia.privacy.secagg import (
     max_bits,
     num_neighbours,
     quantization_error_bound,
+    share_holders,
 )
 from consortia.server.aggregates import UpdateSum
 from consortia.server.directory import exchange, exchange_as_replied, expired_reason
@@ -125,14 +126,15 @@ def protocol_parameters(cfg: RunConfig, participants: int) -> tuple[int, int, in
     """(k neighbours, t threshold, bits) for a round with `participants` clients."""
     sa = cfg.secagg
     k = num_neighbours(participants, sa.neighbours)
+    holders = share_holders(participants, k)  # k + 1, or k for an odd k on an odd ring
     if sa.threshold is None:
         t = default_threshold(k)
     elif sa.threshold < 1:
-        t = max(2, int(np.ceil(sa.threshold * (k + 1))))
+        t = max(2, int(np.ceil(sa.threshold * holders)))
     else:
         t = int(sa.threshold)
     bits = sa.bits if sa.bits is not None else max_bits(participants)
-    return k, min(t, k + 1), bits
+    return k, min(t, holders), bits
 
 
 class SecureAggregator:

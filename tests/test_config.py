@@ -157,6 +157,42 @@ def test_a_secagg_threshold_no_client_can_meet_fails_at_start(sets, message):
         load_config(None, base + fine)
 
 
+def _round_begins(participants: int, k: int, t: int) -> None:
+    """Set up a secure round of `participants` with k and t as the server would."""
+    from consortia.privacy.secagg import ClientSecAggSession, ServerSecAggSession
+
+    clients = [ClientSecAggSession(node_id=i, run_id=1) for i in range(1, participants + 1)]
+    server = ServerSecAggSession(run_id=1)
+    server.collect_advertisements({c.node_id: c.advertise_keys() for c in clients})
+    server.begin_round(1, [c.node_id for c in clients], vector_length=1,
+                       num_neighbours=k, threshold=t)
+
+
+def test_an_odd_k_on_an_odd_ring_has_k_share_holders_at_start_and_in_every_round():
+    # k = 3 among 7: a ring gives each client 2 neighbours (graph.neighbour_graph), so 3
+    # share holders; t = 4 passed the start check and stopped the run at round 1 with
+    # "RoundSetup: threshold 4 must be in [2, 3]".
+    from consortia.privacy.secagg.graph import neighbour_graph, share_holders
+    from consortia.server.secure_aggregation import protocol_parameters
+
+    for n in range(3, 13):
+        for k in range(2, n):
+            graph = neighbour_graph(range(n), num_neighbours=k, seed=bytes(32))
+            assert share_holders(n, k) == 1 + min(map(len, graph.values())), (n, k)
+    base = ["clients=7", "clients_per_round=7", "secagg.enabled=true", "secagg.neighbours=3"]
+    with pytest.raises(ConfigError, match=r"secagg.threshold = 4: a count must lie in \[2, 3\]"):
+        load_config(None, base + ["secagg.threshold=4"])
+    for extra in ([], ["secagg.threshold=3"], ["secagg.threshold=0.99"]):
+        k, t, _ = protocol_parameters(load_config(None, base + extra), 7)
+        _round_begins(7, k, t)
+    # A round with fewer participants than clients_per_round (clients left out for their
+    # budget) can be an odd ring though clients_per_round is even: t = 4 fits 6, not 5.
+    cfg = load_config(None, ["clients=6", "clients_per_round=6", "secagg.enabled=true",
+                             "secagg.neighbours=3", "secagg.threshold=4"])
+    for participants in (6, 5):
+        k, t, _ = protocol_parameters(cfg, participants)
+        _round_begins(participants, k, t)
+
 def test_a_ray_address_must_be_host_and_port_and_must_answer():
     from consortia.simulations.runner import check_ray_head
 

@@ -35,7 +35,7 @@ Why two exchanges per round suffice, and why it is sound:
 
 from .client import ClientSecAggSession
 from .errors import SecAggAbort, SecAggError, SecAggProtocolError
-from .graph import default_num_neighbours, default_threshold, num_neighbours
+from .graph import default_num_neighbours, default_threshold, num_neighbours, share_holders
 from .messages import (
     AdvertiseKeys,
     MaskedInput,
@@ -75,5 +75,6 @@ __all__ = [
     "max_bits",
     "num_neighbours",
     "quantization_error_bound",
+    "share_holders",
     "step_size",
 ]

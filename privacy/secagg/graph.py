@@ -39,6 +39,14 @@ def num_neighbours(num_participants: int, requested: int | None = None) -> int:
     return min(k, num_participants - 1)
 
 
+def share_holders(num_participants: int, num_neighbours: int) -> int:
+    """The share holders each client has in :func:`neighbour_graph`'s graph, itself and
+    its neighbours: k + 1, but k when k and n are both odd (each then gets k - 1
+    neighbours). The most a round's threshold t can be."""
+    k = num_neighbours
+    return k if k % 2 == 1 and num_participants % 2 == 1 else k + 1
+
+
 def default_threshold(num_neighbours: int) -> int:
     """t: a strict majority of the k + 1 share holders (the client and its k neighbours)."""
     return (num_neighbours + 1) // 2 + 1
