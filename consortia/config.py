@@ -395,6 +395,12 @@ class RunConfig(_Section):
         n = self.clients_per_round
         if n < 3:
             raise ValueError(f"secure aggregation needs clients_per_round >= 3, got {n}")
+        from consortia.privacy.secagg.quantize import CLIP_RANGE
+
+        if not CLIP_RANGE[0] <= self.secagg.clip <= CLIP_RANGE[1]:
+            raise ValueError(f"secagg.clip = {self.secagg.clip!r}: accepted {CLIP_RANGE[0]:g} to "
+                             f"{CLIP_RANGE[1]:g} (the quantization's step and sum must stay "
+                             "finite and above zero)")
         if self.secagg.bits is not None and self.secagg.bits > max_bits(n):
             raise ValueError(
                 f"secagg.bits = {self.secagg.bits} lets the sum of {n} clients wrap modulo "

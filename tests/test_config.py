@@ -1,5 +1,7 @@
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from consortia.config import (
@@ -335,3 +337,24 @@ def test_a_gpu_the_virtual_clients_will_not_see_is_said_at_start(monkeypatch):
     assert runner.unused_gpu_warning(load_config(None, ["sim.num_gpus_per_client=0.25"])) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert runner.unused_gpu_warning(load_config(None, [])) is None
+
+
+@pytest.mark.parametrize("clip", ["1e308", "1e-320"])
+def test_a_secagg_clip_the_quantization_cannot_hold_fails_at_start(clip):
+    # Both passed the start check: at 1e308 the step overflowed and every round's sum
+    # decoded to NaN (loss nan, secagg_error_bound Infinity); at 1e-320 the step was 0 and
+    # every client failed with 'ZeroDivisionError: float division by zero'.
+    from consortia.privacy.secagg import decode_sum, quantization_error_bound
+
+    base = ["clients=4", "clients_per_round=4", "secagg.enabled=true"]
+    given = re.escape(repr(float(clip)))
+    with pytest.raises(ConfigError, match=rf"secagg.clip = {given}: accepted 1e-100 to 1e\+100"):
+        load_config(None, base + [f"secagg.clip={clip}"])
+    with pytest.raises(ValueError, match=r"clip must lie in \[1e-100, 1e\+100\]"):
+        quantization_error_bound(clip=float(clip), bits=28, num_summed=4)
+    for fine in ("1e-100", "1e100"):
+        cfg = load_config(None, base + [f"secagg.clip={fine}"])
+        bound = quantization_error_bound(clip=cfg.secagg.clip, bits=28, num_summed=4)
+        total = decode_sum(np.full(3, 2**29, np.uint32), clip=cfg.secagg.clip, bits=28,
+                           num_summed=4)
+        assert 0 < bound < float("inf") and np.isfinite(total).all()

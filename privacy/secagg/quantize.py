@@ -37,9 +37,15 @@ from .scratch import scratch
 _MODULUS_MAX = 2**32 - 1
 
 
+# The clips accepted: wide enough for any update, narrow enough that the step, the levels
+# clip / step and the decoded sum step * S - m * clip stay finite normal floats (at 1e308
+# the step overflowed and the sum decoded to NaN; at 1e-320 the step was zero).
+CLIP_RANGE = (1e-100, 1e100)
+
+
 def _check(clip: float, bits: int) -> None:
-    if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be a positive finite number, got {clip}")
+    if not (math.isfinite(clip) and CLIP_RANGE[0] <= clip <= CLIP_RANGE[1]):
+        raise ValueError(f"clip must lie in [{CLIP_RANGE[0]:g}, {CLIP_RANGE[1]:g}], got {clip}")
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
 
