@@ -266,17 +266,18 @@ class SecureAggregator:
             for n in participants:
                 by_node.setdefault(n, ReplyOutcome(n, "failed", expired_reason(self.timeout)))
 
+            asked = 0  # clients sent an unmask request, both waves: an abandoned round's too
             try:
                 requests = self.session.unmask_requests(cover=self.cfg.secagg.unmask == "cover")
                 self._mark_rejected(by_node)
-                answered = self._unmask(grid, requests, background)
                 asked = len(requests)
+                answered = self._unmask(grid, requests, background)
                 more = self.session.more_unmask_requests()  # some of the cover did not answer
                 if more:
                     log.info("round %d: %d of %d asked to unmask answered; asking %d more",
                              server_round, len(answered), len(requests), len(more))
-                    self._unmask(grid, more, background)
                     asked += len(more)
+                    self._unmask(grid, more, background)
                 background.wait()
                 result = self.session.aggregate()
             except SecAggAbort as abort:
@@ -290,6 +291,7 @@ class SecureAggregator:
                 return self._abandon(outcomes + list(by_node.values()), str(abort),
                                      secagg_dropped=len(participants) - len(masked),
                                      secagg_participants=len(participants),
+                                     secagg_unmask_asked=asked,
                                      secagg_neighbours=k, secagg_threshold=t,
                                      secagg_bits=bits, **not_asked)
         self._note_budgets(server_round, by_node)
@@ -423,10 +425,12 @@ class SecureAggregator:
 
     @staticmethod
     def _abandon(outcomes: list[ReplyOutcome], reason: str, **metrics: int) -> SecureRoundResult:
-        """`metrics`: the round's counts (secagg_dropped, 0 unless given; secagg_not_asked;
-        secagg_participants) and, once the round was set up, its k, t and bits, as a
-        completed round's row has them (the console's table and the report read them)."""
+        """`metrics`: the round's counts (secagg_dropped and secagg_unmask_asked, 0 unless
+        given; secagg_not_asked; secagg_participants) and, once the round was set up, its k,
+        t and bits, as a completed round's row has them (the console's table and the report
+        read them)."""
         log.warning("secure aggregation round abandoned: %s; the global model stays as it was",
                     reason)
         return SecureRoundResult(outcomes, None, {
-            "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": 0, **metrics})
+            "secagg_status": "aborted", "secagg_reason": reason, "secagg_dropped": 0,
+            "secagg_unmask_asked": 0, **metrics})

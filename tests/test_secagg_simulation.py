@@ -165,11 +165,28 @@ def test_beyond_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert row["secagg_status"] == "aborted" and "2 valid masked inputs" in row["secagg_reason"]
     assert row["secagg_dropped"] == 4
+    assert row["secagg_unmask_asked"] == 0  # abandoned before anyone was asked to unmask
     # The abandoned round's row has its setup as a completed one's does (the console's
     # participants column read None): 6 participants, k = 4 (even ≥ log2 6), t = 3, 29 bits.
     assert (row["secagg_participants"], row["secagg_neighbours"], row["secagg_threshold"],
             row["secagg_bits"]) == (6, 4, 3, 29)
     assert row["clients_trained"] == 0 and row["clients_rejected"] == 2
+    chain = CheckpointStore(tmp_path / "checkpoints").all()
+    w0, w1 = chain[0].load_weights(), chain[1].load_weights()
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+
+
+def test_too_few_unmask_answers_abandon_the_round_and_its_row_counts_those_asked(tmp_path):
+    cfg = load_config(SMOKE, ["clients=6", "clients_per_round=6", "rounds=1",
+                              "secagg.enabled=true", "privacy.enabled=false"])
+    # All 6 mask (no dropout: U1 is all of them); 4 fail the unmask request, so every
+    # secret has at most 2 shares back, below t = 3. The cover was asked, then the rest.
+    run_simulation(cfg, tmp_path, client_mods=[SecAggFaults({i: "drop-unmask" for i in range(4)})])
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["secagg_status"] == "aborted" and "holders returned shares" in row["secagg_reason"]
+    assert row["secagg_dropped"] == 0
+    # The row had no secagg_unmask_asked, which a completed round's has (docs/secagg.md).
+    assert row["secagg_unmask_asked"] == 6
     chain = CheckpointStore(tmp_path / "checkpoints").all()
     w0, w1 = chain[0].load_weights(), chain[1].load_weights()
     assert all(np.array_equal(w0[k], w1[k]) for k in w0)
