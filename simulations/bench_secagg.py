@@ -39,6 +39,9 @@ is not in it): median and max over all secure replies.
 and ``secagg_unmask_client_cpu_ms`` the CPU each spent answering, measured the same way:
 with both, the unmask exchange's seconds split into the clients' work and the engine's
 cost per message.
+``secagg_client_stream_codes``: the codes our clients drew their mask streams with
+(masks.stream_code, reported by each masked reply); ``stream_code`` names one for every
+process of the benchmark (``--stream-code``), else each process chooses the fastest.
 The grid polls for replies every ``pull_interval`` seconds (0.01 here by default; a run
 polls at ``sim.poll_interval_s``, 0.02 by default; None keeps Flower's 0.1) for all three
 kinds alike: it is one grid. Likewise one engine: it hands messages to the clients as
