@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -374,7 +374,7 @@ class RunConfig(_Section):
             raise ValueError(
                 f"user_dp.enabled = true cannot be combined with strategy.name = "
                 f"{self.strategy.name!r}: DP-FedAvg's guarantee is for the noised mean of "
-                "clipped updates; accepted: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad")
+                f"clipped updates; accepted: {_rules_of_the_mean()}")
         if u.noise_at == "clients" and not self.secagg.enabled:
             raise ValueError(
                 'user_dp.noise_at = "clients" needs secagg.enabled = true: without secure '
@@ -391,7 +391,7 @@ class RunConfig(_Section):
             raise ValueError(
                 f"secagg.enabled = true cannot be combined with strategy.name = "
                 f"{self.strategy.name!r}: that rule needs each client's update, and secure "
-                "aggregation reveals only their sum")
+                f"aggregation reveals only their sum; accepted: {_rules_of_the_mean()}")
         n = self.clients_per_round
         if n < 3:
             raise ValueError(f"secure aggregation needs clients_per_round >= 3, got {n}")
@@ -432,6 +432,15 @@ class RunConfig(_Section):
         reaches its budget and refuses, which is the budget doing its job.
         """
         return -(-self.rounds * self.clients_per_round // self.clients)
+
+
+def _rules_of_the_mean() -> str:
+    """The strategy names that aggregate from the (weighted) mean update alone: those that
+    secure aggregation and user-level DP accept."""
+    from consortia.strategies import NEEDS_INDIVIDUAL_UPDATES
+
+    rules = get_args(StrategyConfig.model_fields["name"].annotation)
+    return ", ".join(r for r in rules if r not in NEEDS_INDIVIDUAL_UPDATES)
 
 
 def inert_settings_warning(cfg: RunConfig) -> str | None:

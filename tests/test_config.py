@@ -358,3 +358,21 @@ def test_a_secagg_clip_the_quantization_cannot_hold_fails_at_start(clip):
         total = decode_sum(np.full(3, 2**29, np.uint32), clip=cfg.secagg.clip, bits=28,
                            num_summed=4)
         assert 0 < bound < float("inf") and np.isfinite(total).all()
+
+
+@pytest.mark.parametrize("feature", ["secagg.enabled=true", "user_dp.enabled=true"])
+def test_a_rule_that_needs_each_update_is_refused_naming_the_rules_accepted(feature):
+    # The secure-aggregation refusal named the rule and secagg but not what it accepts.
+    from consortia.strategies import NEEDS_INDIVIDUAL_UPDATES
+
+    for rule in sorted(NEEDS_INDIVIDUAL_UPDATES):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [feature, f"strategy.name={rule}", "clients=20",
+                               "clients_per_round=20"])
+        message = " ".join(str(err.value).split())
+        assert f"strategy.name = '{rule}'" in message and feature.split("=")[0] in message
+        accepted = message.split("accepted: ")[1].split(", ")
+        assert accepted == ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+        for fine in accepted:  # each one named is accepted with the feature
+            load_config(None, [feature, f"strategy.name={fine}", "clients=20",
+                               "clients_per_round=20"])
