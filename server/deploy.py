@@ -64,6 +64,7 @@ def serve(config_path: str | Path, *, resume: bool = False,
     # server.pem does not name it.
     link.check_port_free()
     deployment.check_files()
+    check_test_set(cfg)
     # A store that cannot be opened (unreachable, damaged) fails here, before the SuperLink;
     # the results directory's own is checked only once a run made it.
     store_url = cfg.store.url or (default_store_url(srv.out)
@@ -163,6 +164,20 @@ def base_model_sha256(config_path: str | Path) -> str:
     model = task.build_model(cfg.model.activation)
     weights = arrays_to_numpy(ArrayRecord(task.travelling_weights(model)))
     return hashlib.sha256(weights_bytes(weights)).hexdigest()
+
+
+def check_test_set(cfg) -> None:
+    """The server evaluates the global model on its task's test set (RoundWorkflow): one it
+    cannot load fails here, naming run.task and run.data_dir, before the SuperLink starts
+    or the results directory is made (else the ServerApp failed after both)."""
+    from consortia.tasks import get_task
+
+    try:
+        get_task(cfg.task, cfg.task_options()).load_data(cfg.data_dir)
+    except Exception as err:  # an own task's loader may raise anything: named, not hidden
+        where = f"run.data_dir = {str(cfg.data_dir)!r}" if cfg.data_dir else "run.data_dir unset"
+        raise DeploymentError(f"run.task = {cfg.task!r} ({where}): the server's test set "
+                              f"cannot be loaded: {type(err).__name__}: {err}") from None
 
 
 def rounds_said_before(out: Path) -> int:

@@ -248,6 +248,28 @@ def test_a_busy_port_fails_at_start_naming_it_and_leaves_no_results(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_test_set_the_server_cannot_load_fails_at_start_and_leaves_no_results(tmp_path):
+    """The server evaluates on its task's test set. One it cannot load failed only in the
+    ServerApp, after the SuperLink started, the results directory was made and the run was
+    submitted ('the run ended failed: ServerApp failed with exception: Fashion-MNIST files
+    not found in ...')."""
+    from consortia.flower_exec import free_port
+    from consortia.server.deploy import DeploymentError, serve
+
+    init_consortium(tmp_path / "consortium", ["127.0.0.1"])
+    enroll_run_clients(tmp_path)
+    path = server_toml(tmp_path, free_port()).read_text()
+    path = path.replace('task = "digits-mlp"', f'task = "fashion-mnist-cnn"\n'
+                                               f'data_dir = "{tmp_path / "no-such-folder"}"')
+    (tmp_path / "server.toml").write_text(path)
+    with pytest.raises(DeploymentError, match=r"run.task = 'fashion-mnist-cnn' \(run.data_dir = "
+                                              r"'.*no-such-folder'\): the server's test set "
+                                              r"cannot be loaded: DatasetMissingError: "
+                                              r"Fashion-MNIST files not found"):
+        serve(tmp_path / "server.toml")
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_key_enrolled_under_two_names_fails_at_start_and_leaves_no_results(tmp_path):
     from consortia.flower_exec import free_port
     from consortia.server.deploy import DeploymentError, serve
