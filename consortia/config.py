@@ -463,6 +463,13 @@ def inert_settings_warning(cfg: RunConfig) -> str | None:
         inert += [f"{key} = {getattr(cfg, key)!r} ({why})"
                   for key in ("local_epochs", "momentum", "optimizer")
                   if getattr(cfg, key) != defaults[key].default]
+        # Its clients put their noisy gradient sums on the ring themselves (scale γ), and the
+        # server reads the sum back with γ: no update is clipped or quantized with these.
+        quantizing = _set_away_from_default("secagg", cfg.secagg,
+                                            exclude=("enabled", "threshold", "neighbours", "unmask"))
+        inert += [f"{g} (privacy.mode = 'distributed' puts each noisy gradient sum on the "
+                  "2**32 ring at its own scale γ, not quantized with secagg.clip and secagg.bits)"
+                  for g in quantizing]
     elif cfg.optimizer == "adam" and cfg.momentum != 0:
         inert.append(f"momentum = {cfg.momentum!r} (optimizer = 'adam' does not use it)")
     if cfg.physical_batch_size is not None and not (cfg.privacy.enabled

@@ -293,7 +293,7 @@ class SecureAggregator:
                                      secagg_participants=len(participants),
                                      secagg_unmask_asked=asked,
                                      secagg_neighbours=k, secagg_threshold=t,
-                                     secagg_bits=bits, **not_asked)
+                                     **self._bits_metric(bits), **not_asked)
         self._note_budgets(server_round, by_node)
 
         contributors = set(result.contributors)
@@ -319,7 +319,7 @@ class SecureAggregator:
                    "secagg_participants": len(participants), "secagg_unmask_asked": asked,
                    **not_asked,
                    "secagg_neighbours": k,
-                   "secagg_threshold": t, "secagg_bits": bits,
+                   "secagg_threshold": t, **self._bits_metric(bits),
                    "secagg_error_bound": 0.0 if self.dp_scale else bound / sum(weights.values())}
         if self.dp_scale is not None:
             metrics["dp_noise_std_ratio"] = noise_std_ratio(
@@ -422,6 +422,11 @@ class SecureAggregator:
             if n in by_node and by_node[n].status == "trained":
                 log.warning("secure aggregation: rejected node %s: %s", n, why)
                 by_node[n] = ReplyOutcome(n, "rejected", why, by_node[n].report)
+
+    def _bits_metric(self, bits: int) -> dict[str, int]:
+        """secagg_bits for the round's row; none under distributed DP, whose clients put
+        their noisy sums on the ring at the scale γ and never quantize with `bits`."""
+        return {} if self.dp_scale is not None else {"secagg_bits": bits}
 
     @staticmethod
     def _abandon(outcomes: list[ReplyOutcome], reason: str, **metrics: int) -> SecureRoundResult:

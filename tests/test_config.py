@@ -297,6 +297,12 @@ def test_momentum_under_adam_and_local_training_keys_under_distributed_dp_are_sa
                                               ["local_epochs=3", "momentum=0.9"]))
     assert "local_epochs = 3 (privacy.mode = 'distributed'" in said
     assert "momentum = 0.9 (privacy.mode = 'distributed'" in said
+    # Its clients put their noisy sums on the ring at scale γ: secagg.clip and secagg.bits
+    # quantize nothing (the run said nothing and metrics.jsonl recorded the bits).
+    said = inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml",
+                                              ["secagg.bits=10", "secagg.clip=3"]))
+    assert "secagg.bits = 10 (privacy.mode = 'distributed'" in said
+    assert "secagg.clip = 3.0 (privacy.mode = 'distributed'" in said
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml")) is None
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-nodp.toml",
                                               ["optimizer='adam'", "momentum=0.0"])) is None

@@ -241,6 +241,8 @@ def test_a_round_below_the_threshold_changes_nothing_and_spends_nothing(tmp_path
     summary = run_simulation(cfg, tmp_path, client_mods=[DropInRound({0, 1}, 2)])
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["secagg_status"] for r in rows] == ["ok", "aborted", "ok", "ok"]
+    # No secagg_bits: the clients never quantize with secagg.bits (the rows said 30).
+    assert all("secagg_bits" not in r and r["secagg_threshold"] == 3 for r in rows)
     assert rows[-1]["accuracy"] > 0.5  # 10 classes: chance is 0.1
     chain = CheckpointStore(tmp_path / "checkpoints").all()
     w1, w2 = chain[1].load_weights(), chain[2].load_weights()
