@@ -401,7 +401,10 @@ class RunConfig(_Section):
             raise ValueError(f"secagg.clip = {self.secagg.clip!r}: accepted {CLIP_RANGE[0]:g} to "
                              f"{CLIP_RANGE[1]:g} (the quantization's step and sum must stay "
                              "finite and above zero)")
-        if self.secagg.bits is not None and self.secagg.bits > max_bits(n):
+        # Under distributed DP the clients put their noisy sums on the ring at the run's
+        # scale themselves: bits are not used (and said so at start), so not refused either.
+        distributed = self.privacy.enabled and self.privacy.mode == "distributed"
+        if self.secagg.bits is not None and self.secagg.bits > max_bits(n) and not distributed:
             raise ValueError(
                 f"secagg.bits = {self.secagg.bits} lets the sum of {n} clients wrap modulo "
                 f"2**32; accepted: at most {max_bits(n)} for clients_per_round = {n}")

@@ -303,6 +303,13 @@ def test_momentum_under_adam_and_local_training_keys_under_distributed_dp_are_sa
                                               ["secagg.bits=10", "secagg.clip=3"]))
     assert "secagg.bits = 10 (privacy.mode = 'distributed'" in said
     assert "secagg.clip = 3.0 (privacy.mode = 'distributed'" in said
+    # Nor are bits that would let an encoded sum wrap refused there (nothing is encoded);
+    # under local DP they are.
+    said = inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml",
+                                              ["secagg.bits=31"]))
+    assert "secagg.bits = 31 (privacy.mode = 'distributed'" in said
+    with pytest.raises(ConfigError, match=r"secagg.bits = 31 lets the sum of 10 clients wrap"):
+        load_config(EXPERIMENTS / "fmnist-dp.toml", ["secagg.bits=31"])
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-dp-distributed-fast.toml")) is None
     assert inert_settings_warning(load_config(EXPERIMENTS / "fmnist-nodp.toml",
                                               ["optimizer='adam'", "momentum=0.0"])) is None
