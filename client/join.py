@@ -35,6 +35,7 @@ from consortia.flower_exec import (
     start_process,
     stop_process,
 )
+from consortia.privacy.display import epsilon_text
 from consortia.privacy.dp import LedgerMismatchError
 from consortia.privacy.dp.preflight import check_delta, check_dp_model
 from consortia.privacy.secagg.masks import check_stream_code_env
@@ -104,10 +105,10 @@ def ledger_line(site: Site) -> str:
             raise JoinError(f"this site's privacy ledger: {err}") from None
     spent, budget = ledger.epsilon, ledger.epsilon_budget
     if spent >= budget:
-        return (f"warning: this site's privacy budget is spent (ε {spent:.4g} of {budget:.4g}"
+        return (f"warning: this site's privacy budget is spent (ε {epsilon_text(spent)} of {budget:.4g}"
                 f" at δ = {ledger.delta:g}): it will refuse every DP request; a larger "
                 "[policy] epsilon_budget is the partner's own decision")
-    return f"privacy ledger: ε {spent:.4g} of {budget:.4g} spent (δ = {ledger.delta:g})"
+    return f"privacy ledger: ε {epsilon_text(spent)} of {budget:.4g} spent (δ = {ledger.delta:g})"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

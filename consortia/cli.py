@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from consortia.config import ConfigError, config_to_dict, load_config
 from consortia.deploy_cli import certs_app, client_app, server_app
+from consortia.privacy.display import epsilon_text
 from consortia.terminal import console, fail, say
 from consortia.version import __version__
 
@@ -131,7 +132,7 @@ def sim_run(
                          if row.get("accuracy") is not None else "")
             status = (f"{evaluated}trained "
                       f"{row['clients_trained']}/{row['clients_sampled']}"
-                      + (f"  ε max {eps:.3f}" if eps is not None else ""))
+                      + (f"  ε max {epsilon_text(eps)}" if eps is not None else ""))
             progress.update(bar, completed=row["round"], status=status)
 
         try:
@@ -483,6 +484,10 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _eps(v: float | None) -> str:
+    return "-" if v is None else epsilon_text(v)
+
+
 def _json(value: Any) -> str:
     """Strict JSON for scripts, as the console's API gives it: a NaN or infinite number (a
     diverging run's loss) is null; json.dumps would write NaN / Infinity, which JSON has not."""
@@ -621,7 +626,7 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     for x in info["rounds"]:
         rounds.add_row(*_cells(x["round"], _fmt(x["accuracy"]), _fmt(x["loss"]),
                                x["clients_trained"], x["clients_refused"], x["clients_rejected"],
-                               x["clients_failed"], _fmt(x["epsilon_max"], 3),
+                               x["clients_failed"], _eps(x["epsilon_max"]),
                                x["secagg_status"] or "-", _fmt(x["duration_s"], 1)))
     fallback = any(c.get("epsilon_if_secagg_fails") is not None for c in info["clients"])
     clients = Table("client", "status", "rounds joined", "last seen", "ε", "δ", "budget",
@@ -629,10 +634,10 @@ def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix)")
     for c in info["clients"]:
         # δ is each client's own (a partner's site.toml sets it), the δ of its ε.
         clients.add_row(*_cells(c["client_id"], c["status"], c["rounds_joined"],
-                                f"round {c['last_seen_round']}", _fmt(c["epsilon"], 3),
+                                f"round {c['last_seen_round']}", _eps(c["epsilon"]),
                                 "-" if c.get("delta") is None else f"{c['delta']:g}",
                                 _fmt(c["epsilon_budget"], 2),
-                                *([_fmt(c["epsilon_if_secagg_fails"], 3)] if fallback else []),
+                                *([_eps(c["epsilon_if_secagg_fails"])] if fallback else []),
                                 c["reason"]))
     checkpoints = Table("round", "sha256", "parent", title="checkpoints")
     for c in info["checkpoints"]:

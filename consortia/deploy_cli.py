@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from consortia.privacy.display import epsilon_text
 from consortia.terminal import console, fail, say
 
 certs_app = typer.Typer(help="Certificates and node keys (operators; partners: keygen).",
@@ -162,11 +163,11 @@ def client_status(config: Path = typer.Option(..., "--config", help="site TOML")
     if as_json:
         typer.echo(json.dumps(status, indent=2))
         return
-    typer.echo(f"{status['site']}: ε {status['epsilon']:.4f} of {status['epsilon_budget']} "
+    typer.echo(f"{status['site']}: ε {epsilon_text(status['epsilon'], 4)} of {status['epsilon_budget']} "
                f"(δ {status['delta']}, {status['accountant']}), {status['steps']} DP-SGD steps")
     if status["epsilon_if_secagg_fails"] is not None:  # distributed DP's second guarantee
         cap = status["max_epsilon_if_secagg_fails"]
-        typer.echo(f"  ε if secure aggregation fails {status['epsilon_if_secagg_fails']:.4f}"
+        typer.echo(f"  ε if secure aggregation fails {epsilon_text(status['epsilon_if_secagg_fails'], 4)}"
                    + (f" of cap {cap}" if cap is not None else " (no cap in [policy])"))
     if status["audit_damaged_lines"]:
         typer.echo(f"warning: audit.jsonl line(s) {', '.join(map(str, status['audit_damaged_lines']))}"

@@ -24,6 +24,7 @@ import httpx
 
 from consortia.flower_exec import FlowerExecutableMissing
 from consortia.privacy.certs import CertsError, enrolled_keys
+from consortia.privacy.display import epsilon_text
 from consortia.privacy.storage import atomic_write_json
 from consortia.server.checkpoint import CheckpointStore
 from consortia.server.deploy_config import load_server_config
@@ -223,7 +224,7 @@ def wait_for_run(link: SuperLink, flower_run: int, nodes: dict[str, int],
                          else "")
             log(f"round {row['round']}: {evaluated}trained "
                 f"{row['clients_trained']}/{row['clients_sampled']}"
-                + (f", ε max {row['epsilon_max']:.3f}" if row.get("epsilon_max") else ""))
+                + (f", ε max {epsilon_text(row['epsilon_max'])}" if row.get("epsilon_max") else ""))
             said_round = row["round"]
         status, sub_status, details = link.run_status(flower_run)
         if status == "finished":

@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from consortia.privacy.display import epsilon_text  # noqa: E402
 from consortia.server.results import METRICS_FILE, PARTICIPATION_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
 
 REPORT_FILE = "report.html"
@@ -144,8 +145,14 @@ def run_figures(rows: list[dict], participation: list[dict]) -> dict[str, str]:
     return figures
 
 
+# Shown rounded up (epsilon_text): a table's ε is never below the one accounted.
+EPSILON_COLUMNS = ("epsilon", "epsilon_if_secagg_fails", "epsilon_max", "user_epsilon")
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def cell(value: Any) -> str:
+    def cell(value: Any, column: str) -> str:
+        if isinstance(value, float) and column in EPSILON_COLUMNS:
+            return epsilon_text(value)
         if isinstance(value, float):
             return f"{value:.4g}"
         if isinstance(value, list):
@@ -153,7 +160,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return html.escape("–" if value is None else str(value))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c), c)}</td>" for c in columns) + "</tr>"
                    for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -183,7 +190,8 @@ def write_report(run_dir: str | Path) -> Path:
     facts = [("task", summary.get("task")), ("rounds", f"{len(rows)} of {summary.get('rounds', '?')}"),
              ("final accuracy", summary.get("final_accuracy")),
              ("δ (run config)", summary.get("delta")),
-             ("user-level ε", summary.get("user_epsilon")),
+             ("user-level ε", None if summary.get("user_epsilon") is None
+              else epsilon_text(summary["user_epsilon"])),
              ("strategy", config.get("strategy", {}).get("name")),
              ("secure aggregation", config.get("secagg", {}).get("enabled")),
              ("wall time (s)", summary.get("wall_s"))]

@@ -254,6 +254,7 @@ def test_client_status_states_both_guarantees_of_a_distributed_dp_site(tmp_path)
     from typer.testing import CliRunner
 
     from consortia.cli import app
+    from consortia.privacy.display import epsilon_text
 
     config = site_toml(tmp_path, **{"delta = 1e-5": "delta = 1e-5\nmax_epsilon_if_secagg_fails = 10.0"})
     ledger = open_ledger(tmp_path / "state")
@@ -261,9 +262,10 @@ def test_client_status_states_both_guarantees_of_a_distributed_dp_site(tmp_path)
         ledger.spend_share((1.5, 0.05, 1), (0.75, 0.05, 1), run_id="r", server_round=r)
     result = CliRunner().invoke(app, ["client", "status", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert f"site-a: ε {ledger.epsilon:.4f} of 3.0" in result.output
+    # Both shown rounded up at 4 places (epsilon_text): never below what is accounted.
+    assert f"site-a: ε {epsilon_text(ledger.epsilon, 4)} of 3.0" in result.output
     fallback = epsilon_for("rdp", [(0.75, 0.05, 20)], DELTA)
-    assert f"ε if secure aggregation fails {fallback:.4f} of cap 10.0" in result.output
+    assert f"ε if secure aggregation fails {epsilon_text(fallback, 4)} of cap 10.0" in result.output
 
 
 def test_round_steps_is_what_opacus_charges_for_any_size_and_batch():

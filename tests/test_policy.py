@@ -252,11 +252,12 @@ def test_two_requests_of_one_site_at_once_both_spend(tmp_path, monkeypatch):
 
 def test_joining_says_what_the_ledger_holds_and_a_ledger_under_other_terms_fails(tmp_path):
     from consortia.client.join import JoinError, ledger_line
+    from consortia.privacy.display import epsilon_text
 
     s = site(tmp_path, policy())
-    assert ledger_line(s) == "privacy ledger: ε 0 of 5 spent (δ = 1e-05)"
+    assert ledger_line(s) == "privacy ledger: ε 0.000 of 5 spent (δ = 1e-05)"
     report = ask(build_client_app(lambda ctx: s), instructions())
-    assert f"ε {report.epsilon:.4g} of 5 spent" in ledger_line(s)
+    assert f"ε {epsilon_text(report.epsilon)} of 5 spent" in ledger_line(s)
     # The partner lowered its budget below what it has spent: told at join.
     lowered = site(tmp_path, policy(epsilon_budget=report.epsilon / 2))
     assert ledger_line(lowered).startswith("warning: this site's privacy budget is spent (ε ")

@@ -42,6 +42,12 @@ async function api(path, options) {
 
 const fmt = {
   num: (v, d = 4) => (v === null || v === undefined ? "–" : Number(v).toFixed(d)),
+  // ε rounded up, never shown below the one accounted (privacy/display.py epsilon_text).
+  eps: (v, d = 3) => {
+    if (v === null || v === undefined) return "–";
+    const near = Number(v).toFixed(d);
+    return Number(near) < v ? (Number(near) + 10 ** -d).toFixed(d) : near;
+  },
   time: (t) => (t ? new Date(t * 1000).toLocaleString() : "–"),
   clock: (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–"),
   hash: (h) => (h ? h.slice(0, 12) + "…" : "–"),
@@ -201,12 +207,12 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
     ? ` (round ${evaluatedLast.round})` : "";
   const tiles = [
     [`accuracy${of}`, fmt.num(evaluatedLast.accuracy)], [`loss${of}`, fmt.num(evaluatedLast.loss)],
-    ["ε max (clients)", fmt.num(last.epsilon_max, 3)],
+    ["ε max (clients)", fmt.eps(last.epsilon_max)],
     ["clients trained", last.round ? `${last.clients_trained}/${last.clients_sampled}` : "–"],
     ["task", run.task], ["started", fmt.time(run.created_at)],
   ];
   if (last.user_epsilon !== null && last.user_epsilon !== undefined) {
-    tiles.splice(3, 0, ["user-level ε", fmt.num(last.user_epsilon, 3)]);
+    tiles.splice(3, 0, ["user-level ε", fmt.eps(last.user_epsilon)]);
   }
   $("tiles").replaceChildren(...tiles.map(([k, v]) => el("div", {class: "tile"}, el("b", {text: v}),
                                                           el("small", {text: k}))));
@@ -224,13 +230,13 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
       const share = c.epsilon_budget ? c.epsilon / c.epsilon_budget : 0;
       const cls = share > 1 ? "eps over" : share > 0.85 ? "eps high" : "eps";
       eps = el("div", {class: "epscell"}, bar(share, cls),
-               el("span", {text: `${fmt.num(c.epsilon, 3)} / ${fmt.num(c.epsilon_budget, 2)}` +
+               el("span", {text: `${fmt.eps(c.epsilon)} / ${fmt.num(c.epsilon_budget, 2)}` +
                                  // The δ of this ε: the client's own (a partner sets it).
                                  (c.delta === null || c.delta === undefined ? "" : ` at δ ${c.delta}`)}));
       if (c.epsilon_if_secagg_fails !== null && c.epsilon_if_secagg_fails !== undefined) {
         // Distributed DP: the second guarantee, from the client's own noise shares alone.
         eps.append(el("span", {class: "eps-fallback",
-                               text: `if secure aggregation fails: ${fmt.num(c.epsilon_if_secagg_fails, 3)}`}));
+                               text: `if secure aggregation fails: ${fmt.eps(c.epsilon_if_secagg_fails)}`}));
       }
     }
     return [c.client_id, badge(c.status), c.reason || "", {num: c.rounds_joined},
@@ -240,7 +246,7 @@ function renderRun(run, rounds, clients, checkpoints, audit) {
   fill($("round-table").tBodies[0], rounds.slice().reverse().map((r) => [
     {num: r.round}, {num: fmt.num(r.accuracy)}, {num: fmt.num(r.loss)}, {num: r.clients_trained},
     {num: r.clients_refused}, {num: r.clients_rejected}, {num: r.clients_failed},
-    {num: fmt.num(r.epsilon_max, 3)}, {num: r.duration_s === null ? "–" : `${r.duration_s.toFixed(1)} s`},
+    {num: fmt.eps(r.epsilon_max)}, {num: r.duration_s === null ? "–" : `${r.duration_s.toFixed(1)} s`},
   ]));
 
   const secagg = rounds.filter((r) => r.secagg_status);
