@@ -381,7 +381,14 @@ class RunConfig(_Section):
                 "aggregation the server would see each update with only 1/K of the noise")
         if u.target_quantile is not None:
             count_noise = u.count_noise if u.count_noise is not None else self.clients_per_round / 20
-            update_noise_multiplier(u.noise_multiplier, count_noise)  # raises if too small
+            try:
+                update_noise_multiplier(u.noise_multiplier, count_noise)
+            except ValueError as err:
+                if u.count_noise is not None:
+                    raise
+                # Not the user's value: say where it came from, or it reads as a typo.
+                raise ValueError(f"{err} (user_dp.count_noise is unset: its default is "
+                                 f"clients_per_round / 20 = {count_noise:g})") from None
 
     def _check_secagg(self) -> None:
         from consortia.privacy.secagg import max_bits

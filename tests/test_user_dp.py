@@ -190,3 +190,27 @@ def test_secure_aggregation_carries_the_client_noise_shares_unscaled():
     plain = ins.model_copy(update={"user_noise_std": 0.0, "user_count_noise_std": 0.0})
     assert encode_clip(10.0, plain, d + 1) == 10.0
     assert encode_clip(10.0, ins.model_copy(update={"user_clip": None}), d + 1) == 10.0
+
+
+def test_a_default_count_noise_too_small_is_named_as_the_default_at_start():
+    """'sim run fmnist-dp.toml --set clients_per_round=4 ... --set user_dp.target_quantile=0.5'
+    failed with 'user_dp.count_noise = 0.2 is too small for noise_multiplier = 1.0', a value
+    the config never set (the default K / 20), and without the values accepted."""
+    from consortia.config import ConfigError, validate_config
+
+    data = {"task": "digits-mlp", "clients": 6, "clients_per_round": 4,
+            "secagg": {"enabled": True},
+            "user_dp": {"enabled": True, "target_quantile": 0.5, "noise_multiplier": 1.0}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(data)
+    said = " ".join(str(err.value).split())
+    assert "user_dp.count_noise = 0.2 is too small" in said
+    assert "accepted: count_noise > 0.5" in said
+    assert "its default is clients_per_round / 20 = 0.2" in said
+    data["user_dp"]["count_noise"] = 0.4  # set by the user: no word of a default
+    with pytest.raises(ConfigError) as err:
+        validate_config(data)
+    said = " ".join(str(err.value).split())
+    assert "accepted: count_noise > 0.5" in said and "default" not in said
+    data["user_dp"]["count_noise"] = 0.6
+    assert validate_config(data).user_dp.count_noise == 0.6

@@ -44,7 +44,8 @@ def update_noise_multiplier(z: float, count_noise: float | None) -> float:
     if 2 * count_noise <= z:
         raise ValueError(
             f"user_dp.count_noise = {count_noise} is too small for noise_multiplier = {z}: "
-            f"adaptive clipping needs 2·count_noise > noise_multiplier")
+            f"adaptive clipping needs 2·count_noise > noise_multiplier; accepted: "
+            f"count_noise > {z / 2:g}")
     return (z ** -2 - (2 * count_noise) ** -2) ** -0.5
 
 
