@@ -473,6 +473,9 @@ def inert_settings_warning(cfg: RunConfig) -> str | None:
         inert += [f"{key} = {getattr(cfg, key)!r} ({why})"
                   for key in ("local_epochs", "momentum", "optimizer")
                   if getattr(cfg, key) != defaults[key].default]
+        if cfg.strategy.mu:  # FedProx's proximal term: a term of local training's loss
+            inert.append(f"strategy.mu = {cfg.strategy.mu!r} ({why}: no local training for "
+                         "FedProx's proximal term to pull toward the global model)")
         # Its clients put their noisy gradient sums on the ring themselves (scale γ), and the
         # server reads the sum back with γ: no update is clipped or quantized with these.
         quantizing = _set_away_from_default("secagg", cfg.secagg,

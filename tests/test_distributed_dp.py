@@ -496,3 +496,21 @@ def test_the_sums_noise_and_the_policys_sigma_count_each_clients_actual_share(tm
     with pytest.raises(ValueError):
         SecAggInstructions(setup=b"", clip=1.0, bits=20, weight_scale=1, dp_scale=2.0**10,
                            dp_noise_floor=float("inf"))
+
+
+def test_fedprox_mu_under_distributed_dp_is_said_at_start(tmp_path):
+    """FedProx's mu is a term of local training's loss; distributed DP's clients train
+    nothing locally (one DP step per round, on the server), yet a run with
+    strategy.name = 'fedprox', mu = 0.5 said nothing and its mu changed nothing."""
+    from consortia.config import inert_settings_warning
+
+    text = (EXPERIMENTS / "fmnist-dp-distributed-fast.toml").read_text()
+    text = "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("name = ", "server_lr", "server_momentum")))
+    config = tmp_path / "prox.toml"
+    config.write_text(text.replace("[strategy]", '[strategy]\nname = "fedprox"\nmu = 0.5'))
+    said = inert_settings_warning(load_config(config))
+    assert said is not None and "strategy.mu = 0.5 (privacy.mode = 'distributed'" in said
+    assert inert_settings_warning(load_config(config, ["strategy.mu=0.0"])) is None
+    # Under local DP the same mu shapes each client's training: nothing to say.
+    assert inert_settings_warning(load_config(config, ["privacy.mode='local'"])) is None
