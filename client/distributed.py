@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, default_collate
 
 from consortia.client.trainer import round_seed, seed_generators
 from consortia.messages import TrainInstructions, TrainReport
+from consortia.privacy.display import epsilon_text
 from consortia.privacy.dp import PrivacyLedger, noise_for_budget, round_steps
 from consortia.privacy.dp.distributed import NoiseShare, noisy_integer_sum, to_ring
 from consortia.tasks import Task
@@ -85,7 +86,7 @@ class DistributedStep:
                                 can_train_again=False), None
         cap = self.max_epsilon_if_secagg_fails
         if cap is not None and (after := self.ledger.fallback_after(own)) > cap:
-            reason = (f"epsilon if secure aggregation fails would reach {after:.4f}, above this "
+            reason = (f"epsilon if secure aggregation fails would reach {epsilon_text(after, 4)}, above this "
                       f"site's cap {cap:.4f} (threshold t = {threshold} makes each share "
                       f"carry 1/{threshold} of the noise variance)")
             return self._report("refused-policy", reason, share, rate), None

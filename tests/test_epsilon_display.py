@@ -76,3 +76,13 @@ def test_the_web_console_shows_epsilon_rounded_up_as_python_does():
               ".map((v) => fmt.eps(v)).concat([fmt.eps(null)])));")
     out = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [shown for _, shown in CASES] + ["–"]
+
+
+def test_a_refusal_never_shows_the_projected_epsilon_at_the_budget():
+    """To the nearest, a round projected at 3.00004 'exceeds the budget 3.0000' read as
+    3.0000, and the ε spent so far could show below what the ledger holds."""
+    from consortia.privacy.dp import BudgetDecision
+
+    reason = BudgetDecision(False, 2.99996, 3.00004, 3.0).reason
+    assert reason == ("projected epsilon after this round 3.0001 exceeds the budget 3.0000 "
+                      "(spent so far 3.0000)")

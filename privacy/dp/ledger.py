@@ -23,6 +23,7 @@ from typing import Any
 
 from opacus.accountants import IAccountant
 
+from consortia.privacy.display import epsilon_text
 from consortia.privacy.dp.accounting import accountant_state, epsilon_for, epsilon_of, new_accountant
 from consortia.privacy.storage import atomic_write_json
 
@@ -69,9 +70,11 @@ class BudgetDecision:
     @property
     def reason(self) -> str:
         verdict = "within" if self.allowed else "exceeds"
+        # Rounded up: to the nearest, 3.00004 "exceeds the budget 3.0000" read as 3.0000.
         return (
-            f"projected epsilon after this round {self.epsilon_after:.4f} {verdict} the budget "
-            f"{self.epsilon_budget:.4f} (spent so far {self.epsilon_now:.4f})"
+            f"projected epsilon after this round {epsilon_text(self.epsilon_after, 4)} {verdict} "
+            f"the budget {self.epsilon_budget:.4f} (spent so far "
+            f"{epsilon_text(self.epsilon_now, 4)})"
         )
 
 
