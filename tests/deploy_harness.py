@@ -54,6 +54,31 @@ def site_toml(tmp_path, task="digits-mlp", extra="", **replace):
     return path
 
 
+def server_start_lines(monkeypatch, out: Path, rows: list[dict], nodes: dict[str, int]
+                       ) -> tuple[tuple[str, str], list[str]]:
+    """What `server start` prints while it waits for a run (deploy.wait_for_run) whose
+    metrics.jsonl holds `rows` and whose SuperLink says the run finished: the run's
+    status, and the lines said."""
+    import threading
+
+    from consortia.server import deploy
+
+    class FinishedLink:
+        process, log_path = None, "superlink.log"
+
+        def guard(self, flower_run, nodes):
+            return dict.fromkeys(nodes, "online")
+
+        def run_status(self, run_id):
+            return "finished", "completed", ""
+
+    monkeypatch.setattr(deploy, "POLL_S", 0.001)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said: list[str] = []
+    status = deploy.wait_for_run(FinishedLink(), 7, nodes, threading.Event(), out, said.append)
+    return status, said
+
+
 def resign(consortium: Path, name: str, not_before, not_after) -> None:
     """Sign `consortium`/`name` (ca.pem or server.pem) again with the CA's key, with
     another validity period: an expired or not yet valid certificate, as time makes them."""

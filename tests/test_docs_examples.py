@@ -402,28 +402,13 @@ def test_server_start_says_rounds_between_evaluations(tmp_path, monkeypatch):
     operators.md: server start prints each round as it is recorded. It raised KeyError
     'accuracy' at the first such row (server/deploy.py wait_for_run), which ended the
     command in the middle of the run (fmnist-dp-distributed.toml evaluates every 50)."""
-    import json
-    import threading
+    from deploy_harness import server_start_lines
 
-    from consortia.server import deploy
-
-    class FinishedLink:
-        process, log_path = None, "superlink.log"
-
-        def guard(self, flower_run, nodes):
-            return dict.fromkeys(nodes, "online")
-
-        def run_status(self, run_id):
-            return "finished", "completed", ""
-
-    monkeypatch.setattr(deploy, "POLL_S", 0.001)
     rows = [{"round": 1, "clients_trained": 2, "clients_sampled": 2, "epsilon_max": 0.5},
             {"round": 2, "accuracy": 0.5, "loss": 1.0, "clients_trained": 2,
              "clients_sampled": 2, "epsilon_max": 0.7}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    said = []
-    assert deploy.wait_for_run(FinishedLink(), 7, {"site-a": 11, "site-b": 12},
-                               threading.Event(), tmp_path, said.append) == ("completed", "")
+    status, said = server_start_lines(monkeypatch, tmp_path, rows, {"site-a": 11, "site-b": 12})
+    assert status == ("completed", "")
     assert [line for line in said if line.startswith("round")] == [
         "round 1: trained 2/2, ε max 0.500",
         "round 2: accuracy 0.5000, trained 2/2, ε max 0.700"]

@@ -6,7 +6,6 @@ console 2.9984 as 2.998."""
 import json
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -46,23 +45,10 @@ def test_the_report_shows_each_clients_epsilons_rounded_up(tmp_path):
 
 
 def test_server_start_says_the_largest_epsilon_rounded_up(tmp_path, monkeypatch):
-    from consortia.server import deploy
+    from deploy_harness import server_start_lines
 
-    class FinishedLink:
-        process, log_path = None, "superlink.log"
-
-        def guard(self, flower_run, nodes):
-            return dict.fromkeys(nodes, "online")
-
-        def run_status(self, run_id):
-            return "finished", "completed", ""
-
-    monkeypatch.setattr(deploy, "POLL_S", 0.001)
     row = {"round": 1, "clients_trained": 2, "clients_sampled": 2, "epsilon_max": 2.9984}
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-    said = []
-    deploy.wait_for_run(FinishedLink(), 7, {"site-a": 11}, threading.Event(), tmp_path,
-                        said.append)
+    _, said = server_start_lines(monkeypatch, tmp_path, [row], {"site-a": 11})
     assert "round 1: trained 2/2, ε max 2.999" in said
 
 
