@@ -17,7 +17,10 @@ CONSOLE_JS = Path(__file__).resolve().parents[1] / "server" / "console" / "stati
 # (ε accounted, shown at 3 places): above a shown value by a hair, exactly one, a float
 # just below its decimal (0.7 is 0.69999...), and one just above (0.1 + 0.2).
 CASES = [(2.9984, "2.999"), (19.030682310378804, "19.031"), (7.999642432194647, "8.000"),
-         (0.5, "0.500"), (0.7, "0.700"), (0.1 + 0.2, "0.301"), (3.0, "3.000")]
+         (0.5, "0.500"), (0.7, "0.700"), (0.1 + 0.2, "0.301"), (3.0, "3.000"),
+         # a float a hair above its decimal that reads back as it: the decimal, as the
+         # console shows it (strictly rounding the float's exact value up gave 0.451)
+         (0.45, "0.450"), (1.2, "1.200")]
 
 
 @pytest.mark.parametrize("epsilon, shown", CASES)

@@ -116,7 +116,7 @@ def test_each_clients_epsilon_is_shown_with_its_own_delta(store, tmp_path):
         == [[" 1.200 ", " 1e-05 "], [" 0.450 ", " 0.001 "]]
     html = write_report(tmp_path).read_text()
     assert "<th>epsilon</th><th>delta</th>" in html
-    assert "<td>site-b</td><td>0.45</td><td>0.001</td>" in html
+    assert "<td>site-b</td><td>0.450</td><td>0.001</td>" in html  # rounded up at 3 places
 
 
 def test_an_exported_models_manifest_states_each_epsilons_delta_and_the_user_level_one(tmp_path):
