@@ -119,18 +119,7 @@ def _best_add_s(code: str) -> float:
     so noisier to choose by)."""
     acc = np.zeros(_CHUNK_BYTES // 4, dtype=np.uint32)
     keyed_signs = [(bytes(MASK_KEY_LEN), 1), (bytes(MASK_KEY_LEN - 1) + b"\x01", -1)]
-    if code == FAST_CODE:
-        def add() -> None:
-            fast_stream.apply(acc, keyed_signs)
-    else:
-        words = np.empty(acc.size + 4, dtype=np.uint32)
-        into, zeros = memoryview(words).cast("B"), ZEROS[:_CHUNK_BYTES]
-
-        def add() -> None:
-            for key, sign in keyed_signs:
-                keystream(key, code=code).update_into(zeros, into)
-                (np.add if sign == 1 else np.subtract)(acc, words[: acc.size], out=acc)
-    return min(timeit.repeat(add, number=1, repeat=5))
+    return min(timeit.repeat(lambda: _add_masks(acc, keyed_signs, code), number=1, repeat=5))
 
 
 def keystream(key: bytes, *, code: str | None = None):
@@ -239,12 +228,15 @@ def add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]], *,
 _MIN_MASKS_PER_WORKER = 4
 
 
-def _add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]]) -> None:
-    if stream_code() == FAST_CODE:
+def _add_masks(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]],
+               code: str | None = None) -> None:
+    """The masks added through ``code`` (by default the one this process draws with)."""
+    code = code if code is not None else stream_code()
+    if code == FAST_CODE:
         # Ours draws each tile of every stream while the vector's tile is in cache.
         fast_stream.apply(acc, keyed_signs)
         return
-    streams = [(keystream(key), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
+    streams = [(keystream(key, code=code), np.add if sign == 1 else np.subtract) for key, sign in keyed_signs]
     total = acc.nbytes
     # update_into wants room for one block (4 words) more than it writes.
     view = scratch("masks.stream", min(_CHUNK_BYTES, total) // 4 + 4, np.uint32)
