@@ -108,8 +108,6 @@ DEFAULT_CPUS_PER_CLIENT = 0.5
 
 # A record the bench's secure replies carry (the server reads only its own records): the
 # CPU the client spent on its masked reply, measured inside the actor.
-# masks.stream_code's names, in a fixed order: a client reports its code's index.
-STREAM_CODES = ("ctr", "gcm", masks.FAST_CODE)
 CLIENT_CPU = "bench.client_cpu"
 UNMASK_CPU = "bench.unmask_cpu"  # likewise, on our unmask answers
 
@@ -179,8 +177,8 @@ def _train(msg: Message, context: Context) -> Message:
     started = time.thread_time()  # this actor thread's CPU, whatever else shares the cores
     content = SecAggClient(context).masked_content(report, secagg, old, new, ins.seed)
     content[CLIENT_CPU] = MetricRecord({"ms": (time.thread_time() - started) * 1000,
-                                        # which code drew its streams (index in STREAM_CODES)
-                                        "stream_code": STREAM_CODES.index(masks.stream_code())})
+                                        # which code drew its streams (index in masks.STREAM_CODES)
+                                        "stream_code": masks.STREAM_CODES.index(masks.stream_code())})
     return Message(content, reply_to=msg)
 
 
@@ -273,7 +271,7 @@ class _TimedGrid:
             cpu = [None if r.has_error() else record_of(r.content, name, MetricRecord)
                    for r in replies]
             into.extend(float(record["ms"]) for record in cpu if record is not None)
-            self.client_stream_codes.update(STREAM_CODES[int(record["stream_code"])]
+            self.client_stream_codes.update(masks.STREAM_CODES[int(record["stream_code"])]
                                             for record in cpu
                                             if record is not None and "stream_code" in record)
 
