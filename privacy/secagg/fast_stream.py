@@ -79,15 +79,18 @@ def apply(acc: np.ndarray, keyed_signs: Sequence[tuple[bytes, int]], *,
     if not available():
         raise RuntimeError(f"the VAES stream code is not available: {_reason}")
     if acc.dtype != np.uint32 or acc.ndim != 1 or not acc.flags.c_contiguous:
-        raise ValueError("the stream goes into a contiguous 1-D uint32 array")
+        raise ValueError(f"the stream goes into a contiguous 1-D uint32 array, got {acc.dtype} "
+                         f"{acc.shape}{'' if acc.flags.c_contiguous else ' (not contiguous)'}")
     if not acc.flags.writeable:
         raise ValueError("the stream goes into a writeable array")
     if not keyed_signs or acc.size == 0:
         return
+    for i, (key, sign) in enumerate(keyed_signs):
+        if len(key) != 32 or sign not in (-1, 0, 1):
+            raise ValueError(f"stream {i}: a key of {len(key)} bytes and sign {sign!r}; "
+                             "accepted: each key 32 bytes, each sign -1, 0 or 1")
     keys = b"".join(key for key, _ in keyed_signs)
     signs = (ctypes.c_int8 * len(keyed_signs))(*(sign for _, sign in keyed_signs))
-    if len(keys) != 32 * len(keyed_signs) or any(s not in (-1, 0, 1) for _, s in keyed_signs):
-        raise ValueError("each key must be 32 bytes and each sign -1, 0 or 1")
     status = _lib.consortia_aesctr_apply(acc.ctypes.data, acc.size, keys, signs,
                                          len(keyed_signs), first_block)
     if status == -2:
